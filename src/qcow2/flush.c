@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Flush: write dirty metadata back in dependency order and make it durable.
+ *
+ *   SNAPSHOT ─► REFCOUNTS ─► sync ─► HEADER ─► sync ─► L2 ─► sync ─► L1 ─► sync ─► FREES
+ *
+ * All dirty slices and tables are copied at one instant (SNAPSHOT), so the
+ * copies are mutually consistent whatever requests do meanwhile: every
+ * cluster an L2 copy points at has its refcount raised in the refcount copy.
+ * Refcounts (and the table that locates them, and the header that locates
+ * the table) are durable before any L2 entry that needs them; L2 tables
+ * before the L1 entries that point at them. Data writes completed before the
+ * snapshot are covered by the first sync. Frees queued before the snapshot
+ * are applied to the cache last, once the L2 entries that dropped them are
+ * durable. One flush runs at a time; a flush asked for while one runs gets
+ * the next one.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+enum flush_phase {
+	PH_IDLE,
+	PH_REFCOUNTS,
+	PH_HEADER,
+	PH_L2,
+	PH_L1,
+	PH_FREES,
+};
+
+struct flush_item {
+	struct qcow2_aio aio;
+	struct iovec iov;
+	struct qcow2_flush_job *job;
+	struct qcow2_slice *slice;	/* NULL for tables and the header */
+	enum flush_phase phase;
+	void *buf;
+};
+
+struct qcow2_flush_job {
+	struct qcow2 *img;
+	enum flush_phase phase;
+	bool syncing;			/* this phase's writes are out: sync next */
+	bool had_reftable, had_header, had_l1;
+	unsigned int pending;
+	int err;
+	struct flush_item *items;
+	size_t nr_items, items_alloc;
+	struct qcow2_aio sync_aio;
+	struct qcow2_wait wait;
+	struct qcow2_waitq cur, next;
+};
+
+static void flush_step(struct qcow2_flush_job *j);
+static void flush_run(struct qcow2_flush_job *j);
+
+static void item_release(struct flush_item *it, bool failed)
+{
+	if (it->slice) {
+		it->slice->writing = false;
+		if (failed)
+			qcow2_cache_mark_dirty(it->slice);
+	}
+	free(it->buf);
+	it->buf = NULL;
+}
+
+static void release_items(struct qcow2_flush_job *j, bool failed)
+{
+	size_t i;
+
+	for (i = 0; i < j->nr_items; i++)
+		item_release(&j->items[i], failed);
+	j->nr_items = 0;
+	qcow2_waitq_wake(&j->img->l2_cache.full_waiters, 0);
+	qcow2_waitq_wake(&j->img->rc_cache.full_waiters, 0);
+}
+
+static struct flush_item *add_item(struct qcow2_flush_job *j, enum flush_phase phase,
+				   uint64_t off, size_t len)
+{
+	struct flush_item *it;
+	void *buf;
+
+	if (j->nr_items == j->items_alloc) {
+		size_t n = j->items_alloc ? 2 * j->items_alloc : 64;
+		struct flush_item *ni = realloc(j->items, n * sizeof(*ni));
+
+		if (!ni)
+			return NULL;
+		j->items = ni;
+		j->items_alloc = n;
+	}
+	if (posix_memalign(&buf, 4096, len))
+		return NULL;
+	it = &j->items[j->nr_items++];
+	memset(it, 0, sizeof(*it));
+	it->job = j;
+	it->phase = phase;
+	it->buf = buf;
+	it->iov = (struct iovec){ .iov_base = buf, .iov_len = len };
+	it->aio.op = QCOW2_AIO_WRITE;
+	it->aio.fd = j->img->fd;
+	it->aio.off = off;
+	it->aio.iovcnt = 1;
+	return it;
+}
+
+static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flush_phase phase)
+{
+	unsigned int i;
+
+	for (i = 0; i < c->nr && c->nr_dirty; i++) {
+		struct qcow2_slice *s = &c->slices[i];
+		struct flush_item *it;
+
+		if (!s->dirty)
+			continue;
+		it = add_item(j, phase, s->off, c->slice_bytes);
+		if (!it)
+			return -ENOMEM;
+		memcpy(it->buf, s->data, c->slice_bytes);
+		it->slice = s;
+		s->writing = true;
+		s->dirty = false;
+		c->nr_dirty--;
+	}
+	return 0;
+}
+
+static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
+		      const uint64_t *t, uint64_t entries, uint64_t bytes)
+{
+	struct flush_item *it = add_item(j, phase, off, bytes);
+	uint64_t *be, i;
+
+	if (!it)
+		return -ENOMEM;
+	be = it->buf;
+	memset(be, 0, bytes);
+	for (i = 0; i < entries; i++)
+		be[i] = htobe64(t[i]);
+	return 0;
+}
+
+/* Copy everything dirty, at one instant. */
+static int snapshot(struct qcow2_flush_job *j)
+{
+	struct qcow2 *img = j->img;
+	uint64_t cs = img->cluster_size;
+	int ret;
+
+	img->nr_frees_sealed = img->nr_frees;
+	j->had_reftable = img->reftable_dirty;
+	j->had_header = img->header_dirty;
+	j->had_l1 = img->l1_dirty;
+	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
+	if (!ret && img->reftable_dirty) {
+		ret = snap_table(j, PH_REFCOUNTS, img->h.refcount_table_offset, img->reftable,
+				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
+		img->reftable_dirty = false;
+	}
+	if (!ret && img->header_dirty) {
+		struct flush_item *it = add_item(j, PH_HEADER, 0, cs);
+
+		if (!it)
+			return -ENOMEM;
+		memset(it->buf, 0, cs);
+		ret = qcow2_header_serialize(img, it->buf, cs);
+		if (ret < 0)
+			return qcow2_error(img, ret, "header does not fit in its cluster");
+		it->iov.iov_len = (ret + 511) & ~511;
+		img->header_dirty = false;
+		ret = 0;
+	}
+	if (!ret)
+		ret = snap_cache(j, &img->l2_cache, PH_L2);
+	if (!ret && img->l1_dirty) {
+		ret = snap_table(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
+				 ((uint64_t)img->h.l1_size * 8 + 511) & ~511ull);
+		img->l1_dirty = false;
+	}
+	return ret;
+}
+
+static void flush_done(struct qcow2_flush_job *j, int res)
+{
+	struct qcow2 *img = j->img;
+
+	release_items(j, res < 0);
+	if (res < 0) {
+		/* What was not written stays dirty; nothing is freed early. */
+		img->reftable_dirty |= j->had_reftable;
+		img->header_dirty |= j->had_header;
+		img->l1_dirty |= j->had_l1;
+		img->nr_frees_sealed = 0;
+	}
+	j->phase = PH_IDLE;
+	qcow2_waitq_wake(&j->cur, res);
+	if (j->next.head && j->phase == PH_IDLE)
+		flush_run(j);
+}
+
+/* Start a flush for everyone waiting on @j->next. */
+static void flush_run(struct qcow2_flush_job *j)
+{
+	j->cur = j->next;
+	j->next.head = j->next.tail = NULL;
+	j->phase = PH_REFCOUNTS;
+	j->syncing = false;
+	j->pending = 0;
+	j->err = snapshot(j);
+	flush_step(j);
+}
+
+static void io_done(struct qcow2_aio *aio, int res)
+{
+	struct qcow2_flush_job *j;
+
+	if (aio->op == QCOW2_AIO_FSYNC) {
+		j = (struct qcow2_flush_job *)((char *)aio - offsetof(struct qcow2_flush_job, sync_aio));
+	} else {
+		struct flush_item *it = (struct flush_item *)aio;
+
+		j = it->job;
+		if (res >= 0 && (size_t)res != it->iov.iov_len)
+			res = -EIO;
+	}
+	if (res < 0 && !j->err) {
+		j->err = res;
+		qcow2_error(j->img, res, "metadata write failed: %s", strerror(-res));
+	}
+	if (--j->pending == 0)
+		flush_step(j);
+}
+
+/* Submit the writes of the current phase, or the sync that closes it. */
+static int submit_phase(struct qcow2_flush_job *j)
+{
+	struct qcow2 *img = j->img;
+	size_t i;
+	int ret;
+
+	for (i = 0; i < j->nr_items; i++) {
+		struct flush_item *it = &j->items[i];
+
+		if (it->phase != j->phase)
+			continue;
+		it->aio.iov = &it->iov;
+		it->aio.done = io_done;
+		j->pending++;
+		ret = img->io->submit(img->io, &it->aio);
+		if (ret < 0) {
+			j->pending--;
+			return ret;
+		}
+	}
+	return 0;
+}
+
+static bool phase_has_items(struct qcow2_flush_job *j)
+{
+	size_t i;
+
+	for (i = 0; i < j->nr_items; i++)
+		if (j->items[i].phase == j->phase)
+			return true;
+	return false;
+}
+
+static int submit_sync(struct qcow2_flush_job *j)
+{
+	int ret;
+
+	j->sync_aio = (struct qcow2_aio){ .op = QCOW2_AIO_FSYNC, .fd = j->img->fd,
+					  .done = io_done };
+	j->pending++;
+	ret = j->img->io->submit(j->img->io, &j->sync_aio);
+	if (ret < 0)
+		j->pending--;
+	return ret;
+}
+
+static void frees_wake(struct qcow2_wait *w, int res)
+{
+	struct qcow2_flush_job *j = (struct qcow2_flush_job *)((char *)w -
+				     offsetof(struct qcow2_flush_job, wait));
+
+	if (res < 0 && !j->err)
+		j->err = res;
+	flush_step(j);
+}
+
+/*
+ * Advance the flush. Each phase: submit its writes (if any), wait, sync,
+ * wait, next phase. Phases without writes skip their sync, except the first:
+ * data must be durable even when no metadata is dirty.
+ */
+static void flush_step(struct qcow2_flush_job *j)
+{
+	int ret;
+
+	for (;;) {
+		if (j->pending)
+			return;
+		if (j->err) {
+			flush_done(j, j->err);
+			return;
+		}
+		if (j->phase == PH_FREES) {
+			/* Everything is written and synced: the slices may go. */
+			if (j->nr_items)
+				release_items(j, false);
+			ret = qcow2_apply_frees(j->img, &j->wait);
+			if (ret != -EAGAIN)
+				flush_done(j, ret);
+			return;
+		}
+		if (!j->syncing) {
+			j->syncing = true;
+			if (phase_has_items(j)) {
+				ret = submit_phase(j);
+				if (ret < 0)
+					j->err = ret;
+			} else if (j->phase != PH_REFCOUNTS) {
+				j->syncing = false;
+				j->phase++;
+			}
+			continue;
+		}
+		j->syncing = false;
+		ret = submit_sync(j);
+		if (ret < 0)
+			j->err = ret;
+		j->phase++;
+	}
+}
+
+int qcow2_flush_start(struct qcow2 *img, struct qcow2_wait *w)
+{
+	struct qcow2_flush_job *j = img->flush;
+
+	if (img->read_only)
+		return -EROFS;
+	if (!j) {
+		j = calloc(1, sizeof(*j));
+		if (!j)
+			return -ENOMEM;
+		j->img = img;
+		j->wait.fn = frees_wake;
+		img->flush = j;
+	}
+	if (j->phase != PH_IDLE) {
+		qcow2_waitq_add(&j->next, w);
+		return -EAGAIN;
+	}
+	qcow2_waitq_add(&j->next, w);
+	flush_run(j);
+	return -EAGAIN;
+}
+
+bool qcow2_flush_busy(const struct qcow2 *img)
+{
+	return img->flush && img->flush->phase != PH_IDLE;
+}
+
+void qcow2_flush_free(struct qcow2 *img)
+{
+	struct qcow2_flush_job *j = img->flush;
+
+	if (!j)
+		return;
+	release_items(j, false);
+	free(j->items);
+	free(j);
+	img->flush = NULL;
+}

@@ -1,0 +1,361 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Structures shared inside the qcow2 engine: the on-disk layout (field
+ * offsets, flag bits, byte order), the in-memory image, the slice caches and
+ * the wait queues requests park on. Nothing outside src/qcow2 includes this.
+ */
+#ifndef QCOW2_INTERNAL_H
+#define QCOW2_INTERNAL_H
+
+#include <endian.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <string.h>
+
+#include "qcow2.h"
+
+/* ---- On-disk format (docs/interop/qcow2.rst); all fields big-endian --- */
+
+#define QCOW2_MAGIC			0x514649fbu	/* "QFI\xfb" */
+#define QCOW2_V2_HEADER_LEN		72
+#define QCOW2_V3_HEADER_LEN		104
+#define QCOW2_MIN_CLUSTER_BITS		9
+#define QCOW2_MAX_CLUSTER_BITS		21
+#define QCOW2_MAX_L1_BYTES		(32u << 20)	/* QEMU's limit */
+#define QCOW2_MAX_REFTABLE_BYTES	(8u << 20)	/* QEMU's limit */
+#define QCOW2_MAX_BACKING_NAME		1023
+
+#define QCOW2_INCOMPAT_DIRTY		(1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT		(1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE	(1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION	(1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2		(1ull << 4)
+#define QCOW2_COMPAT_LAZY_REFCOUNTS	(1ull << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS		(1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW	(1ull << 1)
+
+#define QCOW2_EXT_END			0x00000000u
+#define QCOW2_EXT_BACKING_FMT		0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE		0x6803f857u
+#define QCOW2_EXT_BITMAPS		0x23852875u
+#define QCOW2_EXT_CRYPTO		0x0537be77u
+#define QCOW2_EXT_DATA_FILE		0x44415441u
+
+/* L1 entry: bits 9-55 L2 table offset, bit 63 COPIED. */
+#define L1E_OFFSET_MASK			0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK		0x7f000000000001ffull
+/* L2 entry (standard): bit 0 zero, bits 9-55 host offset, 62 compressed, 63 COPIED. */
+#define L2E_OFFSET_MASK			0x00fffffffffffe00ull
+#define L2E_RESERVED_MASK		0x3f000000000001feull
+#define L2E_ZERO			(1ull << 0)
+#define L2E_COMPRESSED			(1ull << 62)
+#define QCOW2_OFLAG_COPIED		(1ull << 63)
+/* Refcount table entry: bits 9-63 refcount block offset. */
+#define RTE_OFFSET_MASK			0xfffffffffffffe00ull
+#define RTE_RESERVED_MASK		0x00000000000001ffull
+
+static inline uint16_t get_be16(const void *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
+static inline uint32_t get_be32(const void *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
+static inline uint64_t get_be64(const void *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+static inline void put_be16(void *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
+static inline void put_be32(void *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static inline void put_be64(void *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+
+/* The header, parsed into host byte order (header.c owns the layout). */
+struct qcow2_header {
+	uint32_t version;
+	uint64_t backing_file_offset;
+	uint32_t backing_file_size;
+	uint32_t cluster_bits;
+	uint64_t size;
+	uint32_t crypt_method;
+	uint32_t l1_size;
+	uint64_t l1_table_offset;
+	uint64_t refcount_table_offset;
+	uint32_t refcount_table_clusters;
+	uint32_t nb_snapshots;
+	uint64_t snapshots_offset;
+	uint64_t incompatible;
+	uint64_t compatible;
+	uint64_t autoclear;
+	uint32_t refcount_order;
+	uint32_t header_length;
+	uint8_t compression_type;
+};
+
+/*
+ * Parse and validate the first cluster of an image (@buf, @len bytes, at
+ * least the whole header and its extensions) into @img's header fields and
+ * extensions. 0 or -errno with img->errmsg set.
+ */
+struct qcow2;
+int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64_t file_size);
+
+/*
+ * Serialize the header and the extensions this engine keeps into @buf
+ * (@len bytes, zero-filled by the caller): the header cluster as a whole.
+ * Returns the bytes used or -ENOSPC if they do not fit.
+ */
+int qcow2_header_serialize(const struct qcow2 *img, uint8_t *buf, size_t len);
+
+/* Write the header cluster from @img and fdatasync (blocking). 0 or -errno. */
+int qcow2_header_write(struct qcow2 *img);
+
+/* ---- Waiting ---------------------------------------------------------- */
+
+/*
+ * A parked continuation. Whoever a request waits on (a slice being loaded,
+ * an in-flight allocation, a flush) keeps a list of these and calls fn once
+ * with 0 (retry) or a negative errno (give up).
+ */
+struct qcow2_wait {
+	struct qcow2_wait *next;
+	void (*fn)(struct qcow2_wait *w, int res);
+};
+
+struct qcow2_waitq {
+	struct qcow2_wait *head, *tail;
+};
+
+static inline void qcow2_waitq_add(struct qcow2_waitq *q, struct qcow2_wait *w)
+{
+	w->next = NULL;
+	if (q->tail)
+		q->tail->next = w;
+	else
+		q->head = w;
+	q->tail = w;
+}
+
+/* Wake everyone on @q with @res; safe against re-parking from fn. */
+void qcow2_waitq_wake(struct qcow2_waitq *q, int res);
+
+/* ---- Slice caches (cache.c) -------------------------------------------- */
+
+enum qcow2_slice_state {
+	SLICE_EMPTY,
+	SLICE_LOADING,
+	SLICE_READY,
+};
+
+struct qcow2_slice {
+	uint64_t off;			/* host offset of the slice */
+	uint64_t lru;
+	uint32_t ref;			/* pins held within one step */
+	uint8_t state;
+	bool dirty;
+	bool writing;			/* a flush is writing a copy of it */
+	struct qcow2_slice *hnext;	/* hash chain */
+	struct qcow2_waitq waiters;
+	struct qcow2_cache *cache;
+	uint8_t *data;
+	struct qcow2_aio aio;
+	struct iovec iov;
+};
+
+struct qcow2_cache {
+	struct qcow2 *img;
+	const char *name;		/* "L2" or "refcount", for messages */
+	struct qcow2_slice *slices;
+	unsigned int nr;
+	uint32_t slice_bytes;
+	uint8_t *buf;
+	struct qcow2_slice **hash;
+	unsigned int hash_mask;
+	uint64_t lru_clock;
+	unsigned int nr_dirty;
+	struct qcow2_waitq full_waiters;	/* parked because every slice was busy */
+};
+
+int qcow2_cache_init(struct qcow2_cache *c, struct qcow2 *img, const char *name,
+		     unsigned int nr, uint32_t slice_bytes);
+void qcow2_cache_destroy(struct qcow2_cache *c);
+
+#define QCOW2_CACHE_NOLOAD	1	/* caller knows the slice is zeros on disk */
+#define QCOW2_CACHE_NOFLUSH	2	/* -ENOBUFS instead of flushing for room */
+
+/*
+ * Find the slice at host offset @off, loading it if needed. 0 with the
+ * slice pinned in *@out; -EAGAIN with @w parked (called back when worth a
+ * retry); or -errno. Release with qcow2_cache_put before returning to the
+ * event loop.
+ */
+int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, int flags,
+		    struct qcow2_wait *w, struct qcow2_slice **out);
+void qcow2_cache_put(struct qcow2_slice *s);
+void qcow2_cache_mark_dirty(struct qcow2_slice *s);
+/* Forget every slice (after check -r rewrote metadata behind the cache). */
+void qcow2_cache_drop(struct qcow2_cache *c);
+
+/* ---- The image --------------------------------------------------------- */
+
+/* A deferred refcount decrement: applied once the L2 change is durable. */
+struct qcow2_free {
+	uint64_t host_off;
+	uint64_t nr_clusters;
+};
+
+/* A guest range whose mapping a request is changing; others wait on it. */
+struct qcow2_inflight {
+	struct qcow2_inflight *next;
+	uint64_t guest_off;
+	uint64_t len;
+	struct qcow2_waitq waiters;
+};
+
+struct qcow2_flush_job;
+struct qcow2_rc_grow;
+
+struct qcow2 {
+	struct qcow2_io *io;
+	char *path;
+	int fd;
+	bool read_only;
+	bool corrupt;
+	struct qcow2_header h;
+
+	uint32_t cluster_size;
+	uint32_t refcount_bits;
+	uint64_t refcount_max;
+	uint32_t l2_bits;		/* log2 of L2 entries per table */
+	uint32_t l2_entry_bytes;	/* 8, or 16 with extended L2 */
+	uint32_t rb_bits;		/* log2 of refcount entries per block */
+	uint64_t file_size;		/* at open; allocation may grow past it */
+
+	char *backing_file;
+	char *backing_fmt;
+	char *data_file;
+	uint8_t *unknown_exts;		/* extensions we keep verbatim */
+	uint32_t unknown_exts_len;
+
+	uint64_t *l1;			/* host byte order */
+	uint32_t l1_alloc;		/* entries allocated (>= l1_size, whole clusters) */
+	bool l1_dirty;
+	uint64_t *reftable;		/* host byte order */
+	uint32_t reftable_size;		/* entries */
+	bool reftable_dirty;
+	bool header_dirty;
+	uint64_t free_hint;		/* cluster index: nothing below is free */
+
+	struct qcow2_cache l2_cache;
+	struct qcow2_cache rc_cache;
+
+	struct qcow2_inflight *inflight;
+	struct qcow2_free *frees;	/* decrements waiting for a flush */
+	size_t nr_frees, frees_alloc;
+	size_t nr_frees_sealed;		/* covered by the flush in progress */
+	uint64_t free_progress;		/* clusters of frees[0] already applied */
+	struct qcow2_rc_grow *rc_grow;	/* refcount block creation / table growth */
+
+	struct qcow2_flush_job *flush;
+	unsigned int nr_reqs_active;
+	uint8_t *zero_buf;		/* max cluster size of zeros, mmap'd */
+
+	char errmsg[256];
+};
+
+/* Record a message (one line, names the file) and return @err. */
+int qcow2_error(struct qcow2 *img, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+/* Mark the image corrupt (header bit set on the next flush), return -EIO. */
+int qcow2_corrupt(struct qcow2 *img, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* Blocking file I/O through the backend (open, create, check). 0 or -errno;
+ * reads past the end of the file return zeros. */
+int qcow2_io_pread(struct qcow2_io *io, int fd, void *buf, size_t len, uint64_t off);
+int qcow2_io_pwrite(struct qcow2_io *io, int fd, const void *buf, size_t len, uint64_t off);
+int qcow2_io_fsync(struct qcow2_io *io, int fd);
+
+/* ---- Index math ---------------------------------------------------------- */
+
+static inline uint64_t qcow2_l2_span(const struct qcow2 *img)
+{
+	return (uint64_t)img->cluster_size << img->l2_bits;
+}
+
+static inline uint64_t qcow2_l1_index(const struct qcow2 *img, uint64_t guest_off)
+{
+	return guest_off >> (img->h.cluster_bits + img->l2_bits);
+}
+
+static inline uint64_t qcow2_l2_index(const struct qcow2 *img, uint64_t guest_off)
+{
+	return (guest_off >> img->h.cluster_bits) & ((1ull << img->l2_bits) - 1);
+}
+
+static inline uint64_t qcow2_cluster_off(const struct qcow2 *img, uint64_t off)
+{
+	return off & ~((uint64_t)img->cluster_size - 1);
+}
+
+static inline bool qcow2_aligned(const struct qcow2 *img, uint64_t off)
+{
+	return (off & (img->cluster_size - 1)) == 0;
+}
+
+/* Refcount entries of @order bits (0..6), as QEMU lays them out: sub-byte
+ * widths fill each byte from its least significant bit, wider ones are
+ * big-endian. */
+static inline uint64_t qcow2_rc_read(const uint8_t *blk, uint64_t i, uint32_t order)
+{
+	switch (order) {
+	case 0: return (blk[i / 8] >> (i % 8)) & 1;
+	case 1: return (blk[i / 4] >> (2 * (i % 4))) & 3;
+	case 2: return (blk[i / 2] >> (4 * (i % 2))) & 15;
+	case 3: return blk[i];
+	case 4: return get_be16(blk + 2 * i);
+	case 5: return get_be32(blk + 4 * i);
+	default: return get_be64(blk + 8 * i);
+	}
+}
+
+static inline void qcow2_rc_write(uint8_t *blk, uint64_t i, uint32_t order, uint64_t v)
+{
+	unsigned int shift;
+
+	switch (order) {
+	case 0: shift = i % 8; blk[i / 8] = (blk[i / 8] & ~(1u << shift)) | (v << shift); break;
+	case 1: shift = 2 * (i % 4); blk[i / 4] = (blk[i / 4] & ~(3u << shift)) | (v << shift); break;
+	case 2: shift = 4 * (i % 2); blk[i / 2] = (blk[i / 2] & ~(15u << shift)) | (v << shift); break;
+	case 3: blk[i] = v; break;
+	case 4: put_be16(blk + 2 * i, v); break;
+	case 5: put_be32(blk + 4 * i, v); break;
+	default: put_be64(blk + 8 * i, v); break;
+	}
+}
+
+/* ---- Refcounts (refcount.c) ---------------------------------------------- */
+
+/* Read the refcount of host cluster @cluster. 0 / -EAGAIN (parked) / -errno. */
+int qcow2_refcount_get(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w,
+		       uint64_t *out);
+/*
+ * Allocate up to @want contiguous free clusters (refcount set to 1 in the
+ * cache). 0 with *@host_off and *@got (>= 1) / -EAGAIN (parked) / -errno.
+ */
+int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
+			 uint64_t *host_off, uint64_t *got);
+/* Queue a decrement of @nr clusters at @host_off for after the next flush. */
+int qcow2_free_clusters(struct qcow2 *img, uint64_t host_off, uint64_t nr);
+/* Apply the frees sealed by the current flush. 0 / -EAGAIN (parked) / -errno. */
+int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w);
+void qcow2_refcount_free(struct qcow2 *img);
+
+/* ---- Flush (flush.c) ------------------------------------------------------ */
+
+/*
+ * Write every dirty metadata slice back in dependency order and fdatasync;
+ * @w is called when a flush that started after this call has completed.
+ * Returns -EAGAIN (parked) or -errno.
+ */
+int qcow2_flush_start(struct qcow2 *img, struct qcow2_wait *w);
+bool qcow2_flush_busy(const struct qcow2 *img);
+void qcow2_flush_free(struct qcow2 *img);
+
+/* ---- Check (check.c) ------------------------------------------------------ */
+
+/* Drop caches and reload the refcount table after check rewrote metadata. */
+int qcow2_reload_refcounts(struct qcow2 *img);
+
+#endif

@@ -1,0 +1,209 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The qcow2 engine's whole public API. The engine knows nothing of ublk:
+ * front ends (the ublk queue loop, the host tools) hand it requests and an
+ * I/O backend (struct qcow2_io) that carries its reads, writes and syncs.
+ */
+#ifndef QCOW2_H
+#define QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+/* ---- I/O backend ---------------------------------------------------- */
+
+enum qcow2_aio_op {
+	QCOW2_AIO_READ,
+	QCOW2_AIO_WRITE,
+	QCOW2_AIO_FSYNC,	/* fdatasync */
+};
+
+/*
+ * One file operation. The engine fills it and passes it to io->submit; the
+ * backend calls done() exactly once, later, from io->wait(), with the byte
+ * count transferred (short counts are possible) or a negative errno.
+ */
+struct qcow2_aio {
+	enum qcow2_aio_op op;
+	int fd;
+	const struct iovec *iov;
+	unsigned int iovcnt;
+	uint64_t off;
+	void (*done)(struct qcow2_aio *aio, int res);
+};
+
+struct qcow2_io {
+	/* Queue @aio. 0 on success (done() will follow), -errno otherwise. */
+	int (*submit)(struct qcow2_io *io, struct qcow2_aio *aio);
+	/* Submit what is queued, wait for one or more completions and run
+	 * their done() callbacks. 0 or -errno. */
+	int (*wait)(struct qcow2_io *io);
+};
+
+/* A ready backend: one io_uring owned by the caller's thread. */
+struct qcow2_io *qcow2_uring_new(unsigned int depth);
+void qcow2_uring_free(struct qcow2_io *io);
+
+/* ---- Images ---------------------------------------------------------- */
+
+struct qcow2;
+
+struct qcow2_opts {
+	bool read_only;
+	bool direct;			/* O_DIRECT on the image file */
+	bool no_repair;			/* open a dirty image read-write without repair (check -r) */
+	uint64_t l2_cache_bytes;	/* 0: default (enough for the whole disk, up to 32 MiB) */
+	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
+	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
+};
+
+/*
+ * Open @path. On failure returns -errno and writes one line naming the file
+ * and the problem to @err. Nothing is written to an image that fails to open.
+ */
+int qcow2_open(struct qcow2 **out, const char *path, const struct qcow2_opts *opts,
+	       struct qcow2_io *io, char *err, size_t errlen);
+
+/* Flush (if writable) and free. Returns 0 or the first error. */
+int qcow2_close(struct qcow2 *img);
+
+/* The last error message of an open image ("" if none). */
+const char *qcow2_errmsg(const struct qcow2 *img);
+
+struct qcow2_info {
+	uint32_t version;
+	uint32_t cluster_bits;
+	uint32_t refcount_bits;
+	uint64_t virtual_size;
+	uint64_t incompatible;
+	uint64_t compatible;
+	uint64_t autoclear;
+	uint32_t l1_size;
+	uint32_t nb_snapshots;
+	bool lazy_refcounts;
+	bool corrupt;
+	bool dirty;
+	bool extended_l2;
+	int compression_type;		/* 0 zlib, 1 zstd */
+	const char *backing_file;	/* NULL if none */
+	const char *backing_fmt;	/* NULL if none */
+	const char *data_file;		/* NULL if none */
+	uint64_t file_size;		/* bytes of the image file */
+};
+
+void qcow2_get_info(const struct qcow2 *img, struct qcow2_info *info);
+
+/* ---- Requests -------------------------------------------------------- */
+
+enum qcow2_op {
+	QCOW2_OP_READ,
+	QCOW2_OP_WRITE,
+	QCOW2_OP_WRITE_ZEROES,
+	QCOW2_OP_DISCARD,
+	QCOW2_OP_FLUSH,
+};
+
+struct qcow2_req;
+
+typedef void (*qcow2_done_fn)(struct qcow2_req *req, int res, void *priv);
+
+/* Preallocate a request; front ends keep one per tag. NULL on ENOMEM. */
+struct qcow2_req *qcow2_req_new(struct qcow2 *img);
+void qcow2_req_free(struct qcow2_req *req);
+
+/*
+ * Start @op on [@off, @off + @len) with @buf (READ fills it, WRITE takes
+ * from it; others ignore it). @done runs exactly once, possibly before this
+ * returns, with 0 or -errno. The request must be idle.
+ */
+void qcow2_req_submit(struct qcow2_req *req, enum qcow2_op op, uint64_t off,
+		      uint64_t len, void *buf, qcow2_done_fn done, void *priv);
+
+/* True while a request or a flush of @img is in flight. */
+bool qcow2_busy(const struct qcow2 *img);
+
+/* Run the I/O backend until no request of @img is in flight. 0 or -errno. */
+int qcow2_drain(struct qcow2 *img);
+
+/* Blocking conveniences for the host tools: submit one request and wait. */
+int qcow2_pread(struct qcow2 *img, void *buf, uint64_t len, uint64_t off);
+int qcow2_pwrite(struct qcow2 *img, const void *buf, uint64_t len, uint64_t off);
+int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off);
+int qcow2_discard(struct qcow2 *img, uint64_t len, uint64_t off);
+int qcow2_flush(struct qcow2 *img);
+
+/* ---- Mapping (map, convert) ----------------------------------------- */
+
+enum qcow2_extent_type {
+	QCOW2_EXTENT_UNALLOCATED,	/* reads as zeros (or the backing file) */
+	QCOW2_EXTENT_ZERO,		/* zero flag */
+	QCOW2_EXTENT_DATA,		/* host data at host_off */
+	QCOW2_EXTENT_COMPRESSED,	/* compressed cluster(s) */
+};
+
+struct qcow2_extent {
+	uint64_t guest_off;
+	uint64_t len;
+	enum qcow2_extent_type type;
+	uint64_t host_off;		/* DATA only */
+};
+
+/*
+ * Describe the guest range starting at @off: the longest run (up to @len
+ * bytes) of one type with contiguous host offsets. 0 or -errno.
+ */
+int qcow2_map(struct qcow2 *img, uint64_t off, uint64_t len, struct qcow2_extent *ext);
+
+/* ---- Creation and checking ----------------------------------------- */
+
+enum qcow2_prealloc {
+	QCOW2_PREALLOC_OFF,
+	QCOW2_PREALLOC_METADATA,
+	QCOW2_PREALLOC_FALLOC,
+	QCOW2_PREALLOC_FULL,
+};
+
+struct qcow2_create_opts {
+	uint64_t size;
+	uint32_t cluster_bits;		/* 0: 16 */
+	uint32_t version;		/* 2 or 3; 0: 3 */
+	uint32_t refcount_bits;		/* 0: 16 */
+	bool lazy_refcounts;
+	enum qcow2_prealloc prealloc;
+	const char *backing_file;
+	const char *backing_fmt;
+};
+
+/* Create (or truncate) @path as an empty image. 0 or -errno and @err. */
+int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
+		 struct qcow2_io *io, char *err, size_t errlen);
+
+enum qcow2_fix {
+	QCOW2_FIX_LEAKS = 1,
+	QCOW2_FIX_ERRORS = 2,
+};
+
+struct qcow2_check_result {
+	uint64_t corruptions;
+	uint64_t leaks;
+	uint64_t check_errors;
+	uint64_t corruptions_fixed;
+	uint64_t leaks_fixed;
+	uint64_t image_end_offset;
+	uint64_t total_clusters;	/* guest clusters */
+	uint64_t allocated_clusters;
+	uint64_t fragmented_clusters;
+	uint64_t compressed_clusters;
+};
+
+/*
+ * Check the refcounts of @img against every reference in the image, and with
+ * @fix repair what can be repaired. Problems are reported one per line on
+ * @report (may be NULL). 0 when the check ran (see @res), -errno otherwise.
+ */
+int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
+		void (*report)(void *opaque, const char *line), void *opaque);
+
+#endif
