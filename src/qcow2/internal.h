@@ -342,6 +342,11 @@ int qcow2_free_clusters(struct qcow2 *img, uint64_t host_off, uint64_t nr);
 int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w);
 void qcow2_refcount_free(struct qcow2 *img);
 
+/* ---- Compressed clusters (compress.c) -------------------------------------- */
+
+int qcow2_compressed_locate(struct qcow2 *img, uint64_t e, uint64_t *off, uint32_t *len);
+int qcow2_decompress(struct qcow2 *img, const uint8_t *src, size_t src_len, uint8_t *dst);
+
 /* ---- Flush (flush.c) ------------------------------------------------------ */
 
 /*

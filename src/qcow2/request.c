@@ -42,6 +42,9 @@ struct req_aio {
 	size_t len;
 	bool busy;
 	bool alloc;			/* completes the allocation in progress */
+	bool compressed;		/* cbuf: decompress, copy to dst */
+	uint8_t *dst;
+	uint32_t dst_skip;
 };
 
 struct qcow2_req {
@@ -67,6 +70,10 @@ struct qcow2_req {
 	bool a_new;			/* refcounts were raised for it */
 	uint64_t a_l1;			/* L1 index (L2 table allocation) */
 
+	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
+	uint8_t *dbuf;			/* one decompressed cluster, lazily */
+	bool cbuf_busy;
+
 	struct req_aio aios[REQ_AIOS];
 };
 
@@ -78,7 +85,7 @@ static int l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64
 {
 	if (e & L2E_COMPRESSED) {
 		*type = L2_COMPRESSED;
-		*host = 0;
+		*host = e;		/* the whole descriptor */
 		return 0;
 	}
 	*host = e & L2E_OFFSET_MASK;
@@ -174,7 +181,7 @@ static int lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow
 			break;
 		n++;
 	}
-	*host = first ? first + in_cluster : 0;
+	*host = *type == L2_COMPRESSED ? first : first ? first + in_cluster : 0;
 	limit = qcow2_cluster_off(img, pos) + n * img->cluster_size;
 	*run = (end < limit ? end : limit) - pos;
 out:
@@ -203,6 +210,16 @@ static void aio_done(struct qcow2_aio *aio, int res)
 		qcow2_error(r->img, res, "%s at 0x%llx failed: %s",
 			    aio->op == QCOW2_AIO_READ ? "read" : "write",
 			    (unsigned long long)aio->off, strerror(-res));
+	}
+	if (a->compressed) {
+		r->cbuf_busy = false;
+		if (res >= 0) {
+			res = qcow2_decompress(r->img, r->cbuf, a->len, r->dbuf);
+			if (res < 0 && !r->err)
+				r->err = res;
+			else
+				memcpy(a->dst, r->dbuf + a->dst_skip, a->iov[1].iov_len);
+		}
 	}
 	a->busy = false;
 	r->pending--;
@@ -233,6 +250,7 @@ static int aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op 
 		a->len += a->iov[i].iov_len;
 	a->req = r;
 	a->alloc = alloc;
+	a->compressed = false;
 	a->aio = (struct qcow2_aio){
 		.op = op, .fd = r->img->fd, .iov = a->iov, .iovcnt = iovcnt,
 		.off = host_off, .done = aio_done,
@@ -285,6 +303,49 @@ static void inflight_del(struct qcow2_req *r)
 
 /* ---- Reads ---------------------------------------------------------------------- */
 
+/* Buffers for compressed clusters, allocated on first use and kept. */
+static int req_cbufs(struct qcow2_req *r)
+{
+	size_t cs = r->img->cluster_size;
+
+	if (!r->cbuf && posix_memalign((void **)&r->cbuf, 4096, 2 * cs))
+		r->cbuf = NULL;
+	if (!r->dbuf)
+		r->dbuf = malloc(cs);
+	return r->cbuf && r->dbuf ? 0 : -ENOMEM;
+}
+
+/*
+ * Read the compressed cluster behind descriptor @e; its completion
+ * decompresses and copies @len bytes at the current offset into @dst.
+ */
+static int read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
+			   uint8_t *dst, uint64_t len)
+{
+	uint64_t coff;
+	uint32_t clen;
+	int ret;
+
+	if (r->cbuf_busy)
+		return -EBUSY;
+	ret = req_cbufs(r);
+	if (ret < 0)
+		return ret;
+	ret = qcow2_compressed_locate(r->img, e, &coff, &clen);
+	if (ret < 0)
+		return ret;
+	a->iov[0] = (struct iovec){ .iov_base = r->cbuf, .iov_len = clen };
+	ret = aio_submit(r, a, QCOW2_AIO_READ, coff, 1, false);
+	if (ret < 0)
+		return ret;
+	a->compressed = true;
+	a->dst = dst;
+	a->dst_skip = r->pos & (r->img->cluster_size - 1);
+	a->iov[1].iov_len = len;	/* bytes to copy out */
+	r->cbuf_busy = true;
+	return 0;
+}
+
 static int read_piece(struct qcow2_req *r)
 {
 	struct qcow2 *img = r->img;
@@ -312,7 +373,10 @@ static int read_piece(struct qcow2_req *r)
 			return ret;
 		break;
 	case L2_COMPRESSED:
-		return qcow2_error(img, -ENOTSUP, "compressed clusters are not supported yet");
+		ret = read_compressed(r, a, host, dst, run);
+		if (ret < 0)
+			return ret;
+		break;
 	}
 	r->pos += run;
 	return 0;
@@ -753,6 +817,10 @@ struct qcow2_req *qcow2_req_new(struct qcow2 *img)
 
 void qcow2_req_free(struct qcow2_req *r)
 {
+	if (!r)
+		return;
+	free(r->cbuf);
+	free(r->dbuf);
 	free(r);
 }
 
