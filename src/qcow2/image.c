@@ -249,6 +249,8 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 
 static void image_free(struct qcow2 *img)
 {
+	if (img->backing)
+		qcow2_close(img->backing);
 	if (img->fd >= 0)
 		close(img->fd);
 	qcow2_cache_destroy(&img->l2_cache);
@@ -296,8 +298,32 @@ static int open_writable(struct qcow2 *img, const struct qcow2_opts *opts)
 	return 0;
 }
 
+/* Is @path already in the chain? Then the chain loops. */
+static int chain_add(struct qcow2 *img, struct qcow2_chain *chain, const struct stat *st)
+{
+	unsigned int i;
+
+	for (i = 0; i < chain->n; i++)
+		if (chain->dev[i] == st->st_dev && chain->ino[i] == st->st_ino)
+			return qcow2_error(img, -ELOOP, "backing chain loops back to this file");
+	if (chain->n > QCOW2_MAX_CHAIN)
+		return qcow2_error(img, -ELOOP, "backing chain too long");
+	chain->dev[chain->n] = st->st_dev;
+	chain->ino[chain->n] = st->st_ino;
+	chain->n++;
+	return 0;
+}
+
 int qcow2_open(struct qcow2 **out, const char *path, const struct qcow2_opts *opts,
 	       struct qcow2_io *io, char *err, size_t errlen)
+{
+	struct qcow2_chain chain = { .n = 0 };
+
+	return qcow2_open_chain(out, path, opts, io, err, errlen, &chain);
+}
+
+int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_opts *opts,
+		     struct qcow2_io *io, char *err, size_t errlen, struct qcow2_chain *chain)
 {
 	static const struct qcow2_opts defaults;
 	struct qcow2 *img = calloc(1, sizeof(*img));
@@ -331,6 +357,24 @@ int qcow2_open(struct qcow2 **out, const char *path, const struct qcow2_opts *op
 		goto fail;
 	}
 	img->file_size = st.st_size;
+	ret = chain_add(img, chain, &st);
+	if (ret < 0)
+		goto fail;
+	if (opts->format && strcmp(opts->format, "qcow2") && strcmp(opts->format, "raw") &&
+	    strcmp(opts->format, "probe")) {
+		ret = qcow2_error(img, -EINVAL, "unknown format '%s'", opts->format);
+		goto fail;
+	}
+	if (opts->format && !strcmp(opts->format, "raw")) {
+		if (!opts->read_only) {
+			ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
+			goto fail;
+		}
+		img->raw = true;
+		img->h.size = img->file_size;
+		*out = img;
+		return 0;
+	}
 
 	hlen = img->file_size < (1u << QCOW2_MAX_CLUSTER_BITS) ? img->file_size
 							       : (1u << QCOW2_MAX_CLUSTER_BITS);
@@ -343,6 +387,20 @@ int qcow2_open(struct qcow2 **out, const char *path, const struct qcow2_opts *op
 	if (ret < 0) {
 		ret = qcow2_error(img, ret, "cannot read header: %s", strerror(-ret));
 		goto fail;
+	}
+	if (opts->format && !strcmp(opts->format, "probe") &&
+	    (hlen < 4 || get_be32(hbuf) != QCOW2_MAGIC)) {
+		/* No format named and no qcow2 magic: a raw file. */
+		free(hbuf);
+		hbuf = NULL;
+		if (!opts->read_only) {
+			ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
+			goto fail;
+		}
+		img->raw = true;
+		img->h.size = img->file_size;
+		*out = img;
+		return 0;
 	}
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
@@ -379,6 +437,9 @@ int qcow2_open(struct qcow2 **out, const char *path, const struct qcow2_opts *op
 		if (ret < 0)
 			goto fail;
 	}
+	ret = qcow2_backing_open(img, opts, chain);
+	if (ret < 0)
+		goto fail;
 	free(hbuf);
 	*out = img;
 	return 0;
@@ -398,7 +459,7 @@ int qcow2_close(struct qcow2 *img)
 
 	if (!img)
 		return 0;
-	if (!img->read_only) {
+	if (!img->read_only && !img->raw) {
 		/* A flush applies queued frees at its end: the next one writes them. */
 		int i;
 
@@ -433,4 +494,7 @@ void qcow2_get_info(const struct qcow2 *img, struct qcow2_info *info)
 	info->backing_fmt = img->backing_fmt;
 	info->data_file = img->data_file;
 	info->file_size = img->file_size;
+	info->raw = img->raw;
+	info->filename = img->path;
+	info->backing = img->backing;
 }

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <string.h>
+#include <sys/types.h>
 
 #include "qcow2.h"
 
@@ -212,6 +213,9 @@ struct qcow2 {
 	int fd;
 	bool read_only;
 	bool corrupt;
+	bool raw;			/* raw image: guest offset == file offset */
+	struct qcow2 *backing;		/* opened backing image, NULL if none */
+	unsigned int depth;		/* 0 for the image the user opened */
 	struct qcow2_header h;
 
 	uint32_t cluster_size;
@@ -341,6 +345,23 @@ int qcow2_free_clusters(struct qcow2 *img, uint64_t host_off, uint64_t nr);
 /* Apply the frees sealed by the current flush. 0 / -EAGAIN (parked) / -errno. */
 int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w);
 void qcow2_refcount_free(struct qcow2 *img);
+
+/* ---- Backing chain (backing.c) ----------------------------------------------- */
+
+#define QCOW2_MAX_CHAIN		64
+
+/* Files already in the chain being opened, to refuse loops. */
+struct qcow2_chain {
+	dev_t dev[QCOW2_MAX_CHAIN + 1];
+	ino_t ino[QCOW2_MAX_CHAIN + 1];
+	unsigned int n;
+};
+
+int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_opts *opts,
+		     struct qcow2_io *io, char *err, size_t errlen, struct qcow2_chain *chain);
+/* Open img's backing file (after its header is parsed). 0 or -errno. */
+int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
+		       struct qcow2_chain *chain);
 
 /* ---- Compressed clusters (compress.c) -------------------------------------- */
 

@@ -54,6 +54,8 @@ struct qcow2_opts {
 	bool read_only;
 	bool direct;			/* O_DIRECT on the image file */
 	bool no_repair;			/* open a dirty image read-write without repair (check -r) */
+	bool no_backing;		/* do not open the backing file (reads fail there) */
+	const char *format;		/* "qcow2", "raw" or NULL to probe */
 	uint64_t l2_cache_bytes;	/* 0: default (enough for the whole disk, up to 32 MiB) */
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
@@ -91,6 +93,9 @@ struct qcow2_info {
 	const char *backing_fmt;	/* NULL if none */
 	const char *data_file;		/* NULL if none */
 	uint64_t file_size;		/* bytes of the image file */
+	bool raw;			/* a raw image (format "raw") */
+	const char *filename;
+	const struct qcow2 *backing;	/* the opened backing image, or NULL */
 };
 
 void qcow2_get_info(const struct qcow2 *img, struct qcow2_info *info);

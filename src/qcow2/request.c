@@ -29,6 +29,7 @@ enum l2_type {
 
 enum alloc_state {
 	ALLOC_NONE,
+	ALLOC_COW,		/* reading what the write does not cover */
 	ALLOC_DATA,		/* cluster data being written */
 	ALLOC_LINK,		/* data written: set the L2 entries */
 	ALLOC_L2_ZERO,		/* new L2 table being zeroed */
@@ -70,6 +71,10 @@ struct qcow2_req {
 	bool a_new;			/* refcounts were raised for it */
 	uint64_t a_l1;			/* L1 index (L2 table allocation) */
 
+	bool a_cow;			/* head/tail come from r->cow, not zeros */
+	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily */
+	struct qcow2_req *sub[2];	/* reads from the backing image */
+	bool sub_busy[2];
 	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
 	uint8_t *dbuf;			/* one decompressed cluster, lazily */
 	bool cbuf_busy;
@@ -303,6 +308,70 @@ static void inflight_del(struct qcow2_req *r)
 
 /* ---- Reads ---------------------------------------------------------------------- */
 
+static void sub_done(struct qcow2_req *sub, int res, void *priv)
+{
+	struct qcow2_req *r = priv;
+
+	r->sub_busy[sub == r->sub[1]] = false;
+	r->pending--;
+	if (res < 0 && !r->err) {
+		r->err = res;
+		qcow2_error(r->img, res, "backing file: %s", qcow2_errmsg(sub->img));
+	}
+	req_step(r);
+}
+
+/*
+ * Read guest bytes [@off, @off + @len) as the backing chain shows them into
+ * @dst. 0 (submitted or done), -EBUSY (both sub-requests busy) or -errno.
+ */
+static int backing_read(struct qcow2_req *r, uint8_t *dst, uint64_t off, uint64_t len)
+{
+	struct qcow2 *b = r->img->backing;
+	int i;
+
+	if (!b || off >= b->h.size) {
+		memset(dst, 0, len);
+		return 0;
+	}
+	if (len > b->h.size - off) {
+		memset(dst + (b->h.size - off), 0, len - (b->h.size - off));
+		len = b->h.size - off;
+	}
+	i = r->sub_busy[0] ? 1 : 0;
+	if (r->sub_busy[i])
+		return -EBUSY;
+	if (!r->sub[i]) {
+		r->sub[i] = qcow2_req_new(b);
+		if (!r->sub[i])
+			return -ENOMEM;
+	}
+	r->sub_busy[i] = true;
+	r->pending++;
+	qcow2_req_submit(r->sub[i], QCOW2_OP_READ, off, len, dst, sub_done, r);
+	return 0;
+}
+
+/* A raw image: guest offsets are file offsets. */
+static int read_piece_raw(struct qcow2_req *r)
+{
+	uint64_t end = r->off + r->len, len = end - r->pos;
+	uint8_t *dst = r->buf + (r->pos - r->off);
+	struct req_aio *a = aio_get(r);
+	int ret;
+
+	if (!a)
+		return -EBUSY;
+	if (len > (1u << 30))
+		len = 1u << 30;
+	a->iov[0] = (struct iovec){ .iov_base = dst, .iov_len = len };
+	ret = aio_submit(r, a, QCOW2_AIO_READ, r->pos, 1, false);
+	if (ret < 0)
+		return ret;
+	r->pos += len;
+	return 0;
+}
+
 /* Buffers for compressed clusters, allocated on first use and kept. */
 static int req_cbufs(struct qcow2_req *r)
 {
@@ -362,6 +431,10 @@ static int read_piece(struct qcow2_req *r)
 		return ret;
 	switch (type) {
 	case L2_UNALLOC:
+		ret = backing_read(r, dst, r->pos, run);
+		if (ret < 0)
+			return ret;
+		break;
 	case L2_ZERO_PLAIN:
 	case L2_ZERO_ALLOC:
 		memset(dst, 0, run);
@@ -460,14 +533,17 @@ static int alloc_write(struct qcow2_req *r, struct req_aio *a)
 	struct qcow2 *img = r->img;
 	uint64_t cluster_end = r->a_guest + r->a_nr * img->cluster_size;
 	uint64_t head = r->pos - r->a_guest, tail = cluster_end - r->a_end;
+	uint8_t *tail_src = r->a_cow ? r->cow + img->cluster_size +
+			    (r->a_end & (img->cluster_size - 1)) : img->zero_buf;
 	unsigned int n = 0;
 
 	if (head)
-		a->iov[n++] = (struct iovec){ .iov_base = img->zero_buf, .iov_len = head };
+		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow : img->zero_buf,
+					      .iov_len = head };
 	a->iov[n++] = (struct iovec){ .iov_base = write_src(r, r->pos),
 				      .iov_len = r->a_end - r->pos };
 	if (tail)
-		a->iov[n++] = (struct iovec){ .iov_base = img->zero_buf, .iov_len = tail };
+		a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
 	r->alloc = ALLOC_DATA;
 	return aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, n, true);
 }
@@ -493,6 +569,33 @@ static int alloc_link(struct qcow2_req *r)
 	r->alloc = ALLOC_NONE;
 	r->pos = r->a_end;
 	inflight_del(r);
+	return 0;
+}
+
+/*
+ * A partial write over clusters the backing file shows through: read the
+ * bytes before and after it from the chain, then write whole clusters.
+ */
+static int cow_start(struct qcow2_req *r)
+{
+	struct qcow2 *img = r->img;
+	uint64_t cs = img->cluster_size, head = r->pos - r->a_guest;
+	uint64_t in_last = r->a_end & (cs - 1);
+	int ret;
+
+	if (!r->cow && posix_memalign((void **)&r->cow, 4096, 2 * cs))
+		r->cow = NULL;
+	if (!r->cow)
+		return -ENOMEM;
+	r->a_cow = true;
+	r->alloc = ALLOC_COW;
+	if (head) {
+		ret = backing_read(r, r->cow, r->a_guest, head);
+		if (ret < 0)
+			return ret;
+	}
+	if (in_last)
+		return backing_read(r, r->cow + cs + in_last, r->a_end, cs - in_last);
 	return 0;
 }
 
@@ -569,8 +672,7 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	     cstart + n * img->cluster_size < end; n++) {
 		uint64_t hn;
 
-		if (l2_classify(img, l2_get(s, idx + n), &t, &hn) < 0 ||
-		    (t != L2_UNALLOC && t != L2_ZERO_PLAIN))
+		if (l2_classify(img, l2_get(s, idx + n), &t, &hn) < 0 || t != type)
 			break;
 	}
 	qcow2_cache_put(s);
@@ -589,15 +691,24 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_nr = got;
 	r->a_new = type != L2_ZERO_ALLOC;
 	r->a_end = cstart + got * img->cluster_size < end ? cstart + got * img->cluster_size : end;
-	ret = alloc_write(r, a);
-	if (ret < 0) {
-		r->alloc = ALLOC_NONE;
-		inflight_del(r);
-		if (r->a_new)
-			qcow2_free_clusters(img, host, got);
-		return ret;
+	r->a_cow = false;
+	if (type == L2_UNALLOC && img->backing &&
+	    (r->pos != cstart || (r->a_end & (img->cluster_size - 1)))) {
+		ret = cow_start(r);
+		if (ret < 0)
+			goto fail;
+		return 0;
 	}
+	ret = alloc_write(r, a);
+	if (ret < 0)
+		goto fail;
 	return 0;
+fail:
+	r->alloc = ALLOC_NONE;
+	inflight_del(r);
+	if (r->a_new)
+		qcow2_free_clusters(img, host, got);
+	return ret;
 out:
 	qcow2_cache_put(s);
 	return ret;
@@ -618,10 +729,13 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	enum l2_type type;
 	int ret;
 
+	/* With a backing file, v3 hides it behind zero flags; v2 cannot. */
+	bool hide = img->backing && img->h.version >= 3;
+
 	ret = l1_lookup(img, r->pos, &l2_off, &l1e);
 	if (ret < 0)
 		return ret;
-	if (!l2_off) {
+	if (!l2_off && !hide) {
 		uint64_t limit = (qcow2_l1_index(img, r->pos) + 1) * qcow2_l2_span(img);
 
 		r->pos = end < limit ? end : limit;
@@ -649,8 +763,15 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 			ret = qcow2_error(img, -ENOTSUP, "compressed clusters are not supported yet");
 			break;
 		}
-		if (type == L2_UNALLOC || type == L2_ZERO_PLAIN)
+		if (type == L2_ZERO_PLAIN)
 			continue;
+		if (type == L2_UNALLOC) {
+			if (hide) {
+				l2_set(s, idx + i, L2E_ZERO);
+				qcow2_cache_mark_dirty(s);
+			}
+			continue;
+		}
 		if (!(e & QCOW2_OFLAG_COPIED)) {
 			ret = qcow2_error(img, -ENOTSUP,
 					  "cluster shared with a snapshot: not supported yet");
@@ -676,8 +797,12 @@ static int zero_piece(struct qcow2_req *r)
 	enum l2_type type;
 	int ret;
 
-	if (r->pos == cstart && end >= cend)
+	if (r->pos == cstart && end >= cend) {
+		/* v2 over a backing file: only real zeros hide it. */
+		if (r->op == QCOW2_OP_WRITE_ZEROES && img->backing && img->h.version < 3)
+			return write_piece(r, qcow2_cluster_off(img, end));
 		return zero_clusters(r, qcow2_cluster_off(img, end));
+	}
 	/* A partial cluster. */
 	if (cend > end)
 		cend = end;
@@ -688,7 +813,8 @@ static int zero_piece(struct qcow2_req *r)
 	ret = lookup_run(img, r->pos, cend, &r->wait, &type, &host, &run);
 	if (ret < 0)
 		return ret;
-	if (type == L2_UNALLOC || type == L2_ZERO_PLAIN || type == L2_ZERO_ALLOC) {
+	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
+	    type == L2_ZERO_ALLOC) {
 		r->pos = cend;		/* already reads as zeros */
 		return 0;
 	}
@@ -738,6 +864,23 @@ static int req_run(struct qcow2_req *r)
 		if (r->err)
 			return r->pending ? 0 : 1;
 		switch (r->alloc) {
+		case ALLOC_COW: {
+			struct req_aio *a;
+
+			if (r->sub_busy[0] || r->sub_busy[1])
+				return 0;
+			a = aio_get(r);
+			if (!a)
+				return 0;
+			ret = alloc_write(r, a);
+			if (ret < 0) {
+				r->alloc = ALLOC_NONE;
+				inflight_del(r);
+				if (r->a_new)
+					qcow2_free_clusters(r->img, r->a_host, r->a_nr);
+			}
+			goto progress;
+		}
 		case ALLOC_DATA:
 		case ALLOC_L2_ZERO:
 			return 0;
@@ -754,7 +897,7 @@ static int req_run(struct qcow2_req *r)
 			return r->pending ? 0 : 1;
 		switch (r->op) {
 		case QCOW2_OP_READ:
-			ret = read_piece(r);
+			ret = r->img->raw ? read_piece_raw(r) : read_piece(r);
 			break;
 		case QCOW2_OP_WRITE:
 			ret = write_piece(r, end);
@@ -819,6 +962,9 @@ void qcow2_req_free(struct qcow2_req *r)
 {
 	if (!r)
 		return;
+	qcow2_req_free(r->sub[0]);
+	qcow2_req_free(r->sub[1]);
+	free(r->cow);
 	free(r->cbuf);
 	free(r->dbuf);
 	free(r);

@@ -1,0 +1,424 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Creating an image: option validation, the layout of a fresh image and its
+ * preallocation. Knows only the on-disk format; writes through the I/O
+ * backend's blocking helpers and never opens the image as a struct qcow2.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define V3_HEADER_BYTES		112	/* 104 + compression type, padded (as QEMU) */
+#define FEATURE_ENTRY_BYTES	48
+#define MAX_BACKING_FMT		16	/* what header.c accepts */
+#define CHUNK_BYTES		(1u << 20)
+
+static const struct {
+	uint8_t type;		/* 0 incompatible, 1 compatible, 2 autoclear */
+	uint8_t bit;
+	const char *name;
+} feature_table[] = {
+	{ 0, 0, "dirty bit" },
+	{ 0, 1, "corrupt bit" },
+	{ 0, 2, "external data file" },
+	{ 0, 3, "compression type" },
+	{ 0, 4, "extended L2 entries" },
+	{ 1, 0, "lazy refcounts" },
+	{ 2, 0, "bitmaps" },
+	{ 2, 1, "raw external data" },
+};
+
+#define FEATURE_TABLE_BYTES	(sizeof(feature_table) / sizeof(feature_table[0]) * \
+				 FEATURE_ENTRY_BYTES)
+
+/*
+ * Where everything goes, in cluster units, in file order: header, refcount
+ * table, refcount blocks, L1 table, then (preallocation only) the L2 tables
+ * and the data clusters. Without preallocation this is QEMU's layout.
+ */
+struct layout {
+	uint32_t cluster_bits;
+	uint32_t refcount_order;
+	uint64_t l1_size;		/* entries */
+	uint64_t reftable_clusters;
+	uint64_t nb_refblocks;
+	uint64_t l1_clusters;
+	uint64_t nb_l2;
+	uint64_t nb_data;
+	uint64_t nb_clusters;		/* everything, all with refcount 1 */
+	uint64_t reftable_off, refblocks_off, l1_off, l2_off, data_off;
+};
+
+/*
+ * One on-disk table written in a single sweep: entry i (of 2^@order bits) is
+ * @base + i * @step for i < @nr_set and zero after that, up to @bytes.
+ */
+struct table {
+	uint64_t off;
+	uint64_t bytes;
+	uint32_t order;
+	uint64_t nr_set;
+	uint64_t base;
+	uint64_t step;
+};
+
+struct creator {
+	const char *path;
+	struct qcow2_io *io;
+	int fd;
+	uint8_t *hdr;			/* the header cluster, built before the file is opened */
+	uint8_t *buf;			/* CHUNK_BYTES or one cluster, whichever is larger */
+	size_t buf_bytes;
+	char *err;
+	size_t errlen;
+};
+
+static int create_error(struct creator *c, int ret, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static int create_error(struct creator *c, int ret, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	n = snprintf(c->err, c->errlen, "%s: ", c->path);
+	if (n < 0 || (size_t)n >= c->errlen)
+		return ret;
+	va_start(ap, fmt);
+	vsnprintf(c->err + n, c->errlen - n, fmt, ap);
+	va_end(ap);
+	return ret;
+}
+
+static uint64_t div_round_up(uint64_t a, uint64_t b)
+{
+	return a / b + (a % b != 0);
+}
+
+static int validate(struct creator *c, const struct qcow2_create_opts *o,
+		    uint32_t *cluster_bits, uint32_t *version, uint32_t *refcount_order)
+{
+	uint32_t rc_bits = o->refcount_bits ? o->refcount_bits : 16;
+
+	*cluster_bits = o->cluster_bits ? o->cluster_bits : 16;
+	*version = o->version ? o->version : 3;
+	if (*cluster_bits < QCOW2_MIN_CLUSTER_BITS || *cluster_bits > QCOW2_MAX_CLUSTER_BITS)
+		return create_error(c, -EINVAL,
+				    "cluster size must be a power of two between 512 and 2M");
+	if (rc_bits > 64 || (rc_bits & (rc_bits - 1)))
+		return create_error(c, -EINVAL,
+				    "refcount width must be a power of two and at most 64 bits");
+	*refcount_order = __builtin_ctz(rc_bits);
+	if (*version != 2 && *version != 3)
+		return create_error(c, -EINVAL, "unsupported compat level (use 0.10 or 1.1)");
+	if (*version == 2 && rc_bits != 16)
+		return create_error(c, -EINVAL,
+				    "refcount widths other than 16 bits need compat=1.1");
+	if (*version == 2 && o->lazy_refcounts)
+		return create_error(c, -EINVAL, "lazy refcounts need compat=1.1");
+	if (o->size % 512)
+		return create_error(c, -EINVAL, "image size must be a multiple of 512 bytes");
+	if (o->size > (1ull << 62))
+		return create_error(c, -EFBIG, "image size is too large");
+	if (o->backing_fmt && !o->backing_file)
+		return create_error(c, -EINVAL, "backing format given without a backing file");
+	if (o->backing_file && (!o->backing_file[0] ||
+				strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME))
+		return create_error(c, -EINVAL, "backing file name must be 1 to %d bytes",
+				    QCOW2_MAX_BACKING_NAME);
+	if (o->backing_fmt && (!o->backing_fmt[0] || strlen(o->backing_fmt) > MAX_BACKING_FMT))
+		return create_error(c, -EINVAL, "backing format name must be 1 to %d bytes",
+				    MAX_BACKING_FMT);
+	if (o->prealloc > QCOW2_PREALLOC_FULL)
+		return create_error(c, -EINVAL, "invalid preallocation mode");
+	return 0;
+}
+
+static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t l2_entries = cs / 8;
+	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
+	uint64_t fixed, rb = 0, rt = 0;
+
+	l->l1_size = div_round_up(o->size, cs * l2_entries);
+	if (l->l1_size * 8 > QCOW2_MAX_L1_BYTES)
+		return create_error(c, -EFBIG,
+				    "image size is too large for qcow2 (try a larger cluster size)");
+	l->l1_clusters = div_round_up(l->l1_size * 8, cs);
+	if (o->prealloc != QCOW2_PREALLOC_OFF) {
+		l->nb_data = div_round_up(o->size, cs);
+		l->nb_l2 = div_round_up(l->nb_data, l2_entries);
+	}
+
+	/* The refcount blocks count themselves and the table: iterate to a fixed point. */
+	fixed = 1 + l->l1_clusters + l->nb_l2 + l->nb_data;
+	for (;;) {
+		uint64_t nrb = div_round_up(fixed + rt + rb, rb_entries);
+		uint64_t nrt = div_round_up(nrb * 8, cs);
+
+		if (nrb == rb && nrt == rt)
+			break;
+		rb = nrb;
+		rt = nrt;
+	}
+	if (rt * cs > QCOW2_MAX_REFTABLE_BYTES)
+		return create_error(c, -EFBIG,
+				    "refcount table too large for this preallocation (try a larger cluster size)");
+	l->nb_refblocks = rb;
+	l->reftable_clusters = rt;
+	l->nb_clusters = fixed + rt + rb;
+	if (l->nb_clusters > (L2E_OFFSET_MASK >> l->cluster_bits))
+		return create_error(c, -EFBIG, "image size is too large for this preallocation");
+
+	l->reftable_off = cs;
+	l->refblocks_off = l->reftable_off + rt * cs;
+	l->l1_off = l->refblocks_off + rb * cs;
+	l->l2_off = l->l1_off + l->l1_clusters * cs;
+	l->data_off = l->l2_off + l->nb_l2 * cs;
+	return 0;
+}
+
+static uint32_t put_ext(uint8_t *buf, uint32_t off, uint32_t type, const void *data, uint32_t len)
+{
+	put_be32(buf + off, type);
+	put_be32(buf + off + 4, len);
+	memcpy(buf + off + 8, data, len);
+	return off + 8 + ((len + 7) & ~7u);
+}
+
+/*
+ * Lay out the header cluster into c->hdr. The feature name table is left
+ * out when it does not fit (as QEMU does with 512-byte clusters and a
+ * backing file); the rest must fit.
+ */
+static int build_header(struct creator *c, const struct qcow2_create_opts *o,
+			const struct layout *l, uint32_t version)
+{
+	uint32_t cs = 1u << l->cluster_bits;
+	uint32_t hdr = version == 2 ? QCOW2_V2_HEADER_LEN : V3_HEADER_BYTES;
+	size_t fmt_len = o->backing_fmt ? strlen(o->backing_fmt) : 0;
+	size_t name_len = o->backing_file ? strlen(o->backing_file) : 0;
+	size_t need = hdr + (fmt_len ? 8 + ((fmt_len + 7) & ~7ul) : 0) + 8 + name_len;
+	bool ftable = version >= 3 && need + 8 + FEATURE_TABLE_BYTES <= cs;
+	uint8_t *b = c->hdr;
+	uint32_t off;
+	size_t i;
+
+	if (need > cs)
+		return create_error(c, -EINVAL,
+				    "backing file name does not fit in a %u-byte header cluster", cs);
+	put_be32(b + 0, QCOW2_MAGIC);
+	put_be32(b + 4, version);
+	put_be32(b + 20, l->cluster_bits);
+	put_be64(b + 24, o->size);
+	put_be32(b + 36, l->l1_size);
+	put_be64(b + 40, l->l1_size ? l->l1_off : 0);
+	put_be64(b + 48, l->reftable_off);
+	put_be32(b + 56, l->reftable_clusters);
+	if (version >= 3) {
+		put_be64(b + 80, o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
+		put_be32(b + 96, l->refcount_order);
+		put_be32(b + 100, hdr);
+	}
+	off = hdr;
+	if (fmt_len)
+		off = put_ext(b, off, QCOW2_EXT_BACKING_FMT, o->backing_fmt, fmt_len);
+	if (ftable) {
+		put_be32(b + off, QCOW2_EXT_FEATURE_TABLE);
+		put_be32(b + off + 4, FEATURE_TABLE_BYTES);
+		off += 8;
+		for (i = 0; i < sizeof(feature_table) / sizeof(feature_table[0]); i++) {
+			b[off] = feature_table[i].type;
+			b[off + 1] = feature_table[i].bit;
+			memcpy(b + off + 2, feature_table[i].name, strlen(feature_table[i].name));
+			off += FEATURE_ENTRY_BYTES;
+		}
+	}
+	off += 8;		/* end of extensions: already zero */
+	if (name_len) {
+		put_be64(b + 8, off);
+		put_be32(b + 16, name_len);
+		memcpy(b + off, o->backing_file, name_len);
+	}
+	return 0;
+}
+
+static int write_buf(struct creator *c, const void *buf, size_t len, uint64_t off)
+{
+	int ret = qcow2_io_pwrite(c->io, c->fd, buf, len, off);
+
+	if (ret < 0)
+		return create_error(c, ret, "cannot write at offset %llu: %s",
+				    (unsigned long long)off, strerror(-ret));
+	return 0;
+}
+
+static int write_table(struct creator *c, const struct table *t)
+{
+	uint64_t done;
+
+	for (done = 0; done < t->bytes; done += c->buf_bytes) {
+		uint64_t len = t->bytes - done < c->buf_bytes ? t->bytes - done : c->buf_bytes;
+		uint64_t first = (done * 8) >> t->order;
+		uint64_t end = ((done + len) * 8) >> t->order;
+		uint64_t i;
+		int ret;
+
+		if (end > t->nr_set)
+			end = t->nr_set;
+		memset(c->buf, 0, len);
+		for (i = first; i < end; i++)
+			qcow2_rc_write(c->buf, i - first, t->order, t->base + i * t->step);
+		ret = write_buf(c, c->buf, len, t->off + done);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+static int write_metadata(struct creator *c, const struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	const struct table tables[] = {
+		{ l->reftable_off, l->reftable_clusters * cs, 6, l->nb_refblocks,
+		  l->refblocks_off, cs },
+		{ l->refblocks_off, l->nb_refblocks * cs, l->refcount_order, l->nb_clusters,
+		  1, 0 },
+		/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
+		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_off | QCOW2_OFLAG_COPIED, cs },
+		{ l->l2_off, l->nb_l2 * cs, 6, l->nb_data, l->data_off | QCOW2_OFLAG_COPIED, cs },
+	};
+	size_t i;
+	int ret;
+
+	for (i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
+		ret = write_table(c, &tables[i]);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+static int write_zeros(struct creator *c, uint64_t off, uint64_t len)
+{
+	int ret;
+
+	memset(c->buf, 0, c->buf_bytes);
+	while (len) {
+		size_t n = len < c->buf_bytes ? len : c->buf_bytes;
+
+		ret = write_buf(c, c->buf, n, off);
+		if (ret < 0)
+			return ret;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int preallocate_data(struct creator *c, const struct layout *l, enum qcow2_prealloc mode)
+{
+	uint64_t len = l->nb_data << l->cluster_bits;
+	uint64_t end = l->data_off + len;
+
+	if (mode == QCOW2_PREALLOC_FULL)
+		return write_zeros(c, l->data_off, len);
+	if (mode == QCOW2_PREALLOC_FALLOC && len) {
+		if (fallocate(c->fd, 0, l->data_off, len) == 0)
+			return 0;
+		/* No fallocate on this file system: reserve by writing, as glibc does. */
+		if (errno == EOPNOTSUPP)
+			return write_zeros(c, l->data_off, len);
+		return create_error(c, -errno, "cannot allocate %llu bytes: %s",
+				    (unsigned long long)len, strerror(errno));
+	}
+	if (ftruncate(c->fd, end) < 0)
+		return create_error(c, -errno, "cannot resize to %llu bytes: %s",
+				    (unsigned long long)end, strerror(errno));
+	return 0;
+}
+
+/* Open @path for writing, truncating it; *created tells whether it is new. */
+static int open_target(struct creator *c, bool *created)
+{
+	c->fd = open(c->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	*created = c->fd >= 0;
+	if (c->fd < 0 && errno == EEXIST)
+		c->fd = open(c->path, O_RDWR | O_TRUNC | O_CLOEXEC);
+	if (c->fd < 0)
+		return create_error(c, -errno, "cannot create: %s", strerror(errno));
+	return 0;
+}
+
+/**
+ * qcow2_create - write a new, empty image at @path
+ *
+ * Validates @opts (cluster size 512..2M, refcount width a power of two up
+ * to 64, compat 0.10 only with 16-bit refcounts and no lazy refcounts, size
+ * a multiple of 512) before touching the file, then creates or truncates
+ * @path and writes the metadata (and preallocated data) through @io, the
+ * header last, and syncs. A file this call created is removed on failure.
+ *
+ * Returns 0, or -errno with one line naming @path and the problem in @err.
+ */
+int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
+		 struct qcow2_io *io, char *err, size_t errlen)
+{
+	struct creator c = { .path = path, .io = io, .fd = -1, .err = err, .errlen = errlen };
+	struct layout l = { 0 };
+	uint32_t version;
+	bool created = false;
+	int ret;
+
+	if (errlen)
+		err[0] = '\0';
+	ret = validate(&c, opts, &l.cluster_bits, &version, &l.refcount_order);
+	if (ret < 0)
+		return ret;
+	ret = plan_layout(&c, opts, &l);
+	if (ret < 0)
+		return ret;
+	c.buf_bytes = (1u << l.cluster_bits) > CHUNK_BYTES ? 1u << l.cluster_bits : CHUNK_BYTES;
+	c.hdr = calloc(1, 1u << l.cluster_bits);
+	if (!c.hdr || posix_memalign((void **)&c.buf, 4096, c.buf_bytes)) {
+		ret = create_error(&c, -ENOMEM, "out of memory");
+		goto out_free;
+	}
+	/* Before the file is touched: a name that does not fit fails here. */
+	ret = build_header(&c, opts, &l, version);
+	if (ret < 0)
+		goto out_free;
+
+	ret = open_target(&c, &created);
+	if (ret < 0)
+		goto out_free;
+	ret = write_metadata(&c, &l);
+	if (ret < 0)
+		goto out_close;
+	if (opts->prealloc != QCOW2_PREALLOC_OFF) {
+		ret = preallocate_data(&c, &l, opts->prealloc);
+		if (ret < 0)
+			goto out_close;
+	}
+	/* The header goes last, so a failure above never leaves a valid-looking image. */
+	ret = write_buf(&c, c.hdr, 1u << l.cluster_bits, 0);
+	if (ret < 0)
+		goto out_close;
+	ret = qcow2_io_fsync(io, c.fd);
+	if (ret < 0)
+		ret = create_error(&c, ret, "cannot sync: %s", strerror(-ret));
+
+out_close:
+	if (close(c.fd) < 0 && !ret)
+		ret = create_error(&c, -errno, "cannot close: %s", strerror(errno));
+	if (ret < 0 && created)
+		unlink(path);
+out_free:
+	free(c.buf);
+	free(c.hdr);
+	return ret;
+}
