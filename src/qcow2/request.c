@@ -32,7 +32,9 @@ enum alloc_state {
 	ALLOC_COW,		/* reading what the write does not cover */
 	ALLOC_DATA,		/* cluster data being written */
 	ALLOC_LINK,		/* data written: set the L2 entries */
-	ALLOC_L2_ZERO,		/* new L2 table being zeroed */
+	ALLOC_L2_READ,		/* shared L2 table being read for its copy */
+	ALLOC_L2_COPY,		/* read: write the copy (from dbuf) */
+	ALLOC_L2_ZERO,		/* new L2 table being written */
 	ALLOC_L2_LINK,		/* zeroed: set the L1 entry */
 };
 
@@ -44,6 +46,8 @@ struct req_aio {
 	bool busy;
 	bool alloc;			/* completes the allocation in progress */
 	bool compressed;		/* cbuf: decompress, copy to dst */
+	bool cow;			/* a read the allocation waits for */
+	bool cow_copy;			/* dbuf holds the old cluster: cow_fill */
 	uint8_t *dst;
 	uint32_t dst_skip;
 };
@@ -70,8 +74,11 @@ struct qcow2_req {
 	uint64_t a_nr;			/* clusters */
 	bool a_new;			/* refcounts were raised for it */
 	uint64_t a_l1;			/* L1 index (L2 table allocation) */
+	uint64_t a_old_l2;		/* shared L2 table being copied, or 0 */
 
 	bool a_cow;			/* head/tail come from r->cow, not zeros */
+	unsigned int cow_pending;	/* COW reads in flight */
+	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
 	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily */
 	struct qcow2_req *sub[2];	/* reads from the backing image */
 	bool sub_busy[2];
@@ -102,6 +109,33 @@ static int l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64
 	else
 		*type = *host ? L2_NORMAL : L2_UNALLOC;
 	return 0;
+}
+
+/* Drop the reference L2 entry @e holds (after the next flush). 0 or -errno. */
+static int free_entry(struct qcow2 *img, uint64_t e)
+{
+	uint64_t host, coff, first, last;
+	enum l2_type type;
+	uint32_t clen;
+	int ret = l2_classify(img, e, &type, &host);
+
+	if (ret < 0)
+		return ret;
+	switch (type) {
+	case L2_NORMAL:
+	case L2_ZERO_ALLOC:
+		return qcow2_free_clusters(img, host, 1);
+	case L2_COMPRESSED:
+		ret = qcow2_compressed_locate(img, e, &coff, &clen);
+		if (ret < 0)
+			return ret;
+		/* Every host cluster the compressed bytes touch holds one reference. */
+		first = coff >> img->h.cluster_bits;
+		last = (coff + clen - 1) >> img->h.cluster_bits;
+		return qcow2_free_clusters(img, first << img->h.cluster_bits, last - first + 1);
+	default:
+		return 0;
+	}
 }
 
 /* The L2 table offset for guest offset @pos (0 if none). 0 or -EIO. */
@@ -196,6 +230,8 @@ out:
 
 /* ---- Data I/O ---------------------------------------------------------------- */
 
+static void cow_fill(struct qcow2_req *r, const uint8_t *old);
+
 static void aio_done(struct qcow2_aio *aio, int res)
 {
 	struct req_aio *a = (struct req_aio *)aio;
@@ -222,14 +258,21 @@ static void aio_done(struct qcow2_aio *aio, int res)
 			res = qcow2_decompress(r->img, r->cbuf, a->len, r->dbuf);
 			if (res < 0 && !r->err)
 				r->err = res;
+			else if (a->cow)
+				cow_fill(r, r->dbuf);
 			else
 				memcpy(a->dst, r->dbuf + a->dst_skip, a->iov[1].iov_len);
 		}
 	}
+	if (a->cow_copy && res >= 0)
+		cow_fill(r, r->dbuf);
+	if (a->cow)
+		r->cow_pending--;
 	a->busy = false;
 	r->pending--;
 	if (a->alloc && res >= 0)
-		r->alloc = r->alloc == ALLOC_DATA ? ALLOC_LINK : ALLOC_L2_LINK;
+		r->alloc = r->alloc == ALLOC_DATA ? ALLOC_LINK :
+			   r->alloc == ALLOC_L2_READ ? ALLOC_L2_COPY : ALLOC_L2_LINK;
 	req_step(r);
 }
 
@@ -256,6 +299,8 @@ static int aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op 
 	a->req = r;
 	a->alloc = alloc;
 	a->compressed = false;
+	a->cow = false;
+	a->cow_copy = false;
 	a->aio = (struct qcow2_aio){
 		.op = op, .fd = r->img->fd, .iov = a->iov, .iovcnt = iovcnt,
 		.off = host_off, .done = aio_done,
@@ -314,6 +359,8 @@ static void sub_done(struct qcow2_req *sub, int res, void *priv)
 
 	r->sub_busy[sub == r->sub[1]] = false;
 	r->pending--;
+	if (r->alloc == ALLOC_COW)
+		r->cow_pending--;
 	if (res < 0 && !r->err) {
 		r->err = res;
 		qcow2_error(r->img, res, "backing file: %s", qcow2_errmsg(sub->img));
@@ -348,6 +395,8 @@ static int backing_read(struct qcow2_req *r, uint8_t *dst, uint64_t off, uint64_
 	}
 	r->sub_busy[i] = true;
 	r->pending++;
+	if (r->alloc == ALLOC_COW)
+		r->cow_pending++;
 	qcow2_req_submit(r->sub[i], QCOW2_OP_READ, off, len, dst, sub_done, r);
 	return 0;
 }
@@ -389,7 +438,7 @@ static int req_cbufs(struct qcow2_req *r)
  * decompresses and copies @len bytes at the current offset into @dst.
  */
 static int read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
-			   uint8_t *dst, uint64_t len)
+			   uint8_t *dst, uint64_t len, bool cow)
 {
 	uint64_t coff;
 	uint32_t clen;
@@ -408,6 +457,9 @@ static int read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 	if (ret < 0)
 		return ret;
 	a->compressed = true;
+	a->cow = cow;
+	if (cow)
+		r->cow_pending++;
 	a->dst = dst;
 	a->dst_skip = r->pos & (r->img->cluster_size - 1);
 	a->iov[1].iov_len = len;	/* bytes to copy out */
@@ -446,7 +498,7 @@ static int read_piece(struct qcow2_req *r)
 			return ret;
 		break;
 	case L2_COMPRESSED:
-		ret = read_compressed(r, a, host, dst, run);
+		ret = read_compressed(r, a, host, dst, run, false);
 		if (ret < 0)
 			return ret;
 		break;
@@ -477,28 +529,43 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 		ret = qcow2_refcount_get(img, *l2_off >> img->h.cluster_bits, &r->wait, &rc);
 		if (ret < 0)
 			return ret;
-		if (rc != 1)
-			return qcow2_error(img, -ENOTSUP,
-					   "L2 table shared with a snapshot: not supported yet");
-		img->l1[i] |= QCOW2_OFLAG_COPIED;
-		img->l1_dirty = true;
-		return 0;
+		if (rc == 1) {
+			img->l1[i] |= QCOW2_OFLAG_COPIED;
+			img->l1_dirty = true;
+			return 0;
+		}
 	}
-	/* A new L2 table: zero a fresh cluster, then point L1 at it. */
+	/*
+	 * A new L2 table: zero a fresh cluster, then point L1 at it. A table
+	 * shared with a snapshot is copied the same way; its data clusters
+	 * keep their counts (both tables reference them).
+	 */
 	if (inflight_wait(r, i * qcow2_l2_span(img), qcow2_l2_span(img)))
 		return -EAGAIN;
 	a = aio_get(r);
 	if (!a)
 		return -EBUSY;
+	if (*l2_off) {
+		ret = req_cbufs(r);
+		if (ret < 0)
+			return ret;
+	}
 	ret = qcow2_alloc_clusters(img, 1, &r->wait, &host, &got);
 	if (ret < 0)
 		return ret;
 	inflight_add(r, i * qcow2_l2_span(img), qcow2_l2_span(img));
 	r->a_host = host;
 	r->a_l1 = i;
-	r->alloc = ALLOC_L2_ZERO;
-	a->iov[0] = (struct iovec){ .iov_base = img->zero_buf, .iov_len = img->cluster_size };
-	ret = aio_submit(r, a, QCOW2_AIO_WRITE, host, 1, true);
+	r->a_old_l2 = *l2_off;
+	if (*l2_off) {
+		r->alloc = ALLOC_L2_READ;
+		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = img->cluster_size };
+		ret = aio_submit(r, a, QCOW2_AIO_READ, *l2_off, 1, true);
+	} else {
+		r->alloc = ALLOC_L2_ZERO;
+		a->iov[0] = (struct iovec){ .iov_base = img->zero_buf, .iov_len = img->cluster_size };
+		ret = aio_submit(r, a, QCOW2_AIO_WRITE, host, 1, true);
+	}
 	if (ret < 0) {
 		r->alloc = ALLOC_NONE;
 		inflight_del(r);
@@ -508,12 +575,32 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 	return -EINPROGRESS;
 }
 
-static void l2_table_link(struct qcow2_req *r)
+/* The shared table is in dbuf: write the copy. 0 or -errno. */
+static int l2_table_copy(struct qcow2_req *r, struct req_aio *a)
+{
+	struct qcow2 *img = r->img;
+	int ret;
+
+	r->alloc = ALLOC_L2_ZERO;
+	a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = img->cluster_size };
+	ret = aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, 1, true);
+	if (ret < 0) {
+		r->alloc = ALLOC_NONE;
+		inflight_del(r);
+		qcow2_free_clusters(img, r->a_host, 1);
+	}
+	return ret;
+}
+
+static int l2_table_link(struct qcow2_req *r)
 {
 	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
 	r->img->l1_dirty = true;
 	r->alloc = ALLOC_NONE;
 	inflight_del(r);
+	if (!r->a_old_l2)
+		return 0;
+	return qcow2_free_clusters(r->img, r->a_old_l2, 1);
 }
 
 /* The bytes this request writes at guest @pos (the zero buffer for zeroes). */
@@ -569,14 +656,32 @@ static int alloc_link(struct qcow2_req *r)
 	r->alloc = ALLOC_NONE;
 	r->pos = r->a_end;
 	inflight_del(r);
-	return 0;
+	if (r->a_old) {
+		ret = free_entry(img, r->a_old);
+		r->a_old = 0;
+	}
+	return ret;
+}
+
+/* Copy the old bytes the write does not cover into the COW buffer. */
+static void cow_fill(struct qcow2_req *r, const uint8_t *old)
+{
+	uint64_t cs = r->img->cluster_size, head = r->pos - r->a_guest;
+	uint64_t in_last = r->a_end & (cs - 1);
+
+	memcpy(r->cow, old, head);
+	if (in_last)
+		memcpy(r->cow + cs + in_last, old + in_last, cs - in_last);
 }
 
 /*
- * A partial write over clusters the backing file shows through: read the
- * bytes before and after it from the chain, then write whole clusters.
+ * A partial write into clusters whose old content is not zeros: read the
+ * bytes before and after it (from the backing chain, from a shared cluster
+ * or by decompressing), then write whole clusters. @old_e is the old L2
+ * entry (one cluster only unless it is unallocated).
  */
-static int cow_start(struct qcow2_req *r)
+static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
+		     uint64_t old_e, uint64_t old_host)
 {
 	struct qcow2 *img = r->img;
 	uint64_t cs = img->cluster_size, head = r->pos - r->a_guest;
@@ -589,6 +694,22 @@ static int cow_start(struct qcow2_req *r)
 		return -ENOMEM;
 	r->a_cow = true;
 	r->alloc = ALLOC_COW;
+	if (type == L2_COMPRESSED)
+		return read_compressed(r, a, old_e, NULL, 0, true);
+	if (type == L2_NORMAL) {
+		/* A shared cluster: read it whole, keep what the write spares. */
+		ret = req_cbufs(r);
+		if (ret < 0)
+			return ret;
+		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = cs };
+		ret = aio_submit(r, a, QCOW2_AIO_READ, old_host, 1, false);
+		if (ret < 0)
+			return ret;
+		a->cow = true;
+		a->cow_copy = true;
+		r->cow_pending++;
+		return 0;
+	}
 	if (head) {
 		ret = backing_read(r, r->cow, r->a_guest, head);
 		if (ret < 0)
@@ -605,9 +726,11 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	struct qcow2 *img = r->img;
 	uint64_t l2_off, slice_off, idx, per_slice, host, e, rc;
 	uint64_t cstart = qcow2_cluster_off(img, r->pos), n, got, run_end;
+	uint64_t old_host;
 	struct qcow2_slice *s;
 	struct req_aio *a;
 	enum l2_type type, t;
+	bool shared, partial;
 	int ret;
 
 	a = aio_get(r);
@@ -632,16 +755,13 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 		ret = qcow2_refcount_get(img, host >> img->h.cluster_bits, &r->wait, &rc);
 		if (ret < 0)
 			goto out;
-		if (rc != 1) {
-			ret = qcow2_error(img, -ENOTSUP,
-					  "cluster shared with a snapshot: not supported yet");
-			goto out;
+		if (rc == 1) {
+			l2_set(s, idx, e | QCOW2_OFLAG_COPIED);
+			qcow2_cache_mark_dirty(s);
+			e |= QCOW2_OFLAG_COPIED;
 		}
-		l2_set(s, idx, e | QCOW2_OFLAG_COPIED);
-		qcow2_cache_mark_dirty(s);
-		e |= QCOW2_OFLAG_COPIED;
 	}
-	if (type == L2_NORMAL) {
+	if (type == L2_NORMAL && (e & QCOW2_OFLAG_COPIED)) {
 		/* Rewrite in place: extend over contiguous clusters we own. */
 		for (n = 1; idx + n < per_slice && cstart + n * img->cluster_size < end; n++) {
 			uint64_t en = l2_get(s, idx + n), hn;
@@ -660,15 +780,10 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 			r->pos = run_end;
 		goto out;
 	}
-	if (type == L2_COMPRESSED) {
-		ret = qcow2_error(img, -ENOTSUP, "compressed clusters are not supported yet");
-		goto out;
-	}
-	if (type == L2_ZERO_ALLOC && !(e & QCOW2_OFLAG_COPIED)) {
-		ret = qcow2_error(img, -ENOTSUP, "zero cluster shared with a snapshot: not supported yet");
-		goto out;
-	}
-	for (n = 1; type != L2_ZERO_ALLOC && idx + n < per_slice &&
+	/* Compressed or shared clusters: copy out into a fresh one. */
+	shared = type == L2_COMPRESSED || (type == L2_NORMAL && !(e & QCOW2_OFLAG_COPIED)) ||
+		 (type == L2_ZERO_ALLOC && !(e & QCOW2_OFLAG_COPIED));
+	for (n = 1; !shared && type != L2_ZERO_ALLOC && idx + n < per_slice &&
 	     cstart + n * img->cluster_size < end; n++) {
 		uint64_t hn;
 
@@ -677,11 +792,12 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	}
 	qcow2_cache_put(s);
 
-	if (type == L2_ZERO_ALLOC) {
+	old_host = host;
+	if (type == L2_ZERO_ALLOC && !shared) {
 		/* A preallocated zero cluster: write it whole in place. */
 		got = 1;
 	} else {
-		ret = qcow2_alloc_clusters(img, n, &r->wait, &host, &got);
+		ret = qcow2_alloc_clusters(img, shared ? 1 : n, &r->wait, &host, &got);
 		if (ret < 0)
 			return ret;
 	}
@@ -689,12 +805,14 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_guest = cstart;
 	r->a_host = host;
 	r->a_nr = got;
-	r->a_new = type != L2_ZERO_ALLOC;
+	r->a_new = shared || type != L2_ZERO_ALLOC;
+	r->a_old = shared ? e : 0;
 	r->a_end = cstart + got * img->cluster_size < end ? cstart + got * img->cluster_size : end;
 	r->a_cow = false;
-	if (type == L2_UNALLOC && img->backing &&
-	    (r->pos != cstart || (r->a_end & (img->cluster_size - 1)))) {
-		ret = cow_start(r);
+	partial = r->pos != cstart || (r->a_end & (img->cluster_size - 1));
+	if (partial && ((type == L2_UNALLOC && img->backing) || type == L2_COMPRESSED ||
+			type == L2_NORMAL)) {
+		ret = cow_start(r, a, type, e, old_host);
 		if (ret < 0)
 			goto fail;
 		return 0;
@@ -705,6 +823,7 @@ static int write_piece(struct qcow2_req *r, uint64_t end)
 	return 0;
 fail:
 	r->alloc = ALLOC_NONE;
+	r->a_old = 0;
 	inflight_del(r);
 	if (r->a_new)
 		qcow2_free_clusters(img, host, got);
@@ -759,10 +878,6 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 		ret = l2_classify(img, e, &type, &host);
 		if (ret < 0)
 			break;
-		if (type == L2_COMPRESSED) {
-			ret = qcow2_error(img, -ENOTSUP, "compressed clusters are not supported yet");
-			break;
-		}
 		if (type == L2_ZERO_PLAIN)
 			continue;
 		if (type == L2_UNALLOC) {
@@ -772,13 +887,8 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 			}
 			continue;
 		}
-		if (!(e & QCOW2_OFLAG_COPIED)) {
-			ret = qcow2_error(img, -ENOTSUP,
-					  "cluster shared with a snapshot: not supported yet");
-			break;
-		}
 		ne = img->h.version >= 3 ? L2E_ZERO : 0;
-		ret = qcow2_free_clusters(img, host, 1);
+		ret = free_entry(img, e);
 		if (ret < 0)
 			break;
 		l2_set(s, idx + i, ne);
@@ -867,7 +977,7 @@ static int req_run(struct qcow2_req *r)
 		case ALLOC_COW: {
 			struct req_aio *a;
 
-			if (r->sub_busy[0] || r->sub_busy[1])
+			if (r->cow_pending)
 				return 0;
 			a = aio_get(r);
 			if (!a)
@@ -882,14 +992,23 @@ static int req_run(struct qcow2_req *r)
 			goto progress;
 		}
 		case ALLOC_DATA:
+		case ALLOC_L2_READ:
 		case ALLOC_L2_ZERO:
 			return 0;
 		case ALLOC_LINK:
 			ret = alloc_link(r);
 			goto progress;
 		case ALLOC_L2_LINK:
-			l2_table_link(r);
-			continue;
+			ret = l2_table_link(r);
+			goto progress;
+		case ALLOC_L2_COPY: {
+			struct req_aio *a = aio_get(r);
+
+			if (!a)
+				return 0;
+			ret = l2_table_copy(r, a);
+			goto progress;
+		}
 		case ALLOC_NONE:
 			break;
 		}
