@@ -295,9 +295,9 @@ static uint32_t put_ext(uint8_t *buf, uint32_t off, uint32_t type, const void *d
 int qcow2_header_serialize(const struct qcow2 *img, uint8_t *buf, size_t len)
 {
 	const struct qcow2_header *h = &img->h;
-	size_t need = h->header_length + img->unknown_exts_len + 8 + 16 +
-		      (img->backing_fmt ? 8 + 24 : 0) +
-		      (img->data_file ? 8 + strlen(img->data_file) + 8 : 0) +
+	size_t need = h->header_length + img->unknown_exts_len + 8 +
+		      (img->backing_fmt ? 8 + ((strlen(img->backing_fmt) + 7) & ~7ul) : 0) +
+		      (img->data_file ? 8 + ((strlen(img->data_file) + 7) & ~7ul) : 0) +
 		      (img->backing_file ? strlen(img->backing_file) : 0);
 	uint32_t off;
 

@@ -115,7 +115,7 @@ static int l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64
 static int free_entry(struct qcow2 *img, uint64_t e)
 {
 	uint64_t host, coff, first, last;
-	enum l2_type type;
+	enum l2_type type = L2_UNALLOC;
 	uint32_t clen;
 	int ret = l2_classify(img, e, &type, &host);
 

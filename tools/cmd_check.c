@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: MIT
+/*
+ * check: runs the engine's consistency check (and repair) and reports the
+ * way qemu-img check does: the same sentences, JSON members and exit codes.
+ */
+#include <getopt.h>
+#include <string.h>
+
+#include "cmds.h"
+#include "util.h"
+
+/* qemu-img check's exit codes. */
+enum {
+	CHECK_CLEAN = 0,
+	CHECK_FAILED = 1,
+	CHECK_CORRUPT = 2,
+	CHECK_LEAKS = 3,
+	CHECK_UNSUPPORTED = 63,
+};
+
+static void check_usage(void)
+{
+	printf(
+		"usage: " UQ_PROG " check [-f FMT] [-r leaks|all] [--output=human|json] [-q] IMAGE\n"
+		"\n"
+		"Check IMAGE's metadata (opened read-only unless -r). Exit status, as\n"
+		"qemu-img: 0 no problem, 1 the check could not complete, 2 corruptions\n"
+		"found, 3 only leaked clusters found, 63 the format (raw) has no checks.\n"
+		"\n"
+		"  -f FMT          image format: qcow2 or raw (default: detected)\n"
+		"  -r leaks        repair leaked clusters\n"
+		"  -r all          repair leaks and errors\n"
+		"  --output=FMT    human (default) or json, as qemu-img check\n"
+		"  -q              print nothing but errors\n"
+		"  -h, --help      show this help\n");
+}
+
+/* Problems found go to stderr, one per line, as qemu-img prints them. */
+static void report_line(void *opaque, const char *line)
+{
+	(void)opaque;
+	fprintf(stderr, "%s\n", line);
+}
+
+static void print_human(const struct qcow2_check_result *r)
+{
+	if (!r->corruptions && !r->leaks && !r->check_errors) {
+		printf("No errors were found on the image.\n");
+	} else {
+		if (r->corruptions)
+			printf("\n%llu errors were found on the image.\n"
+			       "Data may be corrupted, or further writes to the image may corrupt it.\n",
+			       (unsigned long long)r->corruptions);
+		if (r->leaks)
+			printf("\n%llu leaked clusters were found on the image.\n"
+			       "This means waste of disk space, but no harm to data.\n",
+			       (unsigned long long)r->leaks);
+		if (r->check_errors)
+			printf("\n%llu internal errors have occurred during the check.\n",
+			       (unsigned long long)r->check_errors);
+	}
+	if (r->total_clusters && r->allocated_clusters)
+		printf("%llu/%llu = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
+		       (unsigned long long)r->allocated_clusters,
+		       (unsigned long long)r->total_clusters,
+		       r->allocated_clusters * 100.0 / r->total_clusters,
+		       r->fragmented_clusters * 100.0 / r->allocated_clusters,
+		       r->compressed_clusters * 100.0 / r->allocated_clusters);
+	if (r->image_end_offset)
+		printf("Image end offset: %llu\n", (unsigned long long)r->image_end_offset);
+}
+
+/* Members in QEMU's dictionary order; zero counts are left out as it does. */
+static void print_json(const struct qcow2_check_result *r, const char *filename)
+{
+	struct uq_json j = { .f = stdout };
+
+	uq_json_open(&j, NULL, '{');
+	if (r->image_end_offset)
+		uq_json_int(&j, "image-end-offset", r->image_end_offset);
+	if (r->compressed_clusters)
+		uq_json_int(&j, "compressed-clusters", r->compressed_clusters);
+	if (r->total_clusters)
+		uq_json_int(&j, "total-clusters", r->total_clusters);
+	if (r->corruptions)
+		uq_json_int(&j, "corruptions", r->corruptions);
+	if (r->corruptions_fixed)
+		uq_json_int(&j, "corruptions-fixed", r->corruptions_fixed);
+	uq_json_int(&j, "check-errors", r->check_errors);
+	if (r->leaks)
+		uq_json_int(&j, "leaks", r->leaks);
+	if (r->leaks_fixed)
+		uq_json_int(&j, "leaks-fixed", r->leaks_fixed);
+	if (r->allocated_clusters)
+		uq_json_int(&j, "allocated-clusters", r->allocated_clusters);
+	uq_json_string(&j, "filename", filename);
+	uq_json_string(&j, "format", "qcow2");
+	if (r->fragmented_clusters)
+		uq_json_int(&j, "fragmented-clusters", r->fragmented_clusters);
+	uq_json_close(&j, '}');
+}
+
+int cmd_check(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, 'O' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow2_check_result res;
+	const char *fmt = NULL, *path;
+	struct uq_image *img;
+	bool json = false, quiet = false;
+	int opt, ret, fix = 0;
+	char err[512];
+
+	while ((opt = getopt_long(argc, argv, ":f:r:qh", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'r':
+			if (!strcmp(optarg, "leaks")) {
+				fix = QCOW2_FIX_LEAKS;
+			} else if (!strcmp(optarg, "all")) {
+				fix = QCOW2_FIX_LEAKS | QCOW2_FIX_ERRORS;
+			} else {
+				uq_err("check: -r must be leaks or all");
+				return CHECK_FAILED;
+			}
+			break;
+		case 'O':
+			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
+				uq_err("check: --output must be human or json");
+				return CHECK_FAILED;
+			}
+			json = !strcmp(optarg, "json");
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'h':
+			check_usage();
+			return 0;
+		default:
+			return uq_usage_error("check", argv, opt);
+		}
+	}
+	if (argc - optind != 1)
+		return uq_usage_args("check", "one IMAGE");
+	path = argv[optind];
+	/* With -r, the check repairs a dirty image itself rather than open doing it. */
+	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING |
+			    (fix ? UQ_OPEN_NO_REPAIR : UQ_OPEN_RDONLY),
+			    err, sizeof(err));
+	if (ret < 0) {
+		uq_err("%s", err);
+		return CHECK_FAILED;
+	}
+	if (img->fmt != UQ_FMT_QCOW2) {
+		uq_err("%s: this image format does not support checks", path);
+		uq_image_close(img);
+		return CHECK_UNSUPPORTED;
+	}
+	ret = qcow2_check(img->qcow2, fix, &res, report_line, NULL);
+	if (ret < 0) {
+		if (qcow2_errmsg(img->qcow2)[0])
+			uq_err("%s", qcow2_errmsg(img->qcow2));
+		else
+			uq_err("%s: check failed: %s", path, strerror(-ret));
+		uq_image_close(img);
+		return CHECK_FAILED;
+	}
+	if (!json && !quiet && (res.corruptions_fixed || res.leaks_fixed))
+		printf("The following inconsistencies were found and repaired:\n\n"
+		       "    %llu leaked clusters\n    %llu corruptions\n\n"
+		       "Double checking the fixed image now...\n",
+		       (unsigned long long)res.leaks_fixed,
+		       (unsigned long long)res.corruptions_fixed);
+	if (json && !quiet)
+		print_json(&res, path);
+	else if (!quiet)
+		print_human(&res);
+
+	ret = uq_image_close(img);
+	if (res.check_errors) {
+		uq_err("%s: check failed", path);
+		return CHECK_FAILED;
+	}
+	if (ret < 0) {
+		uq_err("%s: cannot close: %s", path, strerror(-ret));
+		return CHECK_FAILED;
+	}
+	return res.corruptions ? CHECK_CORRUPT : res.leaks ? CHECK_LEAKS : CHECK_CLEAN;
+}

@@ -1,0 +1,391 @@
+// SPDX-License-Identifier: MIT
+/*
+ * convert: copy what an image (through its backing chain) shows into a new
+ * raw or qcow2 image. Block status decides what is read: unallocated and
+ * zero runs are skipped, and so are all-zero blocks of the data read, so
+ * the copy stays sparse.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cmds.h"
+#include "util.h"
+
+#define CHUNK_BYTES	(2u << 20)
+#define NR_SLOTS	8
+#define ZERO_BLOCK	4096u		/* qemu-img convert's default -S */
+
+static void convert_usage(void)
+{
+	printf(
+		"usage: " UQ_PROG " convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-o OPT=VAL,...]\n"
+		"                   SRC DST\n"
+		"\n"
+		"Copy SRC (with its backing chain) into DST, created anew (an existing\n"
+		"file is truncated). Unallocated and zero ranges are not written.\n"
+		"\n"
+		"  -f FMT          SRC's format: qcow2 or raw (default: detected)\n"
+		"  -O FMT          DST's format: raw (default) or qcow2\n"
+		"  -o OPTIONS      creation options for DST, as for create\n"
+		"  -c              compress DST (not supported yet)\n"
+		"  -p              show progress on stderr\n"
+		"  -q              quiet\n"
+		"  -h, --help      show this help\n");
+}
+
+enum slot_state {
+	SLOT_FREE,
+	SLOT_READING,
+	SLOT_READY,			/* data in @buf, some left to write */
+	SLOT_WRITING,
+};
+
+/* One chunk on its way: read from the source, then written in runs. */
+struct slot {
+	enum slot_state state;
+	uint8_t *buf;
+	uint64_t off, len;		/* the guest range in @buf */
+	uint64_t pos;			/* next guest byte to consider writing */
+	struct uq_image *img;		/* the image @req runs on */
+	struct qcow2_req *req;		/* NULL for raw files, done at once */
+	bool done;
+	int res;
+};
+
+struct convert {
+	struct uq_image *src, *dst;
+	struct qcow2_io *io;		/* shared by source and target */
+	struct slot slots[NR_SLOTS];
+	uint32_t zero_block;		/* skip all-zero blocks of this size */
+	bool progress;
+	int last_percent;
+};
+
+static void slot_done(struct qcow2_req *req, int res, void *priv)
+{
+	struct slot *s = priv;
+
+	(void)req;
+	s->res = res;
+	s->done = true;
+}
+
+/* Start @op for @s on @img (raw files complete before this returns). 0 or -errno. */
+static int slot_submit(struct slot *s, enum slot_state state, struct uq_image *img,
+		       enum qcow2_op op, uint8_t *buf, uint64_t len, uint64_t off)
+{
+	s->img = img;
+	s->done = false;
+	if (!img->qcow2) {
+		s->res = op == QCOW2_OP_READ ? uq_image_pread(img, buf, len, off)
+					     : uq_image_pwrite(img, buf, len, off);
+		s->done = true;
+	} else {
+		s->req = qcow2_req_new(img->qcow2);
+		if (!s->req)
+			return uq_image_fail(img, -ENOMEM);
+		qcow2_req_submit(s->req, op, off, len, buf, slot_done, s);
+	}
+	s->state = state;
+	return 0;
+}
+
+static bool all_zero(const uint8_t *p, size_t len)
+{
+	return !p[0] && !memcmp(p, p + 1, len - 1);
+}
+
+static uint64_t block_end(const struct convert *cv, const struct slot *s, uint64_t pos)
+{
+	uint64_t next = (pos / cv->zero_block + 1) * cv->zero_block;
+
+	return next < s->off + s->len ? next : s->off + s->len;
+}
+
+static bool block_zero(const struct convert *cv, const struct slot *s, uint64_t pos)
+{
+	return all_zero(s->buf + (pos - s->off), block_end(cv, s, pos) - pos);
+}
+
+/* The next run [*start, *end) of blocks of @s that are not all zeros. */
+static bool next_run(const struct convert *cv, struct slot *s, uint64_t *start, uint64_t *end)
+{
+	uint64_t pos = s->pos, stop = s->off + s->len;
+
+	while (pos < stop && block_zero(cv, s, pos))
+		pos = block_end(cv, s, pos);
+	*start = pos;
+	while (pos < stop && !block_zero(cv, s, pos))
+		pos = block_end(cv, s, pos);
+	*end = s->pos = pos;
+	return *start < *end;
+}
+
+/* Move @s on as far as it goes without waiting; *@moved if it did. 0 or -errno. */
+static int slot_advance(struct convert *cv, struct slot *s, bool *moved)
+{
+	uint64_t start, end;
+	int ret;
+
+	for (;;) {
+		switch (s->state) {
+		case SLOT_FREE:
+			return 0;
+		case SLOT_READING:
+		case SLOT_WRITING:
+			if (!s->done)
+				return 0;
+			*moved = true;
+			qcow2_req_free(s->req);
+			s->req = NULL;
+			if (s->res < 0)
+				return uq_image_fail(s->img, s->res);
+			s->state = SLOT_READY;
+			break;
+		case SLOT_READY:
+			if (!next_run(cv, s, &start, &end)) {
+				s->state = SLOT_FREE;
+				return 0;
+			}
+			ret = slot_submit(s, SLOT_WRITING, cv->dst, QCOW2_OP_WRITE,
+					  s->buf + (start - s->off), end - start, start);
+			if (ret < 0)
+				return ret;
+			break;
+		}
+	}
+}
+
+static void show_progress(struct convert *cv, uint64_t done, uint64_t total)
+{
+	int percent = total ? (int)(done * 100 / total) : 100;
+
+	if (!cv->progress || percent == cv->last_percent)
+		return;
+	cv->last_percent = percent;
+	fprintf(stderr, "    (%3.2f/100%%)\r", total ? done * 100.0 / total : 100.0);
+}
+
+/*
+ * Fill free slots with the next data the source shows, from *@off on:
+ * zero and unallocated runs are skipped here. 0 or -errno.
+ */
+static int fill_slots(struct convert *cv, uint64_t *off, bool *moved)
+{
+	uint64_t size = cv->src->size;
+	struct uq_status st;
+	int i, ret;
+
+	for (i = 0; i < NR_SLOTS && *off < size; i++) {
+		struct slot *s = &cv->slots[i];
+
+		while (s->state == SLOT_FREE && *off < size) {
+			uint64_t end = (*off / CHUNK_BYTES + 1) * CHUNK_BYTES;
+
+			ret = uq_image_status(cv->src, *off, (end < size ? end : size) - *off, &st);
+			if (ret < 0)
+				return ret;
+			if (st.data && !st.zero) {
+				s->off = s->pos = *off;
+				s->len = st.len;
+				ret = slot_submit(s, SLOT_READING, st.img, QCOW2_OP_READ, s->buf,
+						  st.len, *off);
+				if (ret < 0)
+					return ret;
+			}
+			*off += st.len;
+			*moved = true;
+			show_progress(cv, *off, size);
+		}
+	}
+	return 0;
+}
+
+/* Wait for the requests still in flight, after a failure. */
+static void drain(struct convert *cv)
+{
+	int i;
+
+	for (i = 0; i < NR_SLOTS; i++) {
+		struct slot *s = &cv->slots[i];
+
+		while (s->req && !s->done)
+			if (cv->io->wait(cv->io) < 0)
+				return;		/* the requests cannot be freed: leak them */
+		qcow2_req_free(s->req);
+		s->req = NULL;
+	}
+}
+
+/*
+ * Copy with up to NR_SLOTS chunks in flight: source reads and target writes
+ * overlap through the one io_uring both images share.
+ */
+static int copy(struct convert *cv)
+{
+	uint64_t off = 0;
+	bool moved, busy;
+	int i, ret;
+
+	show_progress(cv, 0, cv->src->size);
+	for (;;) {
+		moved = busy = false;
+		for (i = 0; i < NR_SLOTS; i++) {
+			ret = slot_advance(cv, &cv->slots[i], &moved);
+			if (ret < 0)
+				goto fail;
+		}
+		ret = fill_slots(cv, &off, &moved);
+		if (ret < 0)
+			goto fail;
+		for (i = 0; i < NR_SLOTS; i++)
+			busy |= cv->slots[i].state != SLOT_FREE;
+		if (!busy)
+			break;
+		if (moved)
+			continue;
+		ret = cv->io->wait(cv->io);
+		if (ret == -EAGAIN)
+			ret = uq_image_fail(cv->dst, -EIO);	/* nothing in flight: stalled */
+		if (ret < 0)
+			goto fail;
+	}
+	if (cv->progress)
+		fprintf(stderr, "\n");
+	return uq_image_flush(cv->dst);
+
+fail:
+	drain(cv);
+	return ret;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct convert cv = { .last_percent = -1 };
+	struct uq_create c = { .fmt = UQ_FMT_RAW };
+	const char *src_fmt = NULL, *dst_fmt = "raw", *src_path, *dst_path;
+	bool compress = false, existed;
+	char *lists[16], err[512];
+	uint8_t *bufs;
+	int nr_lists = 0, i, opt, ret, status = 1;
+	struct stat sb;
+
+	while ((opt = getopt_long(argc, argv, ":f:O:o:cpqh", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'f':
+			src_fmt = optarg;
+			break;
+		case 'O':
+			dst_fmt = optarg;
+			break;
+		case 'o':
+			if (nr_lists == (int)(sizeof(lists) / sizeof(lists[0]))) {
+				uq_err("convert: too many -o options");
+				return 1;
+			}
+			lists[nr_lists++] = optarg;
+			break;
+		case 'c':
+			compress = true;
+			break;
+		case 'p':
+			cv.progress = true;
+			break;
+		case 'q':
+			cv.progress = false;
+			break;
+		case 'h':
+			convert_usage();
+			return 0;
+		default:
+			return uq_usage_error("convert", argv, opt);
+		}
+	}
+	if (argc - optind != 2)
+		return uq_usage_args("convert", "SRC and DST");
+	src_path = argv[optind];
+	dst_path = argv[optind + 1];
+	if (uq_fmt_parse(dst_fmt, &c.fmt) < 0) {
+		uq_err("%s: unsupported format '%s' (use raw or qcow2)", dst_path, dst_fmt);
+		return 1;
+	}
+	if (compress) {
+		uq_err("%s: compression not supported yet", dst_path);
+		return 1;
+	}
+	for (i = 0; i < nr_lists; i++) {
+		ret = uq_create_parse(&c, dst_path, lists[i]);
+		if (ret)
+			return ret > 0 ? 0 : 1;
+	}
+	if (c.o.backing_file) {
+		uq_err("%s: convert does not give the new image a backing file", dst_path);
+		return 1;
+	}
+
+	cv.io = qcow2_uring_new(64);
+	if (!cv.io) {
+		uq_err("%s: cannot set up io_uring", src_path);
+		return 1;
+	}
+	ret = uq_image_open_io(&cv.src, src_path, src_fmt, UQ_OPEN_RDONLY | UQ_OPEN_CHAIN,
+			       cv.io, err, sizeof(err));
+	if (ret < 0) {
+		uq_err("%s", err);
+		goto out_io;
+	}
+	c.o.size = cv.src->size;
+	c.size_set = true;
+	existed = stat(dst_path, &sb) == 0;
+	if (uq_create_image(dst_path, &c) < 0)
+		goto out_src;
+	ret = uq_image_open_io(&cv.dst, dst_path, uq_fmt_name(c.fmt), UQ_OPEN_NO_BACKING, cv.io,
+			       err, sizeof(err));
+	if (ret < 0) {
+		uq_err("%s", err);
+		goto out_remove;
+	}
+	/* A qcow2 target allocates whole clusters: only skip whole zero clusters. */
+	cv.zero_block = ZERO_BLOCK;
+	if (cv.dst->qcow2) {
+		struct qcow2_info info;
+
+		qcow2_get_info(cv.dst->qcow2, &info);
+		if ((1u << info.cluster_bits) > ZERO_BLOCK)
+			cv.zero_block = 1u << info.cluster_bits;
+	}
+	if (posix_memalign((void **)&bufs, 4096, (size_t)NR_SLOTS * CHUNK_BYTES)) {
+		uq_err("%s: out of memory", dst_path);
+		goto out_dst;
+	}
+	for (i = 0; i < NR_SLOTS; i++)
+		cv.slots[i].buf = bufs + (size_t)i * CHUNK_BYTES;
+	ret = copy(&cv);
+	if (ret < 0)
+		uq_err("%s", uq_image_errmsg());
+	else
+		status = 0;
+	free(bufs);
+out_dst:
+	ret = uq_image_close(cv.dst);
+	if (ret < 0 && !status) {
+		uq_err("%s: cannot write back: %s", dst_path, strerror(-ret));
+		status = 1;
+	}
+out_remove:
+	if (status && !existed)
+		unlink(dst_path);
+out_src:
+	uq_image_close(cv.src);
+out_io:
+	qcow2_uring_free(cv.io);
+	return status;
+}

@@ -1,0 +1,338 @@
+// SPDX-License-Identifier: MIT
+/*
+ * io: a qemu-io subset (read, write, discard, flush) with qemu-io's output
+ * lines, run from -c arguments or a command file. Unlike qemu-io, any
+ * failed command makes the exit status nonzero.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cmds.h"
+#include "util.h"
+
+#define MAX_WORDS	16
+#define DEFAULT_PATTERN	0xcd		/* qemu-io's write pattern */
+
+static void io_usage(void)
+{
+	printf(
+		"usage: " UQ_PROG " io [-r] [-f FMT] IMAGE [-c CMD]... [-C FILE]...\n"
+		"\n"
+		"Run commands on IMAGE (opened read-write unless -r), in order:\n"
+		"  read [-P PAT] [-q] OFF LEN      read; with -P check every byte is PAT\n"
+		"  write [-P PAT] [-z] [-q] OFF LEN write PAT (default 0xcd), -z zeroes\n"
+		"  discard [-q] OFF LEN            discard\n"
+		"  flush                           write back and sync\n"
+		"OFF and LEN take k, M, G, T suffixes; output lines are qemu-io's.\n"
+		"The exit status is 1 if any command failed (qemu-io may exit 0).\n"
+		"\n"
+		"  -c CMD          run CMD\n"
+		"  -C FILE         run FILE's commands, one a line ('#' starts a comment)\n"
+		"  -f FMT          image format: qcow2 or raw (default: detected)\n"
+		"  -r              open read-only\n"
+		"  -h, --help      show this help\n");
+}
+
+struct io_cmd {
+	const char *name;
+	int nr_args;			/* positional arguments */
+	const char *flags;		/* accepted single-letter flags; 'P' takes a value */
+};
+
+static const struct io_cmd io_cmds[] = {
+	{ "read", 2, "Pq" },
+	{ "write", 2, "Pzq" },
+	{ "discard", 2, "q" },
+	{ "flush", 0, "" },
+};
+
+struct io_args {
+	const struct io_cmd *cmd;
+	bool quiet, zero, has_pattern;
+	uint8_t pattern;
+	uint64_t off, len;
+};
+
+/* qemu-io's cvtstr: "128 KiB", "11.927 MiB". */
+static void cvtstr(double v, char *buf, size_t len)
+{
+	static const char *const units[] = { " bytes", " KiB", " MiB", " GiB", " TiB",
+					     " PiB", " EiB" };
+	char *trim;
+	int i = 0;
+
+	while (i < 6 && v >= 1024.0) {
+		v /= 1024.0;
+		i++;
+	}
+	snprintf(buf, len - 8, "%.3f", v);
+	trim = strstr(buf, ".000");
+	if (trim)
+		*trim = '\0';
+	strcat(buf, units[i]);
+}
+
+static void print_report(const char *op, const struct io_args *a, const struct timespec *t0)
+{
+	struct timespec t1;
+	char total[64], rate[64], ts[64];
+	double secs;
+
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	secs = (t1.tv_sec - t0->tv_sec) + (t1.tv_nsec - t0->tv_nsec) / 1e9;
+	if (secs <= 0)
+		secs = 1e-9;
+	if (secs < 1)
+		snprintf(ts, sizeof(ts), "%05.2f sec", secs);
+	else
+		snprintf(ts, sizeof(ts), "%u:%02u:%05.2f", (unsigned int)(secs / 3600),
+			 (unsigned int)(secs / 60) % 60, secs - 60 * (unsigned int)(secs / 60));
+	cvtstr((double)a->len, total, sizeof(total));
+	cvtstr(a->len / secs, rate, sizeof(rate));
+	printf("%s %llu/%llu bytes at offset %llu\n", op, (unsigned long long)a->len,
+	       (unsigned long long)a->len, (unsigned long long)a->off);
+	printf("%s, 1 ops; %s (%s/sec and %.4f ops/sec)\n", total, ts, rate, 1 / secs);
+}
+
+static int parse_args(char **words, int nr, struct io_args *a)
+{
+	const struct io_cmd *cmd = NULL;
+	uint64_t pos[2];
+	int i, npos = 0;
+	size_t k;
+
+	for (k = 0; k < sizeof(io_cmds) / sizeof(io_cmds[0]); k++)
+		if (!strcmp(words[0], io_cmds[k].name))
+			cmd = &io_cmds[k];
+	if (!cmd) {
+		uq_err("io: unknown command '%s'", words[0]);
+		return -EINVAL;
+	}
+	memset(a, 0, sizeof(*a));
+	a->cmd = cmd;
+	a->pattern = DEFAULT_PATTERN;
+	for (i = 1; i < nr; i++) {
+		const char *w = words[i], *f;
+
+		if (w[0] != '-' || !w[1]) {
+			if (npos == cmd->nr_args || uq_parse_size(w, &pos[npos]) < 0) {
+				uq_err("io: %s: bad argument '%s'", cmd->name, w);
+				return -EINVAL;
+			}
+			npos++;
+			continue;
+		}
+		for (f = w + 1; *f; f++) {
+			unsigned long v;
+			char *end;
+
+			if (!strchr(cmd->flags, *f)) {
+				uq_err("io: %s: unknown option '-%c'", cmd->name, *f);
+				return -EINVAL;
+			}
+			if (*f == 'q') {
+				a->quiet = true;
+			} else if (*f == 'z') {
+				a->zero = true;
+			} else {
+				/* -P PAT: the value is the next word. */
+				if (f[1] || i + 1 == nr) {
+					uq_err("io: %s: -P needs a pattern", cmd->name);
+					return -EINVAL;
+				}
+				v = strtoul(words[++i], &end, 0);
+				if (*end || v > 255) {
+					uq_err("io: %s: bad pattern '%s'", cmd->name, words[i]);
+					return -EINVAL;
+				}
+				a->pattern = v;
+				a->has_pattern = true;
+			}
+		}
+	}
+	if (npos != cmd->nr_args) {
+		uq_err("io: %s needs %s", cmd->name, cmd->nr_args ? "OFF LEN" : "no arguments");
+		return -EINVAL;
+	}
+	if (a->zero && a->has_pattern) {
+		uq_err("io: write: -z and -P exclude each other");
+		return -EINVAL;
+	}
+	if (npos) {
+		a->off = pos[0];
+		a->len = pos[1];
+	}
+	return 0;
+}
+
+static int verify_pattern(const uint8_t *buf, const struct io_args *a)
+{
+	uint64_t i;
+
+	for (i = 0; i < a->len; i++) {
+		if (buf[i] != a->pattern) {
+			printf("Pattern verification failed at offset %llu, %llu bytes\n",
+			       (unsigned long long)a->off, (unsigned long long)a->len);
+			return -EIO;
+		}
+	}
+	return 0;
+}
+
+/* 0, 1 when a read did not match its pattern (reported already), or -errno. */
+static int run_data_cmd(struct uq_image *img, const struct io_args *a, struct timespec *t0)
+{
+	const char *op = a->cmd->name;
+	uint8_t *buf = NULL;
+	int ret;
+
+	if (!strcmp(op, "discard"))
+		return uq_image_discard(img, a->len, a->off);
+	if (!strcmp(op, "write") && a->zero)
+		return uq_image_write_zeroes(img, a->len, a->off);
+	buf = malloc(a->len ? a->len : 1);
+	if (!buf) {
+		uq_err("io: %s: cannot allocate %llu bytes", op, (unsigned long long)a->len);
+		return -ENOMEM;
+	}
+	if (!strcmp(op, "write")) {
+		memset(buf, a->pattern, a->len);
+		clock_gettime(CLOCK_MONOTONIC, t0);
+		ret = uq_image_pwrite(img, buf, a->len, a->off);
+	} else {
+		ret = uq_image_pread(img, buf, a->len, a->off);
+		if (!ret && a->has_pattern && verify_pattern(buf, a) < 0)
+			ret = 1;
+	}
+	free(buf);
+	return ret;
+}
+
+/* Run one command line (modified in place). 0, or -1 when it failed. */
+static int run_line(struct uq_image *img, char *line)
+{
+	char *words[MAX_WORDS + 1], *save = NULL, *w;
+	struct timespec t0;
+	struct io_args a;
+	int nr = 0, ret;
+
+	for (w = strtok_r(line, " \t\r\n", &save); w; w = strtok_r(NULL, " \t\r\n", &save)) {
+		if (nr == MAX_WORDS) {
+			uq_err("io: command too long");
+			return -1;
+		}
+		words[nr++] = w;
+	}
+	if (!nr || words[0][0] == '#')
+		return 0;
+	if (parse_args(words, nr, &a) < 0)
+		return -1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (!strcmp(a.cmd->name, "flush"))
+		ret = uq_image_flush(img);
+	else
+		ret = run_data_cmd(img, &a, &t0);
+	if (ret < 0) {
+		if (ret != -ENOMEM)
+			uq_err("%s", uq_image_errmsg());
+		return -1;
+	}
+	/* Like qemu-io, a read that fails verification still reports. */
+	if (!a.quiet && strcmp(a.cmd->name, "flush"))
+		print_report(!strcmp(a.cmd->name, "write") ? "wrote" : a.cmd->name, &a, &t0);
+	return ret ? -1 : 0;
+}
+
+static int run_file(struct uq_image *img, const char *path)
+{
+	FILE *f = fopen(path, "r");
+	char *line = NULL;
+	size_t cap = 0;
+	int failed = 0;
+
+	if (!f) {
+		uq_err("%s: cannot open: %s", path, strerror(errno));
+		return -1;
+	}
+	while (getline(&line, &cap, f) >= 0)
+		if (run_line(img, line) < 0)
+			failed = -1;
+	free(line);
+	fclose(f);
+	return failed;
+}
+
+struct io_step {
+	bool file;			/* -C FILE, else -c CMD */
+	char *arg;
+};
+
+int cmd_io(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct io_step *steps;
+	struct uq_image *img;
+	const char *fmt = NULL;
+	bool read_only = false;
+	int opt, ret, i, nr_steps = 0, status = 1;
+	char err[512];
+
+	/* -c and -C run in command line order. */
+	steps = calloc(argc, sizeof(*steps));
+	if (!steps) {
+		uq_err("io: out of memory");
+		return 1;
+	}
+	while ((opt = getopt_long(argc, argv, ":c:C:f:rh", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'c':
+		case 'C':
+			steps[nr_steps].file = opt == 'C';
+			steps[nr_steps++].arg = optarg;
+			break;
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'r':
+			read_only = true;
+			break;
+		case 'h':
+			io_usage();
+			status = 0;
+			goto out;
+		default:
+			uq_usage_error("io", argv, opt);
+			goto out;
+		}
+	}
+	if (argc - optind != 1) {
+		uq_usage_args("io", "one IMAGE");
+		goto out;
+	}
+	ret = uq_image_open(&img, argv[optind], fmt, read_only ? UQ_OPEN_RDONLY : 0,
+			    err, sizeof(err));
+	if (ret < 0) {
+		uq_err("%s", err);
+		goto out;
+	}
+	status = 0;
+	for (i = 0; i < nr_steps; i++) {
+		ret = steps[i].file ? run_file(img, steps[i].arg) : run_line(img, steps[i].arg);
+		if (ret < 0)
+			status = 1;
+	}
+	ret = uq_image_close(img);
+	if (ret < 0) {
+		uq_err("%s: cannot write back: %s", argv[optind], strerror(-ret));
+		status = 1;
+	}
+out:
+	free(steps);
+	return status;
+}

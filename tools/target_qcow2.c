@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The glue between the ublk data plane and the qcow2 engine: an engine I/O
+ * backend (struct qcow2_io) that puts image I/O on the calling queue
+ * thread's io_uring, and the target ops that turn ublk requests into engine
+ * requests. The only file that knows both ublk.h and qcow2.h.
+ *
+ * Threads: the engine is not thread-safe, so every entry into it (request
+ * submission, I/O completion callbacks) holds img_lock. A request of queue A
+ * may finish on queue B's thread (its parked continuation ran there); since
+ * only A's thread may send A's IO commands, B posts it in A's mailbox and
+ * wakes A, which commits it.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2.h"
+#include "target_qcow2.h"
+
+struct tq_tag {
+	struct qcow2_req *req;
+	struct ublk_queue *q;		/* owner: the queue the request came from */
+	unsigned int tag;
+	int res;			/* committed result */
+	bool fua;			/* a FLUSH must follow the WRITE */
+	struct tq_tag *next;		/* mailbox link */
+};
+
+struct tq_mailbox {
+	pthread_mutex_t lock;
+	struct tq_tag *head, *tail;
+};
+
+struct tq {
+	struct qcow2_io io;		/* the backend the engine sees */
+	struct qcow2_io *boot_io;	/* outside queue threads: open, close */
+	struct qcow2 *img;
+	pthread_mutex_t img_lock;
+	unsigned int nr_queues, depth;
+	struct tq_mailbox *boxes;	/* one per queue */
+	struct tq_tag *tags;		/* nr_queues * depth */
+};
+
+/* ---- The engine's I/O backend -------------------------------------------- */
+
+static int tq_io_submit(struct qcow2_io *io, struct qcow2_aio *aio)
+{
+	struct tq *t = (struct tq *)io;
+	struct ublk_queue *q = ublk_queue_self();
+	struct io_uring_sqe *sqe;
+
+	if (!q)
+		return t->boot_io->submit(t->boot_io, aio);
+	sqe = ublk_queue_sqe(q);
+	if (!sqe)
+		return -EBUSY;
+	switch (aio->op) {
+	case QCOW2_AIO_READ:
+		if (aio->iovcnt == 1)
+			io_uring_prep_read(sqe, aio->fd, aio->iov[0].iov_base,
+					   aio->iov[0].iov_len, aio->off);
+		else
+			io_uring_prep_readv(sqe, aio->fd, aio->iov, aio->iovcnt, aio->off);
+		break;
+	case QCOW2_AIO_WRITE:
+		if (aio->iovcnt == 1)
+			io_uring_prep_write(sqe, aio->fd, aio->iov[0].iov_base,
+					    aio->iov[0].iov_len, aio->off);
+		else
+			io_uring_prep_writev(sqe, aio->fd, aio->iov, aio->iovcnt, aio->off);
+		break;
+	case QCOW2_AIO_FSYNC:
+		io_uring_prep_fsync(sqe, aio->fd, IORING_FSYNC_DATASYNC);
+		break;
+	}
+	ublk_queue_sqe_tgt(q, sqe, (uint64_t)(uintptr_t)aio);
+	return 0;
+}
+
+static int tq_io_wait(struct qcow2_io *io)
+{
+	struct tq *t = (struct tq *)io;
+
+	/* Queue threads never block in the engine: their loop reaps for it. */
+	if (ublk_queue_self())
+		return -EDEADLK;
+	return t->boot_io->wait(t->boot_io);
+}
+
+/* ---- Completing requests on their own queue -------------------------------- */
+
+static int tq_result(struct ublk_queue *q, unsigned int tag, int res)
+{
+	unsigned int op = ublksrv_get_op(ublk_queue_iod(q, tag));
+
+	if (res < 0)
+		return res;
+	if (op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE)
+		return (int)(ublk_queue_iod(q, tag)->nr_sectors << 9);
+	return 0;
+}
+
+/* Engine callback, img_lock held, on whichever queue thread ran the engine. */
+static void tq_req_done(struct qcow2_req *req, int res, void *priv)
+{
+	struct tq_tag *tt = priv;
+	struct tq *t = ublk_queue_tgt(tt->q)->priv;
+	struct tq_mailbox *box;
+
+	if (res == 0 && tt->fua) {
+		tt->fua = false;
+		qcow2_req_submit(req, QCOW2_OP_FLUSH, 0, 0, NULL, tq_req_done, tt);
+		return;
+	}
+	tt->res = tq_result(tt->q, tt->tag, res);
+	if (tt->q == ublk_queue_self()) {
+		ublk_queue_complete(tt->q, tt->tag, tt->res);
+		return;
+	}
+	box = &t->boxes[ublk_queue_id(tt->q)];
+	pthread_mutex_lock(&box->lock);
+	tt->next = NULL;
+	if (box->tail)
+		box->tail->next = tt;
+	else
+		box->head = tt;
+	box->tail = tt;
+	pthread_mutex_unlock(&box->lock);
+	ublk_queue_wake(tt->q);
+}
+
+static void tq_wake(struct ublk_queue *q)
+{
+	struct tq *t = ublk_queue_tgt(q)->priv;
+	struct tq_mailbox *box = &t->boxes[ublk_queue_id(q)];
+	struct tq_tag *tt;
+
+	pthread_mutex_lock(&box->lock);
+	tt = box->head;
+	box->head = box->tail = NULL;
+	pthread_mutex_unlock(&box->lock);
+	while (tt) {
+		struct tq_tag *next = tt->next;
+
+		ublk_queue_complete(q, tt->tag, tt->res);
+		tt = next;
+	}
+}
+
+/* ---- Target ops -------------------------------------------------------------- */
+
+static void tq_queue_io(struct ublk_queue *q, unsigned int tag)
+{
+	struct tq *t = ublk_queue_tgt(q)->priv;
+	struct tq_tag *tt = &t->tags[ublk_queue_id(q) * t->depth + tag];
+	const struct ublksrv_io_desc *iod = ublk_queue_iod(q, tag);
+	uint64_t off = iod->start_sector << 9;
+	uint64_t len = (uint64_t)iod->nr_sectors << 9;
+	enum qcow2_op op;
+
+	tt->q = q;
+	tt->tag = tag;
+	tt->fua = false;
+	switch (ublksrv_get_op(iod)) {
+	case UBLK_IO_OP_READ:
+		op = QCOW2_OP_READ;
+		break;
+	case UBLK_IO_OP_WRITE:
+		op = QCOW2_OP_WRITE;
+		tt->fua = ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8);
+		break;
+	case UBLK_IO_OP_FLUSH:
+		op = QCOW2_OP_FLUSH;
+		off = len = 0;
+		break;
+	case UBLK_IO_OP_DISCARD:
+		op = QCOW2_OP_DISCARD;
+		break;
+	case UBLK_IO_OP_WRITE_ZEROES:
+		op = QCOW2_OP_WRITE_ZEROES;
+		break;
+	default:
+		ublk_queue_complete(q, tag, -EOPNOTSUPP);
+		return;
+	}
+	pthread_mutex_lock(&t->img_lock);
+	qcow2_req_submit(tt->req, op, off, len, ublk_queue_buf(q, tag), tq_req_done, tt);
+	pthread_mutex_unlock(&t->img_lock);
+}
+
+static void tq_io_done(struct ublk_queue *q, uint64_t data, int res)
+{
+	struct tq *t = ublk_queue_tgt(q)->priv;
+	struct qcow2_aio *aio = (struct qcow2_aio *)(uintptr_t)data;
+
+	pthread_mutex_lock(&t->img_lock);
+	aio->done(aio, res);
+	pthread_mutex_unlock(&t->img_lock);
+}
+
+static void tq_free(struct tq *t)
+{
+	unsigned int i;
+
+	if (t->tags)
+		for (i = 0; i < t->nr_queues * t->depth; i++)
+			qcow2_req_free(t->tags[i].req);
+	if (t->boxes)
+		for (i = 0; i < t->nr_queues; i++)
+			pthread_mutex_destroy(&t->boxes[i].lock);
+	free(t->tags);
+	free(t->boxes);
+	pthread_mutex_destroy(&t->img_lock);
+	qcow2_uring_free(t->boot_io);
+	free(t);
+}
+
+static int tq_open(struct tq *t, struct ublk_tgt *tgt, const struct ublk_dev_cfg *cfg)
+{
+	const struct uq_qcow2_opts *o = tgt->opts;
+	struct qcow2_opts opts = {
+		.read_only = cfg->read_only,
+		.direct = true,
+		.l2_cache_bytes = o ? o->cache_bytes : 0,
+	};
+	int ret;
+
+	ret = qcow2_open(&t->img, tgt->path, &opts, &t->io, tgt->err, sizeof(tgt->err));
+	if (ret == -EINVAL) {
+		/* The file system may refuse O_DIRECT: buffered I/O then. */
+		opts.direct = false;
+		ret = qcow2_open(&t->img, tgt->path, &opts, &t->io, tgt->err, sizeof(tgt->err));
+	}
+	return ret;
+}
+
+static int tq_init(struct ublk_tgt *tgt, const struct ublk_dev_cfg *cfg)
+{
+	struct qcow2_info info;
+	struct tq *t;
+	unsigned int i;
+	int ret;
+
+	t = calloc(1, sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	pthread_mutex_init(&t->img_lock, NULL);
+	t->io.submit = tq_io_submit;
+	t->io.wait = tq_io_wait;
+	t->nr_queues = cfg->nr_queues;
+	t->depth = cfg->depth;
+	t->boot_io = qcow2_uring_new(64);
+	if (!t->boot_io) {
+		ret = -errno;
+		snprintf(tgt->err, sizeof(tgt->err), "io_uring: %s", strerror(errno));
+		goto err_free;
+	}
+	ret = tq_open(t, tgt, cfg);
+	if (ret)
+		goto err_free;
+
+	ret = -ENOMEM;
+	t->boxes = calloc(t->nr_queues, sizeof(*t->boxes));
+	t->tags = calloc((size_t)t->nr_queues * t->depth, sizeof(*t->tags));
+	if (!t->boxes || !t->tags)
+		goto err_close;
+	for (i = 0; i < t->nr_queues; i++)
+		pthread_mutex_init(&t->boxes[i].lock, NULL);
+	for (i = 0; i < t->nr_queues * t->depth; i++) {
+		t->tags[i].req = qcow2_req_new(t->img);
+		if (!t->tags[i].req)
+			goto err_close;
+	}
+
+	qcow2_get_info(t->img, &info);
+	tgt->priv = t;
+	tgt->dev_size = info.virtual_size;
+	tgt->volatile_cache = true;
+	tgt->discard_granularity = 1u << info.cluster_bits;
+	return 0;
+
+err_close:
+	snprintf(tgt->err, sizeof(tgt->err), "%s: %s", tgt->path, strerror(-ret));
+	qcow2_close(t->img);
+err_free:
+	tq_free(t);
+	return ret;
+}
+
+static int tq_deinit(struct ublk_tgt *tgt)
+{
+	struct tq *t = tgt->priv;
+	int ret;
+
+	if (!t)
+		return 0;
+	/* Every queue has drained; what is left is the final flush. */
+	ret = qcow2_drain(t->img);
+	if (qcow2_close(t->img) && !ret)
+		ret = -EIO;
+	tq_free(t);
+	tgt->priv = NULL;
+	return ret;
+}
+
+const struct ublk_tgt_ops uq_qcow2_ops = {
+	.name = "qcow2",
+	.init = tq_init,
+	.queue_io = tq_queue_io,
+	.tgt_io_done = tq_io_done,
+	.wake = tq_wake,
+	.deinit = tq_deinit,
+};

@@ -1,0 +1,20 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The qcow2 target: the ublk target ops backed by the qcow2 engine. Only
+ * target_qcow2.c sees both sides; this header shows the ublk side alone.
+ */
+#ifndef UQ_TARGET_QCOW2_H
+#define UQ_TARGET_QCOW2_H
+
+#include <stdint.h>
+
+#include "ublk.h"
+
+/* ublk_tgt.opts of the qcow2 target; NULL means all defaults. */
+struct uq_qcow2_opts {
+	uint64_t cache_bytes;		/* L2 cache size, 0: the engine's default */
+};
+
+extern const struct ublk_tgt_ops uq_qcow2_ops;
+
+#endif

@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Small helpers shared by the subcommands: the one error-line format, size
+ * and option-list parsing, sizes printed the way qemu-img prints them, and
+ * JSON strings. No image format knowledge lives here.
+ */
+#ifndef UQ_UTIL_H
+#define UQ_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define UQ_PROG "ublk-qcow2"
+
+/* Print "ublk-qcow2: <message>" as one line on stderr. */
+void uq_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/*
+ * Parse a byte count: decimal (optionally with a fraction) or 0x-hex, with
+ * an optional suffix b/k/M/G/T/P/E (powers of 1024, any case).
+ * 0 or -EINVAL (not a number) / -ERANGE (too large).
+ */
+int uq_parse_size(const char *s, uint64_t *out);
+
+/*
+ * Split an "a=b,c=d" list (",," stands for a literal comma) in place and
+ * call @fn for each pair (@val is NULL for a bare "a"). Stops at the first
+ * nonzero return of @fn and returns it; 0 when every pair was accepted.
+ */
+int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *val),
+		  void *opaque);
+
+/* Parse "on"/"off" (and yes/no, true/false, 1/0). 0 or -EINVAL. */
+int uq_parse_bool(const char *s, bool *out);
+
+/* Format @bytes like QEMU's size_to_str ("196 KiB", "1 GiB"). */
+void uq_size_str(uint64_t bytes, char *buf, size_t len);
+
+/* Write @s as a JSON string literal, quotes included. */
+void uq_json_str(FILE *f, const char *s);
+
+/*
+ * A JSON writer that indents like QEMU's pretty printer (4 spaces, one
+ * member per line). Members come out in call order; @key is NULL for
+ * array elements and the top level.
+ */
+struct uq_json {
+	FILE *f;
+	int depth;
+	bool need_comma;
+};
+
+void uq_json_open(struct uq_json *j, const char *key, char bracket);
+void uq_json_close(struct uq_json *j, char bracket);
+void uq_json_int(struct uq_json *j, const char *key, uint64_t v);
+void uq_json_bool(struct uq_json *j, const char *key, bool v);
+void uq_json_string(struct uq_json *j, const char *key, const char *v);
+
+/*
+ * Report a getopt_long failure of subcommand @cmd (@c is ':' for a missing
+ * argument, '?' otherwise; the optstring must start with ':').
+ * Returns 1, the exit status for a usage error.
+ */
+int uq_usage_error(const char *cmd, char **argv, int c);
+
+/* Report that @cmd wants @expected as its operands, in one line. Returns 1. */
+int uq_usage_args(const char *cmd, const char *expected);
+
+/*
+ * A relative backing file name is relative to the directory of the image
+ * naming it, as in QEMU. Returns a malloc'ed path, or NULL on ENOMEM.
+ */
+char *uq_backing_path(const char *image, const char *backing);
+
+#endif
