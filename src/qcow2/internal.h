@@ -346,6 +346,119 @@ int qcow2_free_clusters(struct qcow2 *img, uint64_t host_off, uint64_t nr);
 int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w);
 void qcow2_refcount_free(struct qcow2 *img);
 
+/* ---- Requests (request.c, cluster.c, write.c) ----------------------------- */
+
+#define REQ_AIOS	8
+
+enum l2_type {
+	L2_UNALLOC,
+	L2_ZERO_PLAIN,
+	L2_ZERO_ALLOC,
+	L2_NORMAL,
+	L2_COMPRESSED,
+};
+
+enum alloc_state {
+	ALLOC_NONE,
+	ALLOC_COW,		/* reading what the write does not cover */
+	ALLOC_DATA,		/* cluster data being written */
+	ALLOC_LINK,		/* data written: set the L2 entries */
+	ALLOC_L2_READ,		/* shared L2 table being read for its copy */
+	ALLOC_L2_COPY,		/* read: write the copy (from dbuf) */
+	ALLOC_L2_ZERO,		/* new L2 table being written */
+	ALLOC_L2_LINK,		/* zeroed: set the L1 entry */
+};
+
+struct req_aio {
+	struct qcow2_aio aio;
+	struct iovec iov[3];
+	struct qcow2_req *req;
+	size_t len;
+	bool busy;
+	bool alloc;			/* completes the allocation in progress */
+	bool compressed;		/* cbuf: decompress, copy to dst */
+	bool cow;			/* a read the allocation waits for */
+	bool cow_copy;			/* dbuf holds the old cluster: cow_fill */
+	uint8_t *dst;
+	uint32_t dst_skip;
+};
+
+struct qcow2_req {
+	struct qcow2 *img;
+	enum qcow2_op op;
+	uint64_t off, len, pos;
+	uint8_t *buf;
+	qcow2_done_fn done;
+	void *priv;
+	unsigned int pending;
+	int err;
+	bool active, stepping, again;
+	bool parked;			/* r->wait sits on some wait queue */
+	unsigned int wakes;
+	struct qcow2_wait wait;
+
+	enum alloc_state alloc;
+	struct qcow2_inflight flight;
+	uint64_t a_guest;		/* first guest byte the allocation covers */
+	uint64_t a_end;			/* guest byte after the write */
+	uint64_t a_host;		/* host offset of the first cluster */
+	uint64_t a_nr;			/* clusters */
+	bool a_new;			/* refcounts were raised for it */
+	uint64_t a_l1;			/* L1 index (L2 table allocation) */
+	uint64_t a_old_l2;		/* shared L2 table being copied, or 0 */
+
+	bool a_cow;			/* head/tail come from r->cow, not zeros */
+	unsigned int cow_pending;	/* COW reads in flight */
+	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
+	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily */
+	struct qcow2_req *sub[2];	/* reads from the backing image */
+	bool sub_busy[2];
+	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
+	uint8_t *dbuf;			/* one decompressed cluster, lazily */
+	bool cbuf_busy;
+
+	struct req_aio aios[REQ_AIOS];
+};
+
+static inline uint64_t qcow2_l2_get(const struct qcow2_slice *s, uint64_t idx)
+{
+	return get_be64(s->data + idx * 8);
+}
+
+static inline void qcow2_l2_set(struct qcow2_slice *s, uint64_t idx, uint64_t v)
+{
+	put_be64(s->data + idx * 8, v);
+}
+
+/* cluster.c: L1/L2 entries and lookups. */
+int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_t *host);
+int qcow2_free_entry(struct qcow2 *img, uint64_t e);
+int qcow2_l1_lookup(struct qcow2 *img, uint64_t pos, uint64_t *l2_off, uint64_t *l1e);
+void qcow2_l2_locate(struct qcow2 *img, uint64_t l2_off, uint64_t pos,
+		     uint64_t *slice_off, uint64_t *idx);
+int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
+		     enum l2_type *type, uint64_t *host, uint64_t *run);
+
+/* request.c: the state machine and data I/O. */
+void qcow2_req_step(struct qcow2_req *r);
+struct req_aio *qcow2_req_aio_get(struct qcow2_req *r);
+int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
+			 uint64_t host_off, unsigned int iovcnt, bool alloc);
+int qcow2_req_cbufs(struct qcow2_req *r);
+int qcow2_backing_read(struct qcow2_req *r, uint8_t *dst, uint64_t off, uint64_t len);
+int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
+			  uint8_t *dst, uint64_t len, bool cow);
+
+/* write.c: allocating writes, copy-on-write, write-zeroes and discard. */
+int qcow2_write_piece(struct qcow2_req *r, uint64_t end);
+int qcow2_zero_piece(struct qcow2_req *r);
+int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a);
+int qcow2_alloc_link(struct qcow2_req *r);
+int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a);
+int qcow2_l2_table_link(struct qcow2_req *r);
+void qcow2_inflight_del(struct qcow2_req *r);
+void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old);
+
 /* ---- Backing chain (backing.c) ----------------------------------------------- */
 
 #define QCOW2_MAX_CHAIN		64

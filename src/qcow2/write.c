@@ -1,0 +1,478 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Writes that change the mapping, as steps of the request state machine:
+ *
+ *   LOOKUP ─► ALLOC ─► [COW read] ─► DATA (whole clusters) ─► LINK (L2) ─► LOOKUP
+ *
+ * Ordering: a new cluster is fully written (data plus zero or copied
+ * padding) before its L2 entry is set in the cache; a new L2 table is
+ * written before its L1 entry is set; refcounts are raised before either,
+ * and old references are released (after the next flush) only after. flush.c
+ * makes them durable in that order. A guest range being allocated is
+ * registered in img->inflight; requests touching it wait for the LINK.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* ---- In-flight allocations ---------------------------------------------------- */
+
+/* Park @r if [@off, @off + @len) overlaps an allocation in progress. */
+static bool inflight_wait(struct qcow2_req *r, uint64_t off, uint64_t len)
+{
+	struct qcow2_inflight *f;
+
+	for (f = r->img->inflight; f; f = f->next) {
+		if (f == &r->flight)
+			continue;
+		if (off < f->guest_off + f->len && f->guest_off < off + len) {
+			qcow2_waitq_add(&f->waiters, &r->wait);
+			return true;
+		}
+	}
+	return false;
+}
+
+static void inflight_add(struct qcow2_req *r, uint64_t off, uint64_t len)
+{
+	r->flight.guest_off = off;
+	r->flight.len = len;
+	r->flight.waiters.head = r->flight.waiters.tail = NULL;
+	r->flight.next = r->img->inflight;
+	r->img->inflight = &r->flight;
+}
+
+void qcow2_inflight_del(struct qcow2_req *r)
+{
+	struct qcow2_inflight **pp = &r->img->inflight;
+
+	while (*pp && *pp != &r->flight)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = r->flight.next;
+	qcow2_waitq_wake(&r->flight.waiters, 0);
+}
+
+/* ---- Writes --------------------------------------------------------------------- */
+
+/*
+ * The L2 table for @pos must exist and be ours alone. 0 when it is;
+ * -EINPROGRESS when a new table is being written; -EAGAIN (parked) / -errno.
+ */
+static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
+{
+	struct qcow2 *img = r->img;
+	uint64_t l1e, i = qcow2_l1_index(img, r->pos), host, got, rc;
+	struct req_aio *a;
+	int ret;
+
+	ret = qcow2_l1_lookup(img, r->pos, l2_off, &l1e);
+	if (ret < 0)
+		return ret;
+	if (*l2_off && (l1e & QCOW2_OFLAG_COPIED))
+		return 0;
+	if (*l2_off) {
+		ret = qcow2_refcount_get(img, *l2_off >> img->h.cluster_bits, &r->wait, &rc);
+		if (ret < 0)
+			return ret;
+		if (rc == 1) {
+			img->l1[i] |= QCOW2_OFLAG_COPIED;
+			img->l1_dirty = true;
+			return 0;
+		}
+	}
+	/*
+	 * A new L2 table: zero a fresh cluster, then point L1 at it. A table
+	 * shared with a snapshot is copied the same way; its data clusters
+	 * keep their counts (both tables reference them).
+	 */
+	if (inflight_wait(r, i * qcow2_l2_span(img), qcow2_l2_span(img)))
+		return -EAGAIN;
+	a = qcow2_req_aio_get(r);
+	if (!a)
+		return -EBUSY;
+	if (*l2_off) {
+		ret = qcow2_req_cbufs(r);
+		if (ret < 0)
+			return ret;
+	}
+	ret = qcow2_alloc_clusters(img, 1, &r->wait, &host, &got);
+	if (ret < 0)
+		return ret;
+	inflight_add(r, i * qcow2_l2_span(img), qcow2_l2_span(img));
+	r->a_host = host;
+	r->a_l1 = i;
+	r->a_old_l2 = *l2_off;
+	if (*l2_off) {
+		r->alloc = ALLOC_L2_READ;
+		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = img->cluster_size };
+		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, *l2_off, 1, true);
+	} else {
+		r->alloc = ALLOC_L2_ZERO;
+		a->iov[0] = (struct iovec){ .iov_base = img->zero_buf, .iov_len = img->cluster_size };
+		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host, 1, true);
+	}
+	if (ret < 0) {
+		r->alloc = ALLOC_NONE;
+		qcow2_inflight_del(r);
+		qcow2_free_clusters(img, host, 1);
+		return ret;
+	}
+	return -EINPROGRESS;
+}
+
+/* The shared table is in dbuf: write the copy. 0 or -errno. */
+int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a)
+{
+	struct qcow2 *img = r->img;
+	int ret;
+
+	r->alloc = ALLOC_L2_ZERO;
+	a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = img->cluster_size };
+	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, 1, true);
+	if (ret < 0) {
+		r->alloc = ALLOC_NONE;
+		qcow2_inflight_del(r);
+		qcow2_free_clusters(img, r->a_host, 1);
+	}
+	return ret;
+}
+
+int qcow2_l2_table_link(struct qcow2_req *r)
+{
+	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
+	r->img->l1_dirty = true;
+	r->alloc = ALLOC_NONE;
+	qcow2_inflight_del(r);
+	if (!r->a_old_l2)
+		return 0;
+	return qcow2_free_clusters(r->img, r->a_old_l2, 1);
+}
+
+/* The bytes this request writes at guest @pos (the zero buffer for zeroes). */
+static uint8_t *write_src(struct qcow2_req *r, uint64_t pos)
+{
+	if (r->op == QCOW2_OP_WRITE)
+		return r->buf + (pos - r->off);
+	return r->img->zero_buf;
+}
+
+/*
+ * Write the run [pos, a_end) into fresh clusters at a_host: zeros before and
+ * after the guest bytes so the whole clusters are defined before LINK.
+ */
+int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
+{
+	struct qcow2 *img = r->img;
+	uint64_t cluster_end = r->a_guest + r->a_nr * img->cluster_size;
+	uint64_t head = r->pos - r->a_guest, tail = cluster_end - r->a_end;
+	uint8_t *tail_src = r->a_cow ? r->cow + img->cluster_size +
+			    (r->a_end & (img->cluster_size - 1)) : img->zero_buf;
+	unsigned int n = 0;
+
+	if (head)
+		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow : img->zero_buf,
+					      .iov_len = head };
+	a->iov[n++] = (struct iovec){ .iov_base = write_src(r, r->pos),
+				      .iov_len = r->a_end - r->pos };
+	if (tail)
+		a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
+	r->alloc = ALLOC_DATA;
+	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, n, true);
+}
+
+int qcow2_alloc_link(struct qcow2_req *r)
+{
+	struct qcow2 *img = r->img;
+	uint64_t l2_off, l1e, slice_off, idx, i;
+	struct qcow2_slice *s;
+	int ret;
+
+	ret = qcow2_l1_lookup(img, r->a_guest, &l2_off, &l1e);
+	if (ret < 0)
+		return ret;
+	qcow2_l2_locate(img, l2_off, r->a_guest, &slice_off, &idx);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	if (ret < 0)
+		return ret;
+	for (i = 0; i < r->a_nr; i++)
+		qcow2_l2_set(s, idx + i, (r->a_host + i * img->cluster_size) | QCOW2_OFLAG_COPIED);
+	qcow2_cache_mark_dirty(s);
+	qcow2_cache_put(s);
+	r->alloc = ALLOC_NONE;
+	r->pos = r->a_end;
+	qcow2_inflight_del(r);
+	if (r->a_old) {
+		ret = qcow2_free_entry(img, r->a_old);
+		r->a_old = 0;
+	}
+	return ret;
+}
+
+/* Copy the old bytes the write does not cover into the COW buffer. */
+void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
+{
+	uint64_t cs = r->img->cluster_size, head = r->pos - r->a_guest;
+	uint64_t in_last = r->a_end & (cs - 1);
+
+	memcpy(r->cow, old, head);
+	if (in_last)
+		memcpy(r->cow + cs + in_last, old + in_last, cs - in_last);
+}
+
+/*
+ * A partial write into clusters whose old content is not zeros: read the
+ * bytes before and after it (from the backing chain, from a shared cluster
+ * or by decompressing), then write whole clusters. @old_e is the old L2
+ * entry (one cluster only unless it is unallocated).
+ */
+static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
+		     uint64_t old_e, uint64_t old_host)
+{
+	struct qcow2 *img = r->img;
+	uint64_t cs = img->cluster_size, head = r->pos - r->a_guest;
+	uint64_t in_last = r->a_end & (cs - 1);
+	int ret;
+
+	if (!r->cow && posix_memalign((void **)&r->cow, 4096, 2 * cs))
+		r->cow = NULL;
+	if (!r->cow)
+		return -ENOMEM;
+	r->a_cow = true;
+	r->alloc = ALLOC_COW;
+	if (type == L2_COMPRESSED)
+		return qcow2_read_compressed(r, a, old_e, NULL, 0, true);
+	if (type == L2_NORMAL) {
+		/* A shared cluster: read it whole, keep what the write spares. */
+		ret = qcow2_req_cbufs(r);
+		if (ret < 0)
+			return ret;
+		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = cs };
+		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, old_host, 1, false);
+		if (ret < 0)
+			return ret;
+		a->cow = true;
+		a->cow_copy = true;
+		r->cow_pending++;
+		return 0;
+	}
+	if (head) {
+		ret = qcow2_backing_read(r, r->cow, r->a_guest, head);
+		if (ret < 0)
+			return ret;
+	}
+	if (in_last)
+		return qcow2_backing_read(r, r->cow + cs + in_last, r->a_end, cs - in_last);
+	return 0;
+}
+
+/* Write guest bytes [pos, @end) of the request's current piece. */
+int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
+{
+	struct qcow2 *img = r->img;
+	uint64_t l2_off, slice_off, idx, per_slice, host, e, rc;
+	uint64_t cstart = qcow2_cluster_off(img, r->pos), n, got, run_end;
+	uint64_t old_host;
+	struct qcow2_slice *s;
+	struct req_aio *a;
+	enum l2_type type, t;
+	bool shared, partial;
+	int ret;
+
+	a = qcow2_req_aio_get(r);
+	if (!a)
+		return -EBUSY;
+	ret = l2_table_ready(r, &l2_off);
+	if (ret < 0)
+		return ret;
+	if (inflight_wait(r, cstart, end - cstart))
+		return -EAGAIN;
+	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	if (ret < 0)
+		return ret;
+	e = qcow2_l2_get(s, idx);
+	ret = qcow2_l2_classify(img, e, &type, &host);
+	if (ret < 0)
+		goto out;
+	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
+
+	if (type == L2_NORMAL && !(e & QCOW2_OFLAG_COPIED)) {
+		ret = qcow2_refcount_get(img, host >> img->h.cluster_bits, &r->wait, &rc);
+		if (ret < 0)
+			goto out;
+		if (rc == 1) {
+			qcow2_l2_set(s, idx, e | QCOW2_OFLAG_COPIED);
+			qcow2_cache_mark_dirty(s);
+			e |= QCOW2_OFLAG_COPIED;
+		}
+	}
+	if (type == L2_NORMAL && (e & QCOW2_OFLAG_COPIED)) {
+		/* Rewrite in place: extend over contiguous clusters we own. */
+		for (n = 1; idx + n < per_slice && cstart + n * img->cluster_size < end; n++) {
+			uint64_t en = qcow2_l2_get(s, idx + n), hn;
+
+			if (qcow2_l2_classify(img, en, &t, &hn) < 0 || t != L2_NORMAL ||
+			    !(en & QCOW2_OFLAG_COPIED) || hn != host + n * img->cluster_size)
+				break;
+		}
+		run_end = cstart + n * img->cluster_size;
+		if (run_end > end)
+			run_end = end;
+		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
+					    .iov_len = run_end - r->pos };
+		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
+		if (!ret)
+			r->pos = run_end;
+		goto out;
+	}
+	/* Compressed or shared clusters: copy out into a fresh one. */
+	shared = type == L2_COMPRESSED || (type == L2_NORMAL && !(e & QCOW2_OFLAG_COPIED)) ||
+		 (type == L2_ZERO_ALLOC && !(e & QCOW2_OFLAG_COPIED));
+	for (n = 1; !shared && type != L2_ZERO_ALLOC && idx + n < per_slice &&
+	     cstart + n * img->cluster_size < end; n++) {
+		uint64_t hn;
+
+		if (qcow2_l2_classify(img, qcow2_l2_get(s, idx + n), &t, &hn) < 0 || t != type)
+			break;
+	}
+	qcow2_cache_put(s);
+
+	old_host = host;
+	if (type == L2_ZERO_ALLOC && !shared) {
+		/* A preallocated zero cluster: write it whole in place. */
+		got = 1;
+	} else {
+		ret = qcow2_alloc_clusters(img, shared ? 1 : n, &r->wait, &host, &got);
+		if (ret < 0)
+			return ret;
+	}
+	inflight_add(r, cstart, got * img->cluster_size);
+	r->a_guest = cstart;
+	r->a_host = host;
+	r->a_nr = got;
+	r->a_new = shared || type != L2_ZERO_ALLOC;
+	r->a_old = shared ? e : 0;
+	r->a_end = cstart + got * img->cluster_size < end ? cstart + got * img->cluster_size : end;
+	r->a_cow = false;
+	partial = r->pos != cstart || (r->a_end & (img->cluster_size - 1));
+	if (partial && ((type == L2_UNALLOC && img->backing) || type == L2_COMPRESSED ||
+			type == L2_NORMAL)) {
+		ret = cow_start(r, a, type, e, old_host);
+		if (ret < 0)
+			goto fail;
+		return 0;
+	}
+	ret = qcow2_alloc_write(r, a);
+	if (ret < 0)
+		goto fail;
+	return 0;
+fail:
+	r->alloc = ALLOC_NONE;
+	r->a_old = 0;
+	qcow2_inflight_del(r);
+	if (r->a_new)
+		qcow2_free_clusters(img, host, got);
+	return ret;
+out:
+	qcow2_cache_put(s);
+	return ret;
+}
+
+/* ---- Write-zeroes and discard ------------------------------------------------- */
+
+/*
+ * Whole clusters: drop their allocation and mark them zero (v3) or
+ * unallocated (v2, where no backing file shows through). Freed clusters are
+ * released after the next flush.
+ */
+static int zero_clusters(struct qcow2_req *r, uint64_t end)
+{
+	struct qcow2 *img = r->img;
+	uint64_t l2_off, l1e, slice_off, idx, per_slice, i, n, host, e, ne;
+	struct qcow2_slice *s;
+	enum l2_type type;
+	int ret;
+
+	/* With a backing file, v3 hides it behind zero flags; v2 cannot. */
+	bool hide = img->backing && img->h.version >= 3;
+
+	ret = qcow2_l1_lookup(img, r->pos, &l2_off, &l1e);
+	if (ret < 0)
+		return ret;
+	if (!l2_off && !hide) {
+		uint64_t limit = (qcow2_l1_index(img, r->pos) + 1) * qcow2_l2_span(img);
+
+		r->pos = end < limit ? end : limit;
+		return 0;
+	}
+	ret = l2_table_ready(r, &l2_off);
+	if (ret < 0)
+		return ret;
+	if (inflight_wait(r, r->pos, end - r->pos))
+		return -EAGAIN;
+	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	if (ret < 0)
+		return ret;
+	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
+	n = (end - r->pos) >> img->h.cluster_bits;
+	if (n > per_slice - idx)
+		n = per_slice - idx;
+	for (i = 0; i < n; i++) {
+		e = qcow2_l2_get(s, idx + i);
+		ret = qcow2_l2_classify(img, e, &type, &host);
+		if (ret < 0)
+			break;
+		if (type == L2_ZERO_PLAIN)
+			continue;
+		if (type == L2_UNALLOC) {
+			if (hide) {
+				qcow2_l2_set(s, idx + i, L2E_ZERO);
+				qcow2_cache_mark_dirty(s);
+			}
+			continue;
+		}
+		ne = img->h.version >= 3 ? L2E_ZERO : 0;
+		ret = qcow2_free_entry(img, e);
+		if (ret < 0)
+			break;
+		qcow2_l2_set(s, idx + i, ne);
+		qcow2_cache_mark_dirty(s);
+	}
+	qcow2_cache_put(s);
+	r->pos += i << img->h.cluster_bits;
+	return ret;
+}
+
+int qcow2_zero_piece(struct qcow2_req *r)
+{
+	struct qcow2 *img = r->img;
+	uint64_t end = r->off + r->len, cstart = qcow2_cluster_off(img, r->pos);
+	uint64_t cend = cstart + img->cluster_size, host, run;
+	enum l2_type type;
+	int ret;
+
+	if (r->pos == cstart && end >= cend) {
+		/* v2 over a backing file: only real zeros hide it. */
+		if (r->op == QCOW2_OP_WRITE_ZEROES && img->backing && img->h.version < 3)
+			return qcow2_write_piece(r, qcow2_cluster_off(img, end));
+		return zero_clusters(r, qcow2_cluster_off(img, end));
+	}
+	/* A partial cluster. */
+	if (cend > end)
+		cend = end;
+	if (r->op == QCOW2_OP_DISCARD) {
+		r->pos = cend;		/* as QEMU: partial clusters are not discarded */
+		return 0;
+	}
+	ret = qcow2_lookup_run(img, r->pos, cend, &r->wait, &type, &host, &run);
+	if (ret < 0)
+		return ret;
+	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
+	    type == L2_ZERO_ALLOC) {
+		r->pos = cend;		/* already reads as zeros */
+		return 0;
+	}
+	return qcow2_write_piece(r, cend);
+}
