@@ -5,6 +5,7 @@
  * serves in /run/ublk-qcow2/ID.info for list, and stops on SIGTERM or when
  * del (or the kernel) stops the device.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -353,8 +354,9 @@ static int add_serve(struct add_args *a, int report_fd)
 	if (report_fd >= 0) {
 		detach_stdio(info->dev_id);
 		id = (int32_t)info->dev_id;
+		/* A parent gone by now leaves the device serving, as list shows. */
 		if (write(report_fd, &id, sizeof(id)) != sizeof(id))
-			ublk_dev_wait(dev, -1);
+			uq_err("add: cannot report /dev/ublkb%d: %s", id, strerror(errno));
 		close(report_fd);
 	} else {
 		printf("/dev/ublkb%u\n", info->dev_id);
@@ -371,7 +373,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	id = (int32_t)info->dev_id;
 	ret = ublk_dev_destroy(dev);
 	if (ret) {
-		uq_err("ublkb%d: stopping: %s", id, strerror(-ret));
+		uq_err("/dev/ublkb%d: stopping: %s", id, strerror(-ret));
 		status = 1;
 	}
 	unlink(path);
@@ -380,6 +382,23 @@ out_ctrl:
 out_sig:
 	close(sig_fd);
 	return status;
+}
+
+/* Daemon: close what the caller let us inherit (a harness waits for EOF on it). */
+static void close_inherited(int keep)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+
+	if (!d)
+		return;
+	while ((e = readdir(d))) {
+		int fd = atoi(e->d_name);
+
+		if (fd > STDERR_FILENO && fd != keep && fd != dirfd(d))
+			close(fd);
+	}
+	closedir(d);
 }
 
 /* Fork the daemon; print the device once it is live. Returns the exit status. */
@@ -410,6 +429,7 @@ static int add_daemonize(struct add_args *a)
 		/* Hold no mount busy; the image path is absolute. */
 		if (chdir("/"))
 			_exit(1);
+		close_inherited(p[1]);
 		_exit(add_serve(a, p[1]));
 	}
 	close(p[1]);

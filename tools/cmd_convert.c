@@ -60,6 +60,9 @@ struct convert {
 	struct uq_image *src, *dst;
 	struct qcow2_io *io;		/* shared by source and target */
 	struct slot slots[NR_SLOTS];
+	uint64_t off;			/* next source byte to look at */
+	struct uq_status st;		/* the source run [st_off, st_off + st.len) */
+	uint64_t st_off;
 	uint32_t zero_block;		/* skip all-zero blocks of this size */
 	bool progress;
 	int last_percent;
@@ -171,35 +174,41 @@ static void show_progress(struct convert *cv, uint64_t done, uint64_t total)
 }
 
 /*
- * Fill free slots with the next data the source shows, from *@off on:
- * zero and unallocated runs are skipped here. 0 or -errno.
+ * Fill free slots with the next data the source shows, a chunk each; zero
+ * and unallocated runs are skipped here. A run is asked for as a whole and
+ * cut into chunks: a status query may cost as much as the run is long
+ * (SEEK_HOLE on tmpfs). 0 or -errno.
  */
-static int fill_slots(struct convert *cv, uint64_t *off, bool *moved)
+static int fill_slots(struct convert *cv, bool *moved)
 {
 	uint64_t size = cv->src->size;
-	struct uq_status st;
 	int i, ret;
 
-	for (i = 0; i < NR_SLOTS && *off < size; i++) {
+	for (i = 0; i < NR_SLOTS && cv->off < size; i++) {
 		struct slot *s = &cv->slots[i];
 
-		while (s->state == SLOT_FREE && *off < size) {
-			uint64_t end = (*off / CHUNK_BYTES + 1) * CHUNK_BYTES;
+		while (s->state == SLOT_FREE && cv->off < size) {
+			uint64_t end = (cv->off / CHUNK_BYTES + 1) * CHUNK_BYTES;
 
-			ret = uq_image_status(cv->src, *off, (end < size ? end : size) - *off, &st);
-			if (ret < 0)
-				return ret;
-			if (st.data && !st.zero) {
-				s->off = s->pos = *off;
-				s->len = st.len;
-				ret = slot_submit(s, SLOT_READING, st.img, QCOW2_OP_READ, s->buf,
-						  st.len, *off);
+			if (cv->off >= cv->st_off + cv->st.len) {
+				cv->st_off = cv->off;
+				ret = uq_image_status(cv->src, cv->off, size - cv->off, &cv->st);
 				if (ret < 0)
 					return ret;
 			}
-			*off += st.len;
+			if (end > cv->st_off + cv->st.len)
+				end = cv->st_off + cv->st.len;
+			if (cv->st.data && !cv->st.zero) {
+				s->off = s->pos = cv->off;
+				s->len = end - cv->off;
+				ret = slot_submit(s, SLOT_READING, cv->st.img, QCOW2_OP_READ,
+						  s->buf, s->len, s->off);
+				if (ret < 0)
+					return ret;
+			}
+			cv->off = end;
 			*moved = true;
-			show_progress(cv, *off, size);
+			show_progress(cv, cv->off, size);
 		}
 	}
 	return 0;
@@ -227,7 +236,6 @@ static void drain(struct convert *cv)
  */
 static int copy(struct convert *cv)
 {
-	uint64_t off = 0;
 	bool moved, busy;
 	int i, ret;
 
@@ -239,7 +247,7 @@ static int copy(struct convert *cv)
 			if (ret < 0)
 				goto fail;
 		}
-		ret = fill_slots(cv, &off, &moved);
+		ret = fill_slots(cv, &moved);
 		if (ret < 0)
 			goto fail;
 		for (i = 0; i < NR_SLOTS; i++)

@@ -165,11 +165,13 @@ static int raw_prealloc(int fd, const char *path, enum qcow2_prealloc mode, uint
 {
 	static const uint8_t zeros[1 << 16];
 	uint64_t off;
+	int ret;
 
 	if (mode == QCOW2_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, size) < 0) {
+		ret = -errno;
 		uq_err("%s: cannot allocate %llu bytes: %s", path, (unsigned long long)size,
-		       strerror(errno));
-		return -errno;
+		       strerror(-ret));
+		return ret;
 	}
 	if (mode != QCOW2_PREALLOC_FULL)
 		return 0;
@@ -180,8 +182,9 @@ static int raw_prealloc(int fd, const char *path, enum qcow2_prealloc mode, uint
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w <= 0) {
-			uq_err("%s: cannot write: %s", path, w < 0 ? strerror(errno) : "no space");
-			return w < 0 ? -errno : -ENOSPC;
+			ret = w < 0 ? -errno : -ENOSPC;
+			uq_err("%s: cannot write: %s", path, strerror(-ret));
+			return ret;
 		}
 		off += w;
 	}
@@ -202,17 +205,18 @@ static int create_raw(const char *path, const struct qcow2_create_opts *o)
 	if (fd < 0 && errno == EEXIST)
 		fd = open(path, O_RDWR | O_TRUNC | O_CLOEXEC);
 	if (fd < 0) {
-		uq_err("%s: cannot create: %s", path, strerror(errno));
-		return -errno;
+		ret = -errno;
+		uq_err("%s: cannot create: %s", path, strerror(-ret));
+		return ret;
 	}
 	ret = raw_prealloc(fd, path, o->prealloc, o->size);
 	if (!ret && ftruncate(fd, o->size) < 0) {
 		ret = -errno;
-		uq_err("%s: cannot resize: %s", path, strerror(errno));
+		uq_err("%s: cannot resize: %s", path, strerror(-ret));
 	}
 	if (!ret && fsync(fd) < 0) {
 		ret = -errno;
-		uq_err("%s: cannot sync: %s", path, strerror(errno));
+		uq_err("%s: cannot sync: %s", path, strerror(-ret));
 	}
 	close(fd);
 	if (ret < 0 && created)

@@ -23,7 +23,9 @@ static void io_usage(void)
 		"\n"
 		"Run commands on IMAGE (opened read-write unless -r), in order:\n"
 		"  read [-P PAT] [-q] OFF LEN      read; with -P check every byte is PAT\n"
-		"  write [-P PAT] [-z] [-q] OFF LEN write PAT (default 0xcd), -z zeroes\n"
+		"  write [-P PAT] [-z [-u]] [-q] OFF LEN\n"
+		"                                  write PAT (default 0xcd); -z zeroes\n"
+		"                                  (-u is accepted, as qemu-io has it)\n"
 		"  discard [-q] OFF LEN            discard\n"
 		"  flush                           write back and sync\n"
 		"OFF and LEN take k, M, G, T suffixes; output lines are qemu-io's.\n"
@@ -44,14 +46,14 @@ struct io_cmd {
 
 static const struct io_cmd io_cmds[] = {
 	{ "read", 2, "Pq" },
-	{ "write", 2, "Pzq" },
+	{ "write", 2, "Pzuq" },
 	{ "discard", 2, "q" },
 	{ "flush", 0, "" },
 };
 
 struct io_args {
 	const struct io_cmd *cmd;
-	bool quiet, zero, has_pattern;
+	bool quiet, zero, unmap, has_pattern;
 	uint8_t pattern;
 	uint64_t off, len;
 };
@@ -137,6 +139,8 @@ static int parse_args(char **words, int nr, struct io_args *a)
 				a->quiet = true;
 			} else if (*f == 'z') {
 				a->zero = true;
+			} else if (*f == 'u') {
+				a->unmap = true;
 			} else {
 				/* -P PAT: the value is the next word. */
 				if (f[1] || i + 1 == nr) {
@@ -161,6 +165,10 @@ static int parse_args(char **words, int nr, struct io_args *a)
 		uq_err("io: write: -z and -P exclude each other");
 		return -EINVAL;
 	}
+	if (a->unmap && !a->zero) {
+		uq_err("io: write: -u needs -z");
+		return -EINVAL;
+	}
 	if (npos) {
 		a->off = pos[0];
 		a->len = pos[1];
@@ -182,39 +190,33 @@ static int verify_pattern(const uint8_t *buf, const struct io_args *a)
 	return 0;
 }
 
-/* 0, 1 when a read did not match its pattern (reported already), or -errno. */
-static int run_data_cmd(struct uq_image *img, const struct io_args *a, struct timespec *t0)
+/*
+ * Run the parsed command; @buf holds a->len bytes for read and write.
+ * 0, 1 when a read did not match its pattern (reported already), or -errno.
+ */
+static int run_cmd(struct uq_image *img, const struct io_args *a, uint8_t *buf)
 {
 	const char *op = a->cmd->name;
-	uint8_t *buf = NULL;
 	int ret;
 
+	if (!strcmp(op, "flush"))
+		return uq_image_flush(img);
 	if (!strcmp(op, "discard"))
 		return uq_image_discard(img, a->len, a->off);
-	if (!strcmp(op, "write") && a->zero)
-		return uq_image_write_zeroes(img, a->len, a->off);
-	buf = malloc(a->len ? a->len : 1);
-	if (!buf) {
-		uq_err("io: %s: cannot allocate %llu bytes", op, (unsigned long long)a->len);
-		return -ENOMEM;
-	}
-	if (!strcmp(op, "write")) {
-		memset(buf, a->pattern, a->len);
-		clock_gettime(CLOCK_MONOTONIC, t0);
-		ret = uq_image_pwrite(img, buf, a->len, a->off);
-	} else {
-		ret = uq_image_pread(img, buf, a->len, a->off);
-		if (!ret && a->has_pattern && verify_pattern(buf, a) < 0)
-			ret = 1;
-	}
-	free(buf);
-	return ret;
+	if (!strcmp(op, "write"))
+		return a->zero ? uq_image_write_zeroes(img, a->len, a->off)
+			       : uq_image_pwrite(img, buf, a->len, a->off);
+	ret = uq_image_pread(img, buf, a->len, a->off);
+	if (ret < 0)
+		return ret;
+	return a->has_pattern && verify_pattern(buf, a) < 0;
 }
 
 /* Run one command line (modified in place). 0, or -1 when it failed. */
 static int run_line(struct uq_image *img, char *line)
 {
 	char *words[MAX_WORDS + 1], *save = NULL, *w;
+	uint8_t *buf = NULL;
 	struct timespec t0;
 	struct io_args a;
 	int nr = 0, ret;
@@ -230,14 +232,20 @@ static int run_line(struct uq_image *img, char *line)
 		return 0;
 	if (parse_args(words, nr, &a) < 0)
 		return -1;
+	if (!strcmp(a.cmd->name, "read") || (!strcmp(a.cmd->name, "write") && !a.zero)) {
+		buf = malloc(a.len ? a.len : 1);
+		if (!buf) {
+			uq_err("io: %s: cannot allocate %llu bytes", a.cmd->name,
+			       (unsigned long long)a.len);
+			return -1;
+		}
+		memset(buf, a.pattern, a.len);
+	}
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	if (!strcmp(a.cmd->name, "flush"))
-		ret = uq_image_flush(img);
-	else
-		ret = run_data_cmd(img, &a, &t0);
+	ret = run_cmd(img, &a, buf);
+	free(buf);
 	if (ret < 0) {
-		if (ret != -ENOMEM)
-			uq_err("%s", uq_image_errmsg());
+		uq_err("%s", uq_image_errmsg());
 		return -1;
 	}
 	/* Like qemu-io, a read that fails verification still reports. */

@@ -65,16 +65,19 @@ int uq_probe(const char *path, enum uq_fmt *fmt, char *err, size_t errlen)
 static int open_raw(struct uq_image *img, char *err, size_t errlen)
 {
 	off_t end;
+	int ret;
 
 	img->fd = open(img->path, (img->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (img->fd < 0) {
-		snprintf(err, errlen, "%s: cannot open: %s", img->path, strerror(errno));
-		return -errno;
+		ret = -errno;
+		snprintf(err, errlen, "%s: cannot open: %s", img->path, strerror(-ret));
+		return ret;
 	}
 	end = lseek(img->fd, 0, SEEK_END);
 	if (end < 0) {
-		snprintf(err, errlen, "%s: cannot get the size: %s", img->path, strerror(errno));
-		return -errno;
+		ret = -errno;
+		snprintf(err, errlen, "%s: cannot get the size: %s", img->path, strerror(-ret));
+		return ret;
 	}
 	img->size = end;
 	return 0;
@@ -85,7 +88,8 @@ static int open_raw(struct uq_image *img, char *err, size_t errlen)
  * clusters only when it takes the image for metadata-preallocated: when
  * clearly more clusters are in use than the file has blocks allocated
  * (qcow2_detect_metadata_preallocation). It counts clusters with a nonzero
- * refcount; every cluster up to the end of the file stands in for that here.
+ * refcount; every cluster up to the end of the file stands in for that here
+ * (the same unless clusters were freed).
  */
 static bool looks_preallocated(struct uq_image *img, const struct qcow2_info *info)
 {
@@ -97,7 +101,7 @@ static bool looks_preallocated(struct uq_image *img, const struct qcow2_info *in
 	real = (uint64_t)st.st_blocks * 512 / cs;
 	threshold = real * 10 / 9 > real + 2 ? real * 10 / 9 : real + 2;
 	used = ((uint64_t)st.st_size + cs - 1) / cs;
-	return used > threshold;
+	return used >= threshold;
 }
 
 static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io *io,
@@ -127,8 +131,9 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 	/* Only for SEEK_DATA/SEEK_HOLE: block status looks through to the file. */
 	img->fd = open(img->path, O_RDONLY | O_CLOEXEC);
 	if (img->fd < 0) {
-		snprintf(err, errlen, "%s: cannot open: %s", img->path, strerror(errno));
-		return -errno;
+		ret = -errno;
+		snprintf(err, errlen, "%s: cannot open: %s", img->path, strerror(-ret));
+		return ret;
 	}
 	qcow2_get_info(img->qcow2, &info);
 	img->size = info.virtual_size;
@@ -144,7 +149,7 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 			char *err, size_t errlen)
 {
 	struct qcow2_info info;
-	char *path;
+	char *path, inner[512];
 	int ret;
 
 	qcow2_get_info(img->qcow2, &info);
@@ -162,8 +167,10 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 	}
 	ret = open_level(&img->backing, path, info.backing_fmt,
 			 (flags & ~UQ_OPEN_NO_REPAIR) | UQ_OPEN_RDONLY, img->io, depth + 1,
-			 err, errlen);
+			 inner, sizeof(inner));
 	free(path);
+	if (ret < 0)
+		snprintf(err, errlen, "%s: cannot open backing file: %s", img->path, inner);
 	return ret;
 }
 

@@ -34,14 +34,18 @@ struct tq_mailbox {
 	struct tq_tag *head, *tail;
 };
 
+#define TQ_MAX_ERRORS_LOGGED	20
+
 struct tq {
 	struct qcow2_io io;		/* the backend the engine sees */
+	const char *path;
 	struct qcow2_io *boot_io;	/* outside queue threads: open, close */
 	struct qcow2 *img;
 	pthread_mutex_t img_lock;
 	unsigned int nr_queues, depth;
 	struct tq_mailbox *boxes;	/* one per queue */
 	struct tq_tag *tags;		/* nr_queues * depth */
+	unsigned int nr_errors;		/* failed requests logged so far */
 };
 
 /* ---- The engine's I/O backend -------------------------------------------- */
@@ -114,6 +118,14 @@ static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 		tt->fua = false;
 		qcow2_req_submit(req, QCOW2_OP_FLUSH, 0, 0, NULL, tq_req_done, tt);
 		return;
+	}
+	if (res < 0 && t->nr_errors < TQ_MAX_ERRORS_LOGGED) {
+		/* The daemon's log; a failing disk must not flood it. */
+		t->nr_errors++;
+		if (qcow2_errmsg(t->img)[0])
+			fprintf(stderr, "ublk-qcow2: %s\n", qcow2_errmsg(t->img));
+		else
+			fprintf(stderr, "ublk-qcow2: %s: %s\n", t->path, strerror(-res));
 	}
 	tt->res = tq_result(tt->q, tt->tag, res);
 	if (tt->q == ublk_queue_self()) {
@@ -250,6 +262,7 @@ static int tq_init(struct ublk_tgt *tgt, const struct ublk_dev_cfg *cfg)
 	pthread_mutex_init(&t->img_lock, NULL);
 	t->io.submit = tq_io_submit;
 	t->io.wait = tq_io_wait;
+	t->path = tgt->path;
 	t->nr_queues = cfg->nr_queues;
 	t->depth = cfg->depth;
 	t->boot_io = qcow2_uring_new(64);
@@ -293,14 +306,15 @@ err_free:
 static int tq_deinit(struct ublk_tgt *tgt)
 {
 	struct tq *t = tgt->priv;
-	int ret;
+	int ret, ret2;
 
 	if (!t)
 		return 0;
 	/* Every queue has drained; what is left is the final flush. */
 	ret = qcow2_drain(t->img);
-	if (qcow2_close(t->img) && !ret)
-		ret = -EIO;
+	ret2 = qcow2_close(t->img);
+	if (ret2 && !ret)
+		ret = ret2;
 	tq_free(t);
 	tgt->priv = NULL;
 	return ret;

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: MIT */
+// SPDX-License-Identifier: MIT
 /*
  * Check and repair: count every reference to every host cluster from the
  * metadata as it is on disk (read here, never through the caches), compare
@@ -94,10 +94,8 @@ struct check {
 	uint64_t bm_dir_off, bm_dir_size;
 };
 
-static void check_report(struct check *c, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static void check_report(struct check *c, const char *fmt, ...)
+static void __attribute__((format(printf, 2, 3)))
+check_report(struct check *c, const char *fmt, ...)
 {
 	char line[512];
 	va_list ap;
@@ -602,6 +600,9 @@ static int check_snaps_fill(struct check *c, uint8_t **buf, uint64_t *have, uint
 
 	if (need <= *have)
 		return 0;
+	/* Grow geometrically: a table may hold 64 Ki small entries. */
+	if (want < 2 * *have && 2 * *have <= SN_MAX_TABLE_BYTES)
+		want = 2 * *have;
 	p = check_alloc(want);
 	if (!p)
 		return qcow2_error(c->img, -ENOMEM, "check: out of memory");

@@ -37,7 +37,9 @@ static const struct {
 /*
  * Where everything goes, in cluster units, in file order: header, refcount
  * table, refcount blocks, L1 table, then (preallocation only) the L2 tables
- * and the data clusters. Without preallocation this is QEMU's layout.
+ * and the data clusters. Without preallocation, and while one refcount
+ * block covers it all, this is byte for byte what qemu-img creates (QEMU
+ * puts further refcount blocks after the L1 table).
  */
 struct layout {
 	uint32_t cluster_bits;
@@ -191,9 +193,9 @@ static uint32_t put_ext(uint8_t *buf, uint32_t off, uint32_t type, const void *d
 }
 
 /*
- * Lay out the header cluster into c->hdr. The feature name table is left
- * out when it does not fit (as QEMU does with 512-byte clusters and a
- * backing file); the rest must fit.
+ * Lay out the header cluster into c->hdr. Like QEMU, the (advisory) feature
+ * name table is written only with clusters larger than 4 KiB, where it
+ * always fits; everything else must fit in the cluster.
  */
 static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 			const struct layout *l, uint32_t version)
@@ -203,7 +205,7 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	size_t fmt_len = o->backing_fmt ? strlen(o->backing_fmt) : 0;
 	size_t name_len = o->backing_file ? strlen(o->backing_file) : 0;
 	size_t need = hdr + (fmt_len ? 8 + ((fmt_len + 7) & ~7ul) : 0) + 8 + name_len;
-	bool ftable = version >= 3 && need + 8 + FEATURE_TABLE_BYTES <= cs;
+	bool ftable = version >= 3 && cs > 4096;
 	uint8_t *b = c->hdr;
 	uint32_t off;
 	size_t i;

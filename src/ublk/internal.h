@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Structures shared inside src/ublk: the device, its queues and their
+ * per-tag state. Nothing here is visible to targets or tools.
+ */
+#ifndef UBLK_INTERNAL_H
+#define UBLK_INTERNAL_H
+
+#include <pthread.h>
+#include <semaphore.h>
+
+#include "ublk.h"
+
+/* user_data of a queue ring's CQEs: the top bits say whose it is. */
+#define UBLK_UD_TGT		(1ULL << 63)	/* target I/O, data below */
+#define UBLK_UD_WAKE		(1ULL << 62)	/* the queue's eventfd read */
+#define UBLK_UD_DATA_MASK	((1ULL << 62) - 1)
+
+enum ublk_tag_state {
+	UBLK_TAG_KERNEL,	/* an IO command is with the driver */
+	UBLK_TAG_TARGET,	/* the target serves the request */
+	UBLK_TAG_PENDING,	/* a command waits for a free SQE */
+	UBLK_TAG_DONE,		/* aborted: never issued again */
+};
+
+struct ublk_tag {
+	uint8_t state;		/* enum ublk_tag_state */
+	uint8_t next_cmd;	/* UBLK_IO_* to send when PENDING */
+	int res;		/* result carried by COMMIT_AND_FETCH_REQ */
+};
+
+struct ublk_queue {
+	struct ublk_dev *dev;
+	struct ublk_tgt *tgt;
+	unsigned int q_id;
+	unsigned int depth;
+	struct io_uring ring;
+
+	struct ublksrv_io_desc *iods;	/* the driver's io-desc array (mmap) */
+	size_t iods_len;
+	uint8_t *bufs;			/* depth buffers of buf_bytes */
+	size_t buf_bytes;
+	struct ublk_tag *tags;
+	uint16_t *pending;		/* tags in UBLK_TAG_PENDING, FIFO */
+	unsigned int pending_head, nr_pending;
+
+	unsigned int nr_cmds;		/* IO commands with the driver */
+	unsigned int nr_target;		/* requests the target holds */
+	unsigned int nr_tgt_io;		/* target SQEs in flight */
+	uint64_t wake_val;
+	bool wake_armed;
+	int wake_fd;			/* eventfd behind ublk_queue_wake() */
+
+	cpu_set_t cpus;
+	bool pin;
+	pthread_t thread;
+	bool thread_started;
+	int err;			/* why the thread stopped early */
+};
+
+struct ublk_dev {
+	struct ublk_ctrl *ctrl;
+	struct ublk_tgt *tgt;
+	struct ublk_dev_cfg cfg;
+	struct ublksrv_ctrl_dev_info info;
+	bool added;
+	bool started;			/* START_DEV succeeded */
+	bool stop_sent;
+	int char_fd;
+	bool io_ioctl;			/* IO commands use ioctl encoding */
+	struct ublk_queue *queues;
+	unsigned int nr_setup;		/* queues through ublk_queue_setup() */
+	unsigned int nr_threads;	/* queue threads started */
+	unsigned int nr_exited;
+	int exit_fd;			/* eventfd: a queue thread finished */
+	sem_t ready;
+};
+
+/* queue.c */
+int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_id);
+void ublk_queue_teardown(struct ublk_queue *q);
+void *ublk_queue_thread(void *arg);
+
+/* ctrl.c: log one line on stderr ("ublk: ..."), for the daemon's log. */
+void ublk_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif

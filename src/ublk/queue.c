@@ -1,0 +1,362 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The data plane: one thread and one io_uring per ublk queue. The ring
+ * carries the queue's IO commands (FETCH_REQ, NEED_GET_DATA,
+ * COMMIT_AND_FETCH_REQ), the target's own I/O and an eventfd read that
+ * lets other threads wake the queue. A queue thread ends when no command is
+ * left with the driver (all aborted by STOP_DEV), the target holds no
+ * request and no target I/O is in flight.
+ *
+ * Tag life:  FETCH ─► request ─(WRITE)─► NEED_GET_DATA ─► target ─► COMMIT_AND_FETCH ─► ...
+ *                        └─(others)────────────────────────┘
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static __thread struct ublk_queue *queue_self;
+
+static size_t page_round(size_t n)
+{
+	size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+
+	return (n + pg - 1) / pg * pg;
+}
+
+/**
+ * ublk_queue_setup - map queue @q_id's io descriptors and allocate its buffers
+ *
+ * Returns 0 or -errno. The ring is made later, by the queue's own thread.
+ */
+int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_id)
+{
+	size_t stride = page_round(UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc));
+	void *p;
+	int ret;
+
+	q->dev = dev;
+	q->tgt = dev->tgt;
+	q->q_id = q_id;
+	q->depth = dev->info.queue_depth;
+	q->wake_fd = -1;
+	q->iods_len = page_round(q->depth * sizeof(struct ublksrv_io_desc));
+	q->buf_bytes = dev->info.max_io_buf_bytes;
+
+	/* Each queue's descriptors sit at a stride sized for the maximum depth. */
+	p = mmap(NULL, q->iods_len, PROT_READ, MAP_SHARED | MAP_POPULATE, dev->char_fd,
+		 UBLKSRV_CMD_BUF_OFFSET + (off_t)q_id * stride);
+	if (p == MAP_FAILED)
+		return -errno;
+	q->iods = p;
+
+	/* Untouched buffer pages cost nothing: reserve the worst case. */
+	p = mmap(NULL, q->depth * q->buf_bytes, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED) {
+		ret = -errno;
+		goto err_iods;
+	}
+	q->bufs = p;
+
+	q->tags = calloc(q->depth, sizeof(*q->tags));
+	q->pending = calloc(q->depth, sizeof(*q->pending));
+	if (!q->tags || !q->pending) {
+		ret = -ENOMEM;
+		goto err_tags;
+	}
+	q->wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (q->wake_fd < 0) {
+		ret = -errno;
+		goto err_tags;
+	}
+	return 0;
+
+err_tags:
+	free(q->pending);
+	free(q->tags);
+	q->pending = NULL;
+	q->tags = NULL;
+	munmap(q->bufs, q->depth * q->buf_bytes);
+	q->bufs = NULL;
+err_iods:
+	munmap(q->iods, q->iods_len);
+	q->iods = NULL;
+	return ret;
+}
+
+/**
+ * ublk_queue_teardown - undo ublk_queue_setup() once the thread has ended
+ */
+void ublk_queue_teardown(struct ublk_queue *q)
+{
+	if (q->iods)
+		munmap(q->iods, q->iods_len);
+	if (q->bufs)
+		munmap(q->bufs, q->depth * q->buf_bytes);
+	if (q->wake_fd >= 0)
+		close(q->wake_fd);
+	free(q->pending);
+	free(q->tags);
+	q->iods = NULL;
+	q->bufs = NULL;
+	q->wake_fd = -1;
+	q->pending = NULL;
+	q->tags = NULL;
+}
+
+/* ---- Accessors for targets ------------------------------------------------ */
+
+struct ublk_tgt *ublk_queue_tgt(const struct ublk_queue *q)
+{
+	return q->tgt;
+}
+
+unsigned int ublk_queue_id(const struct ublk_queue *q)
+{
+	return q->q_id;
+}
+
+unsigned int ublk_queue_depth(const struct ublk_queue *q)
+{
+	return q->depth;
+}
+
+const struct ublksrv_io_desc *ublk_queue_iod(const struct ublk_queue *q, unsigned int tag)
+{
+	return &q->iods[tag];
+}
+
+void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag)
+{
+	return q->bufs + (size_t)tag * q->buf_bytes;
+}
+
+struct ublk_queue *ublk_queue_self(void)
+{
+	return queue_self;
+}
+
+void ublk_queue_wake(struct ublk_queue *q)
+{
+	/* Only fails on counter overflow, which still leaves it readable. */
+	(void)eventfd_write(q->wake_fd, 1);
+}
+
+/* ---- SQEs ---------------------------------------------------------------- */
+
+struct io_uring_sqe *ublk_queue_sqe(struct ublk_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (sqe)
+		return sqe;
+	/* Full: hand what is queued to the kernel, which frees the SQ. */
+	io_uring_submit(&q->ring);
+	return io_uring_get_sqe(&q->ring);
+}
+
+void ublk_queue_sqe_tgt(struct ublk_queue *q, struct io_uring_sqe *sqe, uint64_t data)
+{
+	io_uring_sqe_set_data64(sqe, UBLK_UD_TGT | (data & UBLK_UD_DATA_MASK));
+	q->nr_tgt_io++;
+}
+
+static uint32_t io_opcode(const struct ublk_queue *q, unsigned int cmd)
+{
+	if (!q->dev->io_ioctl)
+		return cmd;
+	switch (cmd) {
+	case UBLK_IO_FETCH_REQ:
+		return UBLK_U_IO_FETCH_REQ;
+	case UBLK_IO_COMMIT_AND_FETCH_REQ:
+		return UBLK_U_IO_COMMIT_AND_FETCH_REQ;
+	default:
+		return UBLK_U_IO_NEED_GET_DATA;
+	}
+}
+
+/* Send IO command @cmd for @tag, or queue it until an SQE frees up. */
+static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd)
+{
+	struct ublk_tag *t = &q->tags[tag];
+	struct io_uring_sqe *sqe = ublk_queue_sqe(q);
+	struct ublksrv_io_cmd *io;
+
+	if (!sqe) {
+		t->state = UBLK_TAG_PENDING;
+		t->next_cmd = cmd;
+		q->pending[(q->pending_head + q->nr_pending) % q->depth] = tag;
+		q->nr_pending++;
+		return;
+	}
+	io_uring_prep_rw(IORING_OP_URING_CMD, sqe, q->dev->char_fd, NULL, 0, 0);
+	sqe->cmd_op = io_opcode(q, cmd);
+	/* The command overlays addr3: write it after the prep cleared that. */
+	io = (struct ublksrv_io_cmd *)sqe->cmd;
+	io->q_id = q->q_id;
+	io->tag = tag;
+	io->result = cmd == UBLK_IO_COMMIT_AND_FETCH_REQ ? t->res : 0;
+	io->addr = (uint64_t)(uintptr_t)ublk_queue_buf(q, tag);
+	io_uring_sqe_set_data64(sqe, tag);
+	t->state = UBLK_TAG_KERNEL;
+	q->nr_cmds++;
+}
+
+static void queue_issue_pending(struct ublk_queue *q)
+{
+	unsigned int n = q->nr_pending;
+
+	/* Each retry either sends or re-queues at the tail: one pass each. */
+	while (n--) {
+		unsigned int tag = q->pending[q->pending_head];
+
+		q->pending_head = (q->pending_head + 1) % q->depth;
+		q->nr_pending--;
+		queue_issue(q, tag, q->tags[tag].next_cmd);
+	}
+}
+
+void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
+{
+	q->nr_target--;
+	q->tags[tag].res = res;
+	queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
+}
+
+static void queue_arm_wake(struct ublk_queue *q)
+{
+	struct io_uring_sqe *sqe;
+
+	if (q->wake_armed || !q->tgt->ops->wake)
+		return;
+	/* Without an SQE now, the loop tries again before it sleeps. */
+	sqe = ublk_queue_sqe(q);
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, q->wake_fd, &q->wake_val, sizeof(q->wake_val), 0);
+	io_uring_sqe_set_data64(sqe, UBLK_UD_WAKE);
+	q->wake_armed = true;
+}
+
+/* ---- Completions --------------------------------------------------------- */
+
+static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
+	q->nr_cmds--;
+	if (res == UBLK_IO_RES_NEED_GET_DATA) {
+		/* A WRITE: have the driver copy its data into the tag's buffer. */
+		queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
+		return;
+	}
+	if (res == UBLK_IO_RES_OK) {
+		t->state = UBLK_TAG_TARGET;
+		q->nr_target++;
+		q->tgt->ops->queue_io(q, tag);
+		return;
+	}
+	/* ABORT (STOP_DEV, or the driver gave up on us): never re-fetch. */
+	if (res != UBLK_IO_RES_ABORT)
+		ublk_log("queue %u tag %u: IO command failed: %s", q->q_id, tag, strerror(-res));
+	t->state = UBLK_TAG_DONE;
+}
+
+static void queue_reap(struct ublk_queue *q)
+{
+	struct io_uring_cqe *cqe;
+
+	while (io_uring_peek_cqe(&q->ring, &cqe) == 0) {
+		uint64_t ud = cqe->user_data;
+		int res = cqe->res;
+
+		/* Consume first: the handlers below may need the CQ space. */
+		io_uring_cqe_seen(&q->ring, cqe);
+		if (ud & UBLK_UD_TGT) {
+			q->nr_tgt_io--;
+			q->tgt->ops->tgt_io_done(q, ud & UBLK_UD_DATA_MASK, res);
+		} else if (ud & UBLK_UD_WAKE) {
+			q->wake_armed = false;
+			if (q->tgt->ops->wake)
+				q->tgt->ops->wake(q);
+		} else {
+			queue_cmd_done(q, (unsigned int)ud, res);
+		}
+	}
+}
+
+static int queue_ring_init(struct ublk_queue *q)
+{
+	unsigned int sq = 2 * q->depth < 64 ? 64 : 2 * q->depth;
+	struct io_uring_params p;
+	int ret;
+
+	/* A roomy CQ: target I/O is not bounded by the depth. */
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN |
+		  IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+	p.cq_entries = 4 * sq;
+	ret = io_uring_queue_init_params(sq, &q->ring, &p);
+	if (ret == -EINVAL) {
+		/* Kernels before 6.1 lack the task-run flags. */
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_CQSIZE;
+		p.cq_entries = 4 * sq;
+		ret = io_uring_queue_init_params(sq, &q->ring, &p);
+	}
+	return ret;
+}
+
+static bool queue_busy(const struct ublk_queue *q)
+{
+	return q->nr_cmds || q->nr_target || q->nr_tgt_io || q->nr_pending;
+}
+
+/**
+ * ublk_queue_thread - the body of a queue thread (a pthread start routine)
+ * @arg: the struct ublk_queue
+ *
+ * Reports ring setup through dev->ready, fetches every tag and serves until
+ * the queue drains. Posts dev->exit_fd when it ends.
+ */
+void *ublk_queue_thread(void *arg)
+{
+	struct ublk_queue *q = arg;
+	struct ublk_dev *dev = q->dev;
+	unsigned int tag;
+	int ret;
+
+	queue_self = q;
+	/* Pinning is a hint: run anywhere rather than not at all. */
+	if (q->pin)
+		(void)pthread_setaffinity_np(pthread_self(), sizeof(q->cpus), &q->cpus);
+	ret = queue_ring_init(q);
+	q->err = ret;
+	sem_post(&dev->ready);
+	if (ret)
+		goto out;
+
+	for (tag = 0; tag < q->depth; tag++)
+		queue_issue(q, tag, UBLK_IO_FETCH_REQ);
+	while (queue_busy(q)) {
+		queue_issue_pending(q);
+		queue_arm_wake(q);
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+			ublk_log("queue %u: io_uring: %s", q->q_id, strerror(-ret));
+			q->err = ret;
+			break;
+		}
+		queue_reap(q);
+	}
+	io_uring_queue_exit(&q->ring);
+out:
+	queue_self = NULL;
+	(void)eventfd_write(dev->exit_fd, 1);
+	return NULL;
+}

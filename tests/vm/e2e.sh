@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# End-to-end test of ublk-qcow2 on one test kernel: images made here with
+# qemu-img/qemu-io, served in a kernel/vm-run.sh VM by tests/vm/guest.sh
+# (ext4, xfs, fio verify, read-only, del and kill -9 during I/O), then
+# checked here with qemu-img check.
+#
+#   tests/vm/e2e.sh KERNEL [SCENARIO...]      KERNEL: 6.1 | 6.12 | sid
+#
+# Exit: 0 pass, 1 fail, 77 skipped (no qemu, or the kernel cannot be fetched).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+k=${1:?usage: e2e.sh 6.1|6.12|sid [SCENARIO...]}
+shift
+bin=${UQ_BIN:-$top/build/ublk-qcow2}
+
+skip() { echo "SKIP: $*"; exit 77; }
+for t in qemu-img qemu-io qemu-system-x86_64; do
+	command -v "$t" >/dev/null || skip "$t not found (kernel/setup.sh installs it)"
+done
+[ -x "$bin" ] || { echo "FAIL: no ublk-qcow2 binary at $bin"; exit 1; }
+if ! fetch_log=$("$top/kernel/fetch.sh" "$k" 2>&1); then
+	echo "$fetch_log" | tail -n 5
+	skip "test kernel $k is not in kernel/cache and cannot be fetched"
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/uq-e2e-$k.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+data=$work/data
+mkdir -p "$data"
+
+qemu-img create -q -f qcow2 "$data/ext4.qcow2" 256M
+qemu-img create -q -f qcow2 "$data/xfs.qcow2" 512M
+qemu-img create -q -f qcow2 -o cluster_size=16k "$data/fio.qcow2" 1G
+qemu-img create -q -f qcow2 "$data/del.qcow2" 256M
+qemu-img create -q -f qcow2 "$data/kill.qcow2" 256M
+# read-only: data, zero clusters, a partial cluster and the last cluster
+qemu-img create -q -f qcow2 -o cluster_size=65536 "$data/ro.qcow2" 64M
+qemu-io -f qcow2 -c "write -P 0xab 0 1M" -c "write -P 0x5c 3M 100k" \
+	-c "write -z 8M 1M" -c "write -P 0x11 8M 4k" -c "write -P 0xee 63M 1M" \
+	"$data/ro.qcow2" >/dev/null
+qemu-img convert -O raw "$data/ro.qcow2" "$data/ro.raw"
+ro_sum=$(md5sum <"$data/ro.qcow2")
+qemu-img create -q -f qcow2 "$data/discard.qcow2" 64M
+qemu-io -f qcow2 -c "write -P 0xab 0 4M" "$data/discard.qcow2" >/dev/null
+qemu-img create -q -f qcow2 "$data/term.qcow2" 64M
+truncate -s 128M "$data/raw.img"
+# an L2 entry pointing at an unaligned offset: reading that cluster is an error
+qemu-img create -q -f qcow2 "$data/corrupt.qcow2" 64M
+qemu-io -f qcow2 -c "write -P 0x42 0 64k" "$data/corrupt.qcow2" >/dev/null
+python3 - "$data/corrupt.qcow2" <<'PY'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(40)
+    l1 = struct.unpack(">Q", f.read(8))[0]
+    f.seek(l1)
+    l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2)
+    f.write(struct.pack(">Q", (1 << 63) | 0x12345))
+PY
+# qcow2 version 99: the engine must refuse it
+qemu-img create -q -f qcow2 "$data/bad.qcow2" 64M
+printf '\000\000\000\143' | dd of="$data/bad.qcow2" bs=1 seek=4 conv=notrunc 2>/dev/null
+
+set +e
+"$top/kernel/vm-run.sh" ${UQ_VM_VERBOSE:+-v} --kernel "$k" --timeout "${UQ_VM_TIMEOUT:-1500}" --bin "$bin" \
+	--data "$data" -- "$here/guest.sh" "$@"
+rc=$?
+set -e
+case $rc in
+124) echo "FAIL: the $k VM timed out (a hung device?)"; exit 1 ;;
+125) echo "FAIL: the $k VM failed (see the console above)"; exit 1 ;;
+esac
+
+fails=0
+fail() { echo "FAIL $*"; fails=$((fails + 1)); }
+[ -s "$data/results" ] || fail "no results from the guest (script exit $rc)"
+cat "$data/results" 2>/dev/null || true
+grep -q '^FAIL' "$data/results" 2>/dev/null && fails=$((fails + 1))
+
+# Host checks: images the guest wrote must be clean; kill -9 may leak clusters.
+check() { # IMAGE ALLOWED_EXIT...
+	local img=$1 out e
+	shift
+	[ -f "$data/$img" ] || return 0
+	set +e
+	out=$(qemu-img check "$data/$img" 2>&1)
+	e=$?
+	set -e
+	for ok in "$@"; do
+		[ "$e" = "$ok" ] && { echo "PASS host: qemu-img check $img (exit $e)"; return; }
+	done
+	fail "host: qemu-img check $img exit $e"
+	echo "$out" | tail -n 20
+}
+check ext4.qcow2 0
+check xfs.qcow2 0
+check fio.qcow2 0
+check del.qcow2 0
+check kill.qcow2 0 3
+check discard.qcow2 0
+check term.qcow2 0
+if [ -s "$data/fio.md5" ]; then
+	qemu-img convert -O raw "$data/fio.qcow2" "$work/fio.raw"
+	if [ "$(md5sum <"$work/fio.raw" | cut -d' ' -f1)" = "$(cat "$data/fio.md5")" ]; then
+		echo "PASS host: fio.qcow2 reads as the guest saw it (qemu-img convert)"
+	else
+		fail "host: fio.qcow2 differs from what the guest read"
+	fi
+	rm -f "$work/fio.raw"
+fi
+if [ -f "$data/discard.qcow2" ]; then
+	out=$(qemu-io -f qcow2 -c "read -P 0 0 1M" -c "read -P 0xab 1M 1M" \
+		-c "read -P 0 2M 1M" -c "read -P 0xab 3M 1M" "$data/discard.qcow2" 2>&1)
+	if echo "$out" | grep -qi 'fail\|error'; then
+		fail "host: discard.qcow2 reads back wrong"
+		echo "$out"
+	else
+		echo "PASS host: discard.qcow2 reads zeros where discarded and zeroed"
+	fi
+fi
+[ "$(md5sum <"$data/ro.qcow2")" = "$ro_sum" ] &&
+	echo "PASS host: read-only image unchanged" || fail "host: read-only image was modified"
+
+[ "$rc" = 0 ] || [ "$fails" -gt 0 ] || fail "guest script exit $rc"
+if [ "$fails" -gt 0 ]; then
+	echo "e2e $k: FAILED"
+	exit 1
+fi
+echo "e2e $k: passed"

@@ -1,0 +1,258 @@
+# SPDX-License-Identifier: MIT
+# The guest half of tests/vm/e2e.sh, run by kernel/vm-run.sh in the test VM
+# (busybox sh, as root, in /data). Each scenario serves an image made on the
+# host and records one line per check in /data/results ("PASS name" or
+# "FAIL name: why"); the host checks the images afterwards.
+#
+#   guest.sh [SCENARIO...]     ext4 xfs fio ro discard raw null bad corrupt term del kill
+#                              (default: all)
+
+B=ublk-qcow2
+R=/data/results
+FIO_MB=${UQ_FIO_MB:-64}
+: >"$R"
+
+pass() { echo "PASS $*" | tee -a "$R"; }
+fail() { echo "FAIL $*" | tee -a "$R"; }
+say() { echo "== $*"; }
+
+# add ARGS...: serve an image; sets DEV and ID. Nonzero if add failed.
+add() {
+	DEV=$("$B" add "$@") || return 1
+	ID=${DEV#/dev/ublkb}
+	i=0
+	while [ ! -b "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	[ -b "$DEV" ]
+}
+
+# gone NAME: the device node and the kernel's device must both be gone.
+gone() {
+	i=0
+	while [ -e "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	if [ -e "$DEV" ]; then fail "$1: $DEV still exists after del"; return 1; fi
+	if "$B" list -n "$ID" >/dev/null 2>&1; then fail "$1: ublk device $ID still listed"; return 1; fi
+	return 0
+}
+
+# wait_exit PID SECS NAME: wait for a process (child or not) without hanging.
+wait_exit() {
+	i=0
+	while [ $i -lt $(($2 * 10)) ]; do
+		case $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$1/status" 2>/dev/null) in
+		'' | Z) wait "$1" 2>/dev/null; return 0 ;;
+		esac
+		sleep 0.1
+		i=$((i + 1))
+	done
+	fail "$3: process $1 hung ($(sed -n 's/^State:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null))"
+	cat "/proc/$1/stack" 2>/dev/null
+	return 1
+}
+
+# A file system on a qcow2 image: files written, read back from a second add.
+fs_test() { # NAME FSTYPE IMAGE
+	name=$1 fs=$2 img=$3 mnt=/mnt/$1
+	say "$name: mkfs.$fs on $img"
+	mkdir -p "$mnt"
+	add "$img" || { fail "$name: add $img"; return; }
+	case $fs in
+	ext4) mkfs.ext4 -q -F "$DEV" ;;
+	xfs) mkfs.xfs -q -f "$DEV" ;;
+	esac || { fail "$name: mkfs.$fs"; "$B" del -n "$ID"; return; }
+	mount -t "$fs" "$DEV" "$mnt" || { fail "$name: mount"; "$B" del -n "$ID"; return; }
+	mkdir -p "$mnt/dir"
+	dd if=/dev/urandom of="$mnt/big" bs=1M count=8 2>/dev/null
+	dd if=/dev/urandom of="$mnt/odd" bs=4097 count=77 2>/dev/null
+	for i in $(seq 1 40); do echo "file $i of $name" >"$mnt/dir/f$i"; done
+	(cd "$mnt" && md5sum big odd dir/*) >"/data/$name.md5"
+	umount "$mnt" || fail "$name: umount"
+	"$B" del -n "$ID" || fail "$name: del"
+	gone "$name" || return
+	qemu-img check -q "$img" || fail "$name: qemu-img check after del"
+	add "$img" || { fail "$name: second add"; return; }
+	mount -t "$fs" -o ro "$DEV" "$mnt" || { fail "$name: second mount"; "$B" del -n "$ID"; return; }
+	if (cd "$mnt" && md5sum -c "/data/$name.md5" >/dev/null); then
+		pass "$name: files read back from a second add"
+	else
+		fail "$name: files differ after a second add"
+	fi
+	umount "$mnt"
+	"$B" del -n "$ID" || fail "$name: second del"
+	gone "$name" && pass "$name: del"
+}
+
+# fio random writes with crc32c verification: two jobs on two queues, then
+# the whole device's checksum (from a fresh read-only add) for the host to
+# compare with qemu-img convert's.
+fio_test() {
+	say "fio: randwrite 4k-128k, verify, 2 queues, 2 x ${FIO_MB} MiB"
+	add -q 2 /data/fio.qcow2 || { fail "fio: add"; return; }
+	"$B" list -n "$ID"
+	"$B" list -n "$ID" --output=json | grep -q '"queues": 2' || fail "fio: list shows no 2 queues"
+	fio --name=verify --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-128k --numjobs=2 --size=512m --offset_increment=512m \
+		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 --group_reporting \
+		>/data/fio.log 2>&1
+	rc=$?
+	grep -E 'IOPS|err' /data/fio.log
+	[ $rc = 0 ] && pass "fio: randwrite with verify=crc32c" || { fail "fio: fio exit $rc"; tail -n 30 /data/fio.log; }
+	"$B" del -n "$ID" || fail "fio: del"
+	gone fio || return
+	add --read-only /data/fio.qcow2 || { fail "fio: read-only add"; return; }
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/fio.md5
+	"$B" del -n "$ID" || fail "fio: read-only del"
+	gone fio
+}
+
+# --read-only: the device reads as the image's raw conversion; writes fail.
+ro_test() {
+	say "ro: --read-only of an image filled by qemu-io"
+	add --read-only /data/ro.qcow2 || { fail "ro: add"; return; }
+	if cmp "$DEV" /data/ro.raw; then pass "ro: content equals qemu-img convert -O raw"
+	else fail "ro: content differs from qemu-img convert -O raw"; fi
+	if dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/data/ro.err; then
+		fail "ro: a write succeeded"
+	else
+		pass "ro: writes fail ($(grep -m1 -i err /data/ro.err))"
+	fi
+	[ "$(blockdev --getro "$DEV")" = 1 ] || fail "ro: blockdev --getro is not 1"
+	"$B" del -n "$ID" || fail "ro: del"
+	gone ro
+}
+
+# Discard and write-zeroes on qcow2: the host checks what reads back.
+discard_test() {
+	say "discard: blkdiscard and blkdiscard -z on a filled image"
+	add /data/discard.qcow2 || { fail "discard: add"; return; }
+	blkdiscard -o 0 -l 1M "$DEV" || fail "discard: blkdiscard"
+	blkdiscard -z -o 2M -l 1M "$DEV" || fail "discard: blkdiscard -z"
+	if cmp -n 1048576 "$DEV" /dev/zero && dd if="$DEV" bs=1M skip=2 count=1 2>/dev/null |
+		cmp - /dev/zero -n 1048576; then
+		pass "discard: discarded and zeroed ranges read as zeros"
+	else
+		fail "discard: discarded or zeroed range does not read as zeros"
+	fi
+	"$B" del -n "$ID" || fail "discard: del"
+	gone discard
+}
+
+# The raw (loop-like) target: 2 queues of depth 1024, fio verify, discard.
+raw_test() {
+	say "raw: -f raw -q 2 -d 1024"
+	add -f raw -q 2 -d 1024 /data/raw.img || { fail "raw: add"; return; }
+	fio --name=raw --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=64 \
+		--rw=randwrite --bsrange=4k-64k --size=128m --io_size=16m \
+		--verify=crc32c --verify_fatal=1 >/data/raw.log 2>&1 &&
+		pass "raw: randwrite with verify=crc32c" || { fail "raw: fio"; tail -n 20 /data/raw.log; }
+	blkdiscard -z -o 1M -l 1M "$DEV" || fail "raw: blkdiscard -z"
+	dd if="$DEV" bs=1M skip=1 count=1 2>/dev/null | cmp - /dev/zero -n 1048576 ||
+		fail "raw: zeroed range does not read as zeros"
+	"$B" del -n "$ID" || fail "raw: del"
+	gone raw
+}
+
+# The null target: everything completes at once.
+null_test() {
+	say "null: -t null"
+	add -t null --size 1G || { fail "null: add"; return; }
+	fio --name=null --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randrw --bs=4k --size=1g --time_based --runtime=3 >/data/null.log 2>&1 &&
+		pass "null: fio randrw" || fail "null: fio"
+	grep -E 'IOPS' /data/null.log
+	"$B" del -n "$ID" || fail "null: del"
+	gone null
+}
+
+# An image that cannot be opened creates no device.
+bad_test() {
+	say "bad: add of a broken and of a missing image"
+	n=$(ls /sys/class/ublk-char | wc -l)
+	"$B" add /data/bad.qcow2 && fail "bad: add of a broken image succeeded"
+	"$B" add /data/missing.qcow2 && fail "bad: add of a missing image succeeded"
+	[ "$(ls /sys/class/ublk-char | wc -l)" = "$n" ] &&
+		pass "bad: no device for images that cannot be opened" ||
+		fail "bad: a device was created"
+	"$B" del -a
+}
+
+# A corrupt L2 entry: that read fails with EIO, the rest is served, no crash.
+corrupt_test() {
+	say "corrupt: a read through a corrupt L2 entry"
+	add /data/corrupt.qcow2 || { fail "corrupt: add"; return; }
+	dd if="$DEV" of=/dev/null bs=64k count=1 iflag=direct 2>/dev/null &&
+		fail "corrupt: the read of the corrupt cluster succeeded"
+	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
+		fail "corrupt: a read elsewhere failed"
+	"$B" list -n "$ID" | grep -q LIVE || fail "corrupt: the daemon did not survive"
+	"$B" del -n "$ID" || fail "corrupt: del"
+	gone corrupt && pass "corrupt: EIO for the bad cluster, daemon survived, del works"
+}
+
+# SIGTERM: a clean stop, the image flushed and the device deleted.
+term_test() {
+	say "term: SIGTERM to the daemon"
+	add /data/term.qcow2 || { fail "term: add"; return; }
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	dd if=/dev/urandom of="$DEV" bs=64k count=64 2>/dev/null
+	kill -TERM "$pid"
+	wait_exit "$pid" 60 "term: daemon" || return
+	gone term && pass "term: daemon exited, device gone"
+}
+
+# Background writes that the tests below interrupt.
+fio_bg() { # NAME
+	fio --name="$1" --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randwrite --bs=4k --size=256m --time_based --runtime=120 \
+		>"/data/$1.fio" 2>&1 &
+	FIO=$!
+	sleep 5
+}
+
+del_test() {
+	say "del: del during fio"
+	add /data/del.qcow2 || { fail "del: add"; return; }
+	fio_bg del
+	timeout 120 "$B" del -n "$ID" || fail "del: del exit $?"
+	wait_exit "$FIO" 60 "del: fio" || return
+	grep -m2 -i 'error' /data/del.fio
+	gone del && pass "del: device gone, fio ended"
+	qemu-img check -q /data/del.qcow2 || fail "del: qemu-img check"
+}
+
+kill_test() {
+	say "kill: kill -9 of the daemon during fio"
+	add /data/kill.qcow2 || { fail "kill: add"; return; }
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	fio_bg kill
+	kill -9 "$pid"
+	wait_exit "$pid" 30 "kill: daemon" || return
+	wait_exit "$FIO" 60 "kill: fio" || return
+	grep -m2 -i 'error' /data/kill.fio
+	timeout 120 "$B" del -n "$ID" || fail "kill: del exit $?"
+	gone kill && pass "kill: device gone, fio ended"
+}
+
+"$B" features
+[ $# -gt 0 ] || set -- ext4 xfs fio ro discard raw null bad corrupt term del kill
+for t in "$@"; do
+	case $t in
+	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
+	xfs) fs_test xfs xfs /data/xfs.qcow2 ;;
+	fio) fio_test ;;
+	ro) ro_test ;;
+	discard) discard_test ;;
+	raw) raw_test ;;
+	null) null_test ;;
+	bad) bad_test ;;
+	corrupt) corrupt_test ;;
+	term) term_test ;;
+	del) del_test ;;
+	kill) kill_test ;;
+	*) fail "unknown scenario $t" ;;
+	esac
+done
+for f in /run/ublk-qcow2/*.log; do
+	[ -s "$f" ] && { echo "---- $f"; cat "$f"; }
+done
+"$B" del -a
+! grep -q '^FAIL' "$R"
