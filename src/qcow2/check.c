@@ -1413,6 +1413,13 @@ int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 		if (!ret)
 			ret = ret2;
 	}
+	/* A full repair that left nothing wrong clears the warning bits, as QEMU does. */
+	if (!ret && (fix & QCOW2_FIX_ERRORS) && !res->corruptions && !res->check_errors &&
+	    (img->h.incompatible & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY))) {
+		img->h.incompatible &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY);
+		img->corrupt = false;
+		ret = qcow2_header_write(img);
+	}
 out:
 	check_reset(&c);
 	free(c.rb);

@@ -206,7 +206,8 @@ struct qcow2_check_result {
 
 /*
  * Check the refcounts of @img against every reference in the image, and with
- * @fix repair what can be repaired. Problems are reported one per line on
+ * @fix repair what can be repaired (a full repair that leaves nothing wrong
+ * also clears the corrupt and dirty bits). No request may be in flight. Problems are reported one per line on
  * @report (may be NULL). 0 when the check ran (see @res), -errno otherwise.
  */
 int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
