@@ -17,6 +17,7 @@
 # and rebuilt only when its inputs change. The result goes to --out (default
 # kernel/out/KERNEL/initramfs.cpio) and its path is printed on stdout.
 set -euo pipefail
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/lib.sh"
 
 die() { echo "initramfs.sh: $*" >&2; exit 1; }
@@ -60,7 +61,8 @@ fi
 # ---- cache key of the base archive (a re-fetch rewrites kver) ----
 key=$( {
 	echo "$kver" "${want_mods[@]}" "${opt_mods[@]}" "${progs[@]}"
-	stat -Lc '%s %Y' "$kdir/kver" "$busybox" "$0" "$kit/lib.sh"
+	stat -Lc '%s %Y' "$kdir/kver" "$busybox"
+	cat "$0" "$kit/lib.sh"
 	for p in "${progs[@]}"; do stat -Lc '%s %Y' "$p" 2>/dev/null || echo missing; done
 	cat /etc/mke2fs.conf 2>/dev/null || true
 } | sha256sum | cut -c1-16)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # SPDX-License-Identifier: MIT
 # Shared helpers for the test-kernel kit (sourced by initramfs.sh and vm-run.sh).
 

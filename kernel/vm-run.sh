@@ -36,6 +36,7 @@
 # for the whole data disk, else in kernel/out/runs/ ($UQ_VM_TMPDIR overrides);
 # UQ_VM_KEEP=1 keeps it.
 set -euo pipefail
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/lib.sh"
 
 die() { echo "vm-run.sh: $*" >&2; exit 125; }

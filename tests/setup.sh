@@ -18,3 +18,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends "${pkgs[@]}"
+
+# The end-to-end tests boot test kernels under qemu (kernel/ kit).
+"$(dirname "$0")/../kernel/setup.sh"
+# ...and fetches them once into kernel/cache (offline afterwards).
+"$(dirname "$0")/../kernel/fetch.sh" all
