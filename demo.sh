@@ -2,12 +2,14 @@
 # SPDX-License-Identifier: MIT
 # The main job, end to end: build ublk-qcow2 (if needed) and show it at work.
 #
-#   ./demo.sh          host demo: create -> io -> info -> map -> convert ->
-#                      compare with qemu-img -> check (no root, no ublk needed)
+#   ./demo.sh          1. host tools: create -> io -> info -> map -> convert ->
+#                         compare with qemu-img -> check (no root, no ublk)
+#                      2. the block device: add -> mkfs.ext4 -> mount -> write
+#                         -> umount -> del -> qemu-img check, on this host when
+#                         it has /dev/ublk-control (as root), else in the test
+#                         VM from kernel/ (kernel/demo.sh)
 #
 # Set up first (as root): ./tests/setup.sh
-# Later steps (the ublk block device in a test VM) hook in as more demo_*
-# functions below.
 set -euo pipefail
 cd "$(dirname "$0")"
 top=$PWD
@@ -65,7 +67,34 @@ demo_host() {
 	echo "== host demo done: every step agreed with qemu-img"
 }
 
+# The block device on this host: needs root and the ublk_drv module.
+demo_ublk_host() {
+	local img dev mnt
+	dir=$(mktemp -d "${TMPDIR:-/tmp}/ublk-qcow2-demo.XXXXXX")
+	img=$dir/disk.qcow2
+	mnt=$dir/mnt
+	mkdir -p "$mnt"
+	echo "== ublk demo on this host in $dir"
+	step qemu-img create -q -f qcow2 "$img" 1G
+	dev=$("$bin" add "$img")
+	echo "served as $dev"
+	step mkfs.ext4 -q "$dev"
+	step mount "$dev" "$mnt"
+	echo "hello from ublk-qcow2" >"$mnt/hello.txt"
+	step umount "$mnt"
+	step "$bin" del -a
+	step qemu-img check "$img"
+}
+
 dir=
 trap '[ -z "$dir" ] || rm -rf "$dir"' EXIT
 build_tool
 demo_host
+if [ -e /dev/ublk-control ] && [ "$(id -u)" -eq 0 ]; then
+	rm -rf "$dir"
+	demo_ublk_host
+else
+	echo
+	echo "== no /dev/ublk-control here: the same demo in the test VM (kernel/demo.sh)"
+	UQ_BIN=$bin "$top/kernel/demo.sh"
+fi

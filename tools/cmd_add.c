@@ -666,9 +666,11 @@ static void list_human(const struct dev_view *v)
 	printf("dev %u: /dev/ublkb%u  state %s  size %s  queues %u  depth %u  pid %d\n",
 	       i->dev_id, i->dev_id, ublk_state_name(i->state), size, i->nr_hw_queues,
 	       i->queue_depth, i->ublksrv_pid);
-	if (v->have_rec)
-		printf("\timage %s (%s%s)\n", v->rec.image[0] ? v->rec.image : "-",
-		       v->rec.format, v->rec.read_only ? ", read-only" : "");
+	if (v->have_rec && v->rec.image[0])
+		printf("\timage %s (%s%s)\n", v->rec.image, v->rec.format,
+		       v->rec.read_only ? ", read-only" : "");
+	else if (v->have_rec)
+		printf("\ttarget %s\n", v->rec.format);
 	printf("\tfeatures 0x%llx:", (unsigned long long)i->flags);
 	list_features(stdout, i->flags, NULL);
 	printf("\n");
