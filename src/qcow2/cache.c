@@ -175,7 +175,7 @@ int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, int flags,
 		.off = off, .done = load_done,
 	};
 	qcow2_waitq_add(&s->waiters, w);
-	ret = c->img->io->submit(c->img->io, &s->aio);
+	ret = qcow2_submit(c->img, &s->aio);
 	if (ret < 0) {
 		s->waiters.head = s->waiters.tail = NULL;
 		hash_remove(c, s);

@@ -249,7 +249,7 @@ static int submit_phase(struct qcow2_flush_job *j)
 		it->aio.iov = &it->iov;
 		it->aio.done = io_done;
 		j->pending++;
-		ret = img->io->submit(img->io, &it->aio);
+		ret = qcow2_submit(img, &it->aio);
 		if (ret < 0) {
 			j->pending--;
 			return ret;
@@ -275,7 +275,7 @@ static int submit_sync(struct qcow2_flush_job *j)
 	j->sync_aio = (struct qcow2_aio){ .op = QCOW2_AIO_FSYNC, .fd = j->img->fd,
 					  .done = io_done };
 	j->pending++;
-	ret = j->img->io->submit(j->img->io, &j->sync_aio);
+	ret = qcow2_submit(j->img, &j->sync_aio);
 	if (ret < 0)
 		j->pending--;
 	return ret;

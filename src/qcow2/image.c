@@ -357,6 +357,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		goto fail;
 	}
 	img->file_size = st.st_size;
+	img->file_end = st.st_size;
 	ret = chain_add(img, chain, &st);
 	if (ret < 0)
 		goto fail;

@@ -225,6 +225,7 @@ struct qcow2 {
 	uint32_t l2_entry_bytes;	/* 8, or 16 with extended L2 */
 	uint32_t rb_bits;		/* log2 of refcount entries per block */
 	uint64_t file_size;		/* at open; allocation may grow past it */
+	uint64_t file_end;		/* past every byte written: beyond is holes */
 
 	char *backing_file;
 	char *backing_fmt;
@@ -264,6 +265,24 @@ int qcow2_error(struct qcow2 *img, int err, const char *fmt, ...)
 /* Mark the image corrupt (header bit set on the next flush), return -EIO. */
 int qcow2_corrupt(struct qcow2 *img, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
+
+/*
+ * Hand @aio to the backend, keeping img->file_end past every write so that
+ * clusters beyond it are known to read as zeros. 0 or -errno.
+ */
+static inline int qcow2_submit(struct qcow2 *img, struct qcow2_aio *aio)
+{
+	if (aio->op == QCOW2_AIO_WRITE) {
+		uint64_t end = aio->off;
+		unsigned int i;
+
+		for (i = 0; i < aio->iovcnt; i++)
+			end += aio->iov[i].iov_len;
+		if (end > img->file_end)
+			img->file_end = end;
+	}
+	return img->io->submit(img->io, aio);
+}
 
 /* Blocking file I/O through the backend (open, create, check). 0 or -errno;
  * reads past the end of the file return zeros. */

@@ -126,7 +126,7 @@ static int grow_zero(struct qcow2_rc_grow *g, uint64_t first, uint64_t nr)
 			.iovcnt = 1, .off = off, .done = grow_io_done,
 		};
 		g->pending++;
-		ret = img->io->submit(img->io, &ga->aio);
+		ret = qcow2_submit(img, &ga->aio);
 		if (ret < 0) {
 			g->pending--;
 			g->err = ret;

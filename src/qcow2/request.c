@@ -87,7 +87,7 @@ int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_
 		.op = op, .fd = r->img->fd, .iov = a->iov, .iovcnt = iovcnt,
 		.off = host_off, .done = aio_done,
 	};
-	ret = r->img->io->submit(r->img->io, &a->aio);
+	ret = qcow2_submit(r->img, &a->aio);
 	if (ret < 0)
 		return ret;
 	a->busy = true;

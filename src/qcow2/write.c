@@ -170,6 +170,13 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 			    (r->a_end & (img->cluster_size - 1)) : img->zero_buf;
 	unsigned int n = 0;
 
+	/* Fresh clusters past everything ever written read as zeros already. */
+	if (r->a_new && !r->a_cow && r->a_host >= img->file_end) {
+		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
+					    .iov_len = r->a_end - r->pos };
+		r->alloc = ALLOC_DATA;
+		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + head, 1, true);
+	}
 	if (head)
 		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow : img->zero_buf,
 					      .iov_len = head };
