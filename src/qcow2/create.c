@@ -184,14 +184,6 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	return 0;
 }
 
-static uint32_t put_ext(uint8_t *buf, uint32_t off, uint32_t type, const void *data, uint32_t len)
-{
-	put_be32(buf + off, type);
-	put_be32(buf + off + 4, len);
-	memcpy(buf + off + 8, data, len);
-	return off + 8 + ((len + 7) & ~7u);
-}
-
 /*
  * Lay out the header cluster into c->hdr. Like QEMU, the (advisory) feature
  * name table is written only with clusters larger than 4 KiB, where it
@@ -228,7 +220,7 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	}
 	off = hdr;
 	if (fmt_len)
-		off = put_ext(b, off, QCOW2_EXT_BACKING_FMT, o->backing_fmt, fmt_len);
+		off = qcow2_put_ext(b, off, QCOW2_EXT_BACKING_FMT, o->backing_fmt, fmt_len);
 	if (ftable) {
 		put_be32(b + off, QCOW2_EXT_FEATURE_TABLE);
 		put_be32(b + off + 4, FEATURE_TABLE_BYTES);

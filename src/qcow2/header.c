@@ -278,14 +278,6 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	return 0;
 }
 
-static uint32_t put_ext(uint8_t *buf, uint32_t off, uint32_t type, const void *data, uint32_t len)
-{
-	put_be32(buf + off, type);
-	put_be32(buf + off + 4, len);
-	memcpy(buf + off + 8, data, len);
-	return off + 8 + ((len + 7) & ~7u);
-}
-
 /**
  * qcow2_header_serialize - lay out the header cluster from @img
  *
@@ -326,10 +318,10 @@ int qcow2_header_serialize(const struct qcow2 *img, uint8_t *buf, size_t len)
 	}
 	off = h->header_length;
 	if (img->backing_fmt)
-		off = put_ext(buf, off, QCOW2_EXT_BACKING_FMT, img->backing_fmt,
+		off = qcow2_put_ext(buf, off, QCOW2_EXT_BACKING_FMT, img->backing_fmt,
 			      strlen(img->backing_fmt));
 	if (img->data_file)
-		off = put_ext(buf, off, QCOW2_EXT_DATA_FILE, img->data_file,
+		off = qcow2_put_ext(buf, off, QCOW2_EXT_DATA_FILE, img->data_file,
 			      strlen(img->data_file));
 	if (img->unknown_exts_len)
 		memcpy(buf + off, img->unknown_exts, img->unknown_exts_len);

@@ -366,16 +366,8 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		ret = qcow2_error(img, -EINVAL, "unknown format '%s'", opts->format);
 		goto fail;
 	}
-	if (opts->format && !strcmp(opts->format, "raw")) {
-		if (!opts->read_only) {
-			ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
-			goto fail;
-		}
-		img->raw = true;
-		img->h.size = img->file_size;
-		*out = img;
-		return 0;
-	}
+	if (opts->format && !strcmp(opts->format, "raw"))
+		goto raw;
 
 	hlen = img->file_size < (1u << QCOW2_MAX_CLUSTER_BITS) ? img->file_size
 							       : (1u << QCOW2_MAX_CLUSTER_BITS);
@@ -394,14 +386,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		/* No format named and no qcow2 magic: a raw file. */
 		free(hbuf);
 		hbuf = NULL;
-		if (!opts->read_only) {
-			ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
-			goto fail;
-		}
-		img->raw = true;
-		img->h.size = img->file_size;
-		*out = img;
-		return 0;
+		goto raw;
 	}
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
@@ -442,6 +427,16 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	if (ret < 0)
 		goto fail;
 	free(hbuf);
+	*out = img;
+	return 0;
+
+raw:
+	if (!opts->read_only) {
+		ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
+		goto fail;
+	}
+	img->raw = true;
+	img->h.size = img->file_size;
 	*out = img;
 	return 0;
 

@@ -62,6 +62,16 @@ static inline void put_be16(void *p, uint16_t v) { v = htobe16(v); memcpy(p, &v,
 static inline void put_be32(void *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static inline void put_be64(void *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
+/* Write a header extension at @off of @buf; returns the offset after it (padded to 8). */
+static inline uint32_t qcow2_put_ext(uint8_t *buf, uint32_t off, uint32_t type,
+				     const void *data, uint32_t len)
+{
+	put_be32(buf + off, type);
+	put_be32(buf + off + 4, len);
+	memcpy(buf + off + 8, data, len);
+	return off + 8 + ((len + 7) & ~7u);
+}
+
 /* The header, parsed into host byte order (header.c owns the layout). */
 struct qcow2_header {
 	uint32_t version;
