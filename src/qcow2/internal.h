@@ -389,7 +389,8 @@ enum l2_type {
 
 enum alloc_state {
 	ALLOC_NONE,
-	ALLOC_COW,		/* reading what the write does not cover */
+	ALLOC_COW,		/* reading what the write does not cover, or
+				 * waiting for the write's data (fetch) */
 	ALLOC_DATA,		/* cluster data being written */
 	ALLOC_LINK,		/* data written: set the L2 entries */
 	ALLOC_L2_READ,		/* shared L2 table being read for its copy */
@@ -417,6 +418,10 @@ struct qcow2_req {
 	enum qcow2_op op;
 	uint64_t off, len, pos;
 	uint8_t *buf;
+	uint8_t *data;			/* where the WRITE's bytes are (buf, or landed in cow) */
+	qcow2_fetch_fn fetch;		/* deferred data: ask for it when needed */
+	qcow2_fetch_fn fetch_next;	/* set by qcow2_req_defer_data for the next submit */
+	bool fetching;			/* asked, not yet ready */
 	qcow2_done_fn done;
 	void *priv;
 	unsigned int pending;
@@ -439,7 +444,8 @@ struct qcow2_req {
 	bool a_cow;			/* head/tail come from r->cow, not zeros */
 	unsigned int cow_pending;	/* COW reads in flight */
 	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
-	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily */
+	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily;
+					 * with one cluster allocated, both are in the first */
 	struct qcow2_req *sub[2];	/* reads from the backing image */
 	bool sub_busy[2];
 	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
@@ -486,6 +492,8 @@ int qcow2_alloc_link(struct qcow2_req *r);
 int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a);
 int qcow2_l2_table_link(struct qcow2_req *r);
 void qcow2_inflight_del(struct qcow2_req *r);
+void qcow2_alloc_abort(struct qcow2_req *r);
+bool qcow2_data_wait(struct qcow2_req *r, uint8_t *dst);
 void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old);
 
 /* ---- Backing chain (backing.c) ----------------------------------------------- */

@@ -126,6 +126,20 @@ void qcow2_req_free(struct qcow2_req *req);
 void qcow2_req_submit(struct qcow2_req *req, enum qcow2_op op, uint64_t off,
 		      uint64_t len, void *buf, qcow2_done_fn done, void *priv);
 
+/*
+ * Deferred write data (ublk's NEED_GET_DATA): the next WRITE submitted on
+ * @req maps its range, allocates clusters and reads what copy-on-write
+ * needs before it asks for the bytes. When it first needs them it calls
+ * @fetch with the address where all of them must land: inside the cluster
+ * buffer it is about to write, or the submitted buffer. The caller copies
+ * the bytes there, now or later, then calls qcow2_req_data_ready() with 0
+ * or -errno (the request then fails, its allocation undone). A request
+ * that fails before it needs the data never calls @fetch.
+ */
+typedef void (*qcow2_fetch_fn)(struct qcow2_req *req, void *dst, void *priv);
+void qcow2_req_defer_data(struct qcow2_req *req, qcow2_fetch_fn fetch);
+void qcow2_req_data_ready(struct qcow2_req *req, int err);
+
 /* True while a request or a flush of @img is in flight. */
 bool qcow2_busy(const struct qcow2 *img);
 

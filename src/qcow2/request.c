@@ -291,24 +291,25 @@ static int req_run(struct qcow2_req *r)
 		if (r->parked)
 			return 0;
 		wakes = r->wakes;
-		if (r->err)
-			return r->pending ? 0 : 1;
+		if (r->err) {
+			/* Fetched data may still be landing in our buffers. */
+			if (r->pending || r->fetching)
+				return 0;
+			qcow2_alloc_abort(r);
+			return 1;
+		}
 		switch (r->alloc) {
 		case ALLOC_COW: {
 			struct req_aio *a;
 
-			if (r->cow_pending)
+			if (r->cow_pending || r->fetching)
 				return 0;
 			a = qcow2_req_aio_get(r);
 			if (!a)
 				return 0;
 			ret = qcow2_alloc_write(r, a);
-			if (ret < 0) {
-				r->alloc = ALLOC_NONE;
-				qcow2_inflight_del(r);
-				if (r->a_new)
-					qcow2_free_clusters(r->img, r->a_host, r->a_nr);
-			}
+			if (ret < 0)
+				qcow2_alloc_abort(r);
 			goto progress;
 		}
 		case ALLOC_DATA:
@@ -420,6 +421,10 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	r->len = len;
 	r->pos = off;
 	r->buf = buf;
+	r->data = buf;
+	r->fetch = op == QCOW2_OP_WRITE ? r->fetch_next : NULL;
+	r->fetch_next = NULL;
+	r->fetching = false;
 	r->done = done;
 	r->priv = priv;
 	r->pending = 0;
@@ -448,6 +453,36 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 		r->err = ret;
 		r->pos = off + len;
 	}
+	qcow2_req_step(r);
+}
+
+void qcow2_req_defer_data(struct qcow2_req *r, qcow2_fetch_fn fetch)
+{
+	r->fetch_next = fetch;
+}
+
+/*
+ * Deferred data: true while the write's bytes are not here yet. The first
+ * call asks for them to land at @dst; qcow2_req_data_ready() re-steps us.
+ */
+bool qcow2_data_wait(struct qcow2_req *r, uint8_t *dst)
+{
+	if (!r->fetch)
+		return false;
+	if (!r->fetching) {
+		r->fetching = true;
+		r->data = dst;
+		r->fetch(r, dst, r->priv);
+	}
+	return r->fetching;
+}
+
+void qcow2_req_data_ready(struct qcow2_req *r, int err)
+{
+	r->fetching = false;
+	r->fetch = NULL;
+	if (err < 0 && !r->err)
+		r->err = err;
 	qcow2_req_step(r);
 }
 
