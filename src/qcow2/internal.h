@@ -377,6 +377,9 @@ void qcow2_refcount_free(struct qcow2 *img);
 
 /* ---- Requests (request.c, cluster.c, write.c) ----------------------------- */
 
+/* Buffer and offset alignment that O_DIRECT may ask for (the largest logical block). */
+#define QCOW2_DIO_ALIGN	4096
+
 #define REQ_AIOS	8
 
 enum l2_type {
@@ -411,6 +414,7 @@ struct req_aio {
 	bool cow_copy;			/* dbuf holds the old cluster: cow_fill */
 	uint8_t *dst;
 	uint32_t dst_skip;
+	uint32_t c_skip, c_len;		/* compressed bytes within the aligned read */
 };
 
 struct qcow2_req {

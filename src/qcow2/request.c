@@ -37,7 +37,7 @@ static void aio_done(struct qcow2_aio *aio, int res)
 	if (a->compressed) {
 		r->cbuf_busy = false;
 		if (res >= 0) {
-			res = qcow2_decompress(r->img, r->cbuf, a->len, r->dbuf);
+			res = qcow2_decompress(r->img, r->cbuf + a->c_skip, a->c_len, r->dbuf);
 			if (res < 0 && !r->err)
 				r->err = res;
 			else if (a->cow)
@@ -165,15 +165,20 @@ static int read_piece_raw(struct qcow2_req *r)
 	return 0;
 }
 
-/* Buffers for compressed clusters, allocated on first use and kept. */
+/*
+ * Buffers for compressed clusters, allocated on first use and kept; aligned
+ * for O_DIRECT. cbuf holds up to two clusters of compressed bytes plus the
+ * alignment slack on either side.
+ */
 int qcow2_req_cbufs(struct qcow2_req *r)
 {
 	size_t cs = r->img->cluster_size;
 
-	if (!r->cbuf && posix_memalign((void **)&r->cbuf, 4096, 2 * cs))
+	if (!r->cbuf && posix_memalign((void **)&r->cbuf, QCOW2_DIO_ALIGN,
+				       2 * cs + 2 * QCOW2_DIO_ALIGN))
 		r->cbuf = NULL;
-	if (!r->dbuf)
-		r->dbuf = malloc(cs);
+	if (!r->dbuf && posix_memalign((void **)&r->dbuf, QCOW2_DIO_ALIGN, cs))
+		r->dbuf = NULL;
 	return r->cbuf && r->dbuf ? 0 : -ENOMEM;
 }
 
@@ -184,7 +189,7 @@ int qcow2_req_cbufs(struct qcow2_req *r)
 int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 			   uint8_t *dst, uint64_t len, bool cow)
 {
-	uint64_t coff;
+	uint64_t coff, start, end;
 	uint32_t clen;
 	int ret;
 
@@ -196,10 +201,15 @@ int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 	ret = qcow2_compressed_locate(r->img, e, &coff, &clen);
 	if (ret < 0)
 		return ret;
-	a->iov[0] = (struct iovec){ .iov_base = r->cbuf, .iov_len = clen };
-	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, coff, 1, false);
+	/* Compressed bytes start anywhere: read whole aligned blocks around them. */
+	start = coff & ~(uint64_t)(QCOW2_DIO_ALIGN - 1);
+	end = (coff + clen + QCOW2_DIO_ALIGN - 1) & ~(uint64_t)(QCOW2_DIO_ALIGN - 1);
+	a->iov[0] = (struct iovec){ .iov_base = r->cbuf, .iov_len = end - start };
+	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, start, 1, false);
 	if (ret < 0)
 		return ret;
+	a->c_skip = coff - start;
+	a->c_len = clen;
 	a->compressed = true;
 	a->cow = cow;
 	if (cow)

@@ -77,10 +77,10 @@ static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
 
 static void verify(struct qcow2 *img, const uint8_t *mirror)
 {
-	uint8_t *buf = malloc(1 << 20);
+	uint8_t *buf;
 	uint64_t off;
 
-	ck_assert_ptr_nonnull(buf);
+	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, 1 << 20), 0);
 	for (off = 0; off < DISK_SIZE; off += 1 << 20) {
 		ck_assert_int_eq(qcow2_pread(img, buf, 1 << 20, off), 0);
 		if (memcmp(buf, mirror + off, 1 << 20)) {
@@ -119,10 +119,14 @@ static int deliver(struct op *ops, int n, bool all)
 	return given;
 }
 
-static void run_one(const char *setup, bool expect_cow)
+/*
+ * @direct: O_DIRECT, with what ublk sends: 512-byte aligned ranges in
+ * page-aligned buffers (the image files live on the disk, not tmpfs).
+ */
+static void run_one(const char *setup, bool expect_cow, bool direct)
 {
 	struct qcow2_opts opts = { .l2_cache_bytes = 16384, .refcount_cache_bytes = 8192,
-				   .slice_bytes = 4096 };
+				   .slice_bytes = 4096, .direct = direct };
 	struct qcow2_io *io = qcow2_uring_new(32);
 	uint8_t *mirror = malloc(DISK_SIZE);
 	struct op ops[BATCH];
@@ -146,7 +150,7 @@ static void run_one(const char *setup, bool expect_cow)
 	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
 	for (i = 0; i < BATCH; i++) {
 		ops[i].req = qcow2_req_new(img);
-		ops[i].buf = malloc(MAX_LEN);
+		ck_assert_int_eq(posix_memalign((void **)&ops[i].buf, 4096, MAX_LEN), 0);
 		ck_assert_ptr_nonnull(ops[i].req);
 		ck_assert_ptr_nonnull(ops[i].buf);
 	}
@@ -159,6 +163,10 @@ static void run_one(const char *setup, bool expect_cow)
 				/* Mostly small writes inside one or two clusters. */
 				o->len = 1 + rnd() % (rnd() % 4 ? 8192 : MAX_LEN);
 				o->off = rnd() % (DISK_SIZE - o->len);
+				if (direct) {
+					o->off &= ~511ull;
+					o->len = (o->len + 511) & ~511ull;
+				}
 			} while (overlaps(ops, n, o->off, o->len));
 			o->pat = (uint8_t)(rnd() % 255) + 1;
 			memset(o->buf, o->pat, o->len);
@@ -214,37 +222,33 @@ static void run_one(const char *setup, bool expect_cow)
 	free(mirror);
 }
 
-#define FILL "qemu-io -f raw -c 'write -P 0x5a 0 3M' -c 'write -P 0xa5 5M 3M' mirror.raw >/dev/null; "
+#define FILL "truncate -s 8M mirror.raw; " \
+	"qemu-io -f raw -c 'write -P 0x5a 0 3M' -c 'write -P 0xa5 5M 3M' mirror.raw >/dev/null; "
+#define BACKING FILL "qemu-img convert -O qcow2 -o cluster_size=65536 mirror.raw base.qcow2; " \
+	"qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o cluster_size=65536 d.qcow2 8M"
+#define COMPRESSED FILL "qemu-img convert -c -O qcow2 -o cluster_size=16384 mirror.raw d.qcow2"
+#define ZSTD_BACKING FILL "qemu-img convert -c -O qcow2 -o compression_type=zstd mirror.raw " \
+	"base.qcow2; qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 d.qcow2 8M"
+#define SNAPSHOT FILL "qemu-img convert -O qcow2 -o cluster_size=4096 mirror.raw d.qcow2; " \
+	"qemu-img snapshot -c s1 d.qcow2"
+#define EMPTY "truncate -s 8M mirror.raw; " \
+	"qemu-img create -q -f qcow2 -o cluster_size=65536 d.qcow2 8M"
 
-START_TEST(test_defer_backing)
-{
-	run_one("truncate -s 8M mirror.raw; " FILL
-		"qemu-img convert -O qcow2 -o cluster_size=65536 mirror.raw base.qcow2; "
-		"qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o cluster_size=65536 "
-		"d.qcow2 8M", true);
-}
+START_TEST(test_defer_backing) { run_one(BACKING, true, false); }
 END_TEST
-
-START_TEST(test_defer_compressed)
-{
-	run_one("truncate -s 8M mirror.raw; " FILL
-		"qemu-img convert -c -O qcow2 -o cluster_size=16384 mirror.raw d.qcow2", true);
-}
+START_TEST(test_defer_compressed) { run_one(COMPRESSED, true, false); }
 END_TEST
-
-START_TEST(test_defer_snapshot)
-{
-	run_one("truncate -s 8M mirror.raw; " FILL
-		"qemu-img convert -O qcow2 -o cluster_size=4096 mirror.raw d.qcow2; "
-		"qemu-img snapshot -c s1 d.qcow2", true);
-}
+START_TEST(test_defer_snapshot) { run_one(SNAPSHOT, true, false); }
 END_TEST
-
-START_TEST(test_defer_empty)
-{
-	run_one("truncate -s 8M mirror.raw; "
-		"qemu-img create -q -f qcow2 -o cluster_size=65536 d.qcow2 8M", false);
-}
+START_TEST(test_defer_empty) { run_one(EMPTY, false, false); }
+END_TEST
+START_TEST(test_defer_direct_backing) { run_one(BACKING, true, true); }
+END_TEST
+START_TEST(test_defer_direct_compressed) { run_one(COMPRESSED, true, true); }
+END_TEST
+START_TEST(test_defer_direct_zstd_backing) { run_one(ZSTD_BACKING, true, true); }
+END_TEST
+START_TEST(test_defer_direct_snapshot) { run_one(SNAPSHOT, true, true); }
 END_TEST
 
 int main(void)
@@ -263,6 +267,10 @@ int main(void)
 	tcase_add_test(tc, test_defer_compressed);
 	tcase_add_test(tc, test_defer_snapshot);
 	tcase_add_test(tc, test_defer_empty);
+	tcase_add_test(tc, test_defer_direct_backing);
+	tcase_add_test(tc, test_defer_direct_compressed);
+	tcase_add_test(tc, test_defer_direct_zstd_backing);
+	tcase_add_test(tc, test_defer_direct_snapshot);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);

@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow ro discard raw null bad corrupt term del kill
 #                              (default: all)
 
 B=ublk-qcow2
@@ -102,6 +102,29 @@ fio_test() {
 	md5sum <"$DEV" | cut -d' ' -f1 >/data/fio.md5
 	"$B" del -n "$ID" || fail "fio: read-only del"
 	gone fio
+}
+
+# Writes through an overlay over a zstd-compressed base: unaligned writes
+# copy on write, with NEED_GET_DATA landing the data in the COW buffer.
+# fio verifies; the host compares the device's checksum with qemu-img's
+# conversion and checks that the base is untouched. Then a file system.
+cow_test() {
+	say "cow: fio verify on an overlay over a zstd-compressed base, then ext4"
+	add /data/cow.qcow2 || { fail "cow: add"; return; }
+	fio --name=cow --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --bs_unaligned=1 --size=120m \
+		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/cow.log 2>&1
+	rc=$?
+	grep -E 'IOPS|err' /data/cow.log
+	[ $rc = 0 ] && pass "cow: randwrite with verify=crc32c" || { fail "cow: fio exit $rc"; tail -n 30 /data/cow.log; }
+	"$B" del -n "$ID" || fail "cow: del"
+	gone cow || return
+	add --read-only /data/cow.qcow2 || { fail "cow: read-only add"; return; }
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/cow.md5
+	"$B" del -n "$ID" || fail "cow: read-only del"
+	gone cow || return
+	cp /data/cow.qcow2 /data/cowfs.qcow2
+	fs_test cowfs ext4 /data/cowfs.qcow2
 }
 
 # --read-only: the device reads as the image's raw conversion; writes fail.
@@ -233,12 +256,13 @@ kill_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow ro discard raw null bad corrupt term del kill
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
 	xfs) fs_test xfs xfs /data/xfs.qcow2 ;;
 	fio) fio_test ;;
+	cow) cow_test ;;
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
