@@ -448,6 +448,9 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 
 	if (op != QCOW2_OP_READ && img->read_only) {
 		r->err = qcow2_error(img, -EROFS, "image is read-only");
+	} else if (op != QCOW2_OP_READ && op != QCOW2_OP_FLUSH && img->corrupt) {
+		/* Found corrupt metadata: writing on could only spread the damage. */
+		r->err = qcow2_error(img, -EIO, "image is corrupt: writes refused");
 	} else if (op != QCOW2_OP_FLUSH &&
 		   (off > img->h.size || len > img->h.size - off)) {
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",

@@ -29,6 +29,8 @@ struct ublk_tag {
 	uint8_t next_cmd;	/* UBLK_IO_* to send when PENDING */
 	int res;		/* result carried by COMMIT_AND_FETCH_REQ */
 	bool get_data;		/* NEED_GET_DATA sent for the target: data_ready() follows */
+	bool owes_data;		/* a WRITE the target holds before its NEED_GET_DATA */
+	bool commit_after;	/* NEED_GET_DATA owed by a finished WRITE: commit next */
 	void *addr;		/* where NEED_GET_DATA copies to (NULL: the tag's buffer) */
 };
 

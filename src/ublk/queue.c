@@ -227,12 +227,25 @@ static void queue_issue_pending(struct ublk_queue *q)
 
 void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 {
+	struct ublk_tag *t = &q->tags[tag];
+
 	q->nr_target--;
-	if (q->tags[tag].state == UBLK_TAG_DEAD) {
-		q->tags[tag].state = UBLK_TAG_DONE;
+	if (t->state == UBLK_TAG_DEAD) {
+		t->state = UBLK_TAG_DONE;
 		return;
 	}
-	q->tags[tag].res = res;
+	t->res = res;
+	if (t->owes_data) {
+		/*
+		 * A WRITE that failed before it asked for its data: the driver
+		 * refuses any command but NEED_GET_DATA until it had one.
+		 */
+		t->owes_data = false;
+		t->commit_after = true;
+		t->addr = NULL;
+		queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
+		return;
+	}
 	queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
 }
 
@@ -242,6 +255,7 @@ void ublk_queue_get_data(struct ublk_queue *q, unsigned int tag, void *dst)
 
 	q->nr_target--;
 	t->get_data = true;
+	t->owes_data = false;
 	t->addr = dst;
 	queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
 }
@@ -268,6 +282,14 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 	struct ublk_tag *t = &q->tags[tag];
 
 	q->nr_cmds--;
+	if (t->commit_after) {
+		t->commit_after = false;
+		if (res == UBLK_IO_RES_OK)
+			queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
+		else
+			t->state = UBLK_TAG_DONE;
+		return;
+	}
 	if (t->get_data && q->tgt->ops->prep_write) {
 		/* The target's NEED_GET_DATA: it holds the tag whatever came back. */
 		t->get_data = false;
@@ -282,6 +304,7 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 		t->state = UBLK_TAG_TARGET;
 		q->nr_target++;
 		if (q->tgt->ops->prep_write) {
+			t->owes_data = true;
 			q->tgt->ops->prep_write(q, tag);
 			return;
 		}

@@ -112,7 +112,7 @@ cow_test() {
 	say "cow: fio verify on an overlay over a zstd-compressed base, then ext4"
 	add /data/cow.qcow2 || { fail "cow: add"; return; }
 	fio --name=cow --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=4k-64k --bs_unaligned=1 --size=120m \
+		--rw=randwrite --bsrange=512-64k --size=120m \
 		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/cow.log 2>&1
 	rc=$?
 	grep -E 'IOPS|err' /data/cow.log
@@ -206,6 +206,14 @@ corrupt_test() {
 		fail "corrupt: the read of the corrupt cluster succeeded"
 	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
 		fail "corrupt: a read elsewhere failed"
+	# Writes now fail before they ask for their data: each must still end.
+	timeout 60 dd if=/dev/zero of="$DEV" bs=4k count=40 seek=100 oflag=direct 2>/dev/null
+	case $? in
+	0) fail "corrupt: a write to a corrupt image succeeded" ;;
+	124) fail "corrupt: a refused write hung" ;;
+	esac
+	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
+		fail "corrupt: a read after refused writes failed"
 	"$B" list -n "$ID" | grep -q LIVE || fail "corrupt: the daemon did not survive"
 	"$B" del -n "$ID" || fail "corrupt: del"
 	gone corrupt && pass "corrupt: EIO for the bad cluster, daemon survived, del works"
