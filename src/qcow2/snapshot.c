@@ -294,7 +294,8 @@ static void table_serialize(const struct qcow2_snap_table *t, uint8_t *buf)
 		put_be64(p + 8, sn->disk_size);
 		put_be64(p + 16, sn->icount);
 		p += SN_EXTRA_LEN;
-		memcpy(p, sn->extra, sn->extra_len);
+		if (sn->extra_len)
+			memcpy(p, sn->extra, sn->extra_len);
 		p += sn->extra_len;
 		memcpy(p, sn->id, id_len);
 		memcpy(p + id_len, sn->name, name_len);
