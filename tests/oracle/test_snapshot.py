@@ -77,10 +77,10 @@ def io_cmds(cmds):
     return out
 
 
-def ours_then_qemu(d, cluster, refbits):
+def ours_then_qemu(d, cluster, refbits, compat="1.1"):
     """Snapshots made, applied and deleted by us; qemu-img is the judge."""
     img = os.path.join(d, f"o{cluster}-{refbits}.qcow2")
-    t.qemu_create(img, SIZE, cluster_size=cluster, refcount_bits=refbits)
+    t.qemu_create(img, SIZE, cluster_size=cluster, refcount_bits=refbits, compat=compat)
     t.qemu_io("qcow2", img, FIRST)
     r0 = raw_of(img, os.path.join(d, "r0.raw"))
     m = os.path.join(d, "mirror.raw")
@@ -216,6 +216,75 @@ def compressed(d):
     same(raw_of(img, os.path.join(d, "ca.raw")), r0, "active after -d c")
 
 
+def read_table(img):
+    """The snapshot table: [(header fields..., extra, id, name)] and its end."""
+    with open(img, "rb") as f:
+        data = f.read()
+    nb, off = struct.unpack(">IQ", data[60:72])
+    out, pos = [], off
+    for _ in range(nb):
+        pos = (pos + 7) & ~7
+        h = struct.unpack(">QIHHIIQII", data[pos:pos + 40])
+        extra = data[pos + 40:pos + 40 + h[8]]
+        p = pos + 40 + h[8]
+        out.append((h, extra, data[p:p + h[2]], data[p + h[2]:p + h[2] + h[3]]))
+        pos = p + h[2] + h[3]
+    return out
+
+
+def extra_data(d):
+    """Unknown extra data is kept verbatim; entries without the 64-bit VM
+    state size, disk size or icount (older writers) read as QEMU reads them."""
+    img = os.path.join(d, "x.qcow2")
+    t.qemu_create(img, SIZE, cluster_size=65536)
+    t.qemu_io("qcow2", img, FIRST)
+    t.qemu_img("snapshot", "-c", "long", img)
+    t.qemu_img("snapshot", "-c", "short", img)
+    ents = read_table(img)
+    # Rewrite the table at the end of the file: entry 1 with 8 unknown bytes
+    # of extra data, entry 2 with none (vm_state_size 32-bit only).
+    unknown = bytes(range(0xa0, 0xa8))
+    table = b""
+    for i, (h, extra, sid, name) in enumerate(ents):
+        extra = extra + unknown if i == 0 else b""
+        hh = list(h)
+        hh[7] = 0x1234 if i == 1 else h[7]
+        hh[8] = len(extra)
+        table += b"\0" * (-len(table) % 8)
+        table += struct.pack(">QIHHIIQII", *hh) + extra + sid + name
+    end = (os.path.getsize(img) + 0xffff) & ~0xffff
+    with open(img, "r+b") as f:
+        f.seek(end)
+        f.write(table + b"\0" * (-len(table) % 65536))
+        f.seek(64)
+        f.write(struct.pack(">Q", end))
+    # The new table's refcount and the old one's leak: qemu-img repairs them.
+    t.qemu_img("check", "-r", "all", img, check=False)
+    check_clean(img, "hand-made table")
+    q = t.qemu_img("snapshot", "-l", img).stdout
+    o = t.uq("snapshot", "-l", img).stdout
+    assert q == o, f"snapshot -l differs:\nqemu-img:\n{q}ours:\n{o}"
+    q = t.qemu_img("info", "--output=json", img).stdout
+    o = t.uq("info", "--output=json", img).stdout
+    assert q == o, f"info --output=json differs:\nqemu-img:\n{q}ours:\n{o}"
+
+    t.uq("snapshot", "-c", "third", img)
+    check_clean(img, "our -c over a hand-made table")
+    ents2 = read_table(img)
+    assert len(ents2) == 3, f"{len(ents2)} entries"
+    h, extra, sid, name = ents2[0]
+    assert extra[24:] == unknown and h[8] == 32, f"unknown extra data not kept: {extra.hex()}"
+    h, extra, sid, name = ents2[1]
+    assert h[8] == 24 and h[7] == 0x1234, f"short entry written as {h}, extra {extra.hex()}"
+    vm_large, disk, icount = struct.unpack(">QQQ", extra)
+    assert (vm_large, disk, icount) == (0x1234, SIZE, (1 << 64) - 1), \
+        f"short entry's extra data written as {(vm_large, disk, icount)}"
+    assert (sid, name) == (b"2", b"short"), f"entry 2 is {sid}/{name}"
+    q = t.qemu_img("snapshot", "-l", img).stdout
+    o = t.uq("snapshot", "-l", img).stdout
+    assert q == o, f"snapshot -l differs:\nqemu-img:\n{q}ours:\n{o}"
+
+
 def refused(img, args, words):
     """Our command fails with one error line containing @words; image unchanged."""
     before = t.sha256(img)
@@ -321,6 +390,8 @@ def main():
                                  (65536, 8), (65536, 64), (4096, 64)):
             res.case(f"ours then qemu-img, cluster {cluster}, refcount_bits {refbits}",
                      ours_then_qemu, d, cluster, refbits)
+        res.case("ours then qemu-img, compat 0.10", ours_then_qemu, d, 65536, 16, "0.10")
+        res.case("extra data kept, short entries extended", extra_data, d)
         for cluster in (65536, 4096):
             res.case(f"qemu-img's snapshots used by us, cluster {cluster}",
                      qemu_then_ours, d, cluster)
