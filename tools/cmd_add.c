@@ -42,6 +42,7 @@ struct add_args {
 	bool foreground;
 	uint64_t cache_bytes;
 	uint64_t null_size;
+	const char *snapshot;		/* serve this internal snapshot, read-only */
 	char *image;			/* absolute path, NULL for null */
 };
 
@@ -145,7 +146,7 @@ static void add_usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
-		"                      [--cache-size BYTES] [--foreground] IMAGE\n"
+		"                      [--snapshot NAME] [--cache-size BYTES] [--foreground] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -157,6 +158,7 @@ static void add_usage(FILE *f)
 		"  -t null            no image: a device that completes everything at once\n"
 		"  --size BYTES       size of the null device (default 250G)\n"
 		"  --read-only        a read-only device; the image is opened read-only\n"
+		"  --snapshot NAME    serve qcow2 internal snapshot NAME (id or name), read-only\n"
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
 		"  -h, --help         show this help\n",
@@ -184,6 +186,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "read-only", no_argument, NULL, 'R' },
 		{ "cache-size", required_argument, NULL, 'C' },
+		{ "snapshot", required_argument, NULL, 'P' },
 		{ "size", required_argument, NULL, 'S' },
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "help", no_argument, NULL, 'h' },
@@ -226,6 +229,10 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			a->null_tgt = true;
 			break;
 		case 'R':
+			a->read_only = true;
+			break;
+		case 'P':
+			a->snapshot = optarg;
 			a->read_only = true;
 			break;
 		case 'C':
@@ -299,7 +306,7 @@ static const char *add_fmt(const struct add_args *a)
  */
 static int add_serve(struct add_args *a, int report_fd)
 {
-	struct uq_qcow2_opts qopts = { .cache_bytes = a->cache_bytes };
+	struct uq_qcow2_opts qopts = { .cache_bytes = a->cache_bytes, .snapshot = a->snapshot };
 	struct ublk_dev_cfg cfg = {
 		.dev_id = a->dev_id,
 		.nr_queues = a->nr_queues,
@@ -472,6 +479,10 @@ int cmd_add(int argc, char **argv)
 			goto out;
 		}
 		a.fmt = uq_fmt_name(fmt);
+	}
+	if (a.snapshot && (a.null_tgt || strcmp(a.fmt, "qcow2"))) {
+		uq_err("%s: --snapshot needs a qcow2 image", a.null_tgt ? "add" : argv[optind]);
+		goto out;
 	}
 	ret = a.foreground ? add_serve(&a, -1) : add_daemonize(&a);
 out:

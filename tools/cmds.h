@@ -19,6 +19,13 @@ int cmd_add(int argc, char **argv);
 int cmd_del(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_features(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
+
+struct uq_json;
+
+/* The snapshot list as qemu-img prints it: the table (after "Snapshot list:"), and JSON. */
+void uq_snapshot_print(const struct qcow2_snapshot_info *list, uint32_t nr);
+void uq_snapshot_json(struct uq_json *j, const struct qcow2_snapshot_info *list, uint32_t nr);
 
 struct uq_create {
 	enum uq_fmt fmt;

@@ -104,6 +104,9 @@ static bool looks_preallocated(struct uq_image *img, const struct qcow2_info *in
 	return used >= threshold;
 }
 
+/* The snapshot uq_image_open_snapshot has the top level (the next qcow2 open) read. */
+static const char *next_snapshot;
+
 static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io *io,
 		      char *err, size_t errlen)
 {
@@ -112,9 +115,12 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.no_repair = flags & UQ_OPEN_NO_REPAIR,
 		.no_backing = flags & (UQ_OPEN_NO_BACKING | UQ_OPEN_CHAIN),
 		.format = "qcow2",
+		.snapshot = next_snapshot,
 	};
 	struct qcow2_info info;
 	int ret;
+
+	next_snapshot = NULL;
 
 	img->io = io;
 	if (!img->io) {
@@ -204,7 +210,10 @@ static int open_level(struct uq_image **out, const char *path, const char *fmt_n
 		if (ret < 0)
 			goto fail;
 	}
-	if (img->fmt == UQ_FMT_RAW) {
+	if (img->fmt == UQ_FMT_RAW && next_snapshot) {
+		snprintf(err, errlen, "%s: raw images have no snapshots", path);
+		ret = -ENOTSUP;
+	} else if (img->fmt == UQ_FMT_RAW) {
 		ret = open_raw(img, err, errlen);
 	} else {
 		ret = open_qcow2(img, flags, io, err, errlen);
@@ -231,6 +240,18 @@ int uq_image_open_io(struct uq_image **out, const char *path, const char *fmt,
 		     unsigned int flags, struct qcow2_io *io, char *err, size_t errlen)
 {
 	return open_level(out, path, fmt, flags, io, 0, err, errlen);
+}
+
+int uq_image_open_snapshot(struct uq_image **out, const char *path, const char *fmt,
+			   const char *snapshot, unsigned int flags, struct qcow2_io *io,
+			   char *err, size_t errlen)
+{
+	int ret;
+
+	next_snapshot = snapshot;
+	ret = open_level(out, path, fmt, flags | UQ_OPEN_RDONLY, io, 0, err, errlen);
+	next_snapshot = NULL;
+	return ret;
 }
 
 int uq_image_close(struct uq_image *img)

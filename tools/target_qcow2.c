@@ -292,6 +292,7 @@ static int tq_open(struct tq *t, struct ublk_tgt *tgt, const struct ublk_dev_cfg
 		.read_only = cfg->read_only,
 		.direct = true,
 		.l2_cache_bytes = o ? o->cache_bytes : 0,
+		.snapshot = o ? o->snapshot : NULL,
 	};
 	int ret;
 

@@ -538,4 +538,45 @@ void qcow2_flush_free(struct qcow2 *img);
 /* Drop caches and reload the refcount table after check rewrote metadata. */
 int qcow2_reload_refcounts(struct qcow2 *img);
 
+/* ---- Internal snapshots (snapshot.c) ---------------------------------------- */
+
+/* One entry of the snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
+struct qcow2_snap {
+	uint64_t l1_off;
+	uint32_t l1_size;
+	char *id;
+	char *name;
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t vm_state_size;		/* the 64-bit field when present */
+	uint64_t disk_size;		/* the image's size when absent */
+	uint64_t icount;		/* UINT64_MAX when absent */
+	uint8_t *extra;			/* extra data past the fields we know, verbatim */
+	uint32_t extra_len;
+};
+
+struct qcow2_snap_table {
+	struct qcow2_snap *s;
+	uint32_t nr;
+	uint64_t bytes;			/* on disk, from h.snapshots_offset */
+};
+
+/* Read and validate the snapshot table the header points to. 0 or -errno. */
+int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t);
+void qcow2_snap_table_free(struct qcow2_snap_table *t);
+
+/*
+ * Make @img (read-only, header parsed, L1 not yet loaded) read snapshot
+ * @id_or_name: its L1 table and disk size replace the active ones. 0 or -errno.
+ */
+int qcow2_snapshot_select(struct qcow2 *img, const char *id_or_name);
+
+/*
+ * Add @delta to the refcount of host cluster @cluster through the cache
+ * (offline snapshot operations). -ERANGE if it would leave 0..refcount_max,
+ * 0 / -EAGAIN (parked on @w) / -errno.
+ */
+int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struct qcow2_wait *w);
+
 #endif

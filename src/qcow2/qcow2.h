@@ -59,6 +59,7 @@ struct qcow2_opts {
 	uint64_t l2_cache_bytes;	/* 0: default (enough for the whole disk, up to 32 MiB) */
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
+	const char *snapshot;		/* read this internal snapshot (id or name): read-only */
 };
 
 /*
@@ -226,5 +227,41 @@ struct qcow2_check_result {
  */
 int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 		void (*report)(void *opaque, const char *line), void *opaque);
+
+/* ---- Internal snapshots (snapshot.c) ------------------------------------ */
+
+struct qcow2_snapshot_info {
+	char *id;
+	char *name;
+	uint64_t vm_state_size;
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t icount;		/* UINT64_MAX: not recorded */
+	uint64_t disk_size;
+};
+
+/*
+ * The snapshot table: *@out (free with qcow2_snapshot_list_free) holds *@nr
+ * entries in table order. 0 or -errno (with qcow2_errmsg).
+ */
+int qcow2_snapshot_list(struct qcow2 *img, struct qcow2_snapshot_info **out, uint32_t *nr);
+void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t nr);
+
+/*
+ * Offline snapshot operations, as qemu-img snapshot -c/-a/-d does them (no
+ * request may be in flight; metadata is flushed first). Crash-safe: a crash
+ * at any point leaves the old or the new state, at worst with leaked
+ * clusters. 0 or -errno (with qcow2_errmsg); -EEXIST for a duplicate name,
+ * -ENOENT for an unknown snapshot, -ERANGE when a refcount would overflow
+ * (the image is then left as it was).
+ *
+ * create: a new snapshot @name of the active state, id = max numeric id + 1.
+ * apply:  revert the active state to snapshot @id_or_name (id first).
+ * delete: remove snapshot @name_or_id (name first, as qemu-img -d).
+ */
+int qcow2_snapshot_create(struct qcow2 *img, const char *name);
+int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name);
+int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id);
 
 #endif
