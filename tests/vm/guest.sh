@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap ro discard raw null bad corrupt term del kill
 #                              (default: all)
 
 B=ublk-qcow2
@@ -143,6 +143,23 @@ ro_test() {
 	gone ro
 }
 
+# add --snapshot: an internal snapshot served read-only, as qemu-img reads it.
+snap_test() {
+	say "snap: add --snapshot of an image with two snapshots"
+	for s in s1 s2; do
+		add --snapshot "$s" /data/snap.qcow2 || { fail "snap: add --snapshot $s"; continue; }
+		if cmp "$DEV" "/data/snap-$s.raw"; then pass "snap: $s reads as qemu-img convert -l shows it"
+		else fail "snap: $s differs from qemu-img's conversion"; fi
+		dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/dev/null &&
+			fail "snap: a write to snapshot $s succeeded"
+		"$B" del -n "$ID" || fail "snap: del"
+		gone snap
+	done
+	add --snapshot nosuch /data/snap.qcow2 2>/data/snap.err &&
+		{ fail "snap: add of a missing snapshot succeeded"; "$B" del -n "$ID"; }
+	grep -q . /data/snap.err && pass "snap: a missing snapshot is refused ($(head -n1 /data/snap.err))"
+}
+
 # Discard and write-zeroes on qcow2: the host checks what reads back.
 discard_test() {
 	say "discard: blkdiscard and blkdiscard -z on a filled image"
@@ -264,13 +281,14 @@ kill_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap ro discard raw null bad corrupt term del kill
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
 	xfs) fs_test xfs xfs /data/xfs.qcow2 ;;
 	fio) fio_test ;;
 	cow) cow_test ;;
+	snap) snap_test ;;
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
