@@ -43,4 +43,15 @@ int uq_create_parse(struct uq_create *c, const char *path, char *list);
  */
 int uq_create_image(const char *path, struct uq_create *c);
 
+/*
+ * A throw-away qcow2 overlay over @image (format @fmt, NULL: detected),
+ * created in $TMPDIR (default /var/tmp) and unlinked at once: it lives as
+ * long as the descriptor in *@fd, and @path (@pathlen bytes) gets a name
+ * that opens it ("/proc/self/fd/N"). Its backing file is @image's absolute
+ * path, opened read-only: writes go to the overlay only. 0 or -errno with
+ * one line naming @image in @err.
+ */
+int uq_overlay_create(const char *image, const char *fmt, int *fd, char *path,
+		      size_t pathlen, char *err, size_t errlen);
+
 #endif
