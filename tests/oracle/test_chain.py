@@ -26,8 +26,9 @@ Cases:
   overlay         io --overlay writes nothing to the chain and leaves no file,
                   even when killed with SIGKILL while running
   bad-*           missing backing file, a backing loop (made with qemu-img
-                  rebase -u), rebase onto a missing file, commit without a
-                  backing file or into an image outside the chain: exit 1, one
+                  rebase -u), rebase onto a missing file or onto a name that
+                  does not fit in the header, commit without a backing file or
+                  into an image outside the chain: exit 1, one
                   line naming the file, every file unchanged (sha256)
 Every image we wrote passes qemu-img check with no errors and no leaks.
 
@@ -423,6 +424,8 @@ def bad_cases(d, chain):
     lone = os.path.join(bad, "lone.qcow2")
     uqtest.qemu_img("create", "-q", "-f", "qcow2", lone, SIZE)
     uqtest.qemu_io("qcow2", lone, ["write -P 7 0 64k"], input="")
+    small = os.path.join(bad, "c512.qcow2")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", small, SIZE)
     top = os.path.join(chain, TOP)
     out = os.path.join(d, "bad-out.raw")
 
@@ -454,6 +457,11 @@ def bad_cases(d, chain):
         ("bad-rebase-onto-its-own-overlay", lambda: expect_error(
             ["rebase", "-b", "../top.qcow2", "-F", "qcow2",
              os.path.join(chain, "mid/l2.qcow2")], chain_all, "l2.qcow2", "rebase")),
+        ("bad-rebase-name-beyond-the-header-cluster", lambda: expect_error(
+            ["rebase", "-u", "-b", "x" * 600, "-F", "raw", small], [small], "c512.qcow2",
+            "rebase -u")),
+        ("bad-rebase-name-too-long", lambda: expect_error(
+            ["rebase", "-u", "-b", "x" * 1100, "-F", "raw", top], chain_all, TOP, "rebase -u")),
         ("bad-commit-no-backing", lambda: expect_error(
             ["commit", lone], [lone], "lone.qcow2", "commit")),
         ("bad-commit-base-not-in-chain", lambda: expect_error(
