@@ -33,8 +33,8 @@ int uq_overlay_create(const char *image, const char *fmt, int *fd_out, char *pat
 		snprintf(err, errlen, "%s: %s", image, strerror(-ret));
 		return ret;
 	}
-	/* The backing file decides the size, and must open before we create anything. */
-	ret = uq_image_open(&b, abs, fmt, UQ_OPEN_RDONLY | UQ_OPEN_NO_BACKING, err, errlen);
+	/* The image decides the size; it (and its chain) must open before we create anything. */
+	ret = uq_image_open(&b, abs, fmt, UQ_OPEN_RDONLY, err, errlen);
 	if (ret < 0)
 		goto out_abs;
 	o.size = (b->size + 511) & ~511ull;

@@ -434,6 +434,7 @@ def bad_cases(d, chain):
                                      ("loop", la, [la, lb], "loop")):
         for cmd in (["io", "-r", img, "-c", "read 0 4k"],
                     ["io", img, "-c", "write 0 4k"],
+                    ["io", "--overlay", img, "-c", "write 0 4k"],
                     ["convert", "-O", "raw", img, out],
                     ["map", img],
                     ["info", "--backing-chain", img],
