@@ -94,7 +94,8 @@ static int open_base(struct commit *c)
 	if (c->base->size >= c->chain->size)
 		return 0;
 	if (c->base->fmt != UQ_FMT_RAW) {
-		uq_err("%s: smaller than '%s' (%llu < %llu bytes); growing a qcow2 image is not supported",
+		uq_err("%s: smaller than '%s' (%llu < %llu bytes): "
+		       "growing a qcow2 base is not supported",
 		       c->base->path, c->path, (unsigned long long)c->base->size,
 		       (unsigned long long)c->chain->size);
 		return -ENOTSUP;

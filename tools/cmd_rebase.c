@@ -42,7 +42,7 @@ struct rebase {
 	const char *fmt;		/* new backing format, NULL until known */
 	char *fmt_alloc;
 	bool unsafe;
-	struct uq_image *newb;		/* safe mode: the new backing file, its chain opened */
+	struct uq_image *newb;		/* safe mode: the new backing file and its chain */
 	struct uq_image *img;
 };
 

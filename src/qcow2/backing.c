@@ -99,7 +99,8 @@ int qcow2_set_backing(struct qcow2 *img, const char *name, const char *fmt)
 		img->backing_file = old_name;
 		img->backing_fmt = old_fmt;
 		if (ret == -ENOSPC)
-			qcow2_error(img, ret, "backing file name does not fit in the header cluster");
+			qcow2_error(img, ret,
+				    "backing file name does not fit in the header cluster");
 		goto undo;
 	}
 	free(old_name);
@@ -115,7 +116,7 @@ undo:
 int qcow2_make_empty(struct qcow2 *img)
 {
 	struct qcow2_check_result res;
-	int i, ret;
+	int ret;
 
 	if (img->raw)
 		return qcow2_error(img, -ENOTSUP, "raw images cannot be emptied");
@@ -125,16 +126,12 @@ int qcow2_make_empty(struct qcow2 *img)
 		return qcow2_error(img, -EBUSY, "requests in flight");
 	/*
 	 * Drop the active L1 table's references on disk (one ordered flush:
-	 * whatever was pending goes first). From then on every cluster only
-	 * it referenced is a leak, which a crash may leave but never a
-	 * corruption; the leak repair then frees them, keeping everything
-	 * internal snapshots still use.
+	 * whatever metadata was pending goes first, the L1 table last). From
+	 * then on every cluster only it referenced is a leak, which a crash
+	 * may leave but never a corruption; the leak repair (which first
+	 * applies queued refcount decrements) then frees them, keeping
+	 * everything internal snapshots still use.
 	 */
-	for (i = 0; i < 3; i++) {
-		ret = qcow2_flush(img);
-		if (ret < 0)
-			return ret;
-	}
 	memset(img->l1, 0, (size_t)img->h.l1_size * 8);
 	img->l1_dirty = true;
 	ret = qcow2_flush(img);

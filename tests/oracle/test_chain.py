@@ -11,7 +11,7 @@ raw base shorter than the images above it:
 Cases:
   read            `convert -O raw` of the top equals qemu-img's
   create          `create -b` (relative name, size from the backing file) gives
-                  what qemu-img create gives: same info fields, same content
+                  what qemu-img create gives: the same file byte for byte
   random-io       seeded writes / write-zeroes / discards through `io` on the
                   top equal qemu-io's on a raw mirror; no backing file changes
   rebase-*        -u and safe rebase (onto a deeper qcow2, onto the raw base,
@@ -180,6 +180,8 @@ def case_create(d, chain):
         a, b = backing_fields(ours), backing_fields(theirs)
         if a != b:
             return f"info fields differ: ours {a}, qemu-img {b}"
+        if uqtest.sha256(ours) != uqtest.sha256(theirs):
+            return "create -b: the file differs from qemu-img create's"
         err = same_content(ours, theirs, d, "content") or check_clean(ours)
         if err:
             return err
@@ -321,6 +323,36 @@ def commit_pair(d, chain, args, name, img=TOP, base="mid/l2.qcow2", emptied=True
             os.path.getsize(os.path.join(theirs, img)):
         return (f"emptied image is {os.path.getsize(os.path.join(ours, img))} bytes, "
                 f"qemu-img's {os.path.getsize(os.path.join(theirs, img))}")
+    return None
+
+
+def case_commit_snapshot(d, chain):
+    """An internal snapshot of the top keeps its clusters through commit."""
+    res = {}
+    for who in ("ours", "qemu"):
+        c = copy_chain(chain, os.path.join(d, f"cm-snap-{who}"))
+        top = os.path.join(c, TOP)
+        uqtest.qemu_img("snapshot", "-c", "s1", top)
+        uqtest.qemu_io("qcow2", top, ["write -P 0x66 0 256k", "write -z 1M 64k"], input="")
+        want = qemu_raw(d, top, os.path.join(d, f"want-{who}.raw"))
+        if who == "ours":
+            uqtest.uq("commit", top, timeout=TIMEOUT)
+        else:
+            uqtest.qemu_img("commit", "-q", top, input="")
+        err = check_clean(top) or check_clean(os.path.join(c, "mid/l2.qcow2"))
+        if err:
+            return err
+        got = qemu_raw(d, top, os.path.join(d, f"got-{who}.raw"))
+        diff = uqtest.first_difference(want, got)
+        if diff:
+            return f"{who}: the top's content changed: {diff}"
+        res[who] = (qemu_raw(d, os.path.join(c, "mid/l2.qcow2"), os.path.join(d, f"b-{who}.raw")),
+                    os.path.join(d, f"s-{who}.raw"))
+        uqtest.qemu_img("convert", "-l", "s1", "-O", "raw", top, res[who][1])
+    for i, what in enumerate(("the base", "the snapshot")):
+        diff = uqtest.first_difference(res["ours"][i], res["qemu"][i])
+        if diff:
+            return f"{what} after commit differs from qemu-img's: {diff}"
     return None
 
 
@@ -504,6 +536,7 @@ def main():
                  ["-b", "base/l1.qcow2"], "deep", TOP, "base/l1.qcow2", False)
         res.case("commit into a raw base that grows", commit_pair, d, chain, [], "raw",
                  "base/l1.qcow2", "base/base.raw")
+        res.case("commit with an internal snapshot", case_commit_snapshot, d, chain)
         res.case("info-chain", case_info_chain, d, chain)
         res.case("overlay", case_overlay, d, chain)
         for name, fn in bad_cases(d, chain):
