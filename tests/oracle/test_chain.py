@@ -456,6 +456,11 @@ def bad_cases(d, chain):
     lone = os.path.join(bad, "lone.qcow2")
     uqtest.qemu_img("create", "-q", "-f", "qcow2", lone, SIZE)
     uqtest.qemu_io("qcow2", lone, ["write -P 7 0 64k"], input="")
+    sbase, sover = os.path.join(bad, "sbase.qcow2"), os.path.join(bad, "sover.qcow2")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", sbase, MiB)
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-b", "sbase.qcow2", "-F", "qcow2",
+                    sover, SIZE)
+    uqtest.qemu_io("qcow2", sover, ["write -P 3 0 2M"], input="")
     small = os.path.join(bad, "c512.qcow2")
     uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", small, SIZE)
     top = os.path.join(chain, TOP)
@@ -495,6 +500,9 @@ def bad_cases(d, chain):
             "rebase -u")),
         ("bad-rebase-name-too-long", lambda: expect_error(
             ["rebase", "-u", "-b", "x" * 1100, "-F", "raw", top], chain_all, TOP, "rebase -u")),
+        # qemu-img grows a smaller qcow2 base; we refuse before writing.
+        ("bad-commit-into-smaller-qcow2", lambda: expect_error(
+            ["commit", sover], [sover, sbase], "sbase.qcow2", "commit")),
         ("bad-commit-no-backing", lambda: expect_error(
             ["commit", lone], [lone], "lone.qcow2", "commit")),
         ("bad-commit-base-not-in-chain", lambda: expect_error(
