@@ -176,8 +176,10 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 		ids->dev[depth] = st.st_dev;
 		ids->ino[depth] = st.st_ino;
 	}
-	for (i = 0; i <= depth && stat(path, &st) == 0; i++) {
-		if (ids->dev[i] == st.st_dev && ids->ino[i] == st.st_ino) {
+	if (stat(path, &st) == 0) {
+		for (i = 0; i <= depth; i++) {
+			if (ids->dev[i] != st.st_dev || ids->ino[i] != st.st_ino)
+				continue;
 			snprintf(err, errlen, "%s: backing file '%s' makes the chain loop",
 				 img->path, info.backing_file);
 			free(path);
@@ -243,7 +245,7 @@ fail:
 int uq_image_open(struct uq_image **out, const char *path, const char *fmt,
 		  unsigned int flags, char *err, size_t errlen)
 {
-	struct chain_ids ids;
+	struct chain_ids ids = { 0 };
 
 	return open_level(out, path, fmt, flags, NULL, 0, &ids, err, errlen);
 }
@@ -251,7 +253,7 @@ int uq_image_open(struct uq_image **out, const char *path, const char *fmt,
 int uq_image_open_io(struct uq_image **out, const char *path, const char *fmt,
 		     unsigned int flags, struct qcow2_io *io, char *err, size_t errlen)
 {
-	struct chain_ids ids;
+	struct chain_ids ids = { 0 };
 
 	return open_level(out, path, fmt, flags, io, 0, &ids, err, errlen);
 }
