@@ -20,6 +20,8 @@ static const struct {
 	{ "map", cmd_map, "show how guest ranges map into the image file" },
 	{ "convert", cmd_convert, "copy an image into a new raw or qcow2 image" },
 	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots" },
+	{ "rebase", cmd_rebase, "change an image's backing file" },
+	{ "commit", cmd_commit, "write an image's data into its backing file" },
 	{ "io", cmd_io, "read, write, discard and flush ranges (a qemu-io subset)" },
 	{ "add", cmd_add, "serve an image as /dev/ublkbN" },
 	{ "del", cmd_del, "stop and delete a ublk device" },

@@ -264,4 +264,26 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name);
 int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name);
 int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id);
 
+/* ---- Backing file changes (rebase, commit) ----------------------------- */
+
+/*
+ * Make @name (NULL or "": none) with format @fmt (NULL: not recorded; ignored
+ * without a name) the backing file of the writable qcow2 image @img, stored
+ * as given: a relative name is relative to @img's directory. Pending
+ * metadata is flushed first, then the header is rewritten in one write and
+ * synced, so a crash leaves either the old or the new backing file. The
+ * chain opened with @img does not change: reads keep going to it until the
+ * image is reopened. 0 or -errno (-ENOSPC: the name does not fit in the
+ * header cluster) with the image unchanged.
+ */
+int qcow2_set_backing(struct qcow2 *img, const char *name, const char *fmt);
+
+/*
+ * Make every guest cluster of the writable qcow2 image @img unallocated, so
+ * that the backing file shows through (what qemu-img commit leaves behind),
+ * and free the clusters only the active L1 table used. No request may be in
+ * flight. A crash in between leaks clusters and never corrupts. 0 or -errno.
+ */
+int qcow2_make_empty(struct qcow2 *img);
+
 #endif
