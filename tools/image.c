@@ -271,10 +271,11 @@ int uq_image_open_snapshot(struct uq_image **out, const char *path, const char *
 			   const char *snapshot, unsigned int flags, struct qcow2_io *io,
 			   char *err, size_t errlen)
 {
+	struct chain_ids ids = { 0 };
 	int ret;
 
 	next_snapshot = snapshot;
-	ret = open_level(out, path, fmt, flags | UQ_OPEN_RDONLY, io, 0, err, errlen);
+	ret = open_level(out, path, fmt, flags | UQ_OPEN_RDONLY, io, 0, &ids, err, errlen);
 	next_snapshot = NULL;
 	return ret;
 }
