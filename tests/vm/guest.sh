@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
 #                              (default: all)
 
 B=ublk-qcow2
@@ -160,6 +160,27 @@ snap_test() {
 	grep -q . /data/snap.err && pass "snap: a missing snapshot is refused ($(head -n1 /data/snap.err))"
 }
 
+# add --overlay: writes go to an unlinked overlay in $TMPDIR; the image (the
+# read-only test's, whose checksum the host compares) is never written.
+overlay_test() {
+	say "overlay: add --overlay, fio verify, nothing left behind"
+	rm -rf /tmp/ovl
+	mkdir -p /tmp/ovl
+	DEV=$(TMPDIR=/tmp/ovl "$B" add --overlay /data/ro.qcow2) || { fail "overlay: add"; return; }
+	ID=${DEV#/dev/ublkb}
+	i=0
+	while [ ! -b "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	cmp "$DEV" /data/ro.raw && pass "overlay: reads as the image" ||
+		fail "overlay: content differs from the image"
+	fio --name=ovl --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=512-64k --size=64m --io_size=16m \
+		--verify=crc32c --verify_fatal=1 >/data/ovl.log 2>&1 &&
+		pass "overlay: randwrite with verify=crc32c" || { fail "overlay: fio"; tail -n 20 /data/ovl.log; }
+	[ -z "$(ls -A /tmp/ovl)" ] && pass "overlay: no file in TMPDIR" || fail "overlay: files in TMPDIR"
+	"$B" del -n "$ID" || fail "overlay: del"
+	gone overlay
+}
+
 # Discard and write-zeroes on qcow2: the host checks what reads back.
 discard_test() {
 	say "discard: blkdiscard and blkdiscard -z on a filled image"
@@ -281,7 +302,7 @@ kill_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow snap ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -289,6 +310,7 @@ for t in "$@"; do
 	fio) fio_test ;;
 	cow) cow_test ;;
 	snap) snap_test ;;
+	overlay) overlay_test ;;
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
