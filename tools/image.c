@@ -481,6 +481,9 @@ static int level_status(struct uq_image *img, uint64_t off, uint64_t len, struct
 	st->len = ext.len;
 	switch (ext.type) {
 	case QCOW2_EXTENT_UNALLOCATED:
+		/* A subcluster not in use in an allocated cluster keeps its offset. */
+		st->has_offset = ext.host_off != 0;
+		st->offset = ext.host_off;
 		break;
 	case QCOW2_EXTENT_ZERO:
 		st->present = true;

@@ -26,6 +26,39 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 	return 0;
 }
 
+/*
+ * The type of subcluster @sc of an extended L2 entry @e with @bitmap, and
+ * the host offset of the subcluster (the descriptor if compressed). Without
+ * extended L2 the whole cluster is subcluster 0 and @bitmap is ignored.
+ */
+int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigned int sc,
+			 enum l2_type *type, uint64_t *host)
+{
+	int ret;
+
+	if (img->l2_entry_bytes != 16 || (e & L2E_COMPRESSED))
+		return qcow2_l2_classify(img, e, type, host);
+	/* Bit 0 (the zero flag) is unused: the bitmap says what reads as zero. */
+	ret = qcow2_l2_classify(img, e & ~L2E_ZERO, type, host);
+	if (ret < 0)
+		return ret;
+	if ((bitmap >> 32) & bitmap & L2B_ALL_ALLOC)
+		return qcow2_corrupt(img, "L2 bitmap 0x%llx: subclusters both allocated and zero",
+				     (unsigned long long)bitmap);
+	if (!*host && (bitmap & L2B_ALL_ALLOC))
+		return qcow2_corrupt(img, "L2 bitmap 0x%llx: allocated subclusters without a cluster",
+				     (unsigned long long)bitmap);
+	if (bitmap & L2B_ZERO(sc))
+		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
+	else if (bitmap & L2B_ALLOC(sc))
+		*type = L2_NORMAL;
+	else
+		*type = L2_UNALLOC;	/* keeps the cluster's host offset, for map */
+	if (*host)
+		*host += (uint64_t)sc << img->unit_bits;
+	return 0;
+}
+
 /* Drop the reference L2 entry @e holds (after the next flush). 0 or -errno. */
 int qcow2_free_entry(struct qcow2 *img, uint64_t e)
 {
@@ -82,15 +115,17 @@ void qcow2_l2_locate(struct qcow2 *img, uint64_t l2_off, uint64_t pos,
 
 
 /*
- * The run of like clusters starting at guest byte @pos, ending at @end at
- * most: its type, host offset of @pos (DATA) and length. Stops at the end of
- * the L2 slice. 0 / -EAGAIN (parked on @w) / -errno.
+ * The run of like clusters (subclusters with extended L2) starting at guest
+ * byte @pos, ending at @end at most: its type, host offset of @pos (DATA)
+ * and length. Stops at the end of the L2 slice. 0 / -EAGAIN (parked on @w)
+ * / -errno.
  */
 int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
 		      enum l2_type *type, uint64_t *host, uint64_t *run)
 {
 	uint64_t l2_off, l1e, slice_off, idx, per_slice, first, h, n, limit;
-	uint64_t in_cluster = pos & (img->cluster_size - 1);
+	uint64_t unit = 1ull << img->unit_bits, in_unit = pos & (unit - 1);
+	unsigned int upc = 1u << (img->h.cluster_bits - img->unit_bits), u0, u;
 	struct qcow2_slice *s;
 	enum l2_type t;
 	int ret;
@@ -109,25 +144,38 @@ int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2
 	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, w, &s);
 	if (ret < 0)
 		return ret;
-	ret = qcow2_l2_classify(img, qcow2_l2_get(s, idx), type, &first);
+	/* Units: clusters, or with extended L2 the subclusters of the entries. */
+	u0 = (pos & (img->cluster_size - 1)) >> img->unit_bits;
+	ret = qcow2_l2_classify_sc(img, qcow2_l2_get(s, idx), qcow2_l2_bitmap(s, idx), u0,
+				   type, &first);
 	if (ret < 0)
 		goto out;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
 	n = 1;
-	while (idx + n < per_slice &&
-	       qcow2_cluster_off(img, pos) + n * img->cluster_size < end) {
-		ret = qcow2_l2_classify(img, qcow2_l2_get(s, idx + n), &t, &h);
+	while ((pos & ~(unit - 1)) + n * unit < end && *type != L2_COMPRESSED) {
+		uint64_t i = idx + (u0 + n) / upc;
+
+		u = (u0 + n) % upc;
+		if (i >= per_slice)
+			break;
+		ret = qcow2_l2_classify_sc(img, qcow2_l2_get(s, i), qcow2_l2_bitmap(s, i), u,
+					   &t, &h);
 		if (ret < 0)
 			goto out;
 		if (t != *type || t == L2_COMPRESSED)
 			break;
-		if ((t == L2_NORMAL || t == L2_ZERO_ALLOC) &&
-		    h != first + n * img->cluster_size)
+		if (first ? h != first + n * unit : h != 0)
 			break;
 		n++;
 	}
-	*host = *type == L2_COMPRESSED ? first : first ? first + in_cluster : 0;
-	limit = qcow2_cluster_off(img, pos) + n * img->cluster_size;
+	if (*type == L2_COMPRESSED) {
+		/* A compressed cluster is one unit, whatever the subclusters. */
+		*host = first;
+		limit = qcow2_cluster_off(img, pos) + img->cluster_size;
+	} else {
+		*host = first ? first + in_unit : 0;
+		limit = (pos & ~(unit - 1)) + n * unit;
+	}
 	*run = (end < limit ? end : limit) - pos;
 out:
 	qcow2_cache_put(s);

@@ -225,11 +225,11 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	if (h->incompatible & ~KNOWN_INCOMPAT)
 		return refuse_unknown_features(img, h->incompatible & ~KNOWN_INCOMPAT,
 					       ftable, ftable_len);
-	if (h->incompatible & (QCOW2_INCOMPAT_DATA_FILE | QCOW2_INCOMPAT_EXTL2)) {
-		int bit = h->incompatible & QCOW2_INCOMPAT_DATA_FILE ? 2 : 4;
-
-		return qcow2_error(img, -ENOTSUP, "unsupported feature: %s", incompat_names[bit]);
-	}
+	if (h->incompatible & QCOW2_INCOMPAT_DATA_FILE)
+		return qcow2_error(img, -ENOTSUP, "unsupported feature: %s", incompat_names[2]);
+	/* 32 subclusters of at least 512 bytes each. */
+	if ((h->incompatible & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14)
+		return qcow2_error(img, -EINVAL, "extended L2 entries need clusters of 16 KiB or more");
 	if (!!(h->incompatible & QCOW2_INCOMPAT_COMPRESSION) != (h->compression_type != 0) ||
 	    h->compression_type > 1)
 		return qcow2_error(img, -EINVAL, "invalid compression type %u", h->compression_type);
@@ -243,8 +243,15 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	img->refcount_bits = 1u << h->refcount_order;
 	img->refcount_max = img->refcount_bits == 64 ? UINT64_MAX :
 			    (1ull << img->refcount_bits) - 1;
-	img->l2_entry_bytes = 8;
-	img->l2_bits = h->cluster_bits - 3;
+	if (h->incompatible & QCOW2_INCOMPAT_EXTL2) {
+		img->l2_entry_bytes = 16;
+		img->l2_bits = h->cluster_bits - 4;
+		img->unit_bits = h->cluster_bits - 5;
+	} else {
+		img->l2_entry_bytes = 8;
+		img->l2_bits = h->cluster_bits - 3;
+		img->unit_bits = h->cluster_bits;
+	}
 	img->rb_bits = h->cluster_bits + 3 - h->refcount_order;
 
 	l2_span = qcow2_l2_span(img);

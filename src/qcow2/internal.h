@@ -233,6 +233,7 @@ struct qcow2 {
 	uint64_t refcount_max;
 	uint32_t l2_bits;		/* log2 of L2 entries per table */
 	uint32_t l2_entry_bytes;	/* 8, or 16 with extended L2 */
+	uint32_t unit_bits;		/* log2 of the mapping unit: cluster or subcluster */
 	uint32_t rb_bits;		/* log2 of refcount entries per block */
 	uint64_t file_size;		/* at open; allocation may grow past it */
 	uint64_t file_end;		/* past every byte written: beyond is holes */
@@ -459,18 +460,35 @@ struct qcow2_req {
 	struct req_aio aios[REQ_AIOS];
 };
 
+/* L2 entry @idx of an L2 slice (8 bytes, or 16 with extended L2). */
 static inline uint64_t qcow2_l2_get(const struct qcow2_slice *s, uint64_t idx)
 {
-	return get_be64(s->data + idx * 8);
+	return get_be64(s->data + idx * s->cache->img->l2_entry_bytes);
 }
 
 static inline void qcow2_l2_set(struct qcow2_slice *s, uint64_t idx, uint64_t v)
 {
-	put_be64(s->data + idx * 8, v);
+	put_be64(s->data + idx * s->cache->img->l2_entry_bytes, v);
 }
+
+/* Extended L2: the subcluster bitmap after the entry (0 without extended L2). */
+static inline uint64_t qcow2_l2_bitmap(const struct qcow2_slice *s, uint64_t idx)
+{
+	if (s->cache->img->l2_entry_bytes != 16)
+		return 0;
+	return get_be64(s->data + idx * 16 + 8);
+}
+
+/* Extended L2: subclusters per cluster, and the bitmap bits of subcluster @sc. */
+#define QCOW2_SUBCLUSTERS		32
+#define L2B_ALLOC(sc)			(1ull << (sc))
+#define L2B_ZERO(sc)			(1ull << (32 + (sc)))
+#define L2B_ALL_ALLOC			0x00000000ffffffffull
 
 /* cluster.c: L1/L2 entries and lookups. */
 int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_t *host);
+int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigned int sc,
+			 enum l2_type *type, uint64_t *host);
 int qcow2_free_entry(struct qcow2 *img, uint64_t e);
 int qcow2_l1_lookup(struct qcow2 *img, uint64_t pos, uint64_t *l2_off, uint64_t *l1e);
 void qcow2_l2_locate(struct qcow2 *img, uint64_t l2_off, uint64_t pos,

@@ -167,8 +167,9 @@ struct qcow2_extent {
 	uint64_t guest_off;
 	uint64_t len;
 	enum qcow2_extent_type type;
-	uint64_t host_off;		/* DATA: host offset; ZERO: host offset if the
-					 * cluster is preallocated, else 0 */
+	uint64_t host_off;		/* DATA: host offset; ZERO and UNALLOCATED (an
+					 * extended L2 subcluster): host offset if the
+					 * cluster is allocated, else 0 */
 };
 
 /*
