@@ -20,6 +20,7 @@ int cmd_del(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_features(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
 
 struct uq_json;
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""`bench` does the I/O it claims, as qemu-img bench would: a write run with
+--pattern leaves exactly the pattern where qemu-img bench's offsets fall
+(step, wrap-around, flush interval), the image checks clean, and a read run
+of a raw and a qcow2 image completes; bad options get one error line."""
+
+import os
+import sys
+
+import uqtest
+
+MiB = 1 << 20
+
+
+def case_write(d, extra, c):
+    img = os.path.join(d, "w.qcow2")
+    ref = os.path.join(d, "ref.qcow2")
+    try:
+        for p in (img, ref):
+            uqtest.qemu_create(p, 4 * MiB, cluster_size=c)
+        args = ["-w", "--pattern=90", "-c", "300", "-d", "8", "-s", "12k", "-S", "20k",
+                "-o", "4096"] + extra
+        p = uqtest.uq("bench", *args, img)
+        if "Run completed in" not in p.stdout:
+            return f"no completion line: {p.stdout!r}"
+        uqtest.qemu_img("bench", "-f", "qcow2", *args, ref)
+        p = uqtest.qemu_img("compare", img, ref, check=False)
+        if p.returncode != 0:
+            return f"differs from qemu-img bench's result: {(p.stdout + p.stderr).strip()}"
+        p = uqtest.qemu_img("check", img, check=False)
+        if p.returncode != 0:
+            return f"qemu-img check exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
+        return None
+    finally:
+        for p in (img, ref):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def case_read(d, fmt):
+    img = os.path.join(d, "r." + fmt)
+    uqtest.qemu_img("create", "-q", "-f", fmt, img, str(8 * MiB))
+    uqtest.qemu_io(fmt, img, ["write -P 0x11 0 8M"])
+    p = uqtest.uq("bench", "-f", fmt, "-c", "5000", "-d", "16", "-t", "none", img)
+    os.unlink(img)
+    if "Sending 5000 read requests, 4096 bytes each, 16 in parallel" not in p.stdout:
+        return f"unexpected output: {p.stdout!r}"
+    return None
+
+
+def case_bad(d):
+    img = os.path.join(d, "b.qcow2")
+    uqtest.qemu_create(img, MiB)
+    for args in (["-c", "0"], ["-d", "x"], ["--flush-interval=4"], ["-w", "--flush-interval=4"],
+                 ["-t", "bogus"],
+                 ["-o", "2M"]):
+        p = uqtest.uq("bench", *args, img, check=False)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        if p.returncode == 0 or len(lines) != 1:
+            return f"bench {' '.join(args)}: exit {p.returncode}, stderr {p.stderr!r}"
+    return None
+
+
+def main():
+    uqtest.require_tools("qemu-img", "qemu-io")
+    uqtest.uq_bin()
+    res = uqtest.Results("test_bench")
+    d = uqtest.scratch_dir("bench")
+    try:
+        res.case("write pattern, step, wrap (64k clusters)", case_write, d, [], 65536)
+        res.case("write with --flush-interval=9 (4k clusters)", case_write, d,
+                 ["--flush-interval=9"], 4096)
+        res.case("read qcow2", case_read, d, "qcow2")
+        res.case("read raw", case_read, d, "raw")
+        res.case("bad options", case_bad, d)
+    finally:
+        uqtest.cleanup(d)
+    res.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

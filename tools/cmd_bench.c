@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: MIT
+/*
+ * bench: qemu-img bench's workload through the engine's own request path
+ * (the one the ublk queues drive): COUNT requests of SIZE bytes, DEPTH in
+ * flight, offsets advancing by STEP and wrapping as qemu-img's do. Same
+ * flags and output lines as qemu-img bench, so the two compare run for run.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cmds.h"
+#include "qcow2.h"
+#include "util.h"
+
+struct bench {
+	struct qcow2 *img;
+	enum qcow2_op op;
+	uint64_t count, sent, done;
+	uint64_t offset, step, start, image_size;
+	uint32_t bufsize;
+	uint64_t flush_interval;
+	uint64_t flushed;		/* requests sent when the last flush completed */
+	bool flushing;
+	struct qcow2_req *flusher;
+	struct bench_req **idle;	/* waiting for the flush to go on */
+	unsigned int nr_idle;
+	int err;
+};
+
+struct bench_req {
+	struct qcow2_req *req;
+	struct bench *b;
+	uint8_t *buf;
+};
+
+static void bench_usage(FILE *f)
+{
+	fprintf(f,
+		"usage: " UQ_PROG " bench [-w] [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET]\n"
+		"                        [--pattern=PAT] [--flush-interval=N] [-t CACHE] [-i AIO]\n"
+		"                        [-f FMT] [-q] IMAGE\n"
+		"\n"
+		"Run qemu-img bench's workload through the engine: COUNT requests (default\n"
+		"75000) of SIZE bytes (default 4k), DEPTH in flight (default 64), starting at\n"
+		"OFFSET and STEP bytes apart (default SIZE), wrapping at the end of the image.\n"
+		"\n"
+		"  -w                  write (default: read)\n"
+		"  --pattern=PAT       byte written (default 0)\n"
+		"  --flush-interval=N  a flush after every N writes\n"
+		"  -t CACHE            none or directsync: O_DIRECT (default writeback: buffered)\n"
+		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
+		"  -f FMT              qcow2 or raw (raw: reads only)\n"
+		"  -q                  no output but errors\n");
+}
+
+static void bench_next(struct bench_req *br);
+
+static void bench_done(struct qcow2_req *req, int res, void *priv)
+{
+	struct bench_req *br = priv;
+	struct bench *b = br->b;
+
+	if (res < 0 && !b->err) {
+		b->err = res;
+		uq_err("%s", qcow2_errmsg(b->img));
+	}
+	if (req == b->flusher) {
+		/* The flush is done: everyone waiting goes on. */
+		b->flusher = NULL;
+		b->flushing = false;
+		b->flushed = b->sent;
+		while (b->nr_idle)
+			bench_next(b->idle[--b->nr_idle]);
+	} else {
+		b->done++;
+	}
+	bench_next(br);
+}
+
+/* Send the next request on @br, if any is left. */
+static void bench_next(struct bench_req *br)
+{
+	struct bench *b = br->b;
+	uint64_t off;
+
+	if (b->err || b->sent >= b->count)
+		return;
+	if (b->flush_interval && b->sent % b->flush_interval == 0 && b->flushed != b->sent) {
+		/* Every N writes: wait for them all, then one flush, then go on. */
+		if (b->flushing || b->done < b->sent) {
+			b->idle[b->nr_idle++] = br;
+			return;
+		}
+		b->flushing = true;
+		b->flusher = br->req;
+		qcow2_req_submit(br->req, QCOW2_OP_FLUSH, 0, 0, NULL, bench_done, br);
+		return;
+	}
+	/* qemu-img 7.2's wrap (later ones wrap at image_size - bufsize). */
+	off = b->offset;
+	b->offset = (b->offset + b->step) % b->image_size;
+	b->sent++;
+	qcow2_req_submit(br->req, b->op, off, b->bufsize, br->buf, bench_done, br);
+}
+
+int cmd_bench(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "pattern", required_argument, NULL, 'P' },
+		{ "flush-interval", required_argument, NULL, 'I' },
+		{ "no-drain", no_argument, NULL, 'D' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct bench b = { .op = QCOW2_OP_READ, .count = 75000, .bufsize = 4096 };
+	struct qcow2_opts opts = { 0 };
+	uint64_t depth = 64, step = 0, v, pattern = 0;
+	struct bench_req *brs = NULL;
+	struct qcow2_info info;
+	struct qcow2_io *io = NULL;
+	struct timespec t0, t1;
+	bool quiet = false;
+	char err[512];
+	int opt, ret, status = 1;
+	uint64_t i;
+
+	while ((opt = getopt_long(argc, argv, ":wc:d:s:S:o:t:i:f:nqh", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'w':
+			b.op = QCOW2_OP_WRITE;
+			break;
+		case 'c':
+		case 'd':
+		case 's':
+		case 'S':
+		case 'o':
+		case 'P':
+		case 'I':
+			if (uq_parse_size(optarg, &v) < 0 ||
+			    (opt != 'o' && opt != 'P' && opt != 'S' && v == 0) ||
+			    (opt == 'd' && v > 4096) || (opt == 's' && v > (64u << 20)) ||
+			    (opt == 'P' && v > 255)) {
+				uq_err("bench: invalid value '%s' for -%c", optarg,
+				       opt == 'P' ? 'P' : opt == 'I' ? 'I' : opt);
+				return 1;
+			}
+			if (opt == 'c')
+				b.count = v;
+			else if (opt == 'd')
+				depth = v;
+			else if (opt == 's')
+				b.bufsize = v;
+			else if (opt == 'S')
+				step = v;
+			else if (opt == 'o')
+				b.start = v;
+			else if (opt == 'P')
+				pattern = v;
+			else
+				b.flush_interval = v;
+			break;
+		case 't':
+			if (!strcmp(optarg, "none") || !strcmp(optarg, "directsync")) {
+				opts.direct = true;
+			} else if (strcmp(optarg, "writeback") && strcmp(optarg, "writethrough") &&
+				   strcmp(optarg, "unsafe")) {
+				uq_err("bench: invalid cache mode '%s'", optarg);
+				return 1;
+			}
+			break;
+		case 'i':
+			if (strcmp(optarg, "io_uring") && strcmp(optarg, "native") &&
+			    strcmp(optarg, "threads")) {
+				uq_err("bench: invalid aio mode '%s'", optarg);
+				return 1;
+			}
+			break;
+		case 'n':
+		case 'D':
+			break;
+		case 'f':
+			opts.format = optarg;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'h':
+			bench_usage(stdout);
+			return 0;
+		default:
+			return uq_usage_error("bench", argv, opt);
+		}
+	}
+	if (argc - optind != 1)
+		return uq_usage_args("bench", "one IMAGE");
+	if (b.flush_interval && b.op != QCOW2_OP_WRITE) {
+		uq_err("bench: --flush-interval is only available in write tests");
+		return 1;
+	}
+	if (b.flush_interval && b.flush_interval < depth) {
+		uq_err("bench: --flush-interval can't be smaller than the depth (%llu)",
+		       (unsigned long long)depth);
+		return 1;
+	}
+	b.step = step ? step : b.bufsize;
+	opts.read_only = b.op == QCOW2_OP_READ;
+
+	io = qcow2_uring_new(2 * depth + 64);
+	if (!io) {
+		uq_err("bench: io_uring: %s", strerror(errno));
+		return 1;
+	}
+	if (qcow2_open(&b.img, argv[optind], &opts, io, err, sizeof(err)) < 0) {
+		uq_err("%s", err);
+		goto out_io;
+	}
+	qcow2_get_info(b.img, &info);
+	b.image_size = info.virtual_size;
+	if (b.start >= b.image_size || b.bufsize > b.image_size) {
+		uq_err("%s: offset or request size beyond the image (%llu bytes)", argv[optind],
+		       (unsigned long long)b.image_size);
+		goto out_close;
+	}
+	b.offset = b.start;
+
+	brs = calloc(depth, sizeof(*brs));
+	b.idle = calloc(depth, sizeof(*b.idle));
+	if (!brs || !b.idle)
+		goto out_nomem;
+	for (i = 0; i < depth; i++) {
+		brs[i].b = &b;
+		brs[i].req = qcow2_req_new(b.img);
+		if (!brs[i].req || posix_memalign((void **)&brs[i].buf, 4096, b.bufsize))
+			goto out_nomem;
+		memset(brs[i].buf, (int)pattern, b.bufsize);
+	}
+
+	if (!quiet) {
+		printf("Sending %llu %s requests, %u bytes each, %llu in parallel "
+		       "(starting at offset %llu, step size %llu)\n",
+		       (unsigned long long)b.count, b.op == QCOW2_OP_WRITE ? "write" : "read",
+		       b.bufsize, (unsigned long long)depth, (unsigned long long)b.start,
+		       (unsigned long long)b.step);
+		if (b.flush_interval)
+			printf("Sending flush every %llu requests\n",
+			       (unsigned long long)b.flush_interval);
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (i = 0; i < depth && i < b.count; i++)
+		bench_next(&brs[i]);
+	if (qcow2_drain(b.img) < 0 && !b.err)
+		b.err = -EIO;
+	if (!b.err && b.op == QCOW2_OP_WRITE && b.flush_interval && qcow2_flush(b.img) < 0)
+		b.err = -EIO;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	if (b.err) {
+		if (!qcow2_errmsg(b.img)[0])
+			uq_err("%s: %s", argv[optind], strerror(-b.err));
+		goto out_close;
+	}
+	if (!quiet)
+		printf("Run completed in %.3f seconds.\n",
+		       (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+	status = 0;
+	goto out_close;
+
+out_nomem:
+	uq_err("bench: out of memory");
+out_close:
+	if (brs) {
+		for (i = 0; i < depth; i++) {
+			qcow2_req_free(brs[i].req);
+			free(brs[i].buf);
+		}
+		free(brs);
+	}
+	free(b.idle);
+	ret = qcow2_close(b.img);
+	if (ret < 0 && status == 0) {
+		uq_err("%s: closing: %s", argv[optind], strerror(-ret));
+		status = 1;
+	}
+out_io:
+	qcow2_uring_free(io);
+	return status;
+}
