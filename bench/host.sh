@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Host benchmark: `ublk-qcow2 bench` against `qemu-img bench` with the same
+# flags on the same kind of image (-t none -i io_uring, on tmpfs so that the
+# machine's disk does not set the pace), alternating the two, ROUNDS rounds;
+# prints the median of the per-round IOPS ratios. Plus fio on a raw file on
+# the same tmpfs: the ceiling for reads.
+#
+#   bench/host.sh [ROUNDS]        (default 5; UQ_BIN: the binary, default build/)
+#
+# Workloads: 4k and 64k, reads and writes, QD 1 and 32, on a preallocated
+# (falloc) 1 GiB image; allocating writes on an empty image (a fresh one per
+# run). Targets (issue 5): >= 1.5x qemu-img bench for 4k QD32 allocated reads,
+# allocated writes and allocating writes; >= 0.9x fio for 4k QD32 reads.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+bin=${UQ_BIN:-$top/build/ublk-qcow2}
+rounds=${1:-5}
+for t in qemu-img fio python3; do
+	command -v "$t" >/dev/null || { echo "bench/host.sh: $t not found" >&2; exit 1; }
+done
+[ -x "$bin" ] || { echo "bench/host.sh: no binary at $bin (build first)" >&2; exit 1; }
+dir=$(mktemp -d /dev/shm/uq-bench.XXXXXX)
+trap 'rm -rf "$dir"' EXIT
+size=1G
+
+# seconds TOOL ARGS...: the run time qemu-img bench's last line reports
+seconds() {
+	"$@" | sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p'
+}
+
+prealloc=$dir/pre.qcow2
+qemu-img create -q -f qcow2 -o preallocation=falloc "$prealloc" $size
+qemu-io -f qcow2 -c "write -P 0x5a 0 $size" "$prealloc" >/dev/null
+
+# one NAME COUNT ARGS...: ROUNDS alternating runs of both; prints the line
+one() {
+	local name=$1 count=$2 r ours theirs img ratios=()
+	shift 2
+	for r in $(seq "$rounds"); do
+		for who in ours theirs; do
+			img=$prealloc
+			if [ "$name" = "${name#alloc}" ]; then :; else
+				img=$dir/empty.qcow2
+				rm -f "$img"
+				qemu-img create -q -f qcow2 "$img" $size
+			fi
+			if [ $who = ours ]; then
+				ours=$(seconds "$bin" bench -c "$count" -t none -i io_uring "$@" "$img")
+			else
+				theirs=$(seconds qemu-img bench -f qcow2 -c "$count" -t none -i io_uring "$@" "$img")
+			fi
+		done
+		ratios+=("$(python3 -c "print($theirs / $ours)")")
+		last_ours=$ours last_theirs=$theirs
+	done
+	python3 - "$name" "$count" "$last_ours" "$last_theirs" "${ratios[@]}" <<'PY'
+import statistics, sys
+name, count, ours, theirs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+r = sorted(float(x) for x in sys.argv[5:])
+print(f"{name:<28} ours {count / ours:>10,.0f} IOPS  qemu-img {count / theirs:>10,.0f} IOPS"
+      f"  ratio median {statistics.median(r):5.2f}x (min {r[0]:.2f}, max {r[-1]:.2f})")
+PY
+}
+
+echo "ublk-qcow2 bench vs qemu-img bench, $rounds rounds, images on $dir (tmpfs), -t none -i io_uring"
+one "read 4k QD32" 200000 -d 32 -s 4k
+one "read 4k QD1" 50000 -d 1 -s 4k
+one "read 64k QD32" 40000 -d 32 -s 64k
+one "write 4k QD32" 200000 -w -d 32 -s 4k
+one "write 4k QD1" 50000 -w -d 1 -s 4k
+one "write 64k QD32" 40000 -w -d 32 -s 64k
+one "alloc write 4k QD32" 100000 -w -d 32 -s 4k
+one "alloc write 64k QD32" 16000 -w -d 32 -s 64k
+
+# The ceiling: fio reading a raw file on the same tmpfs, the same pattern.
+raw=$dir/raw.img
+qemu-img convert -O raw "$prealloc" "$raw"
+fio_iops=$(fio --name=ceiling --filename="$raw" --direct=1 --ioengine=io_uring --iodepth=32 \
+	--rw=read --bs=4k --size=$size --io_size=800m --output-format=terse --terse-version=3 |
+	cut -d';' -f8)
+ours=$(seconds "$bin" bench -c 200000 -d 32 -s 4k -t none "$prealloc")
+python3 -c "
+fio = float('$fio_iops'); ours = 200000 / float('$ours')
+print(f'{\"read 4k QD32 vs fio (raw)\":<28} ours {ours:>10,.0f} IOPS  fio      {fio:>10,.0f} IOPS  ratio {ours / fio:5.2f}x')"
