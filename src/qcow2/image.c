@@ -397,11 +397,6 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 				  "image is marked corrupt: open it read-only or repair it with 'check -r all'");
 		goto fail;
 	}
-	if ((img->h.incompatible & QCOW2_INCOMPAT_EXTL2) && !img->read_only) {
-		ret = qcow2_error(img, -ENOTSUP,
-				  "extended L2 entries: writing is not supported yet (open it read-only)");
-		goto fail;
-	}
 	img->corrupt = img->h.incompatible & QCOW2_INCOMPAT_CORRUPT;
 	if (opts->snapshot) {
 		ret = qcow2_snapshot_select(img, opts->snapshot);

@@ -447,6 +447,10 @@ struct qcow2_req {
 	uint64_t a_old_l2;		/* shared L2 table being copied, or 0 */
 
 	bool a_cow;			/* head/tail come from r->cow, not zeros */
+	uint64_t a_ws, a_we;		/* guest range written: whole clusters, or with
+					 * extended L2 the touched subclusters */
+	uint64_t a_bitmap;		/* extended L2: the bitmap LINK stores */
+	uint32_t a_zmask;		/* extended L2: subclusters the COW fill zeroes */
 	unsigned int cow_pending;	/* COW reads in flight */
 	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
 	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily;
@@ -477,6 +481,11 @@ static inline uint64_t qcow2_l2_bitmap(const struct qcow2_slice *s, uint64_t idx
 	if (s->cache->img->l2_entry_bytes != 16)
 		return 0;
 	return get_be64(s->data + idx * 16 + 8);
+}
+
+static inline void qcow2_l2_set_bitmap(struct qcow2_slice *s, uint64_t idx, uint64_t v)
+{
+	put_be64(s->data + idx * 16 + 8, v);
 }
 
 /* Extended L2: subclusters per cluster, and the bitmap bits of subcluster @sc. */

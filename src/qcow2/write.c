@@ -196,38 +196,40 @@ void qcow2_alloc_abort(struct qcow2_req *r)
 int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 {
 	struct qcow2 *img = r->img;
-	uint64_t cs = img->cluster_size, cluster_end = r->a_guest + r->a_nr * cs;
-	uint64_t head = r->pos - r->a_guest, tail = cluster_end - r->a_end;
+	uint64_t cs = img->cluster_size, ws = r->a_ws - r->a_guest;
+	uint64_t head = r->pos - r->a_ws, tail = r->a_we - r->a_end;
 	uint8_t *tail_src = r->a_cow ? cow_tail(r) + (r->a_end & (cs - 1)) : img->zero_buf;
 	bool in_cow = r->a_cow && r->a_nr <= 2 && r->pos == r->off &&
 		      r->a_end == r->off + r->len;
 	unsigned int n = 0;
 
-	if (qcow2_data_wait(r, in_cow ? r->cow + head : r->buf)) {
+	if (qcow2_data_wait(r, in_cow ? r->cow + (r->pos - r->a_guest) : r->buf)) {
 		r->alloc = ALLOC_COW;
 		return 0;
 	}
 	r->alloc = ALLOC_DATA;
 	if (r->op == QCOW2_OP_WRITE && r->data != r->buf) {
 		/* The data landed between the old bytes: one buffer. */
-		a->iov[0] = (struct iovec){ .iov_base = r->cow, .iov_len = r->a_nr * cs };
-		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, 1, true);
+		a->iov[0] = (struct iovec){ .iov_base = r->cow + ws,
+					    .iov_len = r->a_we - r->a_ws };
+		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, 1, true);
 	}
 
 	/* Fresh clusters past everything ever written read as zeros already. */
 	if (r->a_new && !r->a_cow && r->a_host >= img->file_end) {
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = r->a_end - r->pos };
-		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + head, 1, true);
+		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE,
+					    r->a_host + (r->pos - r->a_guest), 1, true);
 	}
 	if (head)
-		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow : img->zero_buf,
+		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow + ws : img->zero_buf,
 					      .iov_len = head };
 	a->iov[n++] = (struct iovec){ .iov_base = write_src(r, r->pos),
 				      .iov_len = r->a_end - r->pos };
 	if (tail)
 		a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
-	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, n, true);
+	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, n, true);
 }
 
 int qcow2_alloc_link(struct qcow2_req *r)
@@ -246,6 +248,8 @@ int qcow2_alloc_link(struct qcow2_req *r)
 		return ret;
 	for (i = 0; i < r->a_nr; i++)
 		qcow2_l2_set(s, idx + i, (r->a_host + i * img->cluster_size) | QCOW2_OFLAG_COPIED);
+	if (img->l2_entry_bytes == 16)
+		qcow2_l2_set_bitmap(s, idx, r->a_bitmap);	/* one cluster at a time */
 	qcow2_cache_mark_dirty(s);
 	qcow2_cache_put(s);
 	r->alloc = ALLOC_NONE;
@@ -264,9 +268,16 @@ void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
 	uint64_t cs = r->img->cluster_size, head = r->pos - r->a_guest;
 	uint64_t in_last = r->a_end & (cs - 1);
 
+	uint64_t unit = 1ull << r->img->unit_bits;
+	unsigned int sc;
+
 	memcpy(r->cow, old, head);
 	if (in_last)
 		memcpy(cow_tail(r) + in_last, old + in_last, cs - in_last);
+	/* Extended L2: touched subclusters the old cluster did not hold read as zeros. */
+	for (sc = 0; r->a_zmask && sc < QCOW2_SUBCLUSTERS; sc++)
+		if (r->a_zmask & (1u << sc))
+			memset(r->cow + sc * unit, 0, unit);
 }
 
 /*
@@ -279,8 +290,7 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 		     uint64_t old_e, uint64_t old_host)
 {
 	struct qcow2 *img = r->img;
-	uint64_t cs = img->cluster_size, head = r->pos - r->a_guest;
-	uint64_t in_last = r->a_end & (cs - 1);
+	uint64_t cs = img->cluster_size, in_last = r->a_end & (cs - 1);
 	int ret;
 
 	if (!r->cow && posix_memalign((void **)&r->cow, 4096, 2 * cs))
@@ -304,14 +314,170 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 		r->cow_pending++;
 		return 0;
 	}
-	if (head) {
-		ret = qcow2_backing_read(r, r->cow, r->a_guest, head);
+	/*
+	 * From the backing file: the touched (sub)clusters around the write;
+	 * with extended L2 those marked in a_zmask are zeros instead.
+	 */
+	if (r->pos > r->a_ws) {
+		uint8_t *dst = r->cow + (r->a_ws - r->a_guest);
+
+		if (r->a_zmask & (1u << ((r->a_ws - r->a_guest) >> img->unit_bits)))
+			memset(dst, 0, r->pos - r->a_ws);
+		else if ((ret = qcow2_backing_read(r, dst, r->a_ws, r->pos - r->a_ws)) < 0)
+			return ret;
+	}
+	if (in_last && r->a_we > r->a_end) {
+		if (r->a_zmask & (1u << ((r->a_end - r->a_guest) >> img->unit_bits)))
+			memset(cow_tail(r) + in_last, 0, r->a_we - r->a_end);
+		else
+			return qcow2_backing_read(r, cow_tail(r) + in_last, r->a_end,
+						  r->a_we - r->a_end);
+	}
+	return 0;
+}
+
+/* Bitmap bits of the subclusters of [@from, @to) in the cluster at @cstart. */
+static uint64_t sc_mask(const struct qcow2 *img, uint64_t cstart, uint64_t from, uint64_t to)
+{
+	unsigned int a = (from - cstart) >> img->unit_bits;
+	unsigned int b = (to - cstart + (1ull << img->unit_bits) - 1) >> img->unit_bits;
+
+	return (b - a == 32 ? L2B_ALL_ALLOC : ((1ull << (b - a)) - 1)) << a;
+}
+
+/*
+ * Extended L2, one cluster at a time: only the touched subclusters are
+ * written (a partial one filled from the backing file, or with zeros);
+ * the others keep their state. A cluster held alone is written in place;
+ * a missing one is allocated; a shared or compressed one is copied whole.
+ */
+static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
+			   uint64_t l2_off)
+{
+	struct qcow2 *img = r->img;
+	uint64_t cs = img->cluster_size, unit = 1ull << img->unit_bits;
+	uint64_t cstart = qcow2_cluster_off(img, r->pos), pe = end < cstart + cs ? end : cstart + cs;
+	uint64_t slice_off, idx, e, b, host, rc, touched, got, ws, we;
+	bool compressed, shared, backing_side = false;
+	struct qcow2_slice *s;
+	enum l2_type type;
+	uint32_t zmask = 0;
+	int ret;
+
+	if (inflight_wait(r, cstart, cs))
+		return -EAGAIN;
+	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	if (ret < 0)
+		return ret;
+	e = qcow2_l2_get(s, idx);
+	b = qcow2_l2_bitmap(s, idx);
+	/* Validates the entry and the bitmap. */
+	ret = qcow2_l2_classify_sc(img, e, b, 0, &type, &host);
+	if (ret < 0)
+		goto out;
+	compressed = type == L2_COMPRESSED;
+	host = compressed ? 0 : e & L2E_OFFSET_MASK;
+	shared = compressed;
+	if (host && !(e & QCOW2_OFLAG_COPIED)) {
+		ret = qcow2_refcount_get(img, host >> img->h.cluster_bits, &r->wait, &rc);
+		if (ret < 0)
+			goto out;
+		if (rc == 1) {
+			e |= QCOW2_OFLAG_COPIED;
+			qcow2_l2_set(s, idx, e);
+			qcow2_cache_mark_dirty(s);
+		} else {
+			shared = true;
+		}
+	}
+	touched = sc_mask(img, cstart, r->pos, pe);
+	if (host && !shared && (b & touched) == touched) {
+		/* Every touched subcluster is ours already: write in place. */
+		if (qcow2_data_wait(r, r->buf)) {
+			ret = -EBUSY;
+			goto out;
+		}
+		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
+					    .iov_len = pe - r->pos };
+		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1,
+					   false);
+		if (!ret)
+			r->pos = pe;
+		goto out;
+	}
+	qcow2_cache_put(s);
+
+	/* The partial subclusters at either end: which need old bytes, and whence. */
+	ws = r->pos & ~(unit - 1);
+	we = (pe + unit - 1) & ~(unit - 1);
+	if (shared) {
+		if (!compressed) {
+			/* Copied whole; touched ones the old cluster lacked are zeros... */
+			zmask = touched & ~b;
+			/* ...unless the backing file shows through them. */
+			if (img->backing && (zmask & ~(b >> 32) &
+					     (sc_mask(img, cstart, ws, ws + 1) |
+					      sc_mask(img, cstart, we - 1, we))))
+				return qcow2_error(img, -ENOTSUP, "extended L2: a write into a "
+						   "shared cluster over the backing file");
+		}
+		ws = cstart;
+		we = cstart + cs;
+	} else {
+		unsigned int hs = (ws - cstart) >> img->unit_bits;
+		unsigned int ts = (we - 1 - cstart) >> img->unit_bits;
+
+		if (r->pos == ws || (b & L2B_ALLOC(hs)))
+			ws = r->pos;
+		else if ((b & L2B_ZERO(hs)) || !img->backing)
+			zmask |= 1u << hs;
+		else
+			backing_side = true;
+		if (pe == we || (b & L2B_ALLOC(ts)))
+			we = pe;
+		else if ((b & L2B_ZERO(ts)) || !img->backing)
+			zmask |= 1u << ts;
+		else
+			backing_side = true;
+	}
+	if (!host || shared) {
+		ret = qcow2_alloc_clusters(img, 1, &r->wait, &host, &got);
 		if (ret < 0)
 			return ret;
 	}
-	if (in_last)
-		return qcow2_backing_read(r, cow_tail(r) + in_last, r->a_end, cs - in_last);
+	inflight_add(r, cstart, cs);
+	r->alloc = ALLOC_COW;
+	r->a_guest = cstart;
+	r->a_host = host;
+	r->a_nr = 1;
+	r->a_new = !(e & L2E_OFFSET_MASK) || shared;
+	r->a_old = shared ? e : 0;
+	r->a_end = pe;
+	r->a_ws = ws;
+	r->a_we = we;
+	r->a_zmask = zmask;
+	r->a_cow = false;
+	touched = sc_mask(img, cstart, r->pos, pe);
+	r->a_bitmap = compressed ? L2B_ALL_ALLOC : (b | touched) & ~(touched << 32);
+	if (shared || backing_side || (zmask && r->a_new && host < img->file_end) ||
+	    (zmask && !r->a_new)) {
+		ret = cow_start(r, a, compressed ? L2_COMPRESSED : shared ? L2_NORMAL : L2_UNALLOC,
+				e, e & L2E_OFFSET_MASK);
+		if (ret < 0)
+			goto fail;
+		return 0;
+	}
+	ret = qcow2_alloc_write(r, a);
+	if (ret < 0)
+		goto fail;
 	return 0;
+fail:
+	qcow2_alloc_abort(r);
+	return ret;
+out:
+	qcow2_cache_put(s);
+	return ret;
 }
 
 /* Write guest bytes [pos, @end) of the request's current piece. */
@@ -333,6 +499,8 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	ret = l2_table_ready(r, &l2_off);
 	if (ret < 0)
 		return ret;
+	if (img->l2_entry_bytes == 16)
+		return write_piece_ext(r, end, a, l2_off);
 	if (inflight_wait(r, cstart, end - cstart))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
@@ -407,6 +575,9 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_new = shared || type != L2_ZERO_ALLOC;
 	r->a_old = shared ? e : 0;
 	r->a_end = cstart + got * img->cluster_size < end ? cstart + got * img->cluster_size : end;
+	r->a_ws = cstart;
+	r->a_we = cstart + got * img->cluster_size;
+	r->a_zmask = 0;
 	r->a_cow = false;
 	partial = r->pos != cstart || (r->a_end & (img->cluster_size - 1));
 	if (partial && ((type == L2_UNALLOC && img->backing) || type == L2_COMPRESSED ||
@@ -470,6 +641,26 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 		n = per_slice - idx;
 	for (i = 0; i < n; i++) {
 		e = qcow2_l2_get(s, idx + i);
+		if (img->l2_entry_bytes == 16) {
+			/* Extended L2: the zero bits of every subcluster say it. */
+			uint64_t b = qcow2_l2_bitmap(s, idx + i);
+
+			ret = qcow2_l2_classify_sc(img, e, b, 0, &type, &host);
+			if (ret < 0)
+				break;
+			if ((!(e & L2E_OFFSET_MASK) && type != L2_COMPRESSED && !b && !hide) ||
+			    (!e && b == ~L2B_ALL_ALLOC))
+				continue;
+			if (e & ~QCOW2_OFLAG_COPIED) {
+				ret = qcow2_free_entry(img, e);
+				if (ret < 0)
+					break;
+			}
+			qcow2_l2_set(s, idx + i, 0);
+			qcow2_l2_set_bitmap(s, idx + i, ~L2B_ALL_ALLOC);
+			qcow2_cache_mark_dirty(s);
+			continue;
+		}
 		ret = qcow2_l2_classify(img, e, &type, &host);
 		if (ret < 0)
 			break;
@@ -520,7 +711,7 @@ int qcow2_zero_piece(struct qcow2_req *r)
 		return ret;
 	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
 	    type == L2_ZERO_ALLOC) {
-		r->pos = cend;		/* already reads as zeros */
+		r->pos += run;		/* already reads as zeros */
 		return 0;
 	}
 	return qcow2_write_piece(r, cend);

@@ -36,6 +36,8 @@ CONFIGS = [
     ("qemu c64k rb8 v3 prealloc=metadata", "qemu",
      dict(cluster_size=65536, refcount_bits=8, compat="1.1", preallocation="metadata")),
     ("qemu c2M rb16 v3", "qemu", dict(cluster_size=2 << 20, refcount_bits=16, compat="1.1")),
+    ("qemu c64k extl2", "qemu", dict(cluster_size=65536, extended_l2="on")),
+    ("qemu c16k extl2 rb1", "qemu", dict(cluster_size=16384, extended_l2="on", refcount_bits=1)),
     ("ours default", "ours", {}),
     ("ours c4k rb1", "ours", dict(cluster_size=4096, refcount_bits=1)),
     ("ours c512 v2", "ours", dict(cluster_size=512, compat="0.10")),
