@@ -90,6 +90,30 @@ int qcow2_refcount_get(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w
 	return 0;
 }
 
+int qcow2_refcount_inc(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w)
+{
+	struct qcow2_slice *s;
+	uint64_t slice_off, idx, v;
+	int ret = rc_locate(img, cluster, &slice_off, &idx);
+
+	if (ret)
+		return ret < 0 ? ret : qcow2_corrupt(img, "cluster %llu in use has no refcount block",
+						     (unsigned long long)cluster);
+	ret = qcow2_cache_get(&img->rc_cache, slice_off, 0, w, &s);
+	if (ret < 0)
+		return ret;
+	v = qcow2_rc_read(s->data, idx, img->h.refcount_order);
+	if (v >= img->refcount_max) {
+		qcow2_cache_put(s);
+		return qcow2_error(img, -ERANGE, "refcount of cluster %llu would overflow",
+				   (unsigned long long)cluster);
+	}
+	qcow2_rc_write(s->data, idx, img->h.refcount_order, v + 1);
+	qcow2_cache_mark_dirty(s);
+	qcow2_cache_put(s);
+	return 0;
+}
+
 /* ---- Refcount block creation and table growth ----------------------------- */
 
 static void grow_finish(struct qcow2_rc_grow *g, int res)
@@ -435,6 +459,9 @@ int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w)
 			qcow2_cache_put(s);
 			if (v == 1 && cluster < img->free_hint)
 				img->free_hint = cluster;
+			/* A freed cluster is no place to pack compressed bytes into. */
+			if (v == 1 && img->free_byte_off >> img->h.cluster_bits == cluster)
+				img->free_byte_off = 0;
 			img->free_progress++;
 		}
 		img->free_progress = 0;
