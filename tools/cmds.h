@@ -19,6 +19,7 @@ int cmd_add(int argc, char **argv);
 int cmd_del(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_features(int argc, char **argv);
+int cmd_resize(int argc, char **argv);
 
 struct uq_create {
 	enum uq_fmt fmt;

@@ -19,6 +19,7 @@ static const struct {
 	{ "check", cmd_check, "check (and repair) an image's metadata" },
 	{ "map", cmd_map, "show how guest ranges map into the image file" },
 	{ "convert", cmd_convert, "copy an image into a new raw or qcow2 image" },
+	{ "resize", cmd_resize, "change an image's virtual size" },
 	{ "io", cmd_io, "read, write, discard and flush ranges (a qemu-io subset)" },
 	{ "add", cmd_add, "serve an image as /dev/ublkbN" },
 	{ "del", cmd_del, "stop and delete a ublk device" },
