@@ -298,11 +298,15 @@ static int read_range(struct convert *cv, uint8_t *buf, uint64_t off, uint64_t e
  */
 static int copy_compressed(struct convert *cv)
 {
-	uint64_t size = cv->src->size, cs = cv->zero_block, off, end;
+	uint64_t size = cv->src->size, cs, off, end, dst_end, src_end;
 	struct qcow2 *q = cv->dst->qcow2;
 	uint8_t *buf = cv->slots[0].buf;
+	struct qcow2_info info;
 	struct uq_status st;
 	int ret;
+
+	qcow2_get_info(q, &info);
+	cs = 1ull << info.cluster_bits;
 
 	show_progress(cv, 0, size);
 	for (off = 0; off < size; off = end) {
@@ -315,13 +319,17 @@ static int copy_compressed(struct convert *cv)
 			end = off + st.len >= size ? size : (off + st.len) & ~(cs - 1);
 			continue;
 		}
-		ret = read_range(cv, buf, off, end);
+		/* The target's size is the source's rounded up to a sector. */
+		src_end = end;
+		dst_end = off + cs < cv->dst->size ? off + cs : cv->dst->size;
+		memset(buf + (src_end - off), 0, dst_end - src_end);
+		ret = read_range(cv, buf, off, src_end);
 		if (ret < 0)
 			return ret;
 		show_progress(cv, end, size);
-		if (all_zero(buf, end - off))
+		if (all_zero(buf, dst_end - off))
 			continue;
-		ret = qcow2_pwrite_compressed(q, buf, end - off, off);
+		ret = qcow2_pwrite_compressed(q, buf, dst_end - off, off);
 		if (ret < 0)
 			return uq_image_fail(cv->dst, ret);
 	}
