@@ -26,7 +26,12 @@ static int flush_all(struct qcow2 *img)
 	return ret;
 }
 
-/* @n contiguous free clusters (refcounts raised). 0 with *@out, or -errno. */
+/*
+ * @n contiguous free clusters (refcounts raised), @n below the clusters one
+ * refcount block covers: the allocator puts each new refcount block at the
+ * start of the range it covers, so longer runs never come out of it.
+ * 0 with *@out, or -errno.
+ */
 static int alloc_contig(struct qcow2 *img, uint64_t n, uint64_t *out)
 {
 	uint64_t start = 0, have = 0, host = 0, got = 0;
@@ -53,6 +58,80 @@ fail:
 	if (have)
 		qcow2_free_clusters(img, start, have);
 	return ret;
+}
+
+/* Refcount blocks needed for clusters [@first, @end): ranges without one. */
+static int missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end, uint64_t *m)
+{
+	uint64_t k;
+
+	*m = 0;
+	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++) {
+		if (k >= img->reftable_size)
+			return qcow2_error(img, -ENOSPC,
+					   "no room for the L1 table in the refcount table");
+		if (!img->reftable[k])
+			(*m)++;
+	}
+	return 0;
+}
+
+/*
+ * @n contiguous clusters for a table longer than one refcount block's
+ * range: the refcount blocks of the ranges it covers go right before it
+ * (blocks may lie anywhere; only the allocator keeps them in place), all
+ * of them zeroed on disk before the refcount table points at them.
+ * 0 with *@out, or -errno.
+ */
+static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
+{
+	uint64_t q = img->free_hint, m = 0, prev, c, k, rc, j;
+	struct qcow2_sync s;
+	int ret;
+
+	qcow2_sync_init(&s);
+	for (;;) {
+		/* The blocks count themselves: iterate to a fixed point. */
+		do {
+			prev = m;
+			ret = missing_blocks(img, q, q + m + n, &m);
+			if (ret < 0)
+				return ret;
+		} while (m != prev);
+		for (c = q; c < q + m + n; c++) {
+			ret = QCOW2_SYNC(img, &s, qcow2_refcount_get(img, c, &s.w, &rc));
+			if (ret < 0)
+				return ret;
+			if (rc)
+				break;
+		}
+		if (c == q + m + n)
+			break;
+		q = c + 1;
+	}
+	for (j = 0; j < m; j++) {
+		ret = qcow2_sync_pwrite(img, img->zero_buf, img->cluster_size,
+					(q + j) << img->h.cluster_bits);
+		if (ret < 0)
+			return ret;
+	}
+	ret = qcow2_io_fsync(img->io, img->fd);
+	if (ret < 0)
+		return qcow2_error(img, ret, "cannot sync: %s", strerror(-ret));
+	j = 0;
+	for (k = q >> img->rb_bits; k <= (q + m + n - 1) >> img->rb_bits; k++) {
+		if (!img->reftable[k]) {
+			img->reftable[k] = (q + j++) << img->h.cluster_bits;
+			img->reftable_dirty = true;
+		}
+	}
+	for (c = q; c < q + m + n; c++) {
+		ret = QCOW2_SYNC(img, &s, qcow2_refcount_inc(img, c, &s.w));
+		if (ret < 0)
+			return ret;
+	}
+	*out = (q + m) << img->h.cluster_bits;
+	return 0;
 }
 
 static uint64_t l1_clusters(const struct qcow2 *img, uint64_t entries)
@@ -88,7 +167,10 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 	for (i = 0; i < new_l1; i++)
 		be[i] = htobe64(t[i]);
 	if (moved) {
-		ret = alloc_contig(img, nr, &off);
+		if (nr < (1ull << img->rb_bits))
+			ret = alloc_contig(img, nr, &off);
+		else
+			ret = alloc_long(img, nr, &off);
 		if (ret < 0)
 			goto out;
 	}
@@ -140,6 +222,49 @@ static int drop_table(struct qcow2 *img, uint64_t l2_off)
 			return ret;
 	}
 	return qcow2_free_clusters(img, l2_off, 1);
+}
+
+/*
+ * Drop the refcount blocks that describe nothing but free clusters (and
+ * perhaps themselves), as QEMU's qcow2_shrink_reftable does, so that the
+ * file can end after the last cluster in use.
+ */
+static int drop_unused_blocks(struct qcow2 *img)
+{
+	uint64_t k, c, first, rc, blk, own;
+	struct qcow2_sync s;
+	int ret;
+
+	qcow2_sync_init(&s);
+	for (k = 0; k < img->reftable_size; k++) {
+		blk = img->reftable[k];
+		if (!blk)
+			continue;
+		first = k << img->rb_bits;
+		own = blk >> img->h.cluster_bits;
+		for (c = first; c < first + (1ull << img->rb_bits); c++) {
+			ret = QCOW2_SYNC(img, &s, qcow2_refcount_get(img, c, &s.w, &rc));
+			if (ret < 0)
+				return ret;
+			if (rc && !(c == own && rc == 1))
+				break;
+		}
+		if (c < first + (1ull << img->rb_bits))
+			continue;
+		img->reftable[k] = 0;
+		img->reftable_dirty = true;
+		/* A block inside its own range goes with its reference. */
+		if ((own >> img->rb_bits) != k) {
+			ret = qcow2_free_clusters(img, blk, 1);
+			if (ret < 0)
+				return ret;
+		}
+	}
+	ret = flush_all(img);
+	/* Dropped blocks may be reused: no stale copy may stay cached. */
+	if (!ret)
+		qcow2_cache_drop(&img->rc_cache);
+	return ret;
 }
 
 /* The last host cluster with a nonzero refcount, below the file end. */
@@ -237,6 +362,8 @@ static int shrink(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 	ret = qcow2_header_write(img);
 	if (!ret)
 		ret = flush_all(img);
+	if (!ret)
+		ret = drop_unused_blocks(img);
 	if (!ret)
 		ret = last_used(img, &last);
 	if (ret < 0)
