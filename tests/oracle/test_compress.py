@@ -79,12 +79,12 @@ def check_counts(path):
     raise AssertionError(f"no allocation line in qemu-img check output:\n{p.stdout}")
 
 
-def compare_with_qemu(d, src, src_fmt, c, ctype):
+def compare_with_qemu(d, src, src_fmt, c, ctype, extra=""):
     ours = os.path.join(d, "ours.qcow2")
     ref = os.path.join(d, "ref.qcow2")
     back = os.path.join(d, "back.raw")
     want = os.path.join(d, "want.raw")
-    opts = f"cluster_size={c},compression_type={ctype}"
+    opts = f"cluster_size={c},compression_type={ctype}" + extra
     uqtest.uq("convert", "-c", "-O", "qcow2", "-o", opts, src, ours)
     uqtest.qemu_img("convert", "-c", "-f", src_fmt, "-O", "qcow2", "-o", opts, src, ref)
     uqtest.qemu_img("compare", "-f", src_fmt, "-F", "qcow2", src, ours)
@@ -107,11 +107,11 @@ def compare_with_qemu(d, src, src_fmt, c, ctype):
     return uqtest.first_difference(back, want)
 
 
-def case_convert(d, c, ctype, source):
+def case_convert(d, c, ctype, source, extra=""):
     raw = os.path.join(d, "src.raw")
     make_source(raw, c, c ^ len(source))
     if source == "raw":
-        return compare_with_qemu(d, raw, "raw", c, ctype)
+        return compare_with_qemu(d, raw, "raw", c, ctype, extra)
     q = os.path.join(d, "src.qcow2")
     uqtest.qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw, q)
     if source == "qcow2":
@@ -275,6 +275,17 @@ def main():
                              ctype, source)
                 finally:
                     uqtest.cleanup(d)
+    # Refcount widths: 1 bit cannot share a host cluster, 64 bits can.
+    for c, ctype, extra in ((65536, "zlib", ",refcount_bits=1"),
+                            (4096, "zstd", ",refcount_bits=64"),
+                            (65536, "zlib", ",compat=0.10"),
+                            (1 << 20, "zstd", ",refcount_bits=2")):
+        d = uqtest.scratch_dir("compress")
+        try:
+            res.case(f"convert -c c{c} {ctype}{extra} from raw", case_convert, d, c, ctype,
+                     "raw", extra)
+        finally:
+            uqtest.cleanup(d)
     for c in (4096, 65536):
         for ctype in TYPES:
             for writer in ("qemu-io", "ours"):
