@@ -6,7 +6,8 @@ Growing (a little; with the L1 table growing in place; across L1 growth
 that moves the table, e.g. 64 KiB clusters from 1G to 10T), shrinking with
 and without --shrink (across dropped L2 tables, to a size inside a
 cluster), relative (+SIZE/-SIZE) and absolute sizes, v2 and v3 images,
-512-byte clusters, an overlay over a larger backing file (the grown area
+512-byte clusters, an internal snapshot sharing the dropped tables, an
+overlay over a larger backing file (the grown area
 must not show the backing file), and raw files. After each step both
 images must be `qemu-img compare` equal, `qemu-img check` clean, report
 the same virtual size in `qemu-img info`, keep the data below the new end
@@ -164,6 +165,25 @@ def case_grow_shrink_10t():
         uqtest.cleanup(d)
 
 
+def case_snapshot():
+    """v3 with an internal snapshot: shrinking drops tables the snapshot
+    shares; the snapshot must survive intact (qemu-img snapshot -a)."""
+    d = uqtest.scratch_dir("resize")
+    try:
+        ours, ref = pair(d, 256 * MiB, ["write -P 0x11 0 200M"])
+        for p in (ours, ref):
+            uqtest.qemu_img("snapshot", "-c", "snap", p)
+            uqtest.qemu_io("qcow2", p, ["write -P 0x22 100M 10M", "write -P 0x23 30M 64k"])
+        both(d, ours, ref, "--shrink", "64M")
+        both(d, ours, ref, "128M")
+        for p in (ours, ref):
+            uqtest.qemu_img("snapshot", "-a", "snap", p)
+        same(d, ours, ref)
+        uqtest.qemu_io("qcow2", ours, ["read -P 0x11 0 200M"])
+    finally:
+        uqtest.cleanup(d)
+
+
 def case_backing():
     d = uqtest.scratch_dir("resize")
     try:
@@ -235,6 +255,7 @@ def main():
     for cluster in (512, 65536, 2 * MiB):
         for compat in ("0.10", "1.1"):
             res.case(f"shrink c{cluster} compat={compat}", case_shrink, cluster, compat)
+    res.case("shrink and grow with an internal snapshot", case_snapshot)
     res.case("overlay over a larger backing file", case_backing)
     res.case("raw files", case_raw)
     res.case("refused resizes", case_bad_input)
