@@ -173,6 +173,12 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 			ret = alloc_long(img, nr, &off);
 		if (ret < 0)
 			goto out;
+		/* The new table's refcounts are durable before anything points at it. */
+		ret = flush_all(img);
+		if (ret < 0) {
+			qcow2_free_clusters(img, off, nr);
+			goto out;
+		}
 	}
 	/* The new entries are zeros on disk before the header counts them. */
 	ret = qcow2_sync_pwrite(img, be, (new_l1 * 8 + 511) & ~511ull, off);
