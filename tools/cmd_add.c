@@ -40,8 +40,10 @@ struct add_args {
 	bool null_tgt;
 	bool read_only;
 	bool foreground;
+	bool overlay;			/* serve a throw-away overlay over the image */
 	uint64_t cache_bytes;
 	uint64_t null_size;
+	const char *snapshot;		/* serve this internal snapshot, read-only */
 	char *image;			/* absolute path, NULL for null */
 };
 
@@ -145,7 +147,8 @@ static void add_usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
-		"                      [--cache-size BYTES] [--foreground] IMAGE\n"
+		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
+		"                      [--foreground] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -157,6 +160,9 @@ static void add_usage(FILE *f)
 		"  -t null            no image: a device that completes everything at once\n"
 		"  --size BYTES       size of the null device (default 250G)\n"
 		"  --read-only        a read-only device; the image is opened read-only\n"
+		"  --snapshot NAME    serve qcow2 internal snapshot NAME (id or name), read-only\n"
+		"  --overlay          writes go to a throw-away qcow2 overlay (in $TMPDIR,\n"
+		"                     default /var/tmp, gone with the device); IMAGE is only read\n"
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
 		"  -h, --help         show this help\n",
@@ -184,8 +190,10 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "read-only", no_argument, NULL, 'R' },
 		{ "cache-size", required_argument, NULL, 'C' },
+		{ "snapshot", required_argument, NULL, 'P' },
 		{ "size", required_argument, NULL, 'S' },
 		{ "foreground", no_argument, NULL, 'F' },
+		{ "overlay", no_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -228,6 +236,10 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'R':
 			a->read_only = true;
 			break;
+		case 'P':
+			a->snapshot = optarg;
+			a->read_only = true;
+			break;
 		case 'C':
 		case 'S':
 			if (uq_parse_size(optarg, opt == 'C' ? &a->cache_bytes : &a->null_size)) {
@@ -238,6 +250,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'F':
 			a->foreground = true;
 			break;
+		case 'O':
+			a->overlay = true;
+			break;
 		case 'h':
 			add_usage(stdout);
 			return -1;
@@ -247,6 +262,14 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	}
 	if (argc - optind != (a->null_tgt ? 0 : 1)) {
 		add_usage(stderr);
+		return 1;
+	}
+	if (a->overlay && a->null_tgt) {
+		uq_err("add: --overlay needs an IMAGE");
+		return 1;
+	}
+	if (a->overlay && a->snapshot) {
+		uq_err("%s: --overlay and --snapshot cannot be combined", argv[optind]);
 		return 1;
 	}
 	return 0;
@@ -299,7 +322,7 @@ static const char *add_fmt(const struct add_args *a)
  */
 static int add_serve(struct add_args *a, int report_fd)
 {
-	struct uq_qcow2_opts qopts = { .cache_bytes = a->cache_bytes };
+	struct uq_qcow2_opts qopts = { .cache_bytes = a->cache_bytes, .snapshot = a->snapshot };
 	struct ublk_dev_cfg cfg = {
 		.dev_id = a->dev_id,
 		.nr_queues = a->nr_queues,
@@ -312,10 +335,20 @@ static int add_serve(struct add_args *a, int report_fd)
 	struct ublk_ctrl *ctrl;
 	struct ublk_dev *dev;
 	int32_t id;
-	int sig_fd, ret, status = 1;
-	char path[64];
+	int sig_fd, ret, status = 1, overlay_fd = -1;
+	char path[64], overlay_path[64], err[512];
 
-	if (a->null_tgt) {
+	if (a->overlay) {
+		/* Created here, in the daemon: the file dies with this process. */
+		if (uq_overlay_create(a->image, a->fmt, &overlay_fd, overlay_path,
+				      sizeof(overlay_path), err, sizeof(err)) < 0) {
+			uq_err("%s", err);
+			return 1;
+		}
+		tgt.path = overlay_path;
+		tgt.ops = &uq_qcow2_ops;
+		tgt.opts = &qopts;
+	} else if (a->null_tgt) {
 		tgt.ops = &ublk_null_ops;
 		tgt.opts = &a->null_size;
 	} else if (!strcmp(a->fmt, "raw")) {
@@ -327,7 +360,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	sig_fd = stop_signals();
 	if (sig_fd < 0) {
 		uq_err("add: signalfd: %s", strerror(errno));
-		return 1;
+		goto out_overlay;
 	}
 	if (ctrl_open(&ctrl))
 		goto out_sig;
@@ -381,6 +414,9 @@ out_ctrl:
 	ublk_ctrl_close(ctrl);
 out_sig:
 	close(sig_fd);
+out_overlay:
+	if (overlay_fd >= 0)
+		close(overlay_fd);
 	return status;
 }
 
@@ -472,6 +508,10 @@ int cmd_add(int argc, char **argv)
 			goto out;
 		}
 		a.fmt = uq_fmt_name(fmt);
+	}
+	if (a.snapshot && (a.null_tgt || strcmp(a.fmt, "qcow2"))) {
+		uq_err("%s: --snapshot needs a qcow2 image", a.null_tgt ? "add" : argv[optind]);
+		goto out;
 	}
 	ret = a.foreground ? add_serve(&a, -1) : add_daemonize(&a);
 out:

@@ -24,7 +24,7 @@ static void convert_usage(void)
 {
 	printf(
 		"usage: " UQ_PROG " convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-o OPT=VAL,...]\n"
-		"                   SRC DST\n"
+		"                   [-c] [-l SNAPSHOT_PARAM | -s SNAPSHOT] SRC DST\n"
 		"\n"
 		"Copy SRC (with its backing chain) into DST, created anew (an existing\n"
 		"file is truncated). Unallocated and zero ranges are not written.\n"
@@ -32,6 +32,9 @@ static void convert_usage(void)
 		"  -f FMT          SRC's format: qcow2 or raw (default: detected)\n"
 		"  -O FMT          DST's format: raw (default) or qcow2\n"
 		"  -o OPTIONS      creation options for DST, as for create\n"
+		"  -l PARAM        copy SRC's internal snapshot: snapshot.name=NAME,\n"
+		"                  snapshot.id=ID or NAME, as qemu-img\n"
+		"  -s SNAPSHOT     copy SRC's internal snapshot SNAPSHOT (id or name)\n"
 		"  -c              compress DST's clusters (qcow2 only)\n"
 		"  -p              show progress on stderr\n"
 		"  -q              quiet\n"
@@ -349,14 +352,14 @@ int cmd_convert(int argc, char **argv)
 	};
 	struct convert cv = { .last_percent = -1 };
 	struct uq_create c = { .fmt = UQ_FMT_RAW };
-	const char *src_fmt = NULL, *dst_fmt = "raw", *src_path, *dst_path;
+	const char *src_fmt = NULL, *dst_fmt = "raw", *src_path, *dst_path, *snapshot = NULL;
 	bool compress = false, existed;
 	char *lists[16], err[512];
 	uint8_t *bufs;
 	int nr_lists = 0, i, opt, ret, status = 1;
 	struct stat sb;
 
-	while ((opt = getopt_long(argc, argv, ":f:O:o:cpqh", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":f:O:o:l:s:cpqh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'f':
 			src_fmt = optarg;
@@ -373,6 +376,19 @@ int cmd_convert(int argc, char **argv)
 			break;
 		case 'c':
 			compress = true;
+			break;
+		case 'l':
+		case 's':
+			/* qemu-img's -l snapshot.name=/snapshot.id=, or a bare id or name. */
+			snapshot = optarg;
+			if (opt == 'l' && !strncmp(optarg, "snapshot.name=", 14))
+				snapshot = optarg + 14;
+			else if (opt == 'l' && !strncmp(optarg, "snapshot.id=", 12))
+				snapshot = optarg + 12;
+			if (strchr(snapshot, ',')) {
+				uq_err("convert: one of snapshot.name or snapshot.id only");
+				return 1;
+			}
 			break;
 		case 'p':
 			cv.progress = true;
@@ -418,8 +434,12 @@ int cmd_convert(int argc, char **argv)
 		uq_err("%s: cannot set up io_uring", src_path);
 		return 1;
 	}
-	ret = uq_image_open_io(&cv.src, src_path, src_fmt, UQ_OPEN_RDONLY | UQ_OPEN_CHAIN,
-			       cv.io, err, sizeof(err));
+	if (snapshot)
+		ret = uq_image_open_snapshot(&cv.src, src_path, src_fmt, snapshot,
+					     UQ_OPEN_CHAIN, cv.io, err, sizeof(err));
+	else
+		ret = uq_image_open_io(&cv.src, src_path, src_fmt, UQ_OPEN_RDONLY | UQ_OPEN_CHAIN,
+				       cv.io, err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);
 		goto out_io;

@@ -32,6 +32,8 @@ struct level_info {
 	struct qcow2_info q;		/* qcow2 only */
 	uint64_t actual_size;
 	char *full_backing;		/* NULL without a backing file */
+	struct qcow2_snapshot_info *snaps;
+	uint32_t nr_snaps;
 };
 
 static int level_get(struct level_info *li, struct uq_image *img, const char *filename)
@@ -46,10 +48,16 @@ static int level_get(struct level_info *li, struct uq_image *img, const char *fi
 	if (img->fmt != UQ_FMT_QCOW2)
 		return 0;
 	qcow2_get_info(img->qcow2, &li->q);
+	if (qcow2_snapshot_list(img->qcow2, &li->snaps, &li->nr_snaps) < 0) {
+		uq_err("%s", qcow2_errmsg(img->qcow2));
+		return -EINVAL;
+	}
 	if (li->q.backing_file) {
 		li->full_backing = uq_backing_path(filename, li->q.backing_file);
-		if (!li->full_backing)
+		if (!li->full_backing) {
+			uq_err("%s: out of memory", img->path);
 			return -ENOMEM;
+		}
 	}
 	return 0;
 }
@@ -77,6 +85,10 @@ static void print_human(const struct level_info *li)
 	}
 	if (q->dirty)
 		printf("cleanly shut down: no\n");
+	if (li->nr_snaps) {
+		printf("Snapshot list:\n");
+		uq_snapshot_print(li->snaps, li->nr_snaps);
+	}
 	printf("Format specific information:\n");
 	printf("    compat: %s\n", q->version >= 3 ? "1.1" : "0.10");
 	printf("    compression type: %s\n", q->compression_type ? "zstd" : "zlib");
@@ -100,6 +112,8 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 	uq_json_open(j, NULL, '{');
 	if (qcow2 && q->backing_file && q->backing_fmt)
 		uq_json_string(j, "backing-filename-format", q->backing_fmt);
+	if (li->nr_snaps)
+		uq_snapshot_json(j, li->snaps, li->nr_snaps);
 	uq_json_int(j, "virtual-size", li->img->size);
 	uq_json_string(j, "filename", li->filename);
 	if (qcow2)
@@ -185,7 +199,7 @@ int cmd_info(int argc, char **argv)
 
 		/* Backing files go by their resolved path, as in qemu-img. */
 		if (level_get(&li, img, img == top ? argv[optind] : img->path) < 0) {
-			uq_err("%s: out of memory", img->path);
+			qcow2_snapshot_list_free(li.snaps, li.nr_snaps);
 			status = 1;
 			break;
 		}
@@ -196,6 +210,7 @@ int cmd_info(int argc, char **argv)
 		if (chain && !json && img->backing)
 			printf("\n");
 		free(li.full_backing);
+		qcow2_snapshot_list_free(li.snaps, li.nr_snaps);
 	}
 	if (json && chain && !status)
 		uq_json_close(&j, ']');

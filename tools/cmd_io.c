@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cmds.h"
 #include "util.h"
@@ -19,7 +20,7 @@
 static void io_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " io [-r] [-f FMT] IMAGE [-c CMD]... [-C FILE]...\n"
+		"usage: " UQ_PROG " io [-r] [-f FMT] [--overlay] IMAGE [-c CMD]... [-C FILE]...\n"
 		"\n"
 		"Run commands on IMAGE (opened read-write unless -r), in order:\n"
 		"  read [-P PAT] [-q] OFF LEN      read; with -P check every byte is PAT\n"
@@ -35,6 +36,8 @@ static void io_usage(void)
 		"  -C FILE         run FILE's commands, one a line ('#' starts a comment)\n"
 		"  -f FMT          image format: qcow2 or raw (default: detected)\n"
 		"  -r              open read-only\n"
+		"  --overlay       write to a throw-away qcow2 overlay over IMAGE (in $TMPDIR,\n"
+		"                  default /var/tmp, gone on exit); IMAGE is only read\n"
 		"  -h, --help      show this help\n");
 }
 
@@ -282,14 +285,16 @@ int cmd_io(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		{ "overlay", no_argument, NULL, 'O' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_step *steps;
 	struct uq_image *img;
 	const char *fmt = NULL;
-	bool read_only = false;
-	int opt, ret, i, nr_steps = 0, status = 1;
-	char err[512];
+	bool read_only = false, overlay = false;
+	int opt, ret, i, nr_steps = 0, status = 1, overlay_fd = -1;
+	char err[512], overlay_path[64];
+	const char *path;
 
 	/* -c and -C run in command line order. */
 	steps = calloc(argc, sizeof(*steps));
@@ -310,6 +315,9 @@ int cmd_io(int argc, char **argv)
 		case 'r':
 			read_only = true;
 			break;
+		case 'O':
+			overlay = true;
+			break;
 		case 'h':
 			io_usage();
 			status = 0;
@@ -323,8 +331,18 @@ int cmd_io(int argc, char **argv)
 		uq_usage_args("io", "one IMAGE");
 		goto out;
 	}
-	ret = uq_image_open(&img, argv[optind], fmt, read_only ? UQ_OPEN_RDONLY : 0,
-			    err, sizeof(err));
+	path = argv[optind];
+	if (overlay) {
+		ret = uq_overlay_create(path, fmt, &overlay_fd, overlay_path,
+					sizeof(overlay_path), err, sizeof(err));
+		if (ret < 0) {
+			uq_err("%s", err);
+			goto out;
+		}
+		path = overlay_path;
+		fmt = "qcow2";
+	}
+	ret = uq_image_open(&img, path, fmt, read_only ? UQ_OPEN_RDONLY : 0, err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);
 		goto out;
@@ -341,6 +359,8 @@ int cmd_io(int argc, char **argv)
 		status = 1;
 	}
 out:
+	if (overlay_fd >= 0)
+		close(overlay_fd);
 	free(steps);
 	return status;
 }

@@ -19,6 +19,15 @@ int cmd_add(int argc, char **argv);
 int cmd_del(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_features(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
+
+struct uq_json;
+
+/* The snapshot list as qemu-img prints it: the table (after "Snapshot list:"), and JSON. */
+void uq_snapshot_print(const struct qcow2_snapshot_info *list, uint32_t nr);
+void uq_snapshot_json(struct uq_json *j, const struct qcow2_snapshot_info *list, uint32_t nr);
+int cmd_rebase(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
 
 struct uq_create {
@@ -41,5 +50,16 @@ int uq_create_parse(struct uq_create *c, const char *path, char *list);
  * is removed on failure.
  */
 int uq_create_image(const char *path, struct uq_create *c);
+
+/*
+ * A throw-away qcow2 overlay over @image (format @fmt, NULL: detected),
+ * created in $TMPDIR (default /var/tmp) and unlinked at once: it lives as
+ * long as the descriptor in *@fd, and @path (@pathlen bytes) gets a name
+ * that opens it ("/proc/self/fd/N"). Its backing file is @image's absolute
+ * path, opened read-only: writes go to the overlay only. 0 or -errno with
+ * one line naming @image in @err.
+ */
+int uq_overlay_create(const char *image, const char *fmt, int *fd, char *path,
+		      size_t pathlen, char *err, size_t errlen);
 
 #endif

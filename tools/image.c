@@ -104,6 +104,9 @@ static bool looks_preallocated(struct uq_image *img, const struct qcow2_info *in
 	return used >= threshold;
 }
 
+/* The snapshot uq_image_open_snapshot has the top level (the next qcow2 open) read. */
+static const char *next_snapshot;
+
 static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io *io,
 		      char *err, size_t errlen)
 {
@@ -112,9 +115,12 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.no_repair = flags & UQ_OPEN_NO_REPAIR,
 		.no_backing = flags & (UQ_OPEN_NO_BACKING | UQ_OPEN_CHAIN),
 		.format = "qcow2",
+		.snapshot = next_snapshot,
 	};
 	struct qcow2_info info;
 	int ret;
+
+	next_snapshot = NULL;
 
 	img->io = io;
 	if (!img->io) {
@@ -141,16 +147,23 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 	return 0;
 }
 
+/* The files of the chain opened so far, top first, to refuse loops. */
+struct chain_ids {
+	dev_t dev[MAX_CHAIN + 1];
+	ino_t ino[MAX_CHAIN + 1];
+};
+
 static int open_level(struct uq_image **out, const char *path, const char *fmt_name,
-		      unsigned int flags, struct qcow2_io *io, int depth, char *err,
-		      size_t errlen);
+		      unsigned int flags, struct qcow2_io *io, int depth,
+		      struct chain_ids *ids, char *err, size_t errlen);
 
 static int open_backing(struct uq_image *img, unsigned int flags, int depth,
-			char *err, size_t errlen)
+			struct chain_ids *ids, char *err, size_t errlen)
 {
 	struct qcow2_info info;
 	char *path, inner[512];
-	int ret;
+	struct stat st;
+	int i, ret;
 
 	qcow2_get_info(img->qcow2, &info);
 	if (!info.backing_file)
@@ -165,9 +178,23 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 		snprintf(err, errlen, "%s: out of memory", img->path);
 		return -ENOMEM;
 	}
+	if (fstat(img->fd, &st) == 0) {
+		ids->dev[depth] = st.st_dev;
+		ids->ino[depth] = st.st_ino;
+	}
+	if (stat(path, &st) == 0) {
+		for (i = 0; i <= depth; i++) {
+			if (ids->dev[i] != st.st_dev || ids->ino[i] != st.st_ino)
+				continue;
+			snprintf(err, errlen, "%s: backing file '%s' makes the chain loop",
+				 img->path, info.backing_file);
+			free(path);
+			return -ELOOP;
+		}
+	}
 	ret = open_level(&img->backing, path, info.backing_fmt,
 			 (flags & ~UQ_OPEN_NO_REPAIR) | UQ_OPEN_RDONLY, img->io, depth + 1,
-			 inner, sizeof(inner));
+			 ids, inner, sizeof(inner));
 	free(path);
 	if (ret < 0)
 		snprintf(err, errlen, "%s: cannot open backing file: %s", img->path, inner);
@@ -175,8 +202,8 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 }
 
 static int open_level(struct uq_image **out, const char *path, const char *fmt_name,
-		      unsigned int flags, struct qcow2_io *io, int depth, char *err,
-		      size_t errlen)
+		      unsigned int flags, struct qcow2_io *io, int depth,
+		      struct chain_ids *ids, char *err, size_t errlen)
 {
 	struct uq_image *img = calloc(1, sizeof(*img));
 	int ret;
@@ -204,12 +231,15 @@ static int open_level(struct uq_image **out, const char *path, const char *fmt_n
 		if (ret < 0)
 			goto fail;
 	}
-	if (img->fmt == UQ_FMT_RAW) {
+	if (img->fmt == UQ_FMT_RAW && next_snapshot) {
+		snprintf(err, errlen, "%s: raw images have no snapshots", path);
+		ret = -ENOTSUP;
+	} else if (img->fmt == UQ_FMT_RAW) {
 		ret = open_raw(img, err, errlen);
 	} else {
 		ret = open_qcow2(img, flags, io, err, errlen);
 		if (!ret && (flags & UQ_OPEN_CHAIN))
-			ret = open_backing(img, flags, depth, err, errlen);
+			ret = open_backing(img, flags, depth, ids, err, errlen);
 	}
 	if (ret < 0)
 		goto fail;
@@ -224,13 +254,30 @@ fail:
 int uq_image_open(struct uq_image **out, const char *path, const char *fmt,
 		  unsigned int flags, char *err, size_t errlen)
 {
-	return open_level(out, path, fmt, flags, NULL, 0, err, errlen);
+	struct chain_ids ids = { 0 };
+
+	return open_level(out, path, fmt, flags, NULL, 0, &ids, err, errlen);
 }
 
 int uq_image_open_io(struct uq_image **out, const char *path, const char *fmt,
 		     unsigned int flags, struct qcow2_io *io, char *err, size_t errlen)
 {
-	return open_level(out, path, fmt, flags, io, 0, err, errlen);
+	struct chain_ids ids = { 0 };
+
+	return open_level(out, path, fmt, flags, io, 0, &ids, err, errlen);
+}
+
+int uq_image_open_snapshot(struct uq_image **out, const char *path, const char *fmt,
+			   const char *snapshot, unsigned int flags, struct qcow2_io *io,
+			   char *err, size_t errlen)
+{
+	struct chain_ids ids = { 0 };
+	int ret;
+
+	next_snapshot = snapshot;
+	ret = open_level(out, path, fmt, flags | UQ_OPEN_RDONLY, io, 0, &ids, err, errlen);
+	next_snapshot = NULL;
+	return ret;
 }
 
 int uq_image_close(struct uq_image *img)

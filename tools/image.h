@@ -77,6 +77,14 @@ int uq_image_open(struct uq_image **out, const char *path, const char *fmt,
 int uq_image_open_io(struct uq_image **out, const char *path, const char *fmt,
 		     unsigned int flags, struct qcow2_io *io, char *err, size_t errlen);
 
+/*
+ * uq_image_open_io (@io may be NULL: an io_uring of its own) reading the
+ * internal snapshot @snapshot (id or name) of the top level, read-only.
+ */
+int uq_image_open_snapshot(struct uq_image **out, const char *path, const char *fmt,
+			   const char *snapshot, unsigned int flags, struct qcow2_io *io,
+			   char *err, size_t errlen);
+
 /* Flush (if writable) and close @img and its chain. 0 or the first -errno. */
 int uq_image_close(struct uq_image *img);
 

@@ -9,7 +9,11 @@
  * submission, I/O completion callbacks) holds img_lock. A request of queue A
  * may finish on queue B's thread (its parked continuation ran there); since
  * only A's thread may send A's IO commands, B posts it in A's mailbox and
- * wakes A, which commits it.
+ * wakes A, which commits it (or sends its NEED_GET_DATA).
+ *
+ * Writes are two-phase (prep_write): the engine maps, allocates and reads
+ * what copy-on-write needs first, then asks for the data at the address
+ * where it must land (tq_fetch), which becomes the tag's NEED_GET_DATA.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -26,6 +30,8 @@ struct tq_tag {
 	unsigned int tag;
 	int res;			/* committed result */
 	bool fua;			/* a FLUSH must follow the WRITE */
+	bool fetch;			/* mailbox: send NEED_GET_DATA to dst, not commit */
+	void *dst;
 	struct tq_tag *next;		/* mailbox link */
 };
 
@@ -107,12 +113,42 @@ static int tq_result(struct ublk_queue *q, unsigned int tag, int res)
 	return 0;
 }
 
+/* Hand @tt to its own queue's thread. */
+static void tq_post(struct tq *t, struct tq_tag *tt)
+{
+	struct tq_mailbox *box = &t->boxes[ublk_queue_id(tt->q)];
+
+	pthread_mutex_lock(&box->lock);
+	tt->next = NULL;
+	if (box->tail)
+		box->tail->next = tt;
+	else
+		box->head = tt;
+	box->tail = tt;
+	pthread_mutex_unlock(&box->lock);
+	ublk_queue_wake(tt->q);
+}
+
+/* Engine callback: a deferred WRITE is ready for its data at @dst. */
+static void tq_fetch(struct qcow2_req *req, void *dst, void *priv)
+{
+	struct tq_tag *tt = priv;
+
+	(void)req;
+	if (tt->q == ublk_queue_self()) {
+		ublk_queue_get_data(tt->q, tt->tag, dst);
+		return;
+	}
+	tt->fetch = true;
+	tt->dst = dst;
+	tq_post(ublk_queue_tgt(tt->q)->priv, tt);
+}
+
 /* Engine callback, img_lock held, on whichever queue thread ran the engine. */
 static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 {
 	struct tq_tag *tt = priv;
 	struct tq *t = ublk_queue_tgt(tt->q)->priv;
-	struct tq_mailbox *box;
 
 	if (res == 0 && tt->fua) {
 		tt->fua = false;
@@ -132,16 +168,7 @@ static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 		ublk_queue_complete(tt->q, tt->tag, tt->res);
 		return;
 	}
-	box = &t->boxes[ublk_queue_id(tt->q)];
-	pthread_mutex_lock(&box->lock);
-	tt->next = NULL;
-	if (box->tail)
-		box->tail->next = tt;
-	else
-		box->head = tt;
-	box->tail = tt;
-	pthread_mutex_unlock(&box->lock);
-	ublk_queue_wake(tt->q);
+	tq_post(t, tt);
 }
 
 static void tq_wake(struct ublk_queue *q)
@@ -157,14 +184,19 @@ static void tq_wake(struct ublk_queue *q)
 	while (tt) {
 		struct tq_tag *next = tt->next;
 
-		ublk_queue_complete(q, tt->tag, tt->res);
+		if (tt->fetch) {
+			tt->fetch = false;
+			ublk_queue_get_data(q, tt->tag, tt->dst);
+		} else {
+			ublk_queue_complete(q, tt->tag, tt->res);
+		}
 		tt = next;
 	}
 }
 
 /* ---- Target ops -------------------------------------------------------------- */
 
-static void tq_queue_io(struct ublk_queue *q, unsigned int tag)
+static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 {
 	struct tq *t = ublk_queue_tgt(q)->priv;
 	struct tq_tag *tt = &t->tags[ublk_queue_id(q) * t->depth + tag];
@@ -176,6 +208,7 @@ static void tq_queue_io(struct ublk_queue *q, unsigned int tag)
 	tt->q = q;
 	tt->tag = tag;
 	tt->fua = false;
+	tt->fetch = false;
 	switch (ublksrv_get_op(iod)) {
 	case UBLK_IO_OP_READ:
 		op = QCOW2_OP_READ;
@@ -199,7 +232,29 @@ static void tq_queue_io(struct ublk_queue *q, unsigned int tag)
 		return;
 	}
 	pthread_mutex_lock(&t->img_lock);
+	if (deferred)
+		qcow2_req_defer_data(tt->req, tq_fetch);
 	qcow2_req_submit(tt->req, op, off, len, ublk_queue_buf(q, tag), tq_req_done, tt);
+	pthread_mutex_unlock(&t->img_lock);
+}
+
+static void tq_queue_io(struct ublk_queue *q, unsigned int tag)
+{
+	tq_start(q, tag, false);
+}
+
+static void tq_prep_write(struct ublk_queue *q, unsigned int tag)
+{
+	tq_start(q, tag, true);
+}
+
+static void tq_data_ready(struct ublk_queue *q, unsigned int tag, int res)
+{
+	struct tq *t = ublk_queue_tgt(q)->priv;
+	struct tq_tag *tt = &t->tags[ublk_queue_id(q) * t->depth + tag];
+
+	pthread_mutex_lock(&t->img_lock);
+	qcow2_req_data_ready(tt->req, res);
 	pthread_mutex_unlock(&t->img_lock);
 }
 
@@ -237,6 +292,7 @@ static int tq_open(struct tq *t, struct ublk_tgt *tgt, const struct ublk_dev_cfg
 		.read_only = cfg->read_only,
 		.direct = true,
 		.l2_cache_bytes = o ? o->cache_bytes : 0,
+		.snapshot = o ? o->snapshot : NULL,
 	};
 	int ret;
 
@@ -324,6 +380,8 @@ const struct ublk_tgt_ops uq_qcow2_ops = {
 	.name = "qcow2",
 	.init = tq_init,
 	.queue_io = tq_queue_io,
+	.prep_write = tq_prep_write,
+	.data_ready = tq_data_ready,
 	.tgt_io_done = tq_io_done,
 	.wake = tq_wake,
 	.deinit = tq_deinit,

@@ -13,6 +13,7 @@
 /* ublk_tgt.opts of the qcow2 target; NULL means all defaults. */
 struct uq_qcow2_opts {
 	uint64_t cache_bytes;		/* L2 cache size, 0: the engine's default */
+	const char *snapshot;		/* internal snapshot to serve (read-only), or NULL */
 };
 
 extern const struct ublk_tgt_ops uq_qcow2_ops;

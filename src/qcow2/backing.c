@@ -3,6 +3,8 @@
  * The backing chain: resolving a backing file name against the overlay's
  * directory, choosing its format (never probing when the image names one),
  * refusing loops and overlong chains, and opening each link read-only.
+ * Also what rebase and commit change: the backing file named in the header,
+ * and an overlay emptied so that its backing file shows through.
  */
 #include <libgen.h>
 #include <stdio.h>
@@ -58,5 +60,97 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 	if (ret < 0)
 		return qcow2_error(img, ret, "cannot open backing file: %s", err);
 	img->backing->depth = img->depth + 1;
+	return 0;
+}
+
+/* ---- Changing the backing file (rebase, commit) ---------------------------------- */
+
+int qcow2_set_backing(struct qcow2 *img, const char *name, const char *fmt)
+{
+	char *old_name = img->backing_file, *old_fmt = img->backing_fmt;
+	char *new_name = NULL, *new_fmt = NULL;
+	int ret;
+
+	if (img->raw)
+		return qcow2_error(img, -ENOTSUP, "raw images have no backing file");
+	if (img->read_only)
+		return qcow2_error(img, -EROFS, "image is read-only");
+	if (name && !name[0])
+		name = NULL;
+	if (!name)
+		fmt = NULL;
+	if (name && strlen(name) > QCOW2_MAX_BACKING_NAME)
+		return qcow2_error(img, -ENAMETOOLONG, "backing file name longer than %d bytes",
+				   QCOW2_MAX_BACKING_NAME);
+	if (fmt && strlen(fmt) > 16)
+		return qcow2_error(img, -EINVAL, "backing format name too long");
+	if ((name && !(new_name = strdup(name))) || (fmt && !(new_fmt = strdup(fmt)))) {
+		free(new_name);
+		return qcow2_error(img, -ENOMEM, "out of memory");
+	}
+	/* Everything before the switch is on disk first: the header goes last. */
+	ret = qcow2_flush(img);
+	if (ret < 0)
+		goto undo;
+	img->backing_file = new_name;
+	img->backing_fmt = new_fmt;
+	ret = qcow2_header_write(img);
+	if (ret < 0) {
+		img->backing_file = old_name;
+		img->backing_fmt = old_fmt;
+		if (ret == -ENOSPC)
+			qcow2_error(img, ret,
+				    "backing file name does not fit in the header cluster");
+		goto undo;
+	}
+	free(old_name);
+	free(old_fmt);
+	return 0;
+
+undo:
+	free(new_name);
+	free(new_fmt);
+	return ret;
+}
+
+int qcow2_make_empty(struct qcow2 *img)
+{
+	struct qcow2_check_result res;
+	int ret;
+
+	if (img->raw)
+		return qcow2_error(img, -ENOTSUP, "raw images cannot be emptied");
+	if (img->read_only)
+		return qcow2_error(img, -EROFS, "image is read-only");
+	if (qcow2_busy(img))
+		return qcow2_error(img, -EBUSY, "requests in flight");
+	/*
+	 * Drop the active L1 table's references on disk (one ordered flush:
+	 * whatever metadata was pending goes first, the L1 table last). From
+	 * then on every cluster only it referenced is a leak, which a crash
+	 * may leave but never a corruption; the leak repair (which first
+	 * applies queued refcount decrements) then frees them, keeping
+	 * everything internal snapshots still use.
+	 */
+	memset(img->l1, 0, (size_t)img->h.l1_size * 8);
+	img->l1_dirty = true;
+	ret = qcow2_flush(img);
+	if (ret < 0)
+		return ret;
+	ret = qcow2_check(img, QCOW2_FIX_LEAKS, &res, NULL, NULL);
+	if (ret < 0)
+		return ret;
+	if (res.corruptions || res.check_errors)
+		return qcow2_error(img, -EIO, "image has %llu corruption(s) after emptying it",
+				   (unsigned long long)(res.corruptions + res.check_errors));
+	/* Give the freed tail back, as QEMU does: nothing past the end is in use. */
+	if (res.image_end_offset && res.image_end_offset < img->file_end) {
+		if (ftruncate(img->fd, res.image_end_offset) < 0)
+			return qcow2_error(img, -errno, "cannot truncate: %s", strerror(errno));
+		img->file_end = res.image_end_offset;
+		if (img->file_size > img->file_end)
+			img->file_size = img->file_end;
+		return qcow2_io_fsync(img->io, img->fd);
+	}
 	return 0;
 }

@@ -65,7 +65,7 @@ static int alloc_bytes(struct qcow2 *img, uint32_t size, uint64_t *out)
 	for (c = first; c <= last; c++) {
 		if (fresh && c == fresh >> img->h.cluster_bits)
 			continue;
-		ret = QCOW2_SYNC(img, &s, qcow2_refcount_inc(img, c, &s.w));
+		ret = QCOW2_SYNC(img, &s, qcow2_refcount_add(img, c, 1, &s.w));
 		if (ret < 0)
 			goto fail;
 	}

@@ -340,13 +340,13 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	}
 	img->io = io;
 	img->fd = -1;
-	img->read_only = opts->read_only;
+	img->read_only = opts->read_only || opts->snapshot;
 	img->path = strdup(path);
 	if (!img->path) {
 		ret = -ENOMEM;
 		goto fail;
 	}
-	flags = (opts->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (opts->direct ? O_DIRECT : 0);
+	flags = (img->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (opts->direct ? O_DIRECT : 0);
 	img->fd = open(path, flags);
 	if (img->fd < 0) {
 		ret = qcow2_error(img, -errno, "cannot open: %s", strerror(errno));
@@ -398,6 +398,11 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		goto fail;
 	}
 	img->corrupt = img->h.incompatible & QCOW2_INCOMPAT_CORRUPT;
+	if (opts->snapshot) {
+		ret = qcow2_snapshot_select(img, opts->snapshot);
+		if (ret < 0)
+			goto fail;
+	}
 
 	img->l1_alloc = img->h.l1_size;
 	ret = load_table(img, img->h.l1_table_offset, img->h.l1_size, img->l1_alloc, &img->l1);
@@ -431,7 +436,11 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	return 0;
 
 raw:
-	if (!opts->read_only) {
+	if (opts->snapshot) {
+		ret = qcow2_error(img, -ENOTSUP, "raw images have no snapshots");
+		goto fail;
+	}
+	if (!img->read_only) {
 		ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
 		goto fail;
 	}

@@ -380,6 +380,9 @@ void qcow2_refcount_free(struct qcow2 *img);
 
 /* ---- Requests (request.c, cluster.c, write.c) ----------------------------- */
 
+/* Buffer and offset alignment that O_DIRECT may ask for (the largest logical block). */
+#define QCOW2_DIO_ALIGN	4096
+
 #define REQ_AIOS	8
 
 enum l2_type {
@@ -392,7 +395,8 @@ enum l2_type {
 
 enum alloc_state {
 	ALLOC_NONE,
-	ALLOC_COW,		/* reading what the write does not cover */
+	ALLOC_COW,		/* reading what the write does not cover, or
+				 * waiting for the write's data (fetch) */
 	ALLOC_DATA,		/* cluster data being written */
 	ALLOC_LINK,		/* data written: set the L2 entries */
 	ALLOC_L2_READ,		/* shared L2 table being read for its copy */
@@ -413,6 +417,7 @@ struct req_aio {
 	bool cow_copy;			/* dbuf holds the old cluster: cow_fill */
 	uint8_t *dst;
 	uint32_t dst_skip;
+	uint32_t c_skip, c_len;		/* compressed bytes within the aligned read */
 };
 
 struct qcow2_req {
@@ -420,6 +425,10 @@ struct qcow2_req {
 	enum qcow2_op op;
 	uint64_t off, len, pos;
 	uint8_t *buf;
+	uint8_t *data;			/* where the WRITE's bytes are (buf, or landed in cow) */
+	qcow2_fetch_fn fetch;		/* deferred data: ask for it when needed */
+	qcow2_fetch_fn fetch_next;	/* set by qcow2_req_defer_data for the next submit */
+	bool fetching;			/* asked, not yet ready */
 	qcow2_done_fn done;
 	void *priv;
 	unsigned int pending;
@@ -442,7 +451,8 @@ struct qcow2_req {
 	bool a_cow;			/* head/tail come from r->cow, not zeros */
 	unsigned int cow_pending;	/* COW reads in flight */
 	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
-	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily */
+	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily;
+					 * with one cluster allocated, both are in the first */
 	struct qcow2_req *sub[2];	/* reads from the backing image */
 	bool sub_busy[2];
 	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
@@ -489,6 +499,8 @@ int qcow2_alloc_link(struct qcow2_req *r);
 int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a);
 int qcow2_l2_table_link(struct qcow2_req *r);
 void qcow2_inflight_del(struct qcow2_req *r);
+void qcow2_alloc_abort(struct qcow2_req *r);
+bool qcow2_data_wait(struct qcow2_req *r, uint8_t *dst);
 void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old);
 
 /* ---- Backing chain (backing.c) ----------------------------------------------- */
@@ -529,6 +541,47 @@ void qcow2_flush_free(struct qcow2 *img);
 /* Drop caches and reload the refcount table after check rewrote metadata. */
 int qcow2_reload_refcounts(struct qcow2 *img);
 
+/* ---- Internal snapshots (snapshot.c) ---------------------------------------- */
+
+/* One entry of the snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
+struct qcow2_snap {
+	uint64_t l1_off;
+	uint32_t l1_size;
+	char *id;
+	char *name;
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t vm_state_size;		/* the 64-bit field when present */
+	uint64_t disk_size;		/* the image's size when absent */
+	uint64_t icount;		/* UINT64_MAX when absent */
+	uint8_t *extra;			/* extra data past the fields we know, verbatim */
+	uint32_t extra_len;
+};
+
+struct qcow2_snap_table {
+	struct qcow2_snap *s;
+	uint32_t nr;
+	uint64_t bytes;			/* on disk, from h.snapshots_offset */
+};
+
+/* Read and validate the snapshot table the header points to. 0 or -errno. */
+int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t);
+void qcow2_snap_table_free(struct qcow2_snap_table *t);
+
+/*
+ * Make @img (read-only, header parsed, L1 not yet loaded) read snapshot
+ * @id_or_name: its L1 table and disk size replace the active ones. 0 or -errno.
+ */
+int qcow2_snapshot_select(struct qcow2 *img, const char *id_or_name);
+
+/*
+ * Add @delta to the refcount of host cluster @cluster through the cache
+ * (offline snapshot operations). -ERANGE if it would leave 0..refcount_max,
+ * 0 / -EAGAIN (parked on @w) / -errno.
+ */
+int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struct qcow2_wait *w);
+
 /* ---- Offline operations: compressed writes, resize (offline.c) ----------- */
 
 /*
@@ -566,9 +619,6 @@ int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t o
 /* The L2 table of guest @off exists (created zeroed if not) and is ours alone.
  * 0 with *@l2_off, or -errno (-ENOTSUP for a table shared with a snapshot). */
 int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off);
-
-/* refcount.c: raise the refcount of an in-use cluster by one. 0 / -EAGAIN / -errno. */
-int qcow2_refcount_inc(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w);
 
 /* compress.c: compress one cluster into @dst; the length, -ENOSPC when it
  * does not fit in @dst_len bytes, or -errno. */

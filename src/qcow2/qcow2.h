@@ -59,6 +59,7 @@ struct qcow2_opts {
 	uint64_t l2_cache_bytes;	/* 0: default (enough for the whole disk, up to 32 MiB) */
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
+	const char *snapshot;		/* read this internal snapshot (id or name): read-only */
 };
 
 /*
@@ -125,6 +126,20 @@ void qcow2_req_free(struct qcow2_req *req);
  */
 void qcow2_req_submit(struct qcow2_req *req, enum qcow2_op op, uint64_t off,
 		      uint64_t len, void *buf, qcow2_done_fn done, void *priv);
+
+/*
+ * Deferred write data (ublk's NEED_GET_DATA): the next WRITE submitted on
+ * @req maps its range, allocates clusters and reads what copy-on-write
+ * needs before it asks for the bytes. When it first needs them it calls
+ * @fetch with the address where all of them must land: inside the cluster
+ * buffer it is about to write, or the submitted buffer. The caller copies
+ * the bytes there, now or later, then calls qcow2_req_data_ready() with 0
+ * or -errno (the request then fails, its allocation undone). A request
+ * that fails before it needs the data never calls @fetch.
+ */
+typedef void (*qcow2_fetch_fn)(struct qcow2_req *req, void *dst, void *priv);
+void qcow2_req_defer_data(struct qcow2_req *req, qcow2_fetch_fn fetch);
+void qcow2_req_data_ready(struct qcow2_req *req, int err);
 
 /* True while a request or a flush of @img is in flight. */
 bool qcow2_busy(const struct qcow2 *img);
@@ -213,6 +228,64 @@ struct qcow2_check_result {
  */
 int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 		void (*report)(void *opaque, const char *line), void *opaque);
+
+/* ---- Internal snapshots (snapshot.c) ------------------------------------ */
+
+struct qcow2_snapshot_info {
+	char *id;
+	char *name;
+	uint64_t vm_state_size;
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t icount;		/* UINT64_MAX: not recorded */
+	uint64_t disk_size;
+};
+
+/*
+ * The snapshot table: *@out (free with qcow2_snapshot_list_free) holds *@nr
+ * entries in table order. 0 or -errno (with qcow2_errmsg).
+ */
+int qcow2_snapshot_list(struct qcow2 *img, struct qcow2_snapshot_info **out, uint32_t *nr);
+void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t nr);
+
+/*
+ * Offline snapshot operations, as qemu-img snapshot -c/-a/-d does them (no
+ * request may be in flight; metadata is flushed first). Crash-safe: a crash
+ * at any point leaves the old or the new state, at worst with leaked
+ * clusters. 0 or -errno (with qcow2_errmsg); -EEXIST for a duplicate name,
+ * -ENOENT for an unknown snapshot, -ERANGE when a refcount would overflow
+ * (the image is then left as it was).
+ *
+ * create: a new snapshot @name of the active state, id = max numeric id + 1.
+ * apply:  revert the active state to snapshot @id_or_name (id first).
+ * delete: remove snapshot @name_or_id (name first, as qemu-img -d).
+ */
+int qcow2_snapshot_create(struct qcow2 *img, const char *name);
+int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name);
+int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id);
+
+/* ---- Backing file changes (rebase, commit) ----------------------------- */
+
+/*
+ * Make @name (NULL or "": none) with format @fmt (NULL: not recorded; ignored
+ * without a name) the backing file of the writable qcow2 image @img, stored
+ * as given: a relative name is relative to @img's directory. Pending
+ * metadata is flushed first, then the header is rewritten in one write and
+ * synced, so a crash leaves either the old or the new backing file. The
+ * chain opened with @img does not change: reads keep going to it until the
+ * image is reopened. 0 or -errno (-ENOSPC: the name does not fit in the
+ * header cluster) with the image unchanged.
+ */
+int qcow2_set_backing(struct qcow2 *img, const char *name, const char *fmt);
+
+/*
+ * Make every guest cluster of the writable qcow2 image @img unallocated, so
+ * that the backing file shows through (what qemu-img commit leaves behind),
+ * and free the clusters only the active L1 table used. No request may be in
+ * flight. A crash in between leaks clusters and never corrupts. 0 or -errno.
+ */
+int qcow2_make_empty(struct qcow2 *img);
 
 /* ---- Compressed writes and resize (offline: no request in flight) ----- */
 

@@ -90,30 +90,6 @@ int qcow2_refcount_get(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w
 	return 0;
 }
 
-int qcow2_refcount_inc(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w)
-{
-	struct qcow2_slice *s;
-	uint64_t slice_off, idx, v;
-	int ret = rc_locate(img, cluster, &slice_off, &idx);
-
-	if (ret)
-		return ret < 0 ? ret : qcow2_corrupt(img, "cluster %llu in use has no refcount block",
-						     (unsigned long long)cluster);
-	ret = qcow2_cache_get(&img->rc_cache, slice_off, 0, w, &s);
-	if (ret < 0)
-		return ret;
-	v = qcow2_rc_read(s->data, idx, img->h.refcount_order);
-	if (v >= img->refcount_max) {
-		qcow2_cache_put(s);
-		return qcow2_error(img, -ERANGE, "refcount of cluster %llu would overflow",
-				   (unsigned long long)cluster);
-	}
-	qcow2_rc_write(s->data, idx, img->h.refcount_order, v + 1);
-	qcow2_cache_mark_dirty(s);
-	qcow2_cache_put(s);
-	return 0;
-}
-
 /* ---- Refcount block creation and table growth ----------------------------- */
 
 static void grow_finish(struct qcow2_rc_grow *g, int res)
@@ -469,5 +445,36 @@ int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w)
 		img->nr_frees--;
 		img->nr_frees_sealed--;
 	}
+	return 0;
+}
+
+/* ---- Snapshots ------------------------------------------------------------- */
+
+int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struct qcow2_wait *w)
+{
+	uint64_t slice_off, idx, v;
+	struct qcow2_slice *s;
+	int ret = rc_locate(img, cluster, &slice_off, &idx);
+
+	if (ret)
+		return ret < 0 ? ret :
+		       qcow2_error(img, -EIO, "cluster %llu has no refcount block",
+				   (unsigned long long)cluster);
+	ret = qcow2_cache_get(&img->rc_cache, slice_off, 0, w, &s);
+	if (ret < 0)
+		return ret;
+	v = qcow2_rc_read(s->data, idx, img->h.refcount_order);
+	if ((delta < 0 && v < (uint64_t)-delta) ||
+	    (delta > 0 && (uint64_t)delta > img->refcount_max - v)) {
+		qcow2_cache_put(s);
+		return qcow2_error(img, -ERANGE, "refcount of cluster %llu out of range",
+				   (unsigned long long)cluster);
+	}
+	v += delta;
+	qcow2_rc_write(s->data, idx, img->h.refcount_order, v);
+	qcow2_cache_mark_dirty(s);
+	qcow2_cache_put(s);
+	if (!v && cluster < img->free_hint)
+		img->free_hint = cluster;
 	return 0;
 }

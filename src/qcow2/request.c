@@ -37,7 +37,7 @@ static void aio_done(struct qcow2_aio *aio, int res)
 	if (a->compressed) {
 		r->cbuf_busy = false;
 		if (res >= 0) {
-			res = qcow2_decompress(r->img, r->cbuf, a->len, r->dbuf);
+			res = qcow2_decompress(r->img, r->cbuf + a->c_skip, a->c_len, r->dbuf);
 			if (res < 0 && !r->err)
 				r->err = res;
 			else if (a->cow)
@@ -165,15 +165,20 @@ static int read_piece_raw(struct qcow2_req *r)
 	return 0;
 }
 
-/* Buffers for compressed clusters, allocated on first use and kept. */
+/*
+ * Buffers for compressed clusters, allocated on first use and kept; aligned
+ * for O_DIRECT. cbuf holds up to two clusters of compressed bytes plus the
+ * alignment slack on either side.
+ */
 int qcow2_req_cbufs(struct qcow2_req *r)
 {
 	size_t cs = r->img->cluster_size;
 
-	if (!r->cbuf && posix_memalign((void **)&r->cbuf, 4096, 2 * cs))
+	if (!r->cbuf && posix_memalign((void **)&r->cbuf, QCOW2_DIO_ALIGN,
+				       2 * cs + 2 * QCOW2_DIO_ALIGN))
 		r->cbuf = NULL;
-	if (!r->dbuf)
-		r->dbuf = malloc(cs);
+	if (!r->dbuf && posix_memalign((void **)&r->dbuf, QCOW2_DIO_ALIGN, cs))
+		r->dbuf = NULL;
 	return r->cbuf && r->dbuf ? 0 : -ENOMEM;
 }
 
@@ -184,7 +189,7 @@ int qcow2_req_cbufs(struct qcow2_req *r)
 int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 			   uint8_t *dst, uint64_t len, bool cow)
 {
-	uint64_t coff;
+	uint64_t coff, start, end;
 	uint32_t clen;
 	int ret;
 
@@ -196,10 +201,15 @@ int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 	ret = qcow2_compressed_locate(r->img, e, &coff, &clen);
 	if (ret < 0)
 		return ret;
-	a->iov[0] = (struct iovec){ .iov_base = r->cbuf, .iov_len = clen };
-	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, coff, 1, false);
+	/* Compressed bytes start anywhere: read whole aligned blocks around them. */
+	start = coff & ~(uint64_t)(QCOW2_DIO_ALIGN - 1);
+	end = (coff + clen + QCOW2_DIO_ALIGN - 1) & ~(uint64_t)(QCOW2_DIO_ALIGN - 1);
+	a->iov[0] = (struct iovec){ .iov_base = r->cbuf, .iov_len = end - start };
+	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, start, 1, false);
 	if (ret < 0)
 		return ret;
+	a->c_skip = coff - start;
+	a->c_len = clen;
 	a->compressed = true;
 	a->cow = cow;
 	if (cow)
@@ -291,24 +301,25 @@ static int req_run(struct qcow2_req *r)
 		if (r->parked)
 			return 0;
 		wakes = r->wakes;
-		if (r->err)
-			return r->pending ? 0 : 1;
+		if (r->err) {
+			/* Fetched data may still be landing in our buffers. */
+			if (r->pending || r->fetching)
+				return 0;
+			qcow2_alloc_abort(r);
+			return 1;
+		}
 		switch (r->alloc) {
 		case ALLOC_COW: {
 			struct req_aio *a;
 
-			if (r->cow_pending)
+			if (r->cow_pending || r->fetching)
 				return 0;
 			a = qcow2_req_aio_get(r);
 			if (!a)
 				return 0;
 			ret = qcow2_alloc_write(r, a);
-			if (ret < 0) {
-				r->alloc = ALLOC_NONE;
-				qcow2_inflight_del(r);
-				if (r->a_new)
-					qcow2_free_clusters(r->img, r->a_host, r->a_nr);
-			}
+			if (ret < 0)
+				qcow2_alloc_abort(r);
 			goto progress;
 		}
 		case ALLOC_DATA:
@@ -420,6 +431,10 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	r->len = len;
 	r->pos = off;
 	r->buf = buf;
+	r->data = buf;
+	r->fetch = op == QCOW2_OP_WRITE ? r->fetch_next : NULL;
+	r->fetch_next = NULL;
+	r->fetching = false;
 	r->done = done;
 	r->priv = priv;
 	r->pending = 0;
@@ -433,6 +448,9 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 
 	if (op != QCOW2_OP_READ && img->read_only) {
 		r->err = qcow2_error(img, -EROFS, "image is read-only");
+	} else if (op != QCOW2_OP_READ && op != QCOW2_OP_FLUSH && img->corrupt) {
+		/* Found corrupt metadata: writing on could only spread the damage. */
+		r->err = qcow2_error(img, -EIO, "image is corrupt: writes refused");
 	} else if (op != QCOW2_OP_FLUSH &&
 		   (off > img->h.size || len > img->h.size - off)) {
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",
@@ -448,6 +466,36 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 		r->err = ret;
 		r->pos = off + len;
 	}
+	qcow2_req_step(r);
+}
+
+void qcow2_req_defer_data(struct qcow2_req *r, qcow2_fetch_fn fetch)
+{
+	r->fetch_next = fetch;
+}
+
+/*
+ * Deferred data: true while the write's bytes are not here yet. The first
+ * call asks for them to land at @dst; qcow2_req_data_ready() re-steps us.
+ */
+bool qcow2_data_wait(struct qcow2_req *r, uint8_t *dst)
+{
+	if (!r->fetch)
+		return false;
+	if (!r->fetching) {
+		r->fetching = true;
+		r->data = dst;
+		r->fetch(r, dst, r->priv);
+	}
+	return r->fetching;
+}
+
+void qcow2_req_data_ready(struct qcow2_req *r, int err)
+{
+	r->fetching = false;
+	r->fetch = NULL;
+	if (err < 0 && !r->err)
+		r->err = err;
 	qcow2_req_step(r);
 }
 

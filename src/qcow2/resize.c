@@ -126,7 +126,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 		}
 	}
 	for (c = q; c < q + m + n; c++) {
-		ret = QCOW2_SYNC(img, &s, qcow2_refcount_inc(img, c, &s.w));
+		ret = QCOW2_SYNC(img, &s, qcow2_refcount_add(img, c, 1, &s.w));
 		if (ret < 0)
 			return ret;
 	}

@@ -153,28 +153,71 @@ int qcow2_l2_table_link(struct qcow2_req *r)
 static uint8_t *write_src(struct qcow2_req *r, uint64_t pos)
 {
 	if (r->op == QCOW2_OP_WRITE)
-		return r->buf + (pos - r->off);
+		return r->data + (pos - r->off);
 	return r->img->zero_buf;
 }
 
+/* The COW buffer's cluster that holds the tail: the first if it is the only one. */
+static uint8_t *cow_tail(struct qcow2_req *r)
+{
+	return r->cow + (r->a_nr > 1 ? r->img->cluster_size : 0);
+}
+
+/* Give back what an allocation in progress took: a failed request's cleanup. */
+void qcow2_alloc_abort(struct qcow2_req *r)
+{
+	switch (r->alloc) {
+	case ALLOC_NONE:
+		return;
+	case ALLOC_COW:
+	case ALLOC_DATA:
+	case ALLOC_LINK:
+		if (r->a_new)
+			qcow2_free_clusters(r->img, r->a_host, r->a_nr);
+		r->a_old = 0;
+		break;
+	default:
+		/* A new L2 table that L1 does not point at yet. */
+		qcow2_free_clusters(r->img, r->a_host, 1);
+		break;
+	}
+	r->alloc = ALLOC_NONE;
+	qcow2_inflight_del(r);
+}
+
 /*
- * Write the run [pos, a_end) into fresh clusters at a_host: zeros before and
- * after the guest bytes so the whole clusters are defined before LINK.
+ * Write the run [pos, a_end) into fresh clusters at a_host: zeros (or the
+ * copied old bytes) before and after the guest bytes so the whole clusters
+ * are defined before LINK. Deferred data is asked for here, once the
+ * clusters are allocated and the copy-on-write reads are done: when the
+ * whole request lies in at most two clusters of the COW buffer, the bytes
+ * land in place there and the clusters go out as one buffer.
  */
 int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 {
 	struct qcow2 *img = r->img;
-	uint64_t cluster_end = r->a_guest + r->a_nr * img->cluster_size;
+	uint64_t cs = img->cluster_size, cluster_end = r->a_guest + r->a_nr * cs;
 	uint64_t head = r->pos - r->a_guest, tail = cluster_end - r->a_end;
-	uint8_t *tail_src = r->a_cow ? r->cow + img->cluster_size +
-			    (r->a_end & (img->cluster_size - 1)) : img->zero_buf;
+	uint8_t *tail_src = r->a_cow ? cow_tail(r) + (r->a_end & (cs - 1)) : img->zero_buf;
+	bool in_cow = r->a_cow && r->a_nr <= 2 && r->pos == r->off &&
+		      r->a_end == r->off + r->len;
 	unsigned int n = 0;
+
+	if (qcow2_data_wait(r, in_cow ? r->cow + head : r->buf)) {
+		r->alloc = ALLOC_COW;
+		return 0;
+	}
+	r->alloc = ALLOC_DATA;
+	if (r->op == QCOW2_OP_WRITE && r->data != r->buf) {
+		/* The data landed between the old bytes: one buffer. */
+		a->iov[0] = (struct iovec){ .iov_base = r->cow, .iov_len = r->a_nr * cs };
+		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, 1, true);
+	}
 
 	/* Fresh clusters past everything ever written read as zeros already. */
 	if (r->a_new && !r->a_cow && r->a_host >= img->file_end) {
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = r->a_end - r->pos };
-		r->alloc = ALLOC_DATA;
 		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + head, 1, true);
 	}
 	if (head)
@@ -184,7 +227,6 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 				      .iov_len = r->a_end - r->pos };
 	if (tail)
 		a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
-	r->alloc = ALLOC_DATA;
 	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host, n, true);
 }
 
@@ -224,7 +266,7 @@ void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
 
 	memcpy(r->cow, old, head);
 	if (in_last)
-		memcpy(r->cow + cs + in_last, old + in_last, cs - in_last);
+		memcpy(cow_tail(r) + in_last, old + in_last, cs - in_last);
 }
 
 /*
@@ -246,7 +288,6 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 	if (!r->cow)
 		return -ENOMEM;
 	r->a_cow = true;
-	r->alloc = ALLOC_COW;
 	if (type == L2_COMPRESSED)
 		return qcow2_read_compressed(r, a, old_e, NULL, 0, true);
 	if (type == L2_NORMAL) {
@@ -269,7 +310,7 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 			return ret;
 	}
 	if (in_last)
-		return qcow2_backing_read(r, r->cow + cs + in_last, r->a_end, cs - in_last);
+		return qcow2_backing_read(r, cow_tail(r) + in_last, r->a_end, cs - in_last);
 	return 0;
 }
 
@@ -323,6 +364,10 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 			    !(en & QCOW2_OFLAG_COPIED) || hn != host + n * img->cluster_size)
 				break;
 		}
+		if (qcow2_data_wait(r, r->buf)) {
+			ret = -EBUSY;	/* data_ready re-steps us: look up afresh */
+			goto out;
+		}
 		run_end = cstart + n * img->cluster_size;
 		if (run_end > end)
 			run_end = end;
@@ -355,6 +400,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 			return ret;
 	}
 	inflight_add(r, cstart, got * img->cluster_size);
+	r->alloc = ALLOC_COW;		/* in progress: qcow2_alloc_abort undoes it */
 	r->a_guest = cstart;
 	r->a_host = host;
 	r->a_nr = got;
@@ -375,11 +421,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 		goto fail;
 	return 0;
 fail:
-	r->alloc = ALLOC_NONE;
-	r->a_old = 0;
-	qcow2_inflight_del(r);
-	if (r->a_new)
-		qcow2_free_clusters(img, host, got);
+	qcow2_alloc_abort(r);
 	return ret;
 out:
 	qcow2_cache_put(s);

@@ -21,12 +21,17 @@ enum ublk_tag_state {
 	UBLK_TAG_TARGET,	/* the target serves the request */
 	UBLK_TAG_PENDING,	/* a command waits for a free SQE */
 	UBLK_TAG_DONE,		/* aborted: never issued again */
+	UBLK_TAG_DEAD,		/* aborted while the target holds it: no commit */
 };
 
 struct ublk_tag {
 	uint8_t state;		/* enum ublk_tag_state */
 	uint8_t next_cmd;	/* UBLK_IO_* to send when PENDING */
 	int res;		/* result carried by COMMIT_AND_FETCH_REQ */
+	bool get_data;		/* NEED_GET_DATA sent for the target: data_ready() follows */
+	bool owes_data;		/* a WRITE the target holds before its NEED_GET_DATA */
+	bool commit_after;	/* NEED_GET_DATA owed by a finished WRITE: commit next */
+	void *addr;		/* where NEED_GET_DATA copies to (NULL: the tag's buffer) */
 };
 
 struct ublk_queue {

@@ -9,6 +9,9 @@
  *
  * Tag life:  FETCH ─► request ─(WRITE)─► NEED_GET_DATA ─► target ─► COMMIT_AND_FETCH ─► ...
  *                        └─(others)────────────────────────┘
+ * A target with prep_write takes a WRITE before its data: it maps and
+ * allocates, then sends NEED_GET_DATA itself (ublk_queue_get_data) with the
+ * address where the data must land, and hears back through data_ready().
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -201,7 +204,8 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 	io->q_id = q->q_id;
 	io->tag = tag;
 	io->result = cmd == UBLK_IO_COMMIT_AND_FETCH_REQ ? t->res : 0;
-	io->addr = (uint64_t)(uintptr_t)ublk_queue_buf(q, tag);
+	io->addr = (uint64_t)(uintptr_t)(cmd == UBLK_IO_NEED_GET_DATA && t->addr ?
+					 t->addr : ublk_queue_buf(q, tag));
 	io_uring_sqe_set_data64(sqe, tag);
 	t->state = UBLK_TAG_KERNEL;
 	q->nr_cmds++;
@@ -223,9 +227,37 @@ static void queue_issue_pending(struct ublk_queue *q)
 
 void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 {
+	struct ublk_tag *t = &q->tags[tag];
+
 	q->nr_target--;
-	q->tags[tag].res = res;
+	if (t->state == UBLK_TAG_DEAD) {
+		t->state = UBLK_TAG_DONE;
+		return;
+	}
+	t->res = res;
+	if (t->owes_data) {
+		/*
+		 * A WRITE that failed before it asked for its data: the driver
+		 * refuses any command but NEED_GET_DATA until it had one.
+		 */
+		t->owes_data = false;
+		t->commit_after = true;
+		t->addr = NULL;
+		queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
+		return;
+	}
 	queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
+}
+
+void ublk_queue_get_data(struct ublk_queue *q, unsigned int tag, void *dst)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
+	q->nr_target--;
+	t->get_data = true;
+	t->owes_data = false;
+	t->addr = dst;
+	queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
 }
 
 static void queue_arm_wake(struct ublk_queue *q)
@@ -250,9 +282,34 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 	struct ublk_tag *t = &q->tags[tag];
 
 	q->nr_cmds--;
+	if (t->commit_after) {
+		t->commit_after = false;
+		if (res == UBLK_IO_RES_OK)
+			queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
+		else
+			t->state = UBLK_TAG_DONE;
+		return;
+	}
+	if (t->get_data && q->tgt->ops->prep_write) {
+		/* The target's NEED_GET_DATA: it holds the tag whatever came back. */
+		t->get_data = false;
+		t->addr = NULL;
+		t->state = res == UBLK_IO_RES_OK ? UBLK_TAG_TARGET : UBLK_TAG_DEAD;
+		q->nr_target++;
+		q->tgt->ops->data_ready(q, tag, res == UBLK_IO_RES_OK ? 0 : -EIO);
+		return;
+	}
+	t->get_data = false;
 	if (res == UBLK_IO_RES_NEED_GET_DATA) {
-		/* A WRITE: have the driver copy its data into the tag's buffer. */
-		queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
+		t->state = UBLK_TAG_TARGET;
+		q->nr_target++;
+		if (q->tgt->ops->prep_write) {
+			t->owes_data = true;
+			q->tgt->ops->prep_write(q, tag);
+			return;
+		}
+		/* Have the driver copy the data into the tag's buffer, then serve. */
+		ublk_queue_get_data(q, tag, NULL);
 		return;
 	}
 	if (res == UBLK_IO_RES_OK) {

@@ -85,6 +85,14 @@ struct ublk_tgt_ops {
 	/* A request for @tag of @q (WRITE data already in its buffer); finish
 	 * it with ublk_queue_complete() on @q's thread, now or later. */
 	void (*queue_io)(struct ublk_queue *q, unsigned int tag);
+	/* Optional, for two-phase writes (NEED_GET_DATA): a WRITE for @tag
+	 * arrived without its data. Prepare it (map, allocate), then call
+	 * ublk_queue_get_data() on @q's thread; data_ready() follows. */
+	void (*prep_write)(struct ublk_queue *q, unsigned int tag);
+	/* The data asked for by ublk_queue_get_data() is in place (@res 0),
+	 * or never will be (-errno: the device is going away; still finish
+	 * the tag with ublk_queue_complete(), which then sends nothing). */
+	void (*data_ready)(struct ublk_queue *q, unsigned int tag, int res);
 	/* The completion of an SQE marked with ublk_queue_sqe_tgt(). */
 	void (*tgt_io_done)(struct ublk_queue *q, uint64_t data, int res);
 	/* Optional: ublk_queue_wake() was called for @q; runs on @q's thread. */
@@ -123,6 +131,12 @@ void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag);
  * or -errno. Queues COMMIT_AND_FETCH_REQ.
  */
 void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res);
+
+/*
+ * Have the driver copy WRITE @tag's data to @dst (at least the request's
+ * length), for a target with prep_write. On @q's thread only.
+ */
+void ublk_queue_get_data(struct ublk_queue *q, unsigned int tag, void *dst);
 
 /*
  * A free SQE on @q's ring for target I/O (submitting what is queued when the

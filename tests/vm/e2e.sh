@@ -34,6 +34,25 @@ mkdir -p "$data"
 qemu-img create -q -f qcow2 "$data/ext4.qcow2" 256M
 qemu-img create -q -f qcow2 "$data/xfs.qcow2" 512M
 qemu-img create -q -f qcow2 -o cluster_size=16k "$data/fio.qcow2" 1G
+# an overlay (64k clusters) over a zstd-compressed base of varied data
+truncate -s 128M "$work/cowbase.raw"
+qemu-io -f raw -c "write -P 0x3c 0 40M" -c "write -P 0xc3 40M 30M" -c "write -P 0x17 90M 38M" \
+	"$work/cowbase.raw" >/dev/null
+qemu-img convert -c -O qcow2 -o compression_type=zstd "$work/cowbase.raw" "$data/cowbase.qcow2"
+rm -f "$work/cowbase.raw"
+cowbase_sum=$(md5sum <"$data/cowbase.qcow2")
+qemu-img create -q -f qcow2 -b cowbase.qcow2 -F qcow2 "$data/cow.qcow2" 128M
+# internal snapshots: s1 and s2 taken between writes, the active state differs
+qemu-img create -q -f qcow2 -o cluster_size=16k "$data/snap.qcow2" 32M
+qemu-io -f qcow2 -c "write -P 0x71 0 8M" -c "write -P 0x72 20M 100k" "$data/snap.qcow2" >/dev/null
+qemu-img snapshot -c s1 "$data/snap.qcow2"
+qemu-io -f qcow2 -c "write -P 0x73 4M 8M" -c "write -z 0 1M" "$data/snap.qcow2" >/dev/null
+qemu-img snapshot -c s2 "$data/snap.qcow2"
+qemu-io -f qcow2 -c "write -P 0x74 0 32M" "$data/snap.qcow2" >/dev/null
+for s in s1 s2; do
+	qemu-img convert -l "snapshot.name=$s" -O raw "$data/snap.qcow2" "$data/snap-$s.raw"
+done
+snap_sum=$(md5sum <"$data/snap.qcow2")
 qemu-img create -q -f qcow2 "$data/del.qcow2" 256M
 qemu-img create -q -f qcow2 "$data/kill.qcow2" 256M
 # read-only: data, zero clusters, a partial cluster and the last cluster
@@ -98,6 +117,8 @@ check() { # IMAGE ALLOWED_EXIT...
 check ext4.qcow2 0
 check xfs.qcow2 0
 check fio.qcow2 0
+check cow.qcow2 0
+check cowfs.qcow2 0
 check del.qcow2 0
 check kill.qcow2 0 3
 check discard.qcow2 0
@@ -111,9 +132,20 @@ if [ -s "$data/fio.md5" ]; then
 	fi
 	rm -f "$work/fio.raw"
 fi
-if [ -f "$data/discard.qcow2" ]; then
+if [ -s "$data/cow.md5" ]; then
+	qemu-img convert -O raw "$data/cow.qcow2" "$work/cow.raw"
+	if [ "$(md5sum <"$work/cow.raw" | cut -d' ' -f1)" = "$(cat "$data/cow.md5")" ]; then
+		echo "PASS host: cow.qcow2 reads as the guest saw it (qemu-img convert)"
+	else
+		fail "host: cow.qcow2 differs from what the guest read"
+	fi
+	rm -f "$work/cow.raw"
+fi
+[ "$(md5sum <"$data/cowbase.qcow2")" = "$cowbase_sum" ] &&
+	echo "PASS host: the overlay's base is unchanged" || fail "host: the overlay's base was modified"
+if grep -q '^PASS discard' "$data/results" 2>/dev/null; then
 	out=$(qemu-io -f qcow2 -c "read -P 0 0 1M" -c "read -P 0xab 1M 1M" \
-		-c "read -P 0 2M 1M" -c "read -P 0xab 3M 1M" "$data/discard.qcow2" 2>&1)
+		-c "read -P 0 2M 1M" -c "read -P 0xab 3M 1M" "$data/discard.qcow2" 2>&1) || true
 	if echo "$out" | grep -qi 'fail\|error'; then
 		fail "host: discard.qcow2 reads back wrong"
 		echo "$out"
@@ -121,6 +153,8 @@ if [ -f "$data/discard.qcow2" ]; then
 		echo "PASS host: discard.qcow2 reads zeros where discarded and zeroed"
 	fi
 fi
+[ "$(md5sum <"$data/snap.qcow2")" = "$snap_sum" ] &&
+	echo "PASS host: snapshot image unchanged" || fail "host: snapshot image was modified"
 [ "$(md5sum <"$data/ro.qcow2")" = "$ro_sum" ] &&
 	echo "PASS host: read-only image unchanged" || fail "host: read-only image was modified"
 

@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
 #                              (default: all)
 
 B=ublk-qcow2
@@ -104,6 +104,29 @@ fio_test() {
 	gone fio
 }
 
+# Writes through an overlay over a zstd-compressed base: unaligned writes
+# copy on write, with NEED_GET_DATA landing the data in the COW buffer.
+# fio verifies; the host compares the device's checksum with qemu-img's
+# conversion and checks that the base is untouched. Then a file system.
+cow_test() {
+	say "cow: fio verify on an overlay over a zstd-compressed base, then ext4"
+	add /data/cow.qcow2 || { fail "cow: add"; return; }
+	fio --name=cow --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=512-64k --size=120m \
+		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/cow.log 2>&1
+	rc=$?
+	grep -E 'IOPS|err' /data/cow.log
+	[ $rc = 0 ] && pass "cow: randwrite with verify=crc32c" || { fail "cow: fio exit $rc"; tail -n 30 /data/cow.log; }
+	"$B" del -n "$ID" || fail "cow: del"
+	gone cow || return
+	add --read-only /data/cow.qcow2 || { fail "cow: read-only add"; return; }
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/cow.md5
+	"$B" del -n "$ID" || fail "cow: read-only del"
+	gone cow || return
+	cp /data/cow.qcow2 /data/cowfs.qcow2
+	fs_test cowfs ext4 /data/cowfs.qcow2
+}
+
 # --read-only: the device reads as the image's raw conversion; writes fail.
 ro_test() {
 	say "ro: --read-only of an image filled by qemu-io"
@@ -118,6 +141,44 @@ ro_test() {
 	[ "$(blockdev --getro "$DEV")" = 1 ] || fail "ro: blockdev --getro is not 1"
 	"$B" del -n "$ID" || fail "ro: del"
 	gone ro
+}
+
+# add --snapshot: an internal snapshot served read-only, as qemu-img reads it.
+snap_test() {
+	say "snap: add --snapshot of an image with two snapshots"
+	for s in s1 s2; do
+		add --snapshot "$s" /data/snap.qcow2 || { fail "snap: add --snapshot $s"; continue; }
+		if cmp "$DEV" "/data/snap-$s.raw"; then pass "snap: $s reads as qemu-img convert -l shows it"
+		else fail "snap: $s differs from qemu-img's conversion"; fi
+		dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/dev/null &&
+			fail "snap: a write to snapshot $s succeeded"
+		"$B" del -n "$ID" || fail "snap: del"
+		gone snap
+	done
+	add --snapshot nosuch /data/snap.qcow2 2>/data/snap.err &&
+		{ fail "snap: add of a missing snapshot succeeded"; "$B" del -n "$ID"; }
+	grep -q . /data/snap.err && pass "snap: a missing snapshot is refused ($(head -n1 /data/snap.err))"
+}
+
+# add --overlay: writes go to an unlinked overlay in $TMPDIR; the image (the
+# read-only test's, whose checksum the host compares) is never written.
+overlay_test() {
+	say "overlay: add --overlay, fio verify, nothing left behind"
+	rm -rf /tmp/ovl
+	mkdir -p /tmp/ovl
+	DEV=$(TMPDIR=/tmp/ovl "$B" add --overlay /data/ro.qcow2) || { fail "overlay: add"; return; }
+	ID=${DEV#/dev/ublkb}
+	i=0
+	while [ ! -b "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	cmp "$DEV" /data/ro.raw && pass "overlay: reads as the image" ||
+		fail "overlay: content differs from the image"
+	fio --name=ovl --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=512-64k --size=64m --io_size=16m \
+		--verify=crc32c --verify_fatal=1 >/data/ovl.log 2>&1 &&
+		pass "overlay: randwrite with verify=crc32c" || { fail "overlay: fio"; tail -n 20 /data/ovl.log; }
+	[ -z "$(ls -A /tmp/ovl)" ] && pass "overlay: no file in TMPDIR" || fail "overlay: files in TMPDIR"
+	"$B" del -n "$ID" || fail "overlay: del"
+	gone overlay
 }
 
 # Discard and write-zeroes on qcow2: the host checks what reads back.
@@ -183,6 +244,14 @@ corrupt_test() {
 		fail "corrupt: the read of the corrupt cluster succeeded"
 	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
 		fail "corrupt: a read elsewhere failed"
+	# Writes now fail before they ask for their data: each must still end.
+	timeout 60 dd if=/dev/zero of="$DEV" bs=4k count=40 seek=100 oflag=direct 2>/dev/null
+	case $? in
+	0) fail "corrupt: a write to a corrupt image succeeded" ;;
+	124) fail "corrupt: a refused write hung" ;;
+	esac
+	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
+		fail "corrupt: a read after refused writes failed"
 	"$B" list -n "$ID" | grep -q LIVE || fail "corrupt: the daemon did not survive"
 	"$B" del -n "$ID" || fail "corrupt: del"
 	gone corrupt && pass "corrupt: EIO for the bad cluster, daemon survived, del works"
@@ -233,12 +302,15 @@ kill_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
 	xfs) fs_test xfs xfs /data/xfs.qcow2 ;;
 	fio) fio_test ;;
+	cow) cow_test ;;
+	snap) snap_test ;;
+	overlay) overlay_test ;;
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;

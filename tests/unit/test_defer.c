@@ -1,0 +1,281 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Deferred write data, the engine half of ublk's NEED_GET_DATA: writes are
+ * submitted without their bytes; the engine maps, allocates and reads what
+ * copy-on-write needs, then asks for the data at the place it must land.
+ * This test plays the kernel: it hands the data over late and out of order,
+ * fails some hand-overs, and checks the result against a mirror, after a
+ * reopen and with `qemu-img check`. Images: an overlay over a filled base
+ * (COW from the backing file), a compressed image (COW out of compressed
+ * clusters) and an image with an internal snapshot (shared clusters).
+ */
+#include <check.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qcow2.h"
+
+#define DISK_SIZE	(8ull << 20)
+#define BATCH		24
+#define MAX_LEN		(160u << 10)
+
+struct op {
+	struct qcow2_req *req;
+	uint64_t off, len;
+	uint8_t *buf;
+	uint8_t *dst;			/* where the engine asked the data to land */
+	uint8_t pat;
+	bool asked, fail, done;
+	int res;
+};
+
+static char dir[] = "/tmp/uq-defer-XXXXXX";
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static unsigned int landed_elsewhere;	/* fetches that did not target the buffer */
+
+static uint64_t rnd(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 7;
+	rng ^= rng << 17;
+	return rng;
+}
+
+static void op_fetch(struct qcow2_req *req, void *dst, void *priv)
+{
+	struct op *o = priv;
+
+	(void)req;
+	ck_assert(!o->asked);
+	o->asked = true;
+	o->dst = dst;
+	if (dst != o->buf)
+		landed_elsewhere++;
+}
+
+static void op_done(struct qcow2_req *req, int res, void *priv)
+{
+	struct op *o = priv;
+
+	(void)req;
+	o->res = res;
+	o->done = true;
+}
+
+static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
+			return true;
+	return false;
+}
+
+static void verify(struct qcow2 *img, const uint8_t *mirror)
+{
+	uint8_t *buf;
+	uint64_t off;
+
+	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, 1 << 20), 0);
+	for (off = 0; off < DISK_SIZE; off += 1 << 20) {
+		ck_assert_int_eq(qcow2_pread(img, buf, 1 << 20, off), 0);
+		if (memcmp(buf, mirror + off, 1 << 20)) {
+			uint64_t i = 0;
+
+			while (buf[i] == mirror[off + i])
+				i++;
+			ck_abort_msg("mismatch at guest offset %llu", (unsigned long long)(off + i));
+		}
+	}
+	free(buf);
+}
+
+/* Hand the data over to some of the requests that asked (all, if @all). */
+static int deliver(struct op *ops, int n, bool all)
+{
+	int i, given = 0;
+
+	for (i = 0; i < n; i++) {
+		struct op *o = &ops[i];
+
+		if (!o->asked || o->done || (!all && rnd() % 2))
+			continue;
+		o->asked = false;
+		given++;
+		if (o->fail) {
+			qcow2_req_data_ready(o->req, -EIO);
+			continue;
+		}
+		memcpy(o->dst, o->buf, o->len);
+		/* The engine must not read the submitted buffer when the data landed elsewhere. */
+		if (o->dst != o->buf)
+			memset(o->buf, 0xee, o->len);
+		qcow2_req_data_ready(o->req, 0);
+	}
+	return given;
+}
+
+/*
+ * @direct: O_DIRECT, with what ublk sends: 512-byte aligned ranges in
+ * page-aligned buffers (the image files live on the disk, not tmpfs).
+ */
+static void run_one(const char *setup, bool expect_cow, bool direct)
+{
+	struct qcow2_opts opts = { .l2_cache_bytes = 16384, .refcount_cache_bytes = 8192,
+				   .slice_bytes = 4096, .direct = direct };
+	struct qcow2_io *io = qcow2_uring_new(32);
+	uint8_t *mirror = malloc(DISK_SIZE);
+	struct op ops[BATCH];
+	char path[128], cmd[1024], err[256];
+	struct qcow2 *img;
+	int round, i, n, failed = 0;
+	FILE *f;
+
+	ck_assert_ptr_nonnull(mirror);
+	ck_assert_ptr_nonnull(io);
+	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
+	/* @setup makes d.qcow2 (8 MiB) in $D whose content is $D/mirror.raw. */
+	snprintf(cmd, sizeof(cmd), "set -e; D=%s; cd $D; %s", dir, setup);
+	ck_assert_int_eq(system(cmd), 0);
+	snprintf(cmd, sizeof(cmd), "%s/mirror.raw", dir);
+	f = fopen(cmd, "rb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fread(mirror, 1, DISK_SIZE, f), DISK_SIZE);
+	fclose(f);
+
+	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
+	for (i = 0; i < BATCH; i++) {
+		ops[i].req = qcow2_req_new(img);
+		ck_assert_int_eq(posix_memalign((void **)&ops[i].buf, 4096, MAX_LEN), 0);
+		ck_assert_ptr_nonnull(ops[i].req);
+		ck_assert_ptr_nonnull(ops[i].buf);
+	}
+	landed_elsewhere = 0;
+	for (round = 0; round < 30; round++) {
+		for (n = 0; n < BATCH; n++) {
+			struct op *o = &ops[n];
+
+			do {
+				/* Mostly small writes inside one or two clusters. */
+				o->len = 1 + rnd() % (rnd() % 4 ? 8192 : MAX_LEN);
+				o->off = rnd() % (DISK_SIZE - o->len);
+				if (direct) {
+					o->off &= ~511ull;
+					o->len = (o->len + 511) & ~511ull;
+				}
+			} while (overlaps(ops, n, o->off, o->len));
+			o->pat = (uint8_t)(rnd() % 255) + 1;
+			memset(o->buf, o->pat, o->len);
+			o->fail = rnd() % 10 == 0;
+			o->asked = o->done = false;
+		}
+		for (i = 0; i < n; i++) {
+			qcow2_req_defer_data(ops[i].req, op_fetch);
+			qcow2_req_submit(ops[i].req, QCOW2_OP_WRITE, ops[i].off, ops[i].len,
+					 ops[i].buf, op_done, &ops[i]);
+		}
+		for (;;) {
+			bool all_done = true;
+
+			for (i = 0; i < n; i++)
+				all_done &= ops[i].done;
+			if (all_done)
+				break;
+			if (!deliver(ops, n, false) && io->wait(io) == -EAGAIN)
+				ck_assert_msg(deliver(ops, n, true) > 0, "stalled: nothing to deliver");
+		}
+		for (i = 0; i < n; i++) {
+			struct op *o = &ops[i];
+
+			if (o->fail) {
+				ck_assert_int_eq(o->res, -EIO);
+				failed++;
+				continue;
+			}
+			ck_assert_msg(o->res == 0, "write failed: %d %s", o->res, qcow2_errmsg(img));
+			memset(mirror + o->off, o->pat, o->len);
+		}
+		if (round % 10 == 9)
+			verify(img, mirror);
+	}
+	ck_assert_int_gt(failed, 0);
+	if (expect_cow)
+		ck_assert_msg(landed_elsewhere > 0, "no fetch landed in a COW buffer");
+	for (i = 0; i < BATCH; i++) {
+		qcow2_req_free(ops[i].req);
+		free(ops[i].buf);
+	}
+	ck_assert_int_eq(qcow2_close(img), 0);
+
+	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
+	verify(img, mirror);
+	ck_assert_int_eq(qcow2_close(img), 0);
+	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", path);
+	ck_assert_int_eq(system(cmd), 0);
+	snprintf(cmd, sizeof(cmd), "rm -f %s/*", dir);
+	ck_assert_int_eq(system(cmd), 0);
+	qcow2_uring_free(io);
+	free(mirror);
+}
+
+#define FILL "truncate -s 8M mirror.raw; " \
+	"qemu-io -f raw -c 'write -P 0x5a 0 3M' -c 'write -P 0xa5 5M 3M' mirror.raw >/dev/null; "
+#define BACKING FILL "qemu-img convert -O qcow2 -o cluster_size=65536 mirror.raw base.qcow2; " \
+	"qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o cluster_size=65536 d.qcow2 8M"
+#define COMPRESSED FILL "qemu-img convert -c -O qcow2 -o cluster_size=16384 mirror.raw d.qcow2"
+#define ZSTD_BACKING FILL "qemu-img convert -c -O qcow2 -o compression_type=zstd mirror.raw " \
+	"base.qcow2; qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 d.qcow2 8M"
+#define SNAPSHOT FILL "qemu-img convert -O qcow2 -o cluster_size=4096 mirror.raw d.qcow2; " \
+	"qemu-img snapshot -c s1 d.qcow2"
+#define EMPTY "truncate -s 8M mirror.raw; " \
+	"qemu-img create -q -f qcow2 -o cluster_size=65536 d.qcow2 8M"
+
+START_TEST(test_defer_backing) { run_one(BACKING, true, false); }
+END_TEST
+START_TEST(test_defer_compressed) { run_one(COMPRESSED, true, false); }
+END_TEST
+START_TEST(test_defer_snapshot) { run_one(SNAPSHOT, true, false); }
+END_TEST
+START_TEST(test_defer_empty) { run_one(EMPTY, false, false); }
+END_TEST
+START_TEST(test_defer_direct_backing) { run_one(BACKING, true, true); }
+END_TEST
+START_TEST(test_defer_direct_compressed) { run_one(COMPRESSED, true, true); }
+END_TEST
+START_TEST(test_defer_direct_zstd_backing) { run_one(ZSTD_BACKING, true, true); }
+END_TEST
+START_TEST(test_defer_direct_snapshot) { run_one(SNAPSHOT, true, true); }
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("defer");
+	TCase *tc = tcase_create("deferred data");
+	SRunner *sr;
+	int failed;
+
+	if (!mkdtemp(dir)) {
+		perror("mkdtemp");
+		return EXIT_FAILURE;
+	}
+	tcase_set_timeout(tc, 240);
+	tcase_add_test(tc, test_defer_backing);
+	tcase_add_test(tc, test_defer_compressed);
+	tcase_add_test(tc, test_defer_snapshot);
+	tcase_add_test(tc, test_defer_empty);
+	tcase_add_test(tc, test_defer_direct_backing);
+	tcase_add_test(tc, test_defer_direct_compressed);
+	tcase_add_test(tc, test_defer_direct_zstd_backing);
+	tcase_add_test(tc, test_defer_direct_snapshot);
+	suite_add_tcase(s, tc);
+	sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	rmdir(dir);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
