@@ -3,7 +3,8 @@
  * convert: copy what an image (through its backing chain) shows into a new
  * raw or qcow2 image. Block status decides what is read: unallocated and
  * zero runs are skipped, and so are all-zero blocks of the data read, so
- * the copy stays sparse.
+ * the copy stays sparse. With -c the qcow2 target gets compressed clusters,
+ * written one cluster at a time.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -23,7 +24,7 @@ static void convert_usage(void)
 {
 	printf(
 		"usage: " UQ_PROG " convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-o OPT=VAL,...]\n"
-		"                   [-l SNAPSHOT_PARAM | -s SNAPSHOT] SRC DST\n"
+		"                   [-c] [-l SNAPSHOT_PARAM | -s SNAPSHOT] SRC DST\n"
 		"\n"
 		"Copy SRC (with its backing chain) into DST, created anew (an existing\n"
 		"file is truncated). Unallocated and zero ranges are not written.\n"
@@ -34,7 +35,7 @@ static void convert_usage(void)
 		"  -l PARAM        copy SRC's internal snapshot: snapshot.name=NAME,\n"
 		"                  snapshot.id=ID or NAME, as qemu-img\n"
 		"  -s SNAPSHOT     copy SRC's internal snapshot SNAPSHOT (id or name)\n"
-		"  -c              compress DST (not supported yet)\n"
+		"  -c              compress DST's clusters (qcow2 only)\n"
 		"  -p              show progress on stderr\n"
 		"  -q              quiet\n"
 		"  -h, --help      show this help\n");
@@ -274,6 +275,75 @@ fail:
 	return ret;
 }
 
+/* Read the source's [@off, @end) through block status: levels or zeros. 0 or -errno. */
+static int read_range(struct convert *cv, uint8_t *buf, uint64_t off, uint64_t end)
+{
+	struct uq_status st;
+	uint64_t pos;
+	int ret;
+
+	for (pos = off; pos < end; pos += st.len) {
+		ret = uq_image_status(cv->src, pos, end - pos, &st);
+		if (ret < 0)
+			return ret;
+		ret = uq_status_read(&st, buf + (pos - off), pos);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/*
+ * convert -c: cluster by cluster, in order, as qemu-img convert -c writes
+ * them: clusters that read as zeros stay unallocated, the others go through
+ * the engine's compressed write (which stores a cluster that does not
+ * compress as it is).
+ */
+static int copy_compressed(struct convert *cv)
+{
+	uint64_t size = cv->src->size, cs, off, end, dst_end, src_end;
+	struct qcow2 *q = cv->dst->qcow2;
+	uint8_t *buf = cv->slots[0].buf;
+	struct qcow2_info info;
+	struct uq_status st;
+	int ret;
+
+	qcow2_get_info(q, &info);
+	cs = 1ull << info.cluster_bits;
+
+	show_progress(cv, 0, size);
+	for (off = 0; off < size; off = end) {
+		end = off + cs < size ? off + cs : size;
+		ret = uq_image_status(cv->src, off, size - off, &st);
+		if (ret < 0)
+			return ret;
+		if ((!st.data || st.zero) && off + st.len >= end) {
+			/* Skip every whole cluster the zero run covers. */
+			end = off + st.len >= size ? size : (off + st.len) & ~(cs - 1);
+			continue;
+		}
+		/* The target's size is the source's rounded up to a sector. */
+		src_end = end;
+		dst_end = off + cs < cv->dst->size ? off + cs : cv->dst->size;
+		memset(buf + (src_end - off), 0, dst_end - src_end);
+		ret = read_range(cv, buf, off, src_end);
+		if (ret < 0)
+			return ret;
+		show_progress(cv, end, size);
+		if (all_zero(buf, dst_end - off))
+			continue;
+		ret = qcow2_pwrite_compressed(q, buf, dst_end - off, off);
+		if (ret < 0)
+			return uq_image_fail(cv->dst, ret);
+	}
+	ret = qcow2_pwrite_compressed(q, NULL, 0, 0);
+	if (ret < 0)
+		return uq_image_fail(cv->dst, ret);
+	if (cv->progress)
+		fprintf(stderr, "\n");
+	return uq_image_flush(cv->dst);
+}
+
 int cmd_convert(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -341,14 +411,18 @@ int cmd_convert(int argc, char **argv)
 		uq_err("%s: unsupported format '%s' (use raw or qcow2)", dst_path, dst_fmt);
 		return 1;
 	}
-	if (compress) {
-		uq_err("%s: compression not supported yet", dst_path);
-		return 1;
-	}
 	for (i = 0; i < nr_lists; i++) {
 		ret = uq_create_parse(&c, dst_path, lists[i]);
 		if (ret)
 			return ret > 0 ? 0 : 1;
+	}
+	if (compress && c.fmt != UQ_FMT_QCOW2) {
+		uq_err("%s: compression is only supported for qcow2 targets", dst_path);
+		return 1;
+	}
+	if (compress && c.o.prealloc != QCOW2_PREALLOC_OFF) {
+		uq_err("%s: compression and preallocation cannot be used together", dst_path);
+		return 1;
 	}
 	if (c.o.backing_file) {
 		uq_err("%s: convert does not give the new image a backing file", dst_path);
@@ -396,7 +470,7 @@ int cmd_convert(int argc, char **argv)
 	}
 	for (i = 0; i < NR_SLOTS; i++)
 		cv.slots[i].buf = bufs + (size_t)i * CHUNK_BYTES;
-	ret = copy(&cv);
+	ret = compress ? copy_compressed(&cv) : copy(&cv);
 	if (ret < 0)
 		uq_err("%s", uq_image_errmsg());
 	else

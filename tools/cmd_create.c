@@ -38,7 +38,8 @@ static void opts_help(void)
 	       "  backing_fmt=<str>      - Image format of the base image\n"
 	       "  cluster_size=<size>    - qcow2 cluster size (512 to 2M, power of two)\n"
 	       "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
-	       "  compression_type=zlib  - Compression method (only zlib for now)\n"
+	       "  compression_type=<str> - Compression method for compressed clusters\n"
+	       "                           (zlib or zstd)\n"
 	       "  extended_l2=off        - Extended L2 tables (not supported yet)\n"
 	       "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
 	       "  preallocation=<str>    - Preallocation mode (off, metadata, falloc, full;\n"
@@ -136,10 +137,12 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 			return -EINVAL;
 		}
 	} else if (!strcmp(key, "compression_type")) {
-		if (strcmp(val, "zlib")) {
-			uq_err("%s: unsupported option 'compression_type=%s'", x->path, val);
-			return -EINVAL;
-		}
+		if (!strcmp(val, "zlib"))
+			o->compression_type = 0;
+		else if (!strcmp(val, "zstd"))
+			o->compression_type = 1;
+		else
+			return bad_value(x, key, val);
 	} else if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw") ||
 		   !strcmp(key, "encryption") || !strncmp(key, "encrypt.", 8)) {
 		uq_err("%s: unsupported option '%s'", x->path, key);

@@ -29,6 +29,7 @@ void uq_snapshot_print(const struct qcow2_snapshot_info *list, uint32_t nr);
 void uq_snapshot_json(struct uq_json *j, const struct qcow2_snapshot_info *list, uint32_t nr);
 int cmd_rebase(int argc, char **argv);
 int cmd_commit(int argc, char **argv);
+int cmd_resize(int argc, char **argv);
 
 struct uq_create {
 	enum uq_fmt fmt;

@@ -19,6 +19,7 @@ static const struct {
 	{ "check", cmd_check, "check (and repair) an image's metadata" },
 	{ "map", cmd_map, "show how guest ranges map into the image file" },
 	{ "convert", cmd_convert, "copy an image into a new raw or qcow2 image" },
+	{ "resize", cmd_resize, "change an image's virtual size" },
 	{ "bench", cmd_bench, "time reads or writes through the engine (as qemu-img bench)" },
 	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots" },
 	{ "rebase", cmd_rebase, "change an image's backing file" },

@@ -121,6 +121,11 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 				    "refcount widths other than 16 bits need compat=1.1");
 	if (*version == 2 && o->lazy_refcounts)
 		return create_error(c, -EINVAL, "lazy refcounts need compat=1.1");
+	if (o->compression_type < 0 || o->compression_type > 1)
+		return create_error(c, -EINVAL, "unknown compression type");
+	if (*version == 2 && o->compression_type)
+		return create_error(c, -EINVAL,
+				    "non-zlib compression type needs compat=1.1");
 	if (o->size % 512)
 		return create_error(c, -EINVAL, "image size must be a multiple of 512 bytes");
 	if (o->size > (1ull << 62))
@@ -214,7 +219,9 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	put_be64(b + 48, l->reftable_off);
 	put_be32(b + 56, l->reftable_clusters);
 	if (version >= 3) {
+		put_be64(b + 72, o->compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0);
 		put_be64(b + 80, o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
+		b[104] = o->compression_type;
 		put_be32(b + 96, l->refcount_order);
 		put_be32(b + 100, hdr);
 	}

@@ -268,6 +268,9 @@ struct qcow2 {
 	uint8_t *zero_buf;		/* max cluster size of zeros, mmap'd */
 
 	char errmsg[256];
+
+	uint64_t free_byte_off;		/* compressed writes: next free byte of a
+					 * partly used host cluster, or 0 */
 };
 
 /* Record a message (one line, names the file) and return @err. */
@@ -605,5 +608,47 @@ int qcow2_snapshot_select(struct qcow2 *img, const char *id_or_name);
  * 0 / -EAGAIN (parked on @w) / -errno.
  */
 int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struct qcow2_wait *w);
+
+/* ---- Offline operations: compressed writes, resize (offline.c) ----------- */
+
+/*
+ * A blocking wait for engine steps that park (cache loads, refcount block
+ * creation, flushes): offline operations run them to completion with
+ * QCOW2_SYNC while no request is in flight.
+ */
+struct qcow2_sync {
+	struct qcow2_wait w;
+	bool woken;
+	int res;
+};
+
+void qcow2_sync_init(struct qcow2_sync *s);
+/* Run the backend until @s is woken. 0 (retry) or -errno. */
+int qcow2_sync_wait(struct qcow2 *img, struct qcow2_sync *s);
+
+/* Evaluate @call (which parks &(s)->w on -EAGAIN) until it stops parking. */
+#define QCOW2_SYNC(img, s, call) ({				\
+	int __sync_ret;						\
+	for (;;) {						\
+		(s)->woken = false;				\
+		__sync_ret = (call);				\
+		if (__sync_ret != -EAGAIN)			\
+			break;					\
+		__sync_ret = qcow2_sync_wait((img), (s));	\
+		if (__sync_ret < 0)				\
+			break;					\
+	}							\
+	__sync_ret;						\
+})
+
+/* Blocking write of file bytes that keeps img->file_end right. 0 or -errno. */
+int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t off);
+/* The L2 table of guest @off exists (created zeroed if not) and is ours alone.
+ * 0 with *@l2_off, or -errno (-ENOTSUP for a table shared with a snapshot). */
+int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off);
+
+/* compress.c: compress one cluster into @dst; the length, -ENOSPC when it
+ * does not fit in @dst_len bytes, or -errno. */
+int qcow2_compress(struct qcow2 *img, const uint8_t *src, uint8_t *dst, size_t dst_len);
 
 #endif

@@ -196,6 +196,7 @@ struct qcow2_create_opts {
 	enum qcow2_prealloc prealloc;
 	const char *backing_file;
 	const char *backing_fmt;
+	int compression_type;		/* 0 zlib, 1 zstd (needs version 3) */
 };
 
 /* Create (or truncate) @path as an empty image. 0 or -errno and @err. */
@@ -286,5 +287,27 @@ int qcow2_set_backing(struct qcow2 *img, const char *name, const char *fmt);
  * flight. A crash in between leaks clusters and never corrupts. 0 or -errno.
  */
 int qcow2_make_empty(struct qcow2 *img);
+
+/* ---- Compressed writes and resize (offline: no request in flight) ----- */
+
+/*
+ * Write guest cluster [@off, @off + @len) compressed, the way QEMU does:
+ * @off cluster aligned, @len the cluster size (or less for the last
+ * cluster of the disk, padded with zeros). Compressed bytes are packed into
+ * shared host clusters; a cluster that does not compress to less than its
+ * size is written uncompressed instead. @len 0 ends a run of compressed
+ * writes (the file is rounded up to whole sectors, as QEMU does). The image
+ * must not be opened with direct I/O. Returns 0 (compressed or @len 0),
+ * 1 (written uncompressed) or -errno with qcow2_errmsg set.
+ */
+int qcow2_pwrite_compressed(struct qcow2 *img, const void *buf, uint64_t len, uint64_t off);
+
+/*
+ * Change the virtual size to @size (a multiple of 512), as qemu-img resize
+ * does: growing may move the L1 table; shrinking drops every cluster past
+ * the new end and truncates the file after the last used cluster. Refused
+ * on v2 images with snapshots. Returns 0 or -errno with qcow2_errmsg set.
+ */
+int qcow2_resize(struct qcow2 *img, uint64_t size);
 
 #endif

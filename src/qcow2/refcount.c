@@ -435,6 +435,9 @@ int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w)
 			qcow2_cache_put(s);
 			if (v == 1 && cluster < img->free_hint)
 				img->free_hint = cluster;
+			/* A freed cluster is no place to pack compressed bytes into. */
+			if (v == 1 && img->free_byte_off >> img->h.cluster_bits == cluster)
+				img->free_byte_off = 0;
 			img->free_progress++;
 		}
 		img->free_progress = 0;

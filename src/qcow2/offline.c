@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Blocking building blocks for the offline operations (compressed writes,
+ * resize): running parked engine steps to completion, file writes that keep
+ * img->file_end right, and L2 table creation outside the request machine.
+ * They assume no request is in flight on the image.
+ */
+#include "internal.h"
+
+static void sync_wake(struct qcow2_wait *w, int res)
+{
+	struct qcow2_sync *s = (struct qcow2_sync *)w;
+
+	s->woken = true;
+	s->res = res;
+}
+
+void qcow2_sync_init(struct qcow2_sync *s)
+{
+	s->w.next = NULL;
+	s->w.fn = sync_wake;
+	s->woken = false;
+	s->res = 0;
+}
+
+/**
+ * qcow2_sync_wait - run the I/O backend until @s is woken
+ *
+ * Returns 0 (retry the step), the negative errno the waker passed, or -EIO
+ * when nothing is in flight that could ever wake it.
+ */
+int qcow2_sync_wait(struct qcow2 *img, struct qcow2_sync *s)
+{
+	while (!s->woken) {
+		int ret = img->io->wait(img->io);
+
+		if (ret == -EAGAIN)
+			return qcow2_error(img, -EIO, "engine stalled waiting for metadata");
+		if (ret < 0)
+			return ret;
+	}
+	return s->res;
+}
+
+/**
+ * qcow2_sync_pwrite - write @len bytes at host @off and wait for them
+ *
+ * Clusters past img->file_end are known to read as zeros; a write here
+ * moves that mark like every request write does. Returns 0 or -errno with
+ * img->errmsg set.
+ */
+int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t off)
+{
+	int ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
+
+	if (off + len > img->file_end)
+		img->file_end = off + len;
+	if (ret < 0)
+		return qcow2_error(img, ret, "cannot write at 0x%llx: %s",
+				   (unsigned long long)off, strerror(-ret));
+	return 0;
+}
+
+/**
+ * qcow2_l2_table_sync - make the L2 table of guest offset @off writable
+ *
+ * A missing table is allocated and zeroed on disk before the L1 entry
+ * points at it (the refcount reaches disk first: flush.c). Returns 0 with
+ * the table's host offset in *@l2_off; -ENOTSUP for a table shared with a
+ * snapshot (only the request machine copies those); or -errno.
+ */
+int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
+{
+	uint64_t i = qcow2_l1_index(img, off), l1e, rc, host, got;
+	struct qcow2_sync s;
+	int ret;
+
+	qcow2_sync_init(&s);
+	ret = qcow2_l1_lookup(img, off, l2_off, &l1e);
+	if (ret < 0)
+		return ret;
+	if (*l2_off && (l1e & QCOW2_OFLAG_COPIED))
+		return 0;
+	if (*l2_off) {
+		ret = QCOW2_SYNC(img, &s, qcow2_refcount_get(img, *l2_off >> img->h.cluster_bits,
+							   &s.w, &rc));
+		if (ret < 0)
+			return ret;
+		if (rc != 1)
+			return qcow2_error(img, -ENOTSUP,
+					   "L2 table at 0x%llx is shared with a snapshot",
+					   (unsigned long long)*l2_off);
+		img->l1[i] |= QCOW2_OFLAG_COPIED;
+		img->l1_dirty = true;
+		return 0;
+	}
+	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
+	if (ret < 0)
+		return ret;
+	ret = qcow2_sync_pwrite(img, img->zero_buf, img->cluster_size, host);
+	if (ret < 0) {
+		qcow2_free_clusters(img, host, 1);
+		return ret;
+	}
+	img->l1[i] = host | QCOW2_OFLAG_COPIED;
+	img->l1_dirty = true;
+	*l2_off = host;
+	return 0;
+}
