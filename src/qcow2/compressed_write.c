@@ -113,6 +113,8 @@ static int link_entry(struct qcow2 *img, uint64_t l2_off, uint64_t off, uint64_t
 	ret = qcow2_l2_classify(img, *old, &type, &old_host);
 	if (!ret) {
 		qcow2_l2_set(sl, idx, host | L2E_COMPRESSED | (nr_sectors << csize_shift(img)));
+		if (img->l2_entry_bytes == 16)
+			qcow2_l2_set_bitmap(sl, idx, 0);	/* unused for compressed clusters */
 		qcow2_cache_mark_dirty(sl);
 	}
 	qcow2_cache_put(sl);

@@ -322,8 +322,10 @@ static int clear_range(struct qcow2 *img, uint64_t start, uint64_t end)
 		e = qcow2_l2_get(s, idx);
 		if (e)
 			ret = qcow2_free_entry(img, e);
-		if (e && !ret) {
+		if ((e || qcow2_l2_bitmap(s, idx)) && !ret) {
 			qcow2_l2_set(s, idx, 0);
+			if (img->l2_entry_bytes == 16)
+				qcow2_l2_set_bitmap(s, idx, 0);
 			qcow2_cache_mark_dirty(s);
 		}
 		qcow2_cache_put(s);
