@@ -21,7 +21,7 @@
 static void commit_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " commit [-f qcow2] [-d] [-b BASE] IMAGE\n"
+		"usage: " UQ_PROG " commit [-f qcow2] [-p] [-q] [-d] [-b BASE] IMAGE\n"
 		"\n"
 		"Write what IMAGE holds into its backing file, then empty IMAGE (its content\n"
 		"stays the same through the chain). A raw backing file smaller than IMAGE\n"
@@ -208,9 +208,10 @@ int cmd_commit(int argc, char **argv)
 	struct commit c = { 0 };
 	char err[512];
 	enum uq_fmt f;
+	bool quiet = false;
 	int opt;
 
-	while ((opt = getopt_long(argc, argv, ":f:db:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":f:db:pqh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'f':
 			if (strcmp(optarg, "qcow2")) {
@@ -218,6 +219,11 @@ int cmd_commit(int argc, char **argv)
 				       optarg);
 				return 1;
 			}
+			break;
+		case 'p':
+			break;		/* progress: accepted, not shown yet */
+		case 'q':
+			quiet = true;
 			break;
 		case 'd':
 			c.keep = true;
@@ -246,6 +252,7 @@ int cmd_commit(int argc, char **argv)
 	}
 	if (commit_run(&c) < 0)
 		return 1;
-	printf("Image committed.\n");
+	if (!quiet)
+		printf("Image committed.\n");
 	return 0;
 }

@@ -17,7 +17,7 @@
 static void create_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " create [-f qcow2|raw] [-b BACKING [-F BACKING_FMT]] [-u]\n"
+		"usage: " UQ_PROG " create [-q] [-f qcow2|raw] [-b BACKING [-F BACKING_FMT]] [-u]\n"
 		"                  [-o OPT=VAL,...] IMAGE [SIZE]\n"
 		"\n"
 		"Create IMAGE (truncating an existing file) of SIZE bytes; SIZE takes k, M,\n"
@@ -27,6 +27,7 @@ static void create_usage(void)
 		"  -b BACKING      backing file, relative to IMAGE's directory unless absolute\n"
 		"  -F BACKING_FMT  its format (default: detected)\n"
 		"  -u              do not open the backing file (SIZE is then required)\n"
+		"  -q              quiet (accepted for qemu-img's sake: nothing is printed)\n"
 		"  -o OPTIONS      comma-separated options, '-o help' lists them\n"
 		"  -h, --help      show this help\n");
 }
@@ -40,7 +41,7 @@ static void opts_help(void)
 	       "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
 	       "  compression_type=<str> - Compression method for compressed clusters\n"
 	       "                           (zlib or zstd)\n"
-	       "  extended_l2=off        - Extended L2 tables (not supported yet)\n"
+	       "  extended_l2=<bool (on/off)> - Extended L2 tables (subclusters)\n"
 	       "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
 	       "  preallocation=<str>    - Preallocation mode (off, metadata, falloc, full;\n"
 	       "                           raw: off, falloc, full)\n"
@@ -129,13 +130,9 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 	} else if (!strcmp(key, "backing_fmt")) {
 		o->backing_fmt = val;
 	} else if (!strcmp(key, "extended_l2")) {
-		/* Accepted when it asks for the default, so qemu-img lists carry over. */
 		if (uq_parse_bool(val, &b) < 0)
 			return bad_value(x, key, val);
-		if (b) {
-			uq_err("%s: unsupported option 'extended_l2=on'", x->path);
-			return -EINVAL;
-		}
+		o->extended_l2 = b;
 	} else if (!strcmp(key, "compression_type")) {
 		if (!strcmp(val, "zlib"))
 			o->compression_type = 0;
@@ -308,7 +305,7 @@ int cmd_create(int argc, char **argv)
 	int nr_lists = 0, i, opt, ret;
 	bool unsafe = false;
 
-	while ((opt = getopt_long(argc, argv, ":f:b:F:uo:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":f:b:F:uo:qh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -322,6 +319,8 @@ int cmd_create(int argc, char **argv)
 		case 'u':
 			unsafe = true;
 			break;
+		case 'q':
+			break;		/* create prints nothing on success anyway */
 		case 'o':
 			if (nr_lists == (int)(sizeof(lists) / sizeof(lists[0]))) {
 				uq_err("create: too many -o options");

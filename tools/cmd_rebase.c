@@ -20,7 +20,7 @@
 static void rebase_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " rebase [-f qcow2] [-u] -b BACKING [-F BACKING_FMT] IMAGE\n"
+		"usage: " UQ_PROG " rebase [-f qcow2] [-p] [-q] [-u] -b BACKING [-F BACKING_FMT] IMAGE\n"
 		"\n"
 		"Make BACKING (\"\": none) IMAGE's backing file. BACKING is stored as given;\n"
 		"a relative name is relative to IMAGE's directory.\n"
@@ -228,7 +228,7 @@ int cmd_rebase(int argc, char **argv)
 	enum uq_fmt f;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, ":f:ub:F:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":f:ub:F:pqh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'f':
 			if (strcmp(optarg, "qcow2")) {
@@ -237,6 +237,9 @@ int cmd_rebase(int argc, char **argv)
 				return 1;
 			}
 			break;
+		case 'p':
+		case 'q':
+			break;		/* rebase prints nothing; no progress shown yet */
 		case 'u':
 			r.unsafe = true;
 			break;

@@ -126,6 +126,14 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	if (*version == 2 && o->compression_type)
 		return create_error(c, -EINVAL,
 				    "non-zlib compression type needs compat=1.1");
+	if (o->extended_l2 && *cluster_bits < 14)
+		return create_error(c, -EINVAL,
+				    "extended L2 entries need a cluster size of at least 16k");
+	if (o->extended_l2 && *version == 2)
+		return create_error(c, -EINVAL, "extended L2 entries need compat=1.1");
+	if (o->extended_l2 && o->prealloc != QCOW2_PREALLOC_OFF)
+		return create_error(c, -ENOTSUP,
+				    "extended L2 entries with preallocation are not supported yet");
 	if (o->size % 512)
 		return create_error(c, -EINVAL, "image size must be a multiple of 512 bytes");
 	if (o->size > (1ull << 62))
@@ -147,7 +155,7 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
-	uint64_t l2_entries = cs / 8;
+	uint64_t l2_entries = cs / (o->extended_l2 ? 16 : 8);
 	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
 	uint64_t fixed, rb = 0, rt = 0;
 
@@ -219,7 +227,8 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	put_be64(b + 48, l->reftable_off);
 	put_be32(b + 56, l->reftable_clusters);
 	if (version >= 3) {
-		put_be64(b + 72, o->compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0);
+		put_be64(b + 72, (o->compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0) |
+			      (o->extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0));
 		put_be64(b + 80, o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
 		b[104] = o->compression_type;
 		put_be32(b + 96, l->refcount_order);

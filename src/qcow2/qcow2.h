@@ -197,6 +197,7 @@ struct qcow2_create_opts {
 	const char *backing_file;
 	const char *backing_fmt;
 	int compression_type;		/* 0 zlib, 1 zstd (needs version 3) */
+	bool extended_l2;		/* subclusters (version 3, clusters >= 16 KiB) */
 };
 
 /* Create (or truncate) @path as an empty image. 0 or -errno and @err. */
