@@ -161,6 +161,7 @@ static void add_usage(FILE *f)
 		"  --snapshot NAME    serve qcow2 internal snapshot NAME (id or name), read-only\n"
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
+		UQ_KEY_HELP
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
 }
@@ -190,6 +191,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "size", required_argument, NULL, 'S' },
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned int id;
@@ -244,6 +246,12 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'F':
 			a->foreground = true;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			add_usage(stdout);
@@ -322,6 +330,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	int sig_fd, ret, status = 1;
 	char path[64];
 
+	qopts.key = uq_key_get(&qopts.key_len);
 	if (a->null_tgt) {
 		tgt.ops = &ublk_null_ops;
 		tgt.opts = &a->null_size;

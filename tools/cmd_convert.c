@@ -37,6 +37,7 @@ static void convert_usage(void)
 		"  -c              compress DST (not supported yet)\n"
 		"  -p              show progress on stderr\n"
 		"  -q              quiet\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -278,6 +279,7 @@ int cmd_convert(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct convert cv = { .last_percent = -1 };
@@ -325,6 +327,12 @@ int cmd_convert(int argc, char **argv)
 			break;
 		case 'q':
 			cv.progress = false;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			convert_usage();

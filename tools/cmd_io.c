@@ -35,6 +35,7 @@ static void io_usage(void)
 		"  -C FILE         run FILE's commands, one a line ('#' starts a comment)\n"
 		"  -f FMT          image format: qcow2 or raw (default: detected)\n"
 		"  -r              open read-only\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -282,6 +283,7 @@ int cmd_io(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_step *steps;
@@ -309,6 +311,12 @@ int cmd_io(int argc, char **argv)
 			break;
 		case 'r':
 			read_only = true;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			io_usage();
