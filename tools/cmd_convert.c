@@ -203,10 +203,15 @@ static int fill_slots(struct convert *cv, bool *moved)
 			if (end > cv->st_off + cv->st.len)
 				end = cv->st_off + cv->st.len;
 			if (cv->st.data && !cv->st.zero) {
+				uint64_t len = end - cv->off;
+
 				s->off = s->pos = cv->off;
-				s->len = end - cv->off;
+				/* The target is whole sectors (encrypted ones need them):
+				 * a source ending mid-sector is written zero-padded. */
+				s->len = (len + 511) & ~511ull;
+				memset(s->buf + len, 0, s->len - len);
 				ret = slot_submit(s, SLOT_READING, cv->st.img, QCOW2_OP_READ,
-						  s->buf, s->len, s->off);
+						  s->buf, len, s->off);
 				if (ret < 0)
 					return ret;
 			}
