@@ -132,15 +132,15 @@ static int encrypt_resolve(const char *path, struct uq_create *c)
 	if (c->key_secret) {
 		e->key = uq_secret_lookup(c->key_secret, &e->key_len);
 		if (!e->key) {
-			uq_err("%s: no secret with id '%s' (give it with --object secret,id=%s,...)",
-			       path, c->key_secret, c->key_secret);
+			uq_err("%s: no secret with id '%s' (give it with "
+			       "--object secret,id=%s,...)", path, c->key_secret, c->key_secret);
 			return -EINVAL;
 		}
 	} else {
 		e->key = uq_key_get(&e->key_len);
 		if (!e->key) {
-			uq_err("%s: encryption needs a key (encrypt.key-secret=ID with --object, or --key-secret/--key-file)",
-			       path);
+			uq_err("%s: encryption needs a key (encrypt.key-secret=ID with "
+			       "--object, or --key-secret/--key-file)", path);
 			return -EINVAL;
 		}
 	}

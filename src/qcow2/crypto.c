@@ -37,7 +37,7 @@
 #define LUKS_SLOT_ENABLED	0x00AC71F3u
 #define LUKS_SLOT_DISABLED	0x0000DEADu
 #define LUKS_MIN_ITERS		1000
-#define LUKS_MAX_ITERS		(1u << 30)	/* implausible beyond: refuse, do not spin */
+#define LUKS_MAX_ITERS		(1u << 30)	/* beyond: refuse rather than spin */
 #define LUKS_MAX_KEY_BYTES	64
 #define LUKS_MAX_STRIPES	65536
 #define CRYPT_SECTOR		512u
@@ -423,13 +423,15 @@ static int luks_parse(struct qcow2 *img, struct qcow2_crypt *c, const uint8_t *h
 		if (!s->iters || s->iters > LUKS_MAX_ITERS || !s->stripes ||
 		    s->stripes > LUKS_MAX_STRIPES)
 			return qcow2_error(img, -EINVAL,
-					   "LUKS key slot %d: iterations %u or stripes %u out of range",
+					   "LUKS key slot %d: iterations %u or stripes %u "
+					   "out of range",
 					   i, s->iters, s->stripes);
 		end = (uint64_t)s->key_offset * CRYPT_SECTOR +
 		      (uint64_t)s->stripes * c->spec.key_bytes;
 		if (s->key_offset * (uint64_t)CRYPT_SECTOR < LUKS_HEADER_BYTES || end > len)
 			return qcow2_error(img, -EINVAL,
-					   "LUKS key slot %d material (sector %u) lies outside the encryption header",
+					   "LUKS key slot %d material (sector %u) lies outside "
+					   "the encryption header",
 					   i, s->key_offset);
 	}
 	return 0;
@@ -477,7 +479,8 @@ static int luks_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow
 		return -ENOMEM;
 	ret = qcow2_io_pread(img->io, img->fd, h, rlen, img->crypt_hdr_off);
 	if (ret < 0) {
-		ret = qcow2_error(img, ret, "cannot read the encryption header: %s", strerror(-ret));
+		ret = qcow2_error(img, ret, "cannot read the encryption header: %s",
+				  strerror(-ret));
 		goto out;
 	}
 	ret = luks_parse(img, c, h, len);

@@ -133,8 +133,8 @@ static int parse_extensions(struct qcow2 *img, const uint8_t *buf, size_t start,
 			break;
 		case QCOW2_EXT_CRYPTO:
 			if (len != 16)
-				return qcow2_error(img, -EINVAL,
-						   "encryption header extension has %u bytes, not 16", len);
+				return qcow2_error(img, -EINVAL, "encryption header extension "
+						   "has %u bytes, not 16", len);
 			img->crypt_hdr_off = get_be64(data);
 			img->crypt_hdr_len = get_be64(data + 8);
 			/* kept verbatim */
@@ -254,7 +254,8 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 					   "LUKS encrypted image without an encryption header");
 		/* A LUKS1 header (592 bytes) at least, within what QEMU makes (~2 MiB). */
 		if (img->crypt_hdr_len < 592 || img->crypt_hdr_len > (64u << 20))
-			return qcow2_error(img, -EINVAL, "encryption header length %llu out of range",
+			return qcow2_error(img, -EINVAL,
+					   "encryption header length %llu out of range",
 					   (unsigned long long)img->crypt_hdr_len);
 		ret = table_check(img, "encryption header", img->crypt_hdr_off,
 				  img->crypt_hdr_len, file_size);

@@ -470,7 +470,8 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 				     (unsigned long long)img->h.size);
 	} else if (img->crypt && op != QCOW2_OP_FLUSH && op != QCOW2_OP_DISCARD &&
 		   ((off | len) & 511)) {
-		r->err = qcow2_error(img, -EINVAL, "encrypted images take 512-byte aligned requests");
+		r->err = qcow2_error(img, -EINVAL,
+				     "encrypted images take 512-byte aligned requests");
 	} else if (op == QCOW2_OP_FLUSH) {
 		r->wait.fn = flush_wake;
 		r->parked = true;
