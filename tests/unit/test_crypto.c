@@ -2,8 +2,9 @@
 /*
  * crypto.c: legacy AES sectors against known AES-128-CBC vectors (plain64
  * IVs from the guest sector), LUKS header sizes against what qemu-img
- * lays out, a LUKS header we build unlocking with its key only, and a
- * seeded corruption loop over the header that must never crash.
+ * lays out, a LUKS header we build unlocking with its key only, a seeded
+ * corruption loop over the header that must never crash, and deferred write
+ * data (NEED_GET_DATA) on an encrypted overlay, checked by qemu-img.
  */
 #include <check.h>
 #include <fcntl.h>
@@ -245,6 +246,146 @@ START_TEST(test_luks_fuzz)
 }
 END_TEST
 
+/* ---- Deferred write data on an encrypted overlay ------------------------ */
+
+#define D_SIZE		(4u << 20)
+#define D_BATCH		16
+#define D_MAX		(96u << 10)
+#define D_SECRET	"--object secret,id=s,data=pw "
+
+struct dop {
+	struct qcow2_req *req;
+	uint64_t off, len;
+	uint8_t *buf, *dst;
+	uint8_t pat;
+	bool asked, done;
+	int res;
+};
+
+static unsigned int landed_in_cow;
+
+static void dop_fetch(struct qcow2_req *req, void *dst, void *priv)
+{
+	struct dop *o = priv;
+
+	(void)req;
+	o->asked = true;
+	o->dst = dst;
+	if (dst != o->buf)
+		landed_in_cow++;
+}
+
+static void dop_done(struct qcow2_req *req, int res, void *priv)
+{
+	struct dop *o = priv;
+
+	(void)req;
+	o->res = res;
+	o->done = true;
+}
+
+/*
+ * Writes whose bytes come late (landing in the COW buffer between the old
+ * bytes or in the submitted buffer) must be encrypted like the others:
+ * qemu-img compares the overlay with the mirror through its own LUKS code.
+ */
+START_TEST(test_defer_encrypted)
+{
+	struct qcow2_opts opts = { .key = "pw", .key_len = 2 };
+	struct qcow2_io *io = qcow2_uring_new(32);
+	char dir[] = "/tmp/uq-cdefer-XXXXXX", cmd[1024], path[64], err[256];
+	uint8_t *mirror = malloc(D_SIZE);
+	struct dop ops[D_BATCH];
+	struct qcow2 *img;
+	unsigned int seed = 7;
+	int round, i;
+	FILE *f;
+
+	ck_assert_ptr_nonnull(io);
+	ck_assert_ptr_nonnull(mirror);
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	snprintf(cmd, sizeof(cmd), "set -e; cd %s; truncate -s 4M m.raw; "
+		 "qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'write -P 0xa5 3M 1M' m.raw >/dev/null; "
+		 "qemu-img convert -O qcow2 m.raw base.qcow2; "
+		 "qemu-img create -q " D_SECRET "-f qcow2 -b base.qcow2 -F qcow2 -o "
+		 "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,"
+		 "cluster_size=16384 d.qcow2", dir);
+	ck_assert_int_eq(system(cmd), 0);
+	snprintf(path, sizeof(path), "%s/m.raw", dir);
+	f = fopen(path, "rb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fread(mirror, 1, D_SIZE, f), D_SIZE);
+	fclose(f);
+	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
+	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
+	for (i = 0; i < D_BATCH; i++) {
+		ops[i].req = qcow2_req_new(img);
+		ops[i].buf = malloc(D_MAX);
+		ck_assert_ptr_nonnull(ops[i].req);
+		ck_assert_ptr_nonnull(ops[i].buf);
+	}
+	for (round = 0; round < 20; round++) {
+		for (i = 0; i < D_BATCH; i++) {
+			struct dop *o = &ops[i];
+
+			/* Disjoint 256 KiB lanes, sector-aligned pieces of them. */
+			o->len = 512 * (1 + rand_r(&seed) % (rand_r(&seed) % 4 ? 16 : D_MAX / 512));
+			o->off = i * (D_SIZE / D_BATCH) +
+				 512 * (rand_r(&seed) % ((D_SIZE / D_BATCH - o->len) / 512 + 1));
+			o->pat = 1 + rand_r(&seed) % 255;
+			memset(o->buf, o->pat, o->len);
+			o->asked = o->done = false;
+			qcow2_req_defer_data(o->req, dop_fetch);
+			qcow2_req_submit(o->req, QCOW2_OP_WRITE, o->off, o->len, o->buf,
+					 dop_done, o);
+		}
+		for (;;) {
+			bool all = true, given = false;
+
+			for (i = 0; i < D_BATCH; i++) {
+				all &= ops[i].done;
+				if (ops[i].asked && !ops[i].done) {
+					ops[i].asked = false;
+					memcpy(ops[i].dst, ops[i].buf, ops[i].len);
+					qcow2_req_data_ready(ops[i].req, 0);
+					given = true;
+				}
+			}
+			if (all)
+				break;
+			if (!given)
+				ck_assert_int_ne(io->wait(io), -EAGAIN);
+		}
+		for (i = 0; i < D_BATCH; i++) {
+			ck_assert_msg(ops[i].res == 0, "%s", qcow2_errmsg(img));
+			memset(mirror + ops[i].off, ops[i].pat, ops[i].len);
+		}
+	}
+	ck_assert_msg(landed_in_cow > 0, "no fetch landed in a COW buffer");
+	for (i = 0; i < D_BATCH; i++) {
+		qcow2_req_free(ops[i].req);
+		free(ops[i].buf);
+	}
+	ck_assert_int_eq(qcow2_close(img), 0);
+	snprintf(path, sizeof(path), "%s/m.raw", dir);
+	f = fopen(path, "wb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fwrite(mirror, 1, D_SIZE, f), D_SIZE);
+	fclose(f);
+	snprintf(cmd, sizeof(cmd), "set -e; cd %s; "
+		 "qemu-img check -q " D_SECRET "--image-opts "
+		 "driver=qcow2,file.filename=d.qcow2,encrypt.key-secret=s; "
+		 "qemu-img compare -q " D_SECRET "--image-opts "
+		 "driver=qcow2,file.filename=d.qcow2,encrypt.key-secret=s "
+		 "driver=raw,file.filename=m.raw", dir);
+	ck_assert_int_eq(system(cmd), 0);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	ck_assert_int_eq(system(cmd), 0);
+	qcow2_uring_free(io);
+	free(mirror);
+}
+END_TEST
+
 static Suite *crypto_suite(void)
 {
 	Suite *s = suite_create("crypto");
@@ -256,6 +397,7 @@ static Suite *crypto_suite(void)
 	tcase_add_test(tc, test_luks_bad_opts);
 	tcase_add_test(tc, test_luks_unlock);
 	tcase_add_test(tc, test_luks_fuzz);
+	tcase_add_test(tc, test_defer_encrypted);
 	tcase_set_timeout(tc, 300);
 	suite_add_tcase(s, tc);
 	return s;
