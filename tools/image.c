@@ -122,7 +122,9 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 	int ret;
 
 	next_snapshot = NULL;
-	opts.key = uq_key_get(&opts.key_len);
+	/* Metadata only (info, check): no key needed, none tried. */
+	if (!opts.no_key)
+		opts.key = uq_key_get(&opts.key_len);
 	img->io = io;
 	if (!img->io) {
 		img->io = qcow2_uring_new(IO_DEPTH);

@@ -22,7 +22,7 @@ enum uq_fmt {
 #define UQ_OPEN_CHAIN		(1u << 1)	/* open the chain here, a level each (status) */
 #define UQ_OPEN_NO_REPAIR	(1u << 2)	/* qcow2: leave a dirty image for check -r */
 #define UQ_OPEN_NO_BACKING	(1u << 3)	/* qcow2: metadata only, no backing file */
-#define UQ_OPEN_NO_KEY		(1u << 4)	/* qcow2: encrypted opens without a key (info) */
+#define UQ_OPEN_NO_KEY		(1u << 4)	/* qcow2: metadata only, encrypted or not: no key */
 
 struct uq_image {
 	char *path;

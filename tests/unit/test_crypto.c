@@ -291,6 +291,11 @@ static void dop_done(struct qcow2_req *req, int res, void *priv)
  */
 START_TEST(test_defer_encrypted)
 {
+	struct qcow2_encrypt_opts enc = { .format = "luks", .key = "pw", .key_len = 2,
+					  .iter_time_ms = 10 };
+	struct qcow2_create_opts copts = { .size = D_SIZE, .cluster_bits = 14,
+					   .backing_file = "base.qcow2", .backing_fmt = "qcow2",
+					   .encrypt = &enc };
 	struct qcow2_opts opts = { .key = "pw", .key_len = 2 };
 	struct qcow2_io *io = qcow2_uring_new(32);
 	char dir[] = "/tmp/uq-cdefer-XXXXXX", cmd[1024], path[64], err[256];
@@ -306,11 +311,11 @@ START_TEST(test_defer_encrypted)
 	ck_assert_ptr_nonnull(mkdtemp(dir));
 	snprintf(cmd, sizeof(cmd), "set -e; cd %s; truncate -s 4M m.raw; "
 		 "qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'write -P 0xa5 3M 1M' m.raw >/dev/null; "
-		 "qemu-img convert -O qcow2 m.raw base.qcow2; "
-		 "qemu-img create -q " D_SECRET "-f qcow2 -b base.qcow2 -F qcow2 -o "
-		 "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,"
-		 "cluster_size=16384 d.qcow2", dir);
+		 "qemu-img convert -O qcow2 m.raw base.qcow2", dir);
 	ck_assert_int_eq(system(cmd), 0);
+	/* Created here: qemu-img's PBKDF2 benchmark fails now and then when loaded. */
+	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
+	ck_assert_msg(qcow2_create(path, &copts, io, err, sizeof(err)) == 0, "%s", err);
 	snprintf(path, sizeof(path), "%s/m.raw", dir);
 	f = fopen(path, "rb");
 	ck_assert_ptr_nonnull(f);
