@@ -165,6 +165,7 @@ static void add_usage(FILE *f)
 		"                     default /var/tmp, gone with the device); IMAGE is only read\n"
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
+		UQ_KEY_HELP
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
 }
@@ -195,6 +196,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "overlay", no_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned int id;
@@ -252,6 +254,12 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'O':
 			a->overlay = true;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			add_usage(stdout);
@@ -338,6 +346,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	int sig_fd, ret, status = 1, overlay_fd = -1;
 	char path[64], overlay_path[64], err[512];
 
+	qopts.key = uq_key_get(&qopts.key_len);
 	if (a->overlay) {
 		/* Created here, in the daemon: the file dies with this process. */
 		if (uq_overlay_create(a->image, a->fmt, &overlay_fd, overlay_path,

@@ -32,6 +32,7 @@ static void check_usage(void)
 		"  -r all          repair leaks and errors\n"
 		"  --output=FMT    human (default) or json, as qemu-img check\n"
 		"  -q              print nothing but errors\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -105,6 +106,7 @@ int cmd_check(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qcow2_check_result res;
@@ -139,6 +141,12 @@ int cmd_check(int argc, char **argv)
 		case 'q':
 			quiet = true;
 			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
+			break;
 		case 'h':
 			check_usage();
 			return 0;
@@ -150,7 +158,7 @@ int cmd_check(int argc, char **argv)
 		return uq_usage_args("check", "one IMAGE");
 	path = argv[optind];
 	/* With -r, the check repairs a dirty image itself rather than open doing it. */
-	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING |
+	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING | UQ_OPEN_NO_KEY |
 			    (fix ? UQ_OPEN_NO_REPAIR : UQ_OPEN_RDONLY),
 			    err, sizeof(err));
 	if (ret < 0) {

@@ -38,6 +38,7 @@ static void convert_usage(void)
 		"  -c              compress DST's clusters (qcow2 only)\n"
 		"  -p              show progress on stderr\n"
 		"  -q              quiet\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -203,10 +204,15 @@ static int fill_slots(struct convert *cv, bool *moved)
 			if (end > cv->st_off + cv->st.len)
 				end = cv->st_off + cv->st.len;
 			if (cv->st.data && !cv->st.zero) {
+				uint64_t len = end - cv->off;
+
 				s->off = s->pos = cv->off;
-				s->len = end - cv->off;
+				/* The target is whole sectors (encrypted ones need them):
+				 * a source ending mid-sector is written zero-padded. */
+				s->len = (len + 511) & ~511ull;
+				memset(s->buf + len, 0, s->len - len);
 				ret = slot_submit(s, SLOT_READING, cv->st.img, QCOW2_OP_READ,
-						  s->buf, s->len, s->off);
+						  s->buf, len, s->off);
 				if (ret < 0)
 					return ret;
 			}
@@ -348,6 +354,7 @@ int cmd_convert(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct convert cv = { .last_percent = -1 };
@@ -395,6 +402,12 @@ int cmd_convert(int argc, char **argv)
 			break;
 		case 'q':
 			cv.progress = false;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			convert_usage();

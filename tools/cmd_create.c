@@ -29,6 +29,7 @@ static void create_usage(void)
 		"  -u              do not open the backing file (SIZE is then required)\n"
 		"  -q              quiet (accepted for qemu-img's sake: nothing is printed)\n"
 		"  -o OPTIONS      comma-separated options, '-o help' lists them\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -46,6 +47,14 @@ static void opts_help(void)
 	       "  preallocation=<str>    - Preallocation mode (off, metadata, falloc, full;\n"
 	       "                           raw: off, falloc, full)\n"
 	       "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
+	       "  encrypt.format=luks    - Encrypt the image (LUKS, as qemu-img)\n"
+	       "  encrypt.key-secret=<id> - The --object secret holding the passphrase\n"
+	       "  encrypt.cipher-alg=<str> - aes-128, aes-192 or aes-256 (default)\n"
+	       "  encrypt.cipher-mode=<str> - xts (default), cbc, ecb or ctr\n"
+	       "  encrypt.ivgen-alg=<str> - plain64 (default), plain or essiv\n"
+	       "  encrypt.ivgen-hash-alg=<str> - essiv's hash (default sha256)\n"
+	       "  encrypt.hash-alg=<str>  - PBKDF2 and splitter hash (default sha256)\n"
+	       "  encrypt.iter-time=<ms>  - PBKDF2 time per key (default 2000)\n"
 	       "  size=<size>            - Virtual disk size\n");
 }
 
@@ -72,6 +81,73 @@ static int parse_prealloc(const char *val, enum qcow2_prealloc *out)
 		}
 	}
 	return -EINVAL;
+}
+
+/* encrypt.KEY=VAL: checked by the engine when the image is created. */
+static int apply_encrypt_opt(struct opt_ctx *x, const char *key, const char *val)
+{
+	struct qcow2_encrypt_opts *e = &x->c->enc;
+	uint64_t n;
+
+	if (!strcmp(key, "format")) {
+		if (strcmp(val, "luks")) {
+			uq_err("%s: unsupported encryption format '%s' (only luks is created)",
+			       x->path, val);
+			return -EINVAL;
+		}
+		e->format = val;
+	} else if (!strcmp(key, "key-secret")) {
+		x->c->key_secret = val;
+	} else if (!strcmp(key, "cipher-alg")) {
+		e->cipher_alg = val;
+	} else if (!strcmp(key, "cipher-mode")) {
+		e->cipher_mode = val;
+	} else if (!strcmp(key, "ivgen-alg")) {
+		e->ivgen_alg = val;
+	} else if (!strcmp(key, "ivgen-hash-alg")) {
+		e->ivgen_hash_alg = val;
+	} else if (!strcmp(key, "hash-alg")) {
+		e->hash_alg = val;
+	} else if (!strcmp(key, "iter-time")) {
+		if (uq_parse_size(val, &n) < 0 || !n || n > 1000000)
+			return bad_value(x, "encrypt.iter-time", val);
+		e->iter_time_ms = n;
+	} else {
+		uq_err("%s: unknown option 'encrypt.%s'", x->path, key);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The passphrase for encrypt.*: the named secret, else --key-secret/--key-file. */
+static int encrypt_resolve(const char *path, struct uq_create *c)
+{
+	struct qcow2_encrypt_opts *e = &c->enc;
+
+	if (!e->format && !c->key_secret && !e->cipher_alg && !e->cipher_mode &&
+	    !e->ivgen_alg && !e->ivgen_hash_alg && !e->hash_alg && !e->iter_time_ms)
+		return 0;
+	if (!e->format) {
+		uq_err("%s: encryption options need encrypt.format=luks", path);
+		return -EINVAL;
+	}
+	if (c->key_secret) {
+		e->key = uq_secret_lookup(c->key_secret, &e->key_len);
+		if (!e->key) {
+			uq_err("%s: no secret with id '%s' (give it with "
+			       "--object secret,id=%s,...)", path, c->key_secret, c->key_secret);
+			return -EINVAL;
+		}
+	} else {
+		e->key = uq_key_get(&e->key_len);
+		if (!e->key) {
+			uq_err("%s: encryption needs a key (encrypt.key-secret=ID with "
+			       "--object, or --key-secret/--key-file)", path);
+			return -EINVAL;
+		}
+	}
+	c->o.encrypt = e;
+	return 0;
 }
 
 /* One "-o" pair; the qcow2-only ones are remembered for raw's error. */
@@ -140,8 +216,10 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 			o->compression_type = 1;
 		else
 			return bad_value(x, key, val);
+	} else if (!strncmp(key, "encrypt.", 8)) {
+		return apply_encrypt_opt(x, key + 8, val);
 	} else if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw") ||
-		   !strcmp(key, "encryption") || !strncmp(key, "encrypt.", 8)) {
+		   !strcmp(key, "encryption")) {
 		uq_err("%s: unsupported option '%s'", x->path, key);
 		return -EINVAL;
 	} else {
@@ -235,6 +313,9 @@ int uq_create_image(const char *path, struct uq_create *c)
 		return -EFBIG;
 	}
 	c->o.size = (c->o.size + 511) & ~511ull;
+	ret = encrypt_resolve(path, c);
+	if (ret < 0)
+		return ret;
 	if (c->fmt == UQ_FMT_RAW) {
 		if (c->qcow2_only) {
 			uq_err("%s: option '%s' is not supported for raw images", path,
@@ -296,6 +377,7 @@ int cmd_create(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct uq_create c = { .fmt = UQ_FMT_QCOW2 };
@@ -327,6 +409,12 @@ int cmd_create(int argc, char **argv)
 				return 1;
 			}
 			lists[nr_lists++] = optarg;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			create_usage();

@@ -23,6 +23,7 @@ static void info_usage(void)
 		"  -f FMT           image format: qcow2 or raw (default: detected)\n"
 		"  --output=FMT     human (default) or json, as qemu-img info\n"
 		"  --backing-chain  also show every image of the backing chain\n"
+		UQ_KEY_HELP
 		"  -h, --help       show this help\n");
 }
 
@@ -30,6 +31,8 @@ struct level_info {
 	const char *filename;
 	struct uq_image *img;
 	struct qcow2_info q;		/* qcow2 only */
+	struct qcow2_crypt_info ci;
+	bool encrypted;
 	uint64_t actual_size;
 	char *full_backing;		/* NULL without a backing file */
 	struct qcow2_snapshot_info *snaps;
@@ -52,6 +55,7 @@ static int level_get(struct level_info *li, struct uq_image *img, const char *fi
 		uq_err("%s", qcow2_errmsg(img->qcow2));
 		return -EINVAL;
 	}
+	li->encrypted = qcow2_get_crypt_info(img->qcow2, &li->ci) == 0;
 	if (li->q.backing_file) {
 		li->full_backing = uq_backing_path(filename, li->q.backing_file);
 		if (!li->full_backing) {
@@ -60,6 +64,76 @@ static int level_get(struct level_info *li, struct uq_image *img, const char *fi
 		}
 	}
 	return 0;
+}
+
+/* The "encrypt:" block, members in qemu-img's order. */
+static void print_crypt_human(const struct level_info *li)
+{
+	const struct qcow2_crypt_info *c = &li->ci;
+	int i;
+
+	if (!li->encrypted)
+		return;
+	printf("    encrypt:\n");
+	if (strcmp(c->format, "luks")) {
+		printf("        format: %s\n", c->format);
+		return;
+	}
+	printf("        ivgen alg: %s\n        hash alg: %s\n        cipher alg: %s\n"
+	       "        uuid: %s\n", c->ivgen_alg, c->hash_alg, c->cipher_alg, c->uuid);
+	if (c->ivgen_hash_alg)
+		printf("        ivgen hash alg: %s\n", c->ivgen_hash_alg);
+	printf("        format: luks\n        cipher mode: %s\n        slots:\n", c->cipher_mode);
+	for (i = 0; i < 8; i++) {
+		printf("            [%d]:\n                active: %s\n", i,
+		       c->slots[i].active ? "true" : "false");
+		if (c->slots[i].active)
+			printf("                iters: %u\n", c->slots[i].iters);
+		printf("                key offset: %llu\n",
+		       (unsigned long long)c->slots[i].key_offset);
+		if (c->slots[i].active)
+			printf("                stripes: %u\n", c->slots[i].stripes);
+	}
+	printf("        payload offset: %llu\n        master key iters: %u\n",
+	       (unsigned long long)c->payload_offset, c->master_key_iters);
+}
+
+static void print_crypt_json(struct uq_json *j, const struct level_info *li)
+{
+	const struct qcow2_crypt_info *c = &li->ci;
+	int i;
+
+	if (!li->encrypted)
+		return;
+	uq_json_open(j, "encrypt", '{');
+	if (strcmp(c->format, "luks")) {
+		uq_json_string(j, "format", c->format);
+		uq_json_close(j, '}');
+		return;
+	}
+	uq_json_string(j, "ivgen-alg", c->ivgen_alg);
+	uq_json_string(j, "hash-alg", c->hash_alg);
+	uq_json_string(j, "cipher-alg", c->cipher_alg);
+	uq_json_string(j, "uuid", c->uuid);
+	if (c->ivgen_hash_alg)
+		uq_json_string(j, "ivgen-hash-alg", c->ivgen_hash_alg);
+	uq_json_string(j, "format", "luks");
+	uq_json_string(j, "cipher-mode", c->cipher_mode);
+	uq_json_open(j, "slots", '[');
+	for (i = 0; i < 8; i++) {
+		uq_json_open(j, NULL, '{');
+		uq_json_bool(j, "active", c->slots[i].active);
+		if (c->slots[i].active)
+			uq_json_int(j, "iters", c->slots[i].iters);
+		uq_json_int(j, "key-offset", c->slots[i].key_offset);
+		if (c->slots[i].active)
+			uq_json_int(j, "stripes", c->slots[i].stripes);
+		uq_json_close(j, '}');
+	}
+	uq_json_close(j, ']');
+	uq_json_int(j, "payload-offset", c->payload_offset);
+	uq_json_int(j, "master-key-iters", c->master_key_iters);
+	uq_json_close(j, '}');
 }
 
 static void print_human(const struct level_info *li)
@@ -74,6 +148,8 @@ static void print_human(const struct level_info *li)
 	       (unsigned long long)li->img->size, asize);
 	if (li->img->fmt != UQ_FMT_QCOW2)
 		return;
+	if (li->encrypted)
+		printf("encrypted: yes\n");
 	printf("cluster_size: %u\n", 1u << q->cluster_bits);
 	if (q->backing_file) {
 		printf("backing file: %s", q->backing_file);
@@ -94,10 +170,12 @@ static void print_human(const struct level_info *li)
 	printf("    compression type: %s\n", q->compression_type ? "zstd" : "zlib");
 	if (q->version < 3) {
 		printf("    refcount bits: %u\n", q->refcount_bits);
+		print_crypt_human(li);
 		return;
 	}
 	printf("    lazy refcounts: %s\n", q->lazy_refcounts ? "true" : "false");
 	printf("    refcount bits: %u\n", q->refcount_bits);
+	print_crypt_human(li);
 	if (q->data_file)
 		printf("    data file: %s\n", q->data_file);
 	printf("    corrupt: %s\n", q->corrupt ? "true" : "false");
@@ -129,6 +207,7 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 		if (q->version >= 3)
 			uq_json_bool(j, "lazy-refcounts", q->lazy_refcounts);
 		uq_json_int(j, "refcount-bits", q->refcount_bits);
+		print_crypt_json(j, li);
 		if (q->data_file)
 			uq_json_string(j, "data-file", q->data_file);
 		if (q->version >= 3) {
@@ -142,6 +221,8 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 		if (q->backing_file)
 			uq_json_string(j, "backing-filename", q->backing_file);
 	}
+	if (li->encrypted)
+		uq_json_bool(j, "encrypted", true);
 	uq_json_bool(j, "dirty-flag", qcow2 && q->dirty);
 	uq_json_close(j, '}');
 }
@@ -152,6 +233,7 @@ int cmd_info(int argc, char **argv)
 		{ "output", required_argument, NULL, 'O' },
 		{ "backing-chain", no_argument, NULL, 'B' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct uq_json j = { .f = stdout };
@@ -176,6 +258,12 @@ int cmd_info(int argc, char **argv)
 		case 'B':
 			chain = true;
 			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
+			break;
 		case 'h':
 			info_usage();
 			return 0;
@@ -186,7 +274,8 @@ int cmd_info(int argc, char **argv)
 	if (argc - optind != 1)
 		return uq_usage_args("info", "one IMAGE");
 	ret = uq_image_open(&top, argv[optind], fmt,
-			    UQ_OPEN_RDONLY | (chain ? UQ_OPEN_CHAIN : UQ_OPEN_NO_BACKING),
+			    UQ_OPEN_RDONLY | UQ_OPEN_NO_KEY |
+			    (chain ? UQ_OPEN_CHAIN : UQ_OPEN_NO_BACKING),
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

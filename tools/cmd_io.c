@@ -38,6 +38,7 @@ static void io_usage(void)
 		"  -r              open read-only\n"
 		"  --overlay       write to a throw-away qcow2 overlay over IMAGE (in $TMPDIR,\n"
 		"                  default /var/tmp, gone on exit); IMAGE is only read\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -286,6 +287,7 @@ int cmd_io(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "overlay", no_argument, NULL, 'O' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_step *steps;
@@ -317,6 +319,12 @@ int cmd_io(int argc, char **argv)
 			break;
 		case 'O':
 			overlay = true;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			io_usage();

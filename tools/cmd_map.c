@@ -23,6 +23,7 @@ static void map_usage(void)
 		"  -f FMT          image format: qcow2 or raw (default: detected)\n"
 		"  --output=FMT    human (default: data extents only) or json (every run),\n"
 		"                  as qemu-img map\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -82,6 +83,7 @@ int cmd_map(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct map_entry curr = { 0 }, next;
@@ -102,6 +104,12 @@ int cmd_map(int argc, char **argv)
 				return 1;
 			}
 			json = !strcmp(optarg, "json");
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			map_usage();

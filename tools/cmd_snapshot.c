@@ -120,7 +120,7 @@ int cmd_snapshot(int argc, char **argv)
 	if (!action)
 		action = 'l';
 	ret = uq_image_open(&img, argv[optind], fmt,
-			    UQ_OPEN_NO_BACKING | (action == 'l' ? UQ_OPEN_RDONLY : 0),
+			    UQ_OPEN_NO_BACKING | UQ_OPEN_NO_KEY | (action == 'l' ? UQ_OPEN_RDONLY : 0),
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

@@ -36,6 +36,8 @@ struct uq_create {
 	struct qcow2_create_opts o;
 	bool size_set;
 	const char *qcow2_only;		/* first qcow2-only option seen, for raw's error */
+	struct qcow2_encrypt_opts enc;	/* -o encrypt.*; o.encrypt points here when used */
+	const char *key_secret;		/* encrypt.key-secret=ID */
 };
 
 /*

@@ -116,12 +116,15 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.no_backing = flags & (UQ_OPEN_NO_BACKING | UQ_OPEN_CHAIN),
 		.format = "qcow2",
 		.snapshot = next_snapshot,
+		.no_key = flags & UQ_OPEN_NO_KEY,
 	};
 	struct qcow2_info info;
 	int ret;
 
 	next_snapshot = NULL;
-
+	/* Metadata only (info, check): no key needed, none tried. */
+	if (!opts.no_key)
+		opts.key = uq_key_get(&opts.key_len);
 	img->io = io;
 	if (!img->io) {
 		img->io = qcow2_uring_new(IO_DEPTH);
@@ -549,4 +552,174 @@ int uq_status_read(const struct uq_status *st, void *buf, uint64_t off)
 		return uq_image_pread(st->img, buf, st->len, off);
 	memset(buf, 0, st->len);
 	return 0;
+}
+
+/* ---- Secrets ------------------------------------------------------------------ */
+
+#define MAX_SECRETS	16
+#define MAX_SECRET_BYTES (64u << 10)
+
+struct secret {
+	char *id;
+	char *data;
+	size_t len;
+};
+
+static struct secret secrets[MAX_SECRETS];
+static unsigned int nr_secrets;
+static struct secret key_opt;		/* --key-secret / --key-file */
+
+/* Read a whole (small) file, as QEMU's secret file= does: bytes as they are. */
+static int read_secret_file(const char *path, struct secret *s)
+{
+	char *buf = malloc(MAX_SECRET_BYTES + 1);
+	size_t len = 0;
+	ssize_t n;
+	int fd, ret = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		uq_err("%s: cannot open key file: %s", path, strerror(-ret));
+		free(buf);
+		return ret;
+	}
+	while ((n = read(fd, buf + len, MAX_SECRET_BYTES + 1 - len)) > 0)
+		len += n;
+	if (n < 0)
+		ret = -errno;
+	close(fd);
+	if (!ret && len > MAX_SECRET_BYTES)
+		ret = -EFBIG;
+	if (ret < 0) {
+		uq_err("%s: cannot read key file: %s", path, strerror(-ret));
+		free(buf);
+		return ret;
+	}
+	buf[len] = '\0';
+	free(s->data);
+	s->data = buf;
+	s->len = len;
+	return 0;
+}
+
+static int set_data(struct secret *s, const char *data)
+{
+	free(s->data);
+	s->data = strdup(data);
+	s->len = s->data ? strlen(data) : 0;
+	return s->data ? 0 : -ENOMEM;
+}
+
+struct object_ctx {
+	const char *spec;
+	bool secret;
+	const char *id, *data, *file;
+};
+
+static int object_pair(void *opaque, const char *key, const char *val)
+{
+	struct object_ctx *o = opaque;
+
+	if (!val && !strcmp(key, "secret")) {
+		o->secret = true;
+	} else if (val && !strcmp(key, "qom-type")) {
+		o->secret = !strcmp(val, "secret");
+	} else if (val && !strcmp(key, "id")) {
+		o->id = val;
+	} else if (val && !strcmp(key, "data")) {
+		o->data = val;
+	} else if (val && !strcmp(key, "file")) {
+		o->file = val;
+	} else if (val && !strcmp(key, "format") && !strcmp(val, "raw")) {
+		/* the default */
+	} else {
+		uq_err("--object %s: unsupported property '%s'", o->spec, key);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int add_object(const char *arg)
+{
+	struct object_ctx o = { .spec = arg };
+	char *copy = strdup(arg);
+	struct secret *s;
+	int ret;
+
+	if (!copy)
+		return -ENOMEM;
+	ret = uq_parse_opts(copy, object_pair, &o);
+	if (ret)
+		goto out;
+	ret = -EINVAL;
+	if (!o.secret) {
+		uq_err("--object %s: only 'secret' objects are supported", arg);
+		goto out;
+	}
+	if (!o.id || !!o.data == !!o.file) {
+		uq_err("--object %s: a secret needs id= and one of data= or file=", arg);
+		goto out;
+	}
+	if (nr_secrets == MAX_SECRETS) {
+		uq_err("--object %s: too many secrets", arg);
+		goto out;
+	}
+	s = &secrets[nr_secrets];
+	s->id = strdup(o.id);
+	ret = s->id ? 0 : -ENOMEM;
+	if (!ret)
+		ret = o.data ? set_data(s, o.data) : read_secret_file(o.file, s);
+	if (ret < 0) {
+		free(s->id);
+		s->id = NULL;
+		goto out;
+	}
+	nr_secrets++;
+out:
+	free(copy);
+	return ret;
+}
+
+int uq_key_option(int opt, const char *arg)
+{
+	int ret;
+
+	switch (opt) {
+	case UQ_OPT_OBJECT:
+		return add_object(arg);
+	case UQ_OPT_KEY_SECRET:
+		ret = set_data(&key_opt, arg);
+		break;
+	case UQ_OPT_KEY_FILE:
+		return read_secret_file(arg, &key_opt);
+	default:
+		return -EINVAL;
+	}
+	if (ret < 0)
+		uq_err("out of memory");
+	return ret;
+}
+
+const char *uq_key_get(size_t *len)
+{
+	const struct secret *s = key_opt.data ? &key_opt : nr_secrets == 1 ? &secrets[0] : NULL;
+
+	*len = s ? s->len : 0;
+	return s ? s->data : NULL;
+}
+
+const char *uq_secret_lookup(const char *id, size_t *len)
+{
+	unsigned int i;
+
+	for (i = 0; i < nr_secrets; i++) {
+		if (!strcmp(secrets[i].id, id)) {
+			*len = secrets[i].len;
+			return secrets[i].data;
+		}
+	}
+	return NULL;
 }

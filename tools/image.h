@@ -22,6 +22,7 @@ enum uq_fmt {
 #define UQ_OPEN_CHAIN		(1u << 1)	/* open the chain here, a level each (status) */
 #define UQ_OPEN_NO_REPAIR	(1u << 2)	/* qcow2: leave a dirty image for check -r */
 #define UQ_OPEN_NO_BACKING	(1u << 3)	/* qcow2: metadata only, no backing file */
+#define UQ_OPEN_NO_KEY		(1u << 4)	/* qcow2: metadata only, encrypted or not: no key */
 
 struct uq_image {
 	char *path;
@@ -116,5 +117,40 @@ int uq_image_status(struct uq_image *img, uint64_t off, uint64_t len, struct uq_
  * 0 or -errno.
  */
 int uq_status_read(const struct uq_status *st, void *buf, uint64_t off);
+
+/* ---- Secrets of encrypted images ---------------------------------------- */
+
+/*
+ * The options every image-opening subcommand takes (getopt_long values
+ * above any short option): --object secret,id=ID,data=PW|file=PATH as
+ * qemu-img, and the shorter --key-secret PW / --key-file PATH.
+ */
+enum {
+	UQ_OPT_OBJECT = 0x1000,
+	UQ_OPT_KEY_SECRET,
+	UQ_OPT_KEY_FILE,
+};
+
+#define UQ_KEY_LONGOPTS \
+	{ "object", required_argument, NULL, UQ_OPT_OBJECT }, \
+	{ "key-secret", required_argument, NULL, UQ_OPT_KEY_SECRET }, \
+	{ "key-file", required_argument, NULL, UQ_OPT_KEY_FILE }
+
+#define UQ_KEY_HELP \
+	"  --object secret,id=ID,data=PW|file=PATH  a secret (qemu-img style)\n" \
+	"  --key-secret PW  passphrase of an encrypted image\n" \
+	"  --key-file PATH  read the passphrase from PATH\n"
+
+/* Take one of the options above. 0, or -errno with one error line printed. */
+int uq_key_option(int opt, const char *arg);
+
+/*
+ * The passphrase images are opened with: --key-secret/--key-file, else the
+ * only secret object. NULL if none.
+ */
+const char *uq_key_get(size_t *len);
+
+/* The secret object @id (encrypt.key-secret=ID), or NULL. */
+const char *uq_secret_lookup(const char *id, size_t *len);
 
 #endif

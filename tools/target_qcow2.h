@@ -14,6 +14,8 @@
 struct uq_qcow2_opts {
 	uint64_t cache_bytes;		/* L2 cache size, 0: the engine's default */
 	const char *snapshot;		/* internal snapshot to serve (read-only), or NULL */
+	const void *key;		/* passphrase of an encrypted image, or NULL */
+	size_t key_len;
 };
 
 extern const struct ublk_tgt_ops uq_qcow2_ops;

@@ -39,6 +39,9 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		.l2_cache_bytes = opts->l2_cache_bytes,
 		.refcount_cache_bytes = opts->refcount_cache_bytes,
 		.slice_bytes = opts->slice_bytes,
+		.key = opts->key,	/* an encrypted backing file: the same passphrase */
+		.key_len = opts->key_len,
+		.no_key = opts->no_key,
 		.format = img->backing_fmt ? img->backing_fmt : "probe",
 	};
 	char err[256], *path;

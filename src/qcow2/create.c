@@ -51,7 +51,9 @@ struct layout {
 	uint64_t nb_l2;
 	uint64_t nb_data;
 	uint64_t nb_clusters;		/* everything, all with refcount 1 */
-	uint64_t reftable_off, refblocks_off, l1_off, l2_off, data_off;
+	uint64_t crypt_bytes;		/* LUKS header area (encrypted images) */
+	uint64_t nb_crypt;
+	uint64_t reftable_off, refblocks_off, l1_off, crypt_off, l2_off, data_off;
 };
 
 /*
@@ -149,6 +151,8 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 				    MAX_BACKING_FMT);
 	if (o->prealloc > QCOW2_PREALLOC_FULL)
 		return create_error(c, -EINVAL, "invalid preallocation mode");
+	if (o->encrypt && o->prealloc != QCOW2_PREALLOC_OFF)
+		return create_error(c, -ENOTSUP, "preallocation is not supported with encryption");
 	return 0;
 }
 
@@ -170,7 +174,8 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	}
 
 	/* The refcount blocks count themselves and the table: iterate to a fixed point. */
-	fixed = 1 + l->l1_clusters + l->nb_l2 + l->nb_data;
+	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
+	fixed = 1 + l->l1_clusters + l->nb_crypt + l->nb_l2 + l->nb_data;
 	for (;;) {
 		uint64_t nrb = div_round_up(fixed + rt + rb, rb_entries);
 		uint64_t nrt = div_round_up(nrb * 8, cs);
@@ -192,7 +197,9 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	l->reftable_off = cs;
 	l->refblocks_off = l->reftable_off + rt * cs;
 	l->l1_off = l->refblocks_off + rb * cs;
-	l->l2_off = l->l1_off + l->l1_clusters * cs;
+	/* The LUKS header after the L1 table, as qemu-img places it. */
+	l->crypt_off = l->l1_off + l->l1_clusters * cs;
+	l->l2_off = l->crypt_off + l->nb_crypt * cs;
 	l->data_off = l->l2_off + l->nb_l2 * cs;
 	return 0;
 }
@@ -209,7 +216,8 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	uint32_t hdr = version == 2 ? QCOW2_V2_HEADER_LEN : V3_HEADER_BYTES;
 	size_t fmt_len = o->backing_fmt ? strlen(o->backing_fmt) : 0;
 	size_t name_len = o->backing_file ? strlen(o->backing_file) : 0;
-	size_t need = hdr + (fmt_len ? 8 + ((fmt_len + 7) & ~7ul) : 0) + 8 + name_len;
+	size_t need = hdr + (fmt_len ? 8 + ((fmt_len + 7) & ~7ul) : 0) + 8 + name_len +
+		      (l->nb_crypt ? 8 + 16 : 0);
 	bool ftable = version >= 3 && cs > 4096;
 	uint8_t *b = c->hdr;
 	uint32_t off;
@@ -237,6 +245,14 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	off = hdr;
 	if (fmt_len)
 		off = qcow2_put_ext(b, off, QCOW2_EXT_BACKING_FMT, o->backing_fmt, fmt_len);
+	if (l->nb_crypt) {
+		uint8_t ext[16];
+
+		put_be32(b + 32, 2);		/* crypt_method: LUKS */
+		put_be64(ext, l->crypt_off);
+		put_be64(ext + 8, l->crypt_bytes);
+		off = qcow2_put_ext(b, off, QCOW2_EXT_CRYPTO, ext, sizeof(ext));
+	}
 	if (ftable) {
 		put_be32(b + off, QCOW2_EXT_FEATURE_TABLE);
 		put_be32(b + off + 4, FEATURE_TABLE_BYTES);
@@ -352,6 +368,27 @@ static int preallocate_data(struct creator *c, const struct layout *l, enum qcow
 	return 0;
 }
 
+/* The LUKS header area: built (PBKDF2 timing included) and written whole. */
+static int write_luks(struct creator *c, const struct qcow2_encrypt_opts *o,
+		      const struct layout *l)
+{
+	uint64_t bytes = l->nb_crypt << l->cluster_bits;
+	char why[160];
+	uint8_t *area;
+	int ret;
+
+	if (posix_memalign((void **)&area, 4096, bytes))
+		return create_error(c, -ENOMEM, "out of memory");
+	memset(area, 0, bytes);
+	ret = qcow2_luks_header_build(o, area, why, sizeof(why));
+	if (ret < 0)
+		ret = create_error(c, ret, "%s", why);
+	else
+		ret = write_buf(c, area, bytes, l->crypt_off);
+	free(area);
+	return ret;
+}
+
 /* Open @path for writing, truncating it; *created tells whether it is new. */
 static int open_target(struct creator *c, bool *created)
 {
@@ -389,6 +426,13 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	ret = validate(&c, opts, &l.cluster_bits, &version, &l.refcount_order);
 	if (ret < 0)
 		return ret;
+	if (opts->encrypt) {
+		char why[160];
+
+		ret = qcow2_luks_header_size(opts->encrypt, &l.crypt_bytes, why, sizeof(why));
+		if (ret < 0)
+			return create_error(&c, ret, "%s", why);
+	}
 	ret = plan_layout(&c, opts, &l);
 	if (ret < 0)
 		return ret;
@@ -409,6 +453,11 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	ret = write_metadata(&c, &l);
 	if (ret < 0)
 		goto out_close;
+	if (l.nb_crypt) {
+		ret = write_luks(&c, opts->encrypt, &l);
+		if (ret < 0)
+			goto out_close;
+	}
 	if (opts->prealloc != QCOW2_PREALLOC_OFF) {
 		ret = preallocate_data(&c, &l, opts->prealloc);
 		if (ret < 0)

@@ -131,6 +131,16 @@ static int parse_extensions(struct qcow2 *img, const uint8_t *buf, size_t start,
 			if (!img->data_file)
 				return -ENOMEM;
 			break;
+		case QCOW2_EXT_CRYPTO:
+			if (len != 16)
+				return qcow2_error(img, -EINVAL, "encryption header extension "
+						   "has %u bytes, not 16", len);
+			img->crypt_hdr_off = get_be64(data);
+			img->crypt_hdr_len = get_be64(data + 8);
+			/* kept verbatim */
+			if (keep_ext(img, buf + off, 8 + padded) < 0)
+				return -ENOMEM;
+			break;
 		case QCOW2_EXT_FEATURE_TABLE:
 			*ftable = data;
 			*ftable_len = len;
@@ -236,9 +246,22 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	if (h->refcount_order > 6)
 		return qcow2_error(img, -EINVAL, "refcount_order %u out of range (0..6)",
 				   h->refcount_order);
-	if (h->crypt_method)
-		return qcow2_error(img, -ENOTSUP, "encrypted images (method %u) are not supported",
-				   h->crypt_method);
+	if (h->crypt_method > 2)
+		return qcow2_error(img, -ENOTSUP, "unknown encryption method %u", h->crypt_method);
+	if (h->crypt_method == 2) {
+		if (!img->crypt_hdr_len || !img->crypt_hdr_off)
+			return qcow2_error(img, -EINVAL,
+					   "LUKS encrypted image without an encryption header");
+		/* A LUKS1 header (592 bytes) at least, within what QEMU makes (~2 MiB). */
+		if (img->crypt_hdr_len < 592 || img->crypt_hdr_len > (64u << 20))
+			return qcow2_error(img, -EINVAL,
+					   "encryption header length %llu out of range",
+					   (unsigned long long)img->crypt_hdr_len);
+		ret = table_check(img, "encryption header", img->crypt_hdr_off,
+				  img->crypt_hdr_len, file_size);
+		if (ret < 0)
+			return ret;
+	}
 
 	img->refcount_bits = 1u << h->refcount_order;
 	img->refcount_max = img->refcount_bits == 64 ? UINT64_MAX :

@@ -257,6 +257,7 @@ static void image_free(struct qcow2 *img)
 	qcow2_cache_destroy(&img->rc_cache);
 	qcow2_flush_free(img);
 	qcow2_refcount_free(img);
+	qcow2_crypt_free(img);
 	if (img->zero_buf)
 		munmap(img->zero_buf, 1u << QCOW2_MAX_CLUSTER_BITS);
 	free(img->l1);
@@ -403,6 +404,9 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		if (ret < 0)
 			goto fail;
 	}
+	ret = qcow2_crypt_open(img, opts);
+	if (ret < 0)
+		goto fail;
 
 	img->l1_alloc = img->h.l1_size;
 	ret = load_table(img, img->h.l1_table_offset, img->h.l1_size, img->l1_alloc, &img->l1);

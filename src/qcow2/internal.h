@@ -266,6 +266,9 @@ struct qcow2 {
 	struct qcow2_flush_job *flush;
 	unsigned int nr_reqs_active;
 	uint8_t *zero_buf;		/* max cluster size of zeros, mmap'd */
+	struct qcow2_crypt *crypt;	/* encrypted images only (crypto.c) */
+	uint64_t crypt_hdr_off;		/* crypto header extension: LUKS header area */
+	uint64_t crypt_hdr_len;
 
 	char errmsg[256];
 
@@ -419,6 +422,8 @@ struct req_aio {
 	uint8_t *dst;
 	uint32_t dst_skip;
 	uint32_t c_skip, c_len;		/* compressed bytes within the aligned read */
+	bool decrypt;			/* encrypted data: decrypt once read */
+	uint64_t crypt_guest;		/* guest offset of the bytes (legacy AES IVs) */
 };
 
 struct qcow2_req {
@@ -463,6 +468,8 @@ struct qcow2_req {
 	uint8_t *cbuf;			/* compressed bytes (2 clusters), lazily */
 	uint8_t *dbuf;			/* one decompressed cluster, lazily */
 	bool cbuf_busy;
+	uint8_t *crypt_buf;		/* encrypted write data (crypto.c), lazily */
+	size_t crypt_buf_len;
 
 	struct req_aio aios[REQ_AIOS];
 };
@@ -650,5 +657,24 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off);
 /* compress.c: compress one cluster into @dst; the length, -ENOSPC when it
  * does not fit in @dst_len bytes, or -errno. */
 int qcow2_compress(struct qcow2 *img, const uint8_t *src, uint8_t *dst, size_t dst_len);
+
+/* ---- Encryption (crypto.c) --------------------------------------------------- */
+
+struct qcow2_crypt;
+
+/* After the header is parsed: read, check and unlock the encryption header. */
+int qcow2_crypt_open(struct qcow2 *img, const struct qcow2_opts *opts);
+void qcow2_crypt_free(struct qcow2 *img);
+/* En/decrypt data cluster bytes in place (512-aligned). 0 or -errno. */
+int qcow2_crypt_buf(struct qcow2 *img, uint64_t host_off, uint64_t guest_off, uint8_t *buf,
+		    size_t len, bool encrypt);
+/* Gather @iov into r->crypt_buf encrypted for @host_off; returns 1 (new iovcnt) or -errno. */
+int qcow2_crypt_iov(struct qcow2_req *r, struct iovec *iov, unsigned int iovcnt,
+		    uint64_t host_off, uint64_t guest_off);
+/* True while a write from r->crypt_buf is in flight. */
+bool qcow2_crypt_busy(const struct qcow2_req *r);
+/* Blocking READ/WRITE/WRITE_ZEROES not aligned to 512 bytes on an encrypted image. */
+int qcow2_crypt_unaligned(struct qcow2 *img, enum qcow2_op op, void *buf, uint64_t len,
+			  uint64_t off);
 
 #endif

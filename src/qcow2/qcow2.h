@@ -60,6 +60,9 @@ struct qcow2_opts {
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
 	const char *snapshot;		/* read this internal snapshot (id or name): read-only */
+	const void *key;		/* passphrase of an encrypted image, or NULL */
+	size_t key_len;
+	bool no_key;			/* encrypted without a key: metadata only (info, check) */
 };
 
 /*
@@ -198,6 +201,8 @@ struct qcow2_create_opts {
 	const char *backing_fmt;
 	int compression_type;		/* 0 zlib, 1 zstd (needs version 3) */
 	bool extended_l2;		/* subclusters (version 3, clusters >= 16 KiB) */
+
+	const struct qcow2_encrypt_opts *encrypt;	/* NULL: not encrypted */
 };
 
 /* Create (or truncate) @path as an empty image. 0 or -errno and @err. */
@@ -310,5 +315,48 @@ int qcow2_pwrite_compressed(struct qcow2 *img, const void *buf, uint64_t len, ui
  * on v2 images with snapshots. Returns 0 or -errno with qcow2_errmsg set.
  */
 int qcow2_resize(struct qcow2 *img, uint64_t size);
+
+/* ---- Encryption ------------------------------------------------------ */
+
+/* -o encrypt.* for creation, in qemu-img's names and defaults. */
+struct qcow2_encrypt_opts {
+	const char *format;		/* "luks" */
+	const void *key;		/* passphrase */
+	size_t key_len;
+	const char *cipher_alg;		/* aes-128, aes-192, aes-256 (default) */
+	const char *cipher_mode;	/* xts (default), cbc, ecb, ctr */
+	const char *ivgen_alg;		/* plain64 (default), plain, essiv */
+	const char *ivgen_hash_alg;	/* essiv: sha256 (default) */
+	const char *hash_alg;		/* sha256 (default) */
+	uint32_t iter_time_ms;		/* PBKDF2 time per key; 0: 2000 as QEMU */
+};
+
+/* What qemu-img info shows of an encrypted image. */
+struct qcow2_crypt_info {
+	const char *format;		/* "luks" or "aes" */
+	char cipher_alg[40];		/* "aes-256" (luks only, as all below) */
+	const char *cipher_mode;
+	const char *ivgen_alg;
+	const char *ivgen_hash_alg;	/* NULL unless essiv */
+	const char *hash_alg;
+	const char *uuid;
+	uint64_t payload_offset;
+	uint32_t master_key_iters;
+	struct {
+		bool active;
+		uint32_t iters, stripes;
+		uint64_t key_offset;
+	} slots[8];
+};
+
+/* -ENOENT if @img is not encrypted, else 0 and @ci filled. */
+int qcow2_get_crypt_info(const struct qcow2 *img, struct qcow2_crypt_info *ci);
+
+/* Bytes of the LUKS header area for @o; 0 or -errno with @err. */
+int qcow2_luks_header_size(const struct qcow2_encrypt_opts *o, uint64_t *bytes,
+			   char *err, size_t errlen);
+/* Build it into @out (zeroed, that many bytes). 0 or -errno with @err. */
+int qcow2_luks_header_build(const struct qcow2_encrypt_opts *o, uint8_t *out,
+			    char *err, size_t errlen);
 
 #endif

@@ -34,6 +34,12 @@ static void aio_done(struct qcow2_aio *aio, int res)
 			    aio->op == QCOW2_AIO_READ ? "read" : "write",
 			    (unsigned long long)aio->off, strerror(-res));
 	}
+	if (a->decrypt && res >= 0) {
+		res = qcow2_crypt_buf(r->img, aio->off, a->crypt_guest, a->iov[0].iov_base,
+				      a->len, false);
+		if (res < 0 && !r->err)
+			r->err = res;
+	}
 	if (a->compressed) {
 		r->cbuf_busy = false;
 		if (res >= 0) {
@@ -83,6 +89,7 @@ int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_
 	a->compressed = false;
 	a->cow = false;
 	a->cow_copy = false;
+	a->decrypt = false;
 	a->aio = (struct qcow2_aio){
 		.op = op, .fd = r->img->fd, .iov = a->iov, .iovcnt = iovcnt,
 		.off = host_off, .done = aio_done,
@@ -193,6 +200,8 @@ int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 	uint32_t clen;
 	int ret;
 
+	if (r->img->crypt)
+		return qcow2_corrupt(r->img, "compressed cluster in an encrypted image");
 	if (r->cbuf_busy)
 		return -EBUSY;
 	ret = qcow2_req_cbufs(r);
@@ -250,6 +259,8 @@ static int read_piece(struct qcow2_req *r)
 		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, host, 1, false);
 		if (ret < 0)
 			return ret;
+		a->decrypt = img->crypt != NULL;
+		a->crypt_guest = r->pos;
 		break;
 	case L2_COMPRESSED:
 		ret = qcow2_read_compressed(r, a, host, dst, run, false);
@@ -417,6 +428,7 @@ void qcow2_req_free(struct qcow2_req *r)
 	free(r->cow);
 	free(r->cbuf);
 	free(r->dbuf);
+	free(r->crypt_buf);
 	free(r);
 }
 
@@ -456,6 +468,10 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",
 				     (unsigned long long)off, (unsigned long long)len,
 				     (unsigned long long)img->h.size);
+	} else if (img->crypt && op != QCOW2_OP_FLUSH && op != QCOW2_OP_DISCARD &&
+		   ((off | len) & 511)) {
+		r->err = qcow2_error(img, -EINVAL,
+				     "encrypted images take 512-byte aligned requests");
 	} else if (op == QCOW2_OP_FLUSH) {
 		r->wait.fn = flush_wake;
 		r->parked = true;
@@ -555,16 +571,22 @@ static int sync_op(struct qcow2 *img, enum qcow2_op op, void *buf, uint64_t len,
 
 int qcow2_pread(struct qcow2 *img, void *buf, uint64_t len, uint64_t off)
 {
+	if (img->crypt && ((off | len) & 511))
+		return qcow2_crypt_unaligned(img, QCOW2_OP_READ, buf, len, off);
 	return sync_op(img, QCOW2_OP_READ, buf, len, off);
 }
 
 int qcow2_pwrite(struct qcow2 *img, const void *buf, uint64_t len, uint64_t off)
 {
+	if (img->crypt && ((off | len) & 511))
+		return qcow2_crypt_unaligned(img, QCOW2_OP_WRITE, (void *)buf, len, off);
 	return sync_op(img, QCOW2_OP_WRITE, (void *)buf, len, off);
 }
 
 int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off)
 {
+	if (img->crypt && ((off | len) & 511))
+		return qcow2_crypt_unaligned(img, QCOW2_OP_WRITE_ZEROES, NULL, len, off);
 	return sync_op(img, QCOW2_OP_WRITE_ZEROES, NULL, len, off);
 }
 

@@ -210,25 +210,32 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 	r->alloc = ALLOC_DATA;
 	if (r->op == QCOW2_OP_WRITE && r->data != r->buf) {
 		/* The data landed between the old bytes: one buffer. */
-		a->iov[0] = (struct iovec){ .iov_base = r->cow + ws,
-					    .iov_len = r->a_we - r->a_ws };
-		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, 1, true);
-	}
-
-	/* Fresh clusters past everything ever written read as zeros already. */
-	if (r->a_new && !r->a_cow && r->a_host >= img->file_end) {
+		a->iov[n++] = (struct iovec){ .iov_base = r->cow + ws,
+					      .iov_len = r->a_we - r->a_ws };
+	} else if (r->a_new && !r->a_cow && r->a_host >= img->file_end && !img->crypt) {
+		/* Fresh clusters past everything ever written read as zeros
+		 * already (not when encrypted: host zeros decrypt to noise). */
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = r->a_end - r->pos };
 		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE,
 					    r->a_host + (r->pos - r->a_guest), 1, true);
+	} else {
+		if (head)
+			a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow + ws :
+								       img->zero_buf,
+						      .iov_len = head };
+		a->iov[n++] = (struct iovec){ .iov_base = write_src(r, r->pos),
+					      .iov_len = r->a_end - r->pos };
+		if (tail)
+			a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
 	}
-	if (head)
-		a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow + ws : img->zero_buf,
-					      .iov_len = head };
-	a->iov[n++] = (struct iovec){ .iov_base = write_src(r, r->pos),
-				      .iov_len = r->a_end - r->pos };
-	if (tail)
-		a->iov[n++] = (struct iovec){ .iov_base = tail_src, .iov_len = tail };
+	if (img->crypt) {
+		int ret = qcow2_crypt_iov(r, a->iov, n, r->a_host + ws, r->a_ws);
+
+		if (ret < 0)
+			return ret;
+		n = ret;
+	}
 	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, n, true);
 }
 
@@ -309,6 +316,8 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, old_host, 1, false);
 		if (ret < 0)
 			return ret;
+		a->decrypt = img->crypt != NULL;
+		a->crypt_guest = r->a_guest;
 		a->cow = true;
 		a->cow_copy = true;
 		r->cow_pending++;
@@ -400,6 +409,11 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 		}
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = pe - r->pos };
+		if (img->crypt) {
+			ret = qcow2_crypt_iov(r, a->iov, 1, host + (r->pos - cstart), r->pos);
+			if (ret < 0)
+				goto out;
+		}
 		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1,
 					   false);
 		if (!ret)
@@ -494,7 +508,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	int ret;
 
 	a = qcow2_req_aio_get(r);
-	if (!a)
+	if (!a || (img->crypt && qcow2_crypt_busy(r)))
 		return -EBUSY;
 	ret = l2_table_ready(r, &l2_off);
 	if (ret < 0)
@@ -541,6 +555,11 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 			run_end = end;
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = run_end - r->pos };
+		if (img->crypt) {
+			ret = qcow2_crypt_iov(r, a->iov, 1, host + (r->pos - cstart), r->pos);
+			if (ret < 0)
+				goto out;
+		}
 		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
 		if (!ret)
 			r->pos = run_end;
