@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill
 #                              (default: all)
 
 B=ublk-qcow2
@@ -125,6 +125,41 @@ cow_test() {
 	gone cow || return
 	cp /data/cow.qcow2 /data/cowfs.qcow2
 	fs_test cowfs ext4 /data/cowfs.qcow2
+}
+
+# fio verify, then ext4 files read back from a second add, on an image of a
+# given kind (extended L2 over a backing file, LUKS); ADD OPTIONS go to add.
+img_test() { # NAME IMAGE [ADD OPTIONS...]
+	name=$1 img=$2 mnt=/mnt/$1
+	shift 2
+	say "$name: fio verify, then ext4, on $img"
+	add "$@" "$img" || { fail "$name: add"; return; }
+	fio --name="$name" --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=512-64k --size=96m --io_size="${FIO_MB}m" \
+		--verify=crc32c --verify_fatal=1 >"/data/$name.log" 2>&1 &&
+		pass "$name: randwrite with verify=crc32c" ||
+		{ fail "$name: fio"; tail -n 20 "/data/$name.log"; }
+	mkdir -p "$mnt"
+	if ! mkfs.ext4 -q -F "$DEV" || ! mount -t ext4 "$DEV" "$mnt"; then
+		fail "$name: mkfs.ext4 or mount"
+		"$B" del -n "$ID"
+		return
+	fi
+	dd if=/dev/urandom of="$mnt/big" bs=1M count=8 2>/dev/null
+	dd if=/dev/urandom of="$mnt/odd" bs=4097 count=77 2>/dev/null
+	(cd "$mnt" && md5sum big odd) >"/data/$name.md5"
+	umount "$mnt" || fail "$name: umount"
+	"$B" del -n "$ID" || fail "$name: del"
+	gone "$name" || return
+	add "$@" "$img" || { fail "$name: second add"; return; }
+	if mount -t ext4 -o ro "$DEV" "$mnt" && (cd "$mnt" && md5sum -c "/data/$name.md5" >/dev/null); then
+		pass "$name: files read back from a second add"
+	else
+		fail "$name: files differ after a second add"
+	fi
+	umount "$mnt"
+	"$B" del -n "$ID" || fail "$name: second del"
+	gone "$name"
 }
 
 # --read-only: the device reads as the image's raw conversion; writes fail.
@@ -302,7 +337,7 @@ kill_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -311,6 +346,13 @@ for t in "$@"; do
 	cow) cow_test ;;
 	snap) snap_test ;;
 	overlay) overlay_test ;;
+	extl2) img_test extl2 /data/extl2.qcow2 ;;
+	luks)
+		img_test luks /data/luks.qcow2 --key-secret uq-secret
+		add /data/luks.qcow2 --key-secret wrong 2>/data/luks.err &&
+			{ fail "luks: add with a wrong key succeeded"; "$B" del -n "$ID"; }
+		grep -q . /data/luks.err && pass "luks: a wrong key is refused ($(head -n1 /data/luks.err))"
+		;;
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
