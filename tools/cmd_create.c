@@ -218,8 +218,13 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 			return bad_value(x, key, val);
 	} else if (!strncmp(key, "encrypt.", 8)) {
 		return apply_encrypt_opt(x, key + 8, val);
-	} else if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw") ||
-		   !strcmp(key, "encryption")) {
+	} else if (!strcmp(key, "data_file")) {
+		o->data_file = val;
+	} else if (!strcmp(key, "data_file_raw")) {
+		if (uq_parse_bool(val, &b) < 0)
+			return bad_value(x, key, val);
+		o->data_file_raw = b;
+	} else if (!strcmp(key, "encryption")) {
 		uq_err("%s: unsupported option '%s'", x->path, key);
 		return -EINVAL;
 	} else {

@@ -176,8 +176,10 @@ static void print_human(const struct level_info *li)
 	printf("    lazy refcounts: %s\n", q->lazy_refcounts ? "true" : "false");
 	printf("    refcount bits: %u\n", q->refcount_bits);
 	print_crypt_human(li);
-	if (q->data_file)
+	if (q->data_file) {
 		printf("    data file: %s\n", q->data_file);
+		printf("    data file raw: %s\n", q->autoclear & 2 ? "true" : "false");
+	}
 	printf("    corrupt: %s\n", q->corrupt ? "true" : "false");
 	printf("    extended l2: %s\n", q->extended_l2 ? "true" : "false");
 }
@@ -208,8 +210,10 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 			uq_json_bool(j, "lazy-refcounts", q->lazy_refcounts);
 		uq_json_int(j, "refcount-bits", q->refcount_bits);
 		print_crypt_json(j, li);
-		if (q->data_file)
+		if (q->data_file) {
 			uq_json_string(j, "data-file", q->data_file);
+			uq_json_bool(j, "data-file-raw", q->autoclear & 2);
+		}
 		if (q->version >= 3) {
 			uq_json_bool(j, "corrupt", q->corrupt);
 			uq_json_bool(j, "extended-l2", q->extended_l2);

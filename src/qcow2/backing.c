@@ -14,7 +14,7 @@
 #include "internal.h"
 
 /* @name relative to the directory of @overlay, unless absolute. */
-static char *resolve(const char *overlay, const char *name)
+char *qcow2_relative_path(const char *overlay, const char *name)
 {
 	char *copy, *dir, *out;
 
@@ -55,7 +55,7 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 	if (chain->n >= QCOW2_MAX_CHAIN)
 		return qcow2_error(img, -ELOOP, "backing chain longer than %d images",
 				   QCOW2_MAX_CHAIN);
-	path = resolve(img->path, img->backing_file);
+	path = qcow2_relative_path(img->path, img->backing_file);
 	if (!path)
 		return -ENOMEM;
 	ret = qcow2_open_chain(&img->backing, path, &bopts, img->io, err, sizeof(err), chain);

@@ -10,6 +10,8 @@
 
 int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_t *host)
 {
+	bool alloc;
+
 	if (e & L2E_COMPRESSED) {
 		*type = L2_COMPRESSED;
 		*host = e;		/* the whole descriptor */
@@ -19,10 +21,12 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 	if (*host & (img->cluster_size - 1))
 		return qcow2_corrupt(img, "L2 entry 0x%llx: cluster offset not aligned",
 				     (unsigned long long)e);
+	/* In an external data file offset 0 is guest cluster 0: COPIED tells. */
+	alloc = *host || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
 	if (e & L2E_ZERO)
-		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
+		*type = alloc ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
 	else
-		*type = *host ? L2_NORMAL : L2_UNALLOC;
+		*type = alloc ? L2_NORMAL : L2_UNALLOC;
 	return 0;
 }
 
@@ -72,6 +76,9 @@ int qcow2_free_entry(struct qcow2 *img, uint64_t e)
 	switch (type) {
 	case L2_NORMAL:
 	case L2_ZERO_ALLOC:
+		/* Clusters of an external data file are not refcounted. */
+		if (img->data_fd >= 0)
+			return 0;
 		return qcow2_free_clusters(img, host, 1);
 	case L2_COMPRESSED:
 		ret = qcow2_compressed_locate(img, e, &coff, &clen);

@@ -147,6 +147,8 @@ int qcow2_pwrite_compressed(struct qcow2 *img, const void *buf, uint64_t len, ui
 		return qcow2_error(img, -EROFS, "compressed writes need a writable qcow2 image");
 	if (qcow2_busy(img))
 		return qcow2_error(img, -EBUSY, "compressed writes need an idle image");
+	if (img->data_fd >= 0)
+		return qcow2_error(img, -ENOTSUP, "no compressed clusters with an external data file");
 	if (fcntl(img->fd, F_GETFL) & O_DIRECT)
 		return qcow2_error(img, -EINVAL, "compressed writes need an image opened without direct I/O");
 	if (!len)

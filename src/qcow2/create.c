@@ -54,6 +54,7 @@ struct layout {
 	uint64_t crypt_bytes;		/* LUKS header area (encrypted images) */
 	uint64_t nb_crypt;
 	uint64_t reftable_off, refblocks_off, l1_off, crypt_off, l2_off, data_off;
+	bool data_in_file;		/* no external data file */
 };
 
 /*
@@ -73,6 +74,7 @@ struct creator {
 	const char *path;
 	struct qcow2_io *io;
 	int fd;
+	int data_fd;			/* the external data file, or -1 */
 	uint8_t *hdr;			/* the header cluster, built before the file is opened */
 	uint8_t *buf;			/* CHUNK_BYTES or one cluster, whichever is larger */
 	size_t buf_bytes;
@@ -153,6 +155,15 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 		return create_error(c, -EINVAL, "invalid preallocation mode");
 	if (o->encrypt && o->prealloc != QCOW2_PREALLOC_OFF)
 		return create_error(c, -ENOTSUP, "preallocation is not supported with encryption");
+	if (o->data_file_raw && !o->data_file)
+		return create_error(c, -EINVAL, "data_file_raw needs data_file");
+	if (o->data_file && *version == 2)
+		return create_error(c, -EINVAL, "external data files need compat=1.1");
+	if (o->data_file && (!o->data_file[0] || strlen(o->data_file) > 1023))
+		return create_error(c, -EINVAL, "data file name must be 1 to 1023 bytes");
+	if (o->data_file_raw && o->backing_file)
+		return create_error(c, -EINVAL,
+				    "a backing file and data_file_raw cannot be used together");
 	return 0;
 }
 
@@ -172,10 +183,12 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 		l->nb_data = div_round_up(o->size, cs);
 		l->nb_l2 = div_round_up(l->nb_data, l2_entries);
 	}
+	/* Data in an external file: mapped one to one, not in this file. */
+	l->data_in_file = !o->data_file;
 
 	/* The refcount blocks count themselves and the table: iterate to a fixed point. */
 	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
-	fixed = 1 + l->l1_clusters + l->nb_crypt + l->nb_l2 + l->nb_data;
+	fixed = 1 + l->l1_clusters + l->nb_crypt + l->nb_l2 + (l->data_in_file ? l->nb_data : 0);
 	for (;;) {
 		uint64_t nrb = div_round_up(fixed + rt + rb, rb_entries);
 		uint64_t nrt = div_round_up(nrb * 8, cs);
@@ -200,7 +213,7 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	/* The LUKS header after the L1 table, as qemu-img places it. */
 	l->crypt_off = l->l1_off + l->l1_clusters * cs;
 	l->l2_off = l->crypt_off + l->nb_crypt * cs;
-	l->data_off = l->l2_off + l->nb_l2 * cs;
+	l->data_off = l->data_in_file ? l->l2_off + l->nb_l2 * cs : 0;
 	return 0;
 }
 
@@ -216,8 +229,9 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	uint32_t hdr = version == 2 ? QCOW2_V2_HEADER_LEN : V3_HEADER_BYTES;
 	size_t fmt_len = o->backing_fmt ? strlen(o->backing_fmt) : 0;
 	size_t name_len = o->backing_file ? strlen(o->backing_file) : 0;
+	size_t df_len = o->data_file ? strlen(o->data_file) : 0;
 	size_t need = hdr + (fmt_len ? 8 + ((fmt_len + 7) & ~7ul) : 0) + 8 + name_len +
-		      (l->nb_crypt ? 8 + 16 : 0);
+		      (l->nb_crypt ? 8 + 16 : 0) + (df_len ? 8 + ((df_len + 7) & ~7ul) : 0);
 	bool ftable = version >= 3 && cs > 4096;
 	uint8_t *b = c->hdr;
 	uint32_t off;
@@ -236,7 +250,9 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 	put_be32(b + 56, l->reftable_clusters);
 	if (version >= 3) {
 		put_be64(b + 72, (o->compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0) |
-			      (o->extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0));
+			      (o->extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0) |
+			      (df_len ? QCOW2_INCOMPAT_DATA_FILE : 0));
+		put_be64(b + 88, o->data_file_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
 		put_be64(b + 80, o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
 		b[104] = o->compression_type;
 		put_be32(b + 96, l->refcount_order);
@@ -253,6 +269,8 @@ static int build_header(struct creator *c, const struct qcow2_create_opts *o,
 		put_be64(ext + 8, l->crypt_bytes);
 		off = qcow2_put_ext(b, off, QCOW2_EXT_CRYPTO, ext, sizeof(ext));
 	}
+	if (df_len)
+		off = qcow2_put_ext(b, off, QCOW2_EXT_DATA_FILE, o->data_file, df_len);
 	if (ftable) {
 		put_be32(b + off, QCOW2_EXT_FEATURE_TABLE);
 		put_be32(b + off + 4, FEATURE_TABLE_BYTES);
@@ -329,7 +347,7 @@ static int write_metadata(struct creator *c, const struct layout *l)
 	return 0;
 }
 
-static int write_zeros(struct creator *c, uint64_t off, uint64_t len)
+static int write_zeros(struct creator *c, int fd, uint64_t off, uint64_t len)
 {
 	int ret;
 
@@ -337,34 +355,48 @@ static int write_zeros(struct creator *c, uint64_t off, uint64_t len)
 	while (len) {
 		size_t n = len < c->buf_bytes ? len : c->buf_bytes;
 
-		ret = write_buf(c, c->buf, n, off);
+		ret = qcow2_io_pwrite(c->io, fd, c->buf, n, off);
 		if (ret < 0)
-			return ret;
+			return create_error(c, ret, "cannot write at offset %llu: %s",
+					    (unsigned long long)off, strerror(-ret));
 		off += n;
 		len -= n;
 	}
 	return 0;
 }
 
-static int preallocate_data(struct creator *c, const struct layout *l, enum qcow2_prealloc mode)
+/* The data area [@off, @off + @len) of @fd, preallocated as @mode asks. */
+static int preallocate(struct creator *c, int fd, uint64_t off, uint64_t len,
+		       enum qcow2_prealloc mode)
 {
-	uint64_t len = l->nb_data << l->cluster_bits;
-	uint64_t end = l->data_off + len;
-
 	if (mode == QCOW2_PREALLOC_FULL)
-		return write_zeros(c, l->data_off, len);
+		return write_zeros(c, fd, off, len);
 	if (mode == QCOW2_PREALLOC_FALLOC && len) {
-		if (fallocate(c->fd, 0, l->data_off, len) == 0)
+		if (fallocate(fd, 0, off, len) == 0)
 			return 0;
 		/* No fallocate on this file system: reserve by writing, as glibc does. */
 		if (errno == EOPNOTSUPP)
-			return write_zeros(c, l->data_off, len);
+			return write_zeros(c, fd, off, len);
 		return create_error(c, -errno, "cannot allocate %llu bytes: %s",
 				    (unsigned long long)len, strerror(errno));
 	}
-	if (ftruncate(c->fd, end) < 0)
+	if (ftruncate(fd, off + len) < 0)
 		return create_error(c, -errno, "cannot resize to %llu bytes: %s",
-				    (unsigned long long)end, strerror(errno));
+				    (unsigned long long)(off + len), strerror(errno));
+	return 0;
+}
+
+/*
+ * Create (truncating, as qemu-img does) the external data file. Its name is
+ * stored as given and, like qemu-img, taken relative to the current
+ * directory.
+ */
+static int open_data_file(struct creator *c, const char *name)
+{
+	c->data_fd = open(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (c->data_fd < 0)
+		return create_error(c, -errno, "cannot create data file %s: %s", name,
+				    strerror(errno));
 	return 0;
 }
 
@@ -415,7 +447,9 @@ static int open_target(struct creator *c, bool *created)
 int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		 struct qcow2_io *io, char *err, size_t errlen)
 {
-	struct creator c = { .path = path, .io = io, .fd = -1, .err = err, .errlen = errlen };
+	struct creator c = { .path = path, .io = io, .fd = -1, .data_fd = -1, .err = err,
+			     .errlen = errlen };
+	struct qcow2_create_opts o = *opts;
 	struct layout l = { 0 };
 	uint32_t version;
 	bool created = false;
@@ -423,6 +457,10 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 
 	if (errlen)
 		err[0] = '\0';
+	/* A raw data file must be mapped whole: metadata preallocation at least. */
+	if (o.data_file_raw && o.prealloc == QCOW2_PREALLOC_OFF)
+		o.prealloc = QCOW2_PREALLOC_METADATA;
+	opts = &o;
 	ret = validate(&c, opts, &l.cluster_bits, &version, &l.refcount_order);
 	if (ret < 0)
 		return ret;
@@ -450,6 +488,11 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	ret = open_target(&c, &created);
 	if (ret < 0)
 		goto out_free;
+	if (opts->data_file) {
+		ret = open_data_file(&c, opts->data_file);
+		if (ret < 0)
+			goto out_close;
+	}
 	ret = write_metadata(&c, &l);
 	if (ret < 0)
 		goto out_close;
@@ -458,10 +501,20 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		if (ret < 0)
 			goto out_close;
 	}
-	if (opts->prealloc != QCOW2_PREALLOC_OFF) {
-		ret = preallocate_data(&c, &l, opts->prealloc);
-		if (ret < 0)
+	if (c.data_fd >= 0)
+		ret = preallocate(&c, c.data_fd, 0, opts->size,
+				  opts->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
+				  opts->prealloc);
+	else if (opts->prealloc != QCOW2_PREALLOC_OFF)
+		ret = preallocate(&c, c.fd, l.data_off, l.nb_data << l.cluster_bits, opts->prealloc);
+	if (ret < 0)
+		goto out_close;
+	if (c.data_fd >= 0) {
+		ret = qcow2_io_fsync(io, c.data_fd);
+		if (ret < 0) {
+			ret = create_error(&c, ret, "cannot sync the data file: %s", strerror(-ret));
 			goto out_close;
+		}
 	}
 	/* The header goes last, so a failure above never leaves a valid-looking image. */
 	ret = write_buf(&c, c.hdr, 1u << l.cluster_bits, 0);
@@ -472,6 +525,8 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		ret = create_error(&c, ret, "cannot sync: %s", strerror(-ret));
 
 out_close:
+	if (c.data_fd >= 0)
+		close(c.data_fd);
 	if (close(c.fd) < 0 && !ret)
 		ret = create_error(&c, -errno, "cannot close: %s", strerror(errno));
 	if (ret < 0 && created)

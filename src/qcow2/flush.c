@@ -47,6 +47,7 @@ struct qcow2_flush_job {
 	struct flush_item *items;
 	size_t nr_items, items_alloc;
 	struct qcow2_aio sync_aio;
+	struct qcow2_aio data_sync_aio;	/* the external data file's */
 	struct qcow2_wait wait;
 	struct qcow2_waitq cur, next;
 };
@@ -217,8 +218,11 @@ static void io_done(struct qcow2_aio *aio, int res)
 {
 	struct qcow2_flush_job *j;
 
-	if (aio->op == QCOW2_AIO_FSYNC) {
+	if (aio->op == QCOW2_AIO_FSYNC && aio->done == io_done) {
 		j = (struct qcow2_flush_job *)((char *)aio - offsetof(struct qcow2_flush_job, sync_aio));
+	} else if (aio->op == QCOW2_AIO_FSYNC) {
+		j = (struct qcow2_flush_job *)((char *)aio -
+					       offsetof(struct qcow2_flush_job, data_sync_aio));
 	} else {
 		struct flush_item *it = (struct flush_item *)aio;
 
@@ -232,6 +236,11 @@ static void io_done(struct qcow2_aio *aio, int res)
 	}
 	if (--j->pending == 0)
 		flush_step(j);
+}
+
+static void data_sync_done(struct qcow2_aio *aio, int res)
+{
+	io_done(aio, res);
 }
 
 /* Submit the writes of the current phase, or the sync that closes it. */
@@ -276,6 +285,17 @@ static int submit_sync(struct qcow2_flush_job *j)
 					  .done = io_done };
 	j->pending++;
 	ret = qcow2_submit(j->img, &j->sync_aio);
+	if (ret < 0) {
+		j->pending--;
+		return ret;
+	}
+	if (j->img->data_fd < 0)
+		return 0;
+	/* Data in an external file must be as durable as the metadata naming it. */
+	j->data_sync_aio = (struct qcow2_aio){ .op = QCOW2_AIO_FSYNC, .fd = j->img->data_fd,
+					       .done = data_sync_done };
+	j->pending++;
+	ret = qcow2_submit(j->img, &j->data_sync_aio);
 	if (ret < 0)
 		j->pending--;
 	return ret;

@@ -22,11 +22,6 @@ enum {
 			QCOW2_INCOMPAT_DATA_FILE | QCOW2_INCOMPAT_COMPRESSION | \
 			QCOW2_INCOMPAT_EXTL2)
 
-static const char *const incompat_names[] = {
-	"dirty bit", "corrupt bit", "external data file", "compression type",
-	"extended L2 entries",
-};
-
 /* Name of incompatible bit @bit from the image's feature table, else NULL. */
 static void feature_name(const uint8_t *table, uint32_t len, int bit, char *out, size_t outlen)
 {
@@ -235,8 +230,12 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	if (h->incompatible & ~KNOWN_INCOMPAT)
 		return refuse_unknown_features(img, h->incompatible & ~KNOWN_INCOMPAT,
 					       ftable, ftable_len);
-	if (h->incompatible & QCOW2_INCOMPAT_DATA_FILE)
-		return qcow2_error(img, -ENOTSUP, "unsupported feature: %s", incompat_names[2]);
+	if ((h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW) &&
+	    !(h->incompatible & QCOW2_INCOMPAT_DATA_FILE))
+		return qcow2_error(img, -EINVAL, "data_file_raw set without an external data file");
+	if ((h->incompatible & QCOW2_INCOMPAT_DATA_FILE) && !img->data_file)
+		return qcow2_error(img, -EINVAL, "external data file used but not named");
+	img->data_raw = h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
 	/* 32 subclusters of at least 512 bytes each. */
 	if ((h->incompatible & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14)
 		return qcow2_error(img, -EINVAL, "extended L2 entries need clusters of 16 KiB or more");

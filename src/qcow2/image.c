@@ -253,6 +253,8 @@ static void image_free(struct qcow2 *img)
 		qcow2_close(img->backing);
 	if (img->fd >= 0)
 		close(img->fd);
+	if (img->data_fd >= 0)
+		close(img->data_fd);
 	qcow2_cache_destroy(&img->l2_cache);
 	qcow2_cache_destroy(&img->rc_cache);
 	qcow2_flush_free(img);
@@ -269,6 +271,36 @@ static void image_free(struct qcow2 *img)
 	free(img->unknown_exts);
 	free(img->path);
 	free(img);
+}
+
+/*
+ * The external data file: its name as QEMU takes it (relative to the current
+ * directory), else relative to the image's directory (a daemon that left its
+ * working directory, an image opened from elsewhere).
+ */
+static int open_data_file(struct qcow2 *img, int flags)
+{
+	char *path;
+	int err;
+
+	if (img->h.nb_snapshots)
+		return qcow2_error(img, -EINVAL, "internal snapshots in an image with a data file");
+	img->data_fd = open(img->data_file, flags);
+	if (img->data_fd >= 0)
+		return 0;
+	err = -errno;
+	if (img->data_file[0] != '/' && err == -ENOENT) {
+		path = qcow2_relative_path(img->path, img->data_file);
+		if (!path)
+			return -ENOMEM;
+		img->data_fd = open(path, flags);
+		err = img->data_fd >= 0 ? 0 : -errno;
+		free(path);
+		if (!err)
+			return 0;
+	}
+	return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
+			   strerror(-err));
 }
 
 /* Clear what we cannot keep consistent, repair a dirty image. */
@@ -341,6 +373,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	}
 	img->io = io;
 	img->fd = -1;
+	img->data_fd = -1;
 	img->read_only = opts->read_only || opts->snapshot;
 	img->path = strdup(path);
 	if (!img->path) {
@@ -407,6 +440,11 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_crypt_open(img, opts);
 	if (ret < 0)
 		goto fail;
+	if (img->h.incompatible & QCOW2_INCOMPAT_DATA_FILE) {
+		ret = open_data_file(img, flags);
+		if (ret < 0)
+			goto fail;
+	}
 
 	img->l1_alloc = img->h.l1_size;
 	ret = load_table(img, img->h.l1_table_offset, img->h.l1_size, img->l1_alloc, &img->l1);

@@ -241,6 +241,8 @@ struct qcow2 {
 	char *backing_file;
 	char *backing_fmt;
 	char *data_file;
+	int data_fd;			/* external data file, or -1 */
+	bool data_raw;			/* data_file_raw: the data file is the raw disk */
 	uint8_t *unknown_exts;		/* extensions we keep verbatim */
 	uint32_t unknown_exts_len;
 
@@ -289,7 +291,7 @@ int qcow2_corrupt(struct qcow2 *img, const char *fmt, ...)
  */
 static inline int qcow2_submit(struct qcow2 *img, struct qcow2_aio *aio)
 {
-	if (aio->op == QCOW2_AIO_WRITE) {
+	if (aio->op == QCOW2_AIO_WRITE && aio->fd == img->fd) {
 		uint64_t end = aio->off;
 		unsigned int i;
 
@@ -306,6 +308,12 @@ static inline int qcow2_submit(struct qcow2 *img, struct qcow2_aio *aio)
 int qcow2_io_pread(struct qcow2_io *io, int fd, void *buf, size_t len, uint64_t off);
 int qcow2_io_pwrite(struct qcow2_io *io, int fd, const void *buf, size_t len, uint64_t off);
 int qcow2_io_fsync(struct qcow2_io *io, int fd);
+
+/* Where data clusters live: the external data file, or the image itself. */
+static inline int qcow2_data_fd(const struct qcow2 *img)
+{
+	return img->data_fd >= 0 ? img->data_fd : img->fd;
+}
 
 /* ---- Index math ---------------------------------------------------------- */
 
@@ -520,6 +528,9 @@ void qcow2_req_step(struct qcow2_req *r);
 struct req_aio *qcow2_req_aio_get(struct qcow2_req *r);
 int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
 			 uint64_t host_off, unsigned int iovcnt, bool alloc);
+/* The same for guest data: to the external data file when there is one. */
+int qcow2_req_data_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
+			  uint64_t host_off, unsigned int iovcnt, bool alloc);
 int qcow2_req_cbufs(struct qcow2_req *r);
 int qcow2_backing_read(struct qcow2_req *r, uint8_t *dst, uint64_t off, uint64_t len);
 int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
@@ -550,6 +561,8 @@ struct qcow2_chain {
 
 int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_opts *opts,
 		     struct qcow2_io *io, char *err, size_t errlen, struct qcow2_chain *chain);
+/* @name relative to the directory of @image, unless absolute; malloc'ed or NULL. */
+char *qcow2_relative_path(const char *image, const char *name);
 /* Open img's backing file (after its header is parsed). 0 or -errno. */
 int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		       struct qcow2_chain *chain);

@@ -201,6 +201,8 @@ struct qcow2_create_opts {
 	const char *backing_fmt;
 	int compression_type;		/* 0 zlib, 1 zstd (needs version 3) */
 	bool extended_l2;		/* subclusters (version 3, clusters >= 16 KiB) */
+	const char *data_file;		/* external data file (version 3), created too */
+	bool data_file_raw;		/* ... kept a consistent raw image */
 
 	const struct qcow2_encrypt_opts *encrypt;	/* NULL: not encrypted */
 };

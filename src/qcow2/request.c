@@ -74,9 +74,9 @@ struct req_aio *qcow2_req_aio_get(struct qcow2_req *r)
 	return NULL;
 }
 
-/* Submit one read/write of up to three buffers. 0 or -errno. */
-int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
-		      uint64_t host_off, unsigned int iovcnt, bool alloc)
+/* Submit one read/write of up to three buffers on @fd. 0 or -errno. */
+static int aio_submit_fd(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op, int fd,
+			 uint64_t host_off, unsigned int iovcnt, bool alloc)
 {
 	unsigned int i;
 	int ret;
@@ -91,7 +91,7 @@ int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_
 	a->cow_copy = false;
 	a->decrypt = false;
 	a->aio = (struct qcow2_aio){
-		.op = op, .fd = r->img->fd, .iov = a->iov, .iovcnt = iovcnt,
+		.op = op, .fd = fd, .iov = a->iov, .iovcnt = iovcnt,
 		.off = host_off, .done = aio_done,
 	};
 	ret = qcow2_submit(r->img, &a->aio);
@@ -100,6 +100,18 @@ int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_
 	a->busy = true;
 	r->pending++;
 	return 0;
+}
+
+int qcow2_req_aio_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
+			 uint64_t host_off, unsigned int iovcnt, bool alloc)
+{
+	return aio_submit_fd(r, a, op, r->img->fd, host_off, iovcnt, alloc);
+}
+
+int qcow2_req_data_submit(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_op op,
+			  uint64_t host_off, unsigned int iovcnt, bool alloc)
+{
+	return aio_submit_fd(r, a, op, qcow2_data_fd(r->img), host_off, iovcnt, alloc);
 }
 
 /* ---- Reads ---------------------------------------------------------------------- */
@@ -256,7 +268,7 @@ static int read_piece(struct qcow2_req *r)
 		break;
 	case L2_NORMAL:
 		a->iov[0] = (struct iovec){ .iov_base = dst, .iov_len = run };
-		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, host, 1, false);
+		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_READ, host, 1, false);
 		if (ret < 0)
 			return ret;
 		a->decrypt = img->crypt != NULL;

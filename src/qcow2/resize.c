@@ -395,6 +395,9 @@ int qcow2_resize(struct qcow2 *img, uint64_t size)
 		return qcow2_error(img, -EBUSY, "resizing needs an idle image");
 	if (img->corrupt)
 		return qcow2_error(img, -EIO, "image is marked corrupt; refusing to resize");
+	if (img->data_fd >= 0)
+		return qcow2_error(img, -ENOTSUP,
+				   "resizing an image with an external data file is not supported yet");
 	if (size % 512)
 		return qcow2_error(img, -EINVAL, "the new size must be a multiple of 512");
 	if (size > (1ull << 62))

@@ -763,6 +763,10 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 	uint32_t i;
 	int ret;
 
+	if (img->data_fd >= 0)
+		return qcow2_error(img, -ENOTSUP,
+				   "internal snapshots are not supported with an external data file");
+
 	if (!*name || strlen(name) > SN_MAX_NAME)
 		return qcow2_error(img, -EINVAL, "snapshot name must be 1 to %u bytes", SN_MAX_NAME);
 	ret = op_begin(img, &t, &r);

@@ -217,7 +217,7 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 		 * already (not when encrypted: host zeros decrypt to noise). */
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = r->a_end - r->pos };
-		return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE,
+		return qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE,
 					    r->a_host + (r->pos - r->a_guest), 1, true);
 	} else {
 		if (head)
@@ -236,7 +236,7 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 			return ret;
 		n = ret;
 	}
-	return qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, n, true);
+	return qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE, r->a_host + ws, n, true);
 }
 
 int qcow2_alloc_link(struct qcow2_req *r)
@@ -313,7 +313,7 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 		if (ret < 0)
 			return ret;
 		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = cs };
-		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, old_host, 1, false);
+		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_READ, old_host, 1, false);
 		if (ret < 0)
 			return ret;
 		a->decrypt = img->crypt != NULL;
@@ -388,7 +388,10 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	compressed = type == L2_COMPRESSED;
 	host = compressed ? 0 : e & L2E_OFFSET_MASK;
 	shared = compressed;
-	if (host && !(e & QCOW2_OFLAG_COPIED)) {
+	if (img->data_fd >= 0) {
+		/* One to one, never shared, offset 0 allowed: COPIED tells. */
+		host = e & QCOW2_OFLAG_COPIED ? cstart : 0;
+	} else if (host && !(e & QCOW2_OFLAG_COPIED)) {
 		ret = qcow2_refcount_get(img, host >> img->h.cluster_bits, &r->wait, &rc);
 		if (ret < 0)
 			goto out;
@@ -401,7 +404,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 		}
 	}
 	touched = sc_mask(img, cstart, r->pos, pe);
-	if (host && !shared && (b & touched) == touched) {
+	if ((host || (e & QCOW2_OFLAG_COPIED)) && !shared && (b & touched) == touched) {
 		/* Every touched subcluster is ours already: write in place. */
 		if (qcow2_data_wait(r, r->buf)) {
 			ret = -EBUSY;
@@ -414,8 +417,8 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 			if (ret < 0)
 				goto out;
 		}
-		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1,
-					   false);
+		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1,
+					    false);
 		if (!ret)
 			r->pos = pe;
 		goto out;
@@ -455,7 +458,9 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 		else
 			backing_side = true;
 	}
-	if (!host || shared) {
+	if (img->data_fd >= 0) {
+		host = cstart;
+	} else if (!host || shared) {
 		ret = qcow2_alloc_clusters(img, 1, &r->wait, &host, &got);
 		if (ret < 0)
 			return ret;
@@ -465,7 +470,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	r->a_guest = cstart;
 	r->a_host = host;
 	r->a_nr = 1;
-	r->a_new = !(e & L2E_OFFSET_MASK) || shared;
+	r->a_new = (!(e & L2E_OFFSET_MASK) || shared) && img->data_fd < 0;
 	r->a_old = shared ? e : 0;
 	r->a_end = pe;
 	r->a_ws = ws;
@@ -527,6 +532,8 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 		goto out;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
 
+	if (img->data_fd >= 0 && (type == L2_NORMAL || type == L2_ZERO_ALLOC))
+		e |= QCOW2_OFLAG_COPIED;	/* data file clusters are never shared */
 	if (type == L2_NORMAL && !(e & QCOW2_OFLAG_COPIED)) {
 		ret = qcow2_refcount_get(img, host >> img->h.cluster_bits, &r->wait, &rc);
 		if (ret < 0)
@@ -560,7 +567,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 			if (ret < 0)
 				goto out;
 		}
-		ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
+		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
 		if (!ret)
 			r->pos = run_end;
 		goto out;
@@ -581,6 +588,10 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	if (type == L2_ZERO_ALLOC && !shared) {
 		/* A preallocated zero cluster: write it whole in place. */
 		got = 1;
+	} else if (img->data_fd >= 0) {
+		/* An external data file maps guest offsets one to one. */
+		host = cstart;
+		got = n;
 	} else {
 		ret = qcow2_alloc_clusters(img, shared ? 1 : n, &r->wait, &host, &got);
 		if (ret < 0)
@@ -591,7 +602,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_guest = cstart;
 	r->a_host = host;
 	r->a_nr = got;
-	r->a_new = shared || type != L2_ZERO_ALLOC;
+	r->a_new = (shared || type != L2_ZERO_ALLOC) && img->data_fd < 0;
 	r->a_old = shared ? e : 0;
 	r->a_end = cstart + got * img->cluster_size < end ? cstart + got * img->cluster_size : end;
 	r->a_ws = cstart;
@@ -711,6 +722,15 @@ int qcow2_zero_piece(struct qcow2_req *r)
 	uint64_t cend = cstart + img->cluster_size, host, run;
 	enum l2_type type;
 	int ret;
+
+	if (img->data_raw) {
+		/* The data file must stay the raw disk: real zeros, no unmapping. */
+		if (r->op == QCOW2_OP_DISCARD) {
+			r->pos = end;
+			return 0;
+		}
+		return qcow2_write_piece(r, end);
+	}
 
 	if (r->pos == cstart && end >= cend) {
 		/* v2 over a backing file: only real zeros hide it. */

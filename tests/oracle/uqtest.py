@@ -51,7 +51,7 @@ class CommandError(Exception):
     pass
 
 
-def run(args, check=True, input=None, env=None, mem_limit=None, timeout=900):
+def run(args, check=True, input=None, env=None, mem_limit=None, timeout=900, cwd=None):
     """Run @args; returns CompletedProcess with text stdout/stderr.
     @mem_limit: bytes of address space (RLIMIT_AS), or under a sanitizer
     the equivalent allocator limits (ASan reserves terabytes of address
@@ -74,7 +74,7 @@ def run(args, check=True, input=None, env=None, mem_limit=None, timeout=900):
             def preexec():
                 resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     p = subprocess.run(args, input=input, capture_output=True, text=True,
-                       env=full_env, preexec_fn=preexec, timeout=timeout)
+                       env=full_env, preexec_fn=preexec, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise CommandError(f"command failed (exit {p.returncode}): {shlex.join(args)}\n"
                            f"--- stdout:\n{tail(p.stdout)}--- stderr:\n{tail(p.stderr)}")
