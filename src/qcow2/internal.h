@@ -467,6 +467,8 @@ struct qcow2_req {
 					 * extended L2 the touched subclusters */
 	uint64_t a_bitmap;		/* extended L2: the bitmap LINK stores */
 	uint32_t a_zmask;		/* extended L2: subclusters the COW fill zeroes */
+	uint32_t a_bmask;		/* ... whose unwritten bytes then come from the
+					 * backing file (a shared cluster lacked them) */
 	unsigned int cow_pending;	/* COW reads in flight */
 	uint64_t a_old;			/* L2 entry to release after LINK, or 0 */
 	uint8_t *cow;			/* head and tail clusters (2 clusters), lazily;

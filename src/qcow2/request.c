@@ -12,8 +12,6 @@
 
 /* ---- Data I/O ---------------------------------------------------------------- */
 
-void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old);
-
 static void aio_done(struct qcow2_aio *aio, int res)
 {
 	struct req_aio *a = (struct req_aio *)aio;

@@ -275,16 +275,27 @@ void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
 	uint64_t cs = r->img->cluster_size, head = r->pos - r->a_guest;
 	uint64_t in_last = r->a_end & (cs - 1);
 
-	uint64_t unit = 1ull << r->img->unit_bits;
+	uint64_t unit = 1ull << r->img->unit_bits, hs = r->pos & ~(unit - 1);
+	uint64_t te = (r->a_end + unit - 1) & ~(unit - 1);
 	unsigned int sc;
+	int ret = 0;
 
 	memcpy(r->cow, old, head);
 	if (in_last)
 		memcpy(cow_tail(r) + in_last, old + in_last, cs - in_last);
-	/* Extended L2: touched subclusters the old cluster did not hold read as zeros. */
+	/* Extended L2: touched subclusters the old cluster did not hold read as zeros... */
 	for (sc = 0; r->a_zmask && sc < QCOW2_SUBCLUSTERS; sc++)
 		if (r->a_zmask & (1u << sc))
 			memset(r->cow + sc * unit, 0, unit);
+	/* ...or as the backing file shows them: read now, over the copy. */
+	if (r->a_bmask & (1u << ((hs - r->a_guest) >> r->img->unit_bits)) && r->pos > hs)
+		ret = qcow2_backing_read(r, r->cow + (hs - r->a_guest), hs, r->pos - hs);
+	if (!ret && r->a_bmask & (1u << ((te - 1 - r->a_guest) >> r->img->unit_bits)) &&
+	    r->a_end < te)
+		ret = qcow2_backing_read(r, r->cow + (r->a_end - r->a_guest), r->a_end,
+					 te - r->a_end);
+	if (ret < 0 && !r->err)
+		r->err = ret;
 }
 
 /*
@@ -370,7 +381,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	bool compressed, shared, backing_side = false;
 	struct qcow2_slice *s;
 	enum l2_type type;
-	uint32_t zmask = 0;
+	uint32_t zmask = 0, bmask = 0;
 	int ret;
 
 	if (inflight_wait(r, cstart, cs))
@@ -430,14 +441,16 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	we = (pe + unit - 1) & ~(unit - 1);
 	if (shared) {
 		if (!compressed) {
-			/* Copied whole; touched ones the old cluster lacked are zeros... */
-			zmask = touched & ~b;
-			/* ...unless the backing file shows through them. */
-			if (img->backing && (zmask & ~(b >> 32) &
-					     (sc_mask(img, cstart, ws, ws + 1) |
-					      sc_mask(img, cstart, we - 1, we))))
-				return qcow2_error(img, -ENOTSUP, "extended L2: a write into a "
-						   "shared cluster over the backing file");
+			/*
+			 * Copied whole; the touched subclusters the old cluster
+			 * lacked are zeros, or at the partial ends, where the
+			 * backing file shows through, read from it.
+			 */
+			if (img->backing)
+				bmask = touched & ~b & ~(b >> 32) &
+					(sc_mask(img, cstart, ws, ws + 1) |
+					 sc_mask(img, cstart, we - 1, we));
+			zmask = touched & ~b & ~bmask;
 		}
 		ws = cstart;
 		we = cstart + cs;
@@ -476,6 +489,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	r->a_ws = ws;
 	r->a_we = we;
 	r->a_zmask = zmask;
+	r->a_bmask = bmask;
 	r->a_cow = false;
 	touched = sc_mask(img, cstart, r->pos, pe);
 	r->a_bitmap = compressed ? L2B_ALL_ALLOC : (b | touched) & ~(touched << 32);
@@ -608,6 +622,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_ws = cstart;
 	r->a_we = cstart + got * img->cluster_size;
 	r->a_zmask = 0;
+	r->a_bmask = 0;
 	r->a_cow = false;
 	partial = r->pos != cstart || (r->a_end & (img->cluster_size - 1));
 	if (partial && ((type == L2_UNALLOC && img->backing) || type == L2_COMPRESSED ||

@@ -174,14 +174,26 @@ def case_write_plain(d, c, compressed):
     return same_as_mirror(img, mirror)
 
 
-def case_write_snapshot(d, c):
-    """Clusters shared with a snapshot are copied; the snapshot keeps its data."""
+def case_write_snapshot(d, c, backing=False):
+    """Clusters shared with a snapshot are copied; the snapshot keeps its data.
+    Over a backing file, the parts of partly written subclusters the shared
+    cluster lacked come from the backing file."""
     v = 16 * MiB
     img = os.path.join(d, "s.qcow2")
     mirror = os.path.join(d, "sm.raw")
     snap = os.path.join(d, "snap.raw")
-    uqtest.qemu_create(img, v, cluster_size=c, extended_l2="on")
-    uqtest.qemu_io("qcow2", img, fill(c, v, 11))
+    if backing:
+        base = os.path.join(d, "sb.qcow2")
+        uqtest.qemu_create(base, v)
+        uqtest.qemu_io("qcow2", base, [f"write -P 0x5a 0 {v}"])
+        uqtest.qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                        "-o", f"cluster_size={c},extended_l2=on", img, str(v))
+        sc = c // 32
+        # Clusters with a few subclusters of their own, the rest from the base.
+        uqtest.qemu_io("qcow2", img, [f"write -P 0x21 {k * c + 3 * sc} {sc}" for k in range(40)])
+    else:
+        uqtest.qemu_create(img, v, cluster_size=c, extended_l2="on")
+    uqtest.qemu_io("qcow2", img, fill(c, v, 11) if not backing else [])
     uqtest.qemu_img("snapshot", "-c", "s1", img)
     uqtest.qemu_img("convert", "-O", "raw", img, mirror)
     uqtest.qemu_img("convert", "-O", "raw", img, snap)
@@ -214,6 +226,8 @@ def main():
                      d, c, True)
             res.case(f"writes into snapshot-shared clusters cluster_size={c}",
                      case_write_snapshot, d, c)
+            res.case(f"writes into snapshot-shared clusters over a backing file "
+                     f"cluster_size={c}", case_write_snapshot, d, c, True)
     finally:
         uqtest.cleanup(d)
     res.finish()
