@@ -269,6 +269,14 @@ int qcow2_alloc_link(struct qcow2_req *r)
 	return ret;
 }
 
+/* Extended L2: is the subcluster of guest byte @pos in @mask (of the allocation)? */
+static bool sc_in(const struct qcow2_req *r, uint32_t mask, uint64_t pos)
+{
+	uint64_t i = (pos - r->a_guest) >> r->img->unit_bits;
+
+	return i < QCOW2_SUBCLUSTERS && (mask & (1u << i));
+}
+
 /* Copy the old bytes the write does not cover into the COW buffer. */
 void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
 {
@@ -288,9 +296,9 @@ void qcow2_cow_fill(struct qcow2_req *r, const uint8_t *old)
 		if (r->a_zmask & (1u << sc))
 			memset(r->cow + sc * unit, 0, unit);
 	/* ...or as the backing file shows them: read now, over the copy. */
-	if (r->a_bmask & (1u << ((hs - r->a_guest) >> r->img->unit_bits)) && r->pos > hs)
+	if (sc_in(r, r->a_bmask, hs) && r->pos > hs)
 		ret = qcow2_backing_read(r, r->cow + (hs - r->a_guest), hs, r->pos - hs);
-	if (!ret && r->a_bmask & (1u << ((te - 1 - r->a_guest) >> r->img->unit_bits)) &&
+	if (!ret && sc_in(r, r->a_bmask, te - 1) &&
 	    r->a_end < te)
 		ret = qcow2_backing_read(r, r->cow + (r->a_end - r->a_guest), r->a_end,
 					 te - r->a_end);
@@ -341,13 +349,13 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 	if (r->pos > r->a_ws) {
 		uint8_t *dst = r->cow + (r->a_ws - r->a_guest);
 
-		if (r->a_zmask & (1u << ((r->a_ws - r->a_guest) >> img->unit_bits)))
+		if (sc_in(r, r->a_zmask, r->a_ws))
 			memset(dst, 0, r->pos - r->a_ws);
 		else if ((ret = qcow2_backing_read(r, dst, r->a_ws, r->pos - r->a_ws)) < 0)
 			return ret;
 	}
 	if (in_last && r->a_we > r->a_end) {
-		if (r->a_zmask & (1u << ((r->a_end - r->a_guest) >> img->unit_bits)))
+		if (sc_in(r, r->a_zmask, r->a_end))
 			memset(cow_tail(r) + in_last, 0, r->a_we - r->a_end);
 		else
 			return qcow2_backing_read(r, cow_tail(r) + in_last, r->a_end,
