@@ -364,6 +364,20 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 	return 0;
 }
 
+/*
+ * The allocation is set up: read what copy-on-write needs first (@cow, old
+ * entry @old_e of @type at @old_host), or write at once. Undone on failure.
+ */
+static int alloc_fill(struct qcow2_req *r, struct req_aio *a, bool cow, enum l2_type type,
+		      uint64_t old_e, uint64_t old_host)
+{
+	int ret = cow ? cow_start(r, a, type, old_e, old_host) : qcow2_alloc_write(r, a);
+
+	if (ret < 0)
+		qcow2_alloc_abort(r);
+	return ret;
+}
+
 /* Bitmap bits of the subclusters of [@from, @to) in the cluster at @cstart. */
 static uint64_t sc_mask(const struct qcow2 *img, uint64_t cstart, uint64_t from, uint64_t to)
 {
@@ -501,21 +515,10 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	r->a_cow = false;
 	touched = sc_mask(img, cstart, r->pos, pe);
 	r->a_bitmap = compressed ? L2B_ALL_ALLOC : (b | touched) & ~(touched << 32);
-	if (shared || backing_side || (zmask && r->a_new && host < img->file_end) ||
-	    (zmask && !r->a_new)) {
-		ret = cow_start(r, a, compressed ? L2_COMPRESSED : shared ? L2_NORMAL : L2_UNALLOC,
-				e, e & L2E_OFFSET_MASK);
-		if (ret < 0)
-			goto fail;
-		return 0;
-	}
-	ret = qcow2_alloc_write(r, a);
-	if (ret < 0)
-		goto fail;
-	return 0;
-fail:
-	qcow2_alloc_abort(r);
-	return ret;
+	return alloc_fill(r, a, shared || backing_side || (zmask && (!r->a_new ||
+							     host < img->file_end)),
+			  compressed ? L2_COMPRESSED : shared ? L2_NORMAL : L2_UNALLOC,
+			  e, e & L2E_OFFSET_MASK);
 out:
 	qcow2_cache_put(s);
 	return ret;
@@ -633,20 +636,9 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	r->a_bmask = 0;
 	r->a_cow = false;
 	partial = r->pos != cstart || (r->a_end & (img->cluster_size - 1));
-	if (partial && ((type == L2_UNALLOC && img->backing) || type == L2_COMPRESSED ||
-			type == L2_NORMAL)) {
-		ret = cow_start(r, a, type, e, old_host);
-		if (ret < 0)
-			goto fail;
-		return 0;
-	}
-	ret = qcow2_alloc_write(r, a);
-	if (ret < 0)
-		goto fail;
-	return 0;
-fail:
-	qcow2_alloc_abort(r);
-	return ret;
+	return alloc_fill(r, a, partial && ((type == L2_UNALLOC && img->backing) ||
+					    type == L2_COMPRESSED || type == L2_NORMAL),
+			  type, e, old_host);
 out:
 	qcow2_cache_put(s);
 	return ret;
