@@ -173,7 +173,6 @@ mke2fs "${mkfs_args[@]}" "$disk" >"$run/mkfs.log" 2>&1 ||
 
 # ---- boot ----
 log=$run/console.log
-: >"$log"
 qargs=(
 	-accel tcg -cpu max -smp "$cpus" -m "$mem" -machine pc
 	-nodefaults -no-user-config -nographic -no-reboot
@@ -189,37 +188,48 @@ if [ "$shell" = 1 ]; then
 	rc=0
 else
 	secs_since() { awk -v a="$EPOCHREALTIME" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
-	start=$EPOCHREALTIME
-	qemu-system-x86_64 "${qargs[@]}" -monitor none -serial "file:$log" </dev/null >"$run/qemu.out" 2>&1 &
-	qpid=$!
-	tailpid=
-	if [ "$verbose" = 1 ]; then
-		# without the firmware's terminal escapes and the serial line's CRs
-		tail -n +1 -f "$log" --pid="$qpid" |
-			sed -u 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g; s/\r//g' >&2 &
-		tailpid=$!
-	fi
-	deadline=$((${start%.*} + timeout))
-	booted='' timed_out=0
-	while kill -0 "$qpid" 2>/dev/null; do
-		if [ -z "$booted" ] && grep -q '^uqvm: ready at' "$log"; then
-			booted=$(secs_since "$start")
+	# TCG with several vCPUs sometimes oopses while the kernel patches its own text at
+	# boot (int3 in sched_clock_cpu on 6.12): a VM that dies before our init is ready
+	# ran none of the script, so it is booted again, twice at most
+	for attempt in 1 2 3; do
+		start=$EPOCHREALTIME
+		: >"$log"
+		qemu-system-x86_64 "${qargs[@]}" -monitor none -serial "file:$log" </dev/null >"$run/qemu.out" 2>&1 &
+		qpid=$!
+		tailpid=
+		if [ "$verbose" = 1 ]; then
+			# without the firmware's terminal escapes and the serial line's CRs
+			tail -n +1 -f "$log" --pid="$qpid" |
+				sed -u 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g; s/\r//g' >&2 &
+			tailpid=$!
 		fi
-		if [ "${EPOCHREALTIME%.*}" -ge "$deadline" ]; then
-			timed_out=1
-			kill -KILL "$qpid" 2>/dev/null || true
-			break
-		fi
-		sleep 0.2
+		deadline=$((${start%.*} + timeout))
+		booted='' timed_out=0
+		while kill -0 "$qpid" 2>/dev/null; do
+			if [ -z "$booted" ] && grep -q '^uqvm: ready at' "$log"; then
+				booted=$(secs_since "$start")
+			fi
+			if [ "${EPOCHREALTIME%.*}" -ge "$deadline" ]; then
+				timed_out=1
+				kill -KILL "$qpid" 2>/dev/null || true
+				break
+			fi
+			sleep 0.2
+		done
+		qrc=0
+		wait "$qpid" || qrc=$?
+		qpid=
+		[ -z "$tailpid" ] || wait "$tailpid" 2>/dev/null || true
+		elapsed=$(secs_since "$start")
+		# a VM that died between two polls may have got past init
+		if [ -z "$booted" ] && grep -q '^uqvm: ready at' "$log"; then booted=$elapsed; fi
+		cp "$log" "$kout/last-console-$k.log"
+		tr -d '\r' <"$log" >"$log.txt"
+		rcline=$(grep -a -o '@@UQVM-EXIT=[0-9]*@@' "$log.txt" | tail -n1 || true)
+		[ "$timed_out" = 0 ] && [ -z "$rcline" ] && [ -z "$booted" ] && [ "$attempt" -lt 3 ] || break
+		echo "vm-run.sh: the $k VM ended (qemu exit $qrc) before init was ready; booting again" >&2
+		[ "$verbose" = 1 ] || { echo "---- guest console ($k, failed boot) ----"; tail -n 40 "$log.txt"; echo "----"; } >&2
 	done
-	qrc=0
-	wait "$qpid" || qrc=$?
-	qpid=
-	[ -z "$tailpid" ] || wait "$tailpid" 2>/dev/null || true
-	elapsed=$(secs_since "$start")
-	cp "$log" "$kout/last-console-$k.log"
-	tr -d '\r' <"$log" >"$log.txt"
-	rcline=$(grep -a -o '@@UQVM-EXIT=[0-9]*@@' "$log.txt" | tail -n1 || true)
 	show_console() {
 		[ "$verbose" = 1 ] && return 0
 		echo "---- guest console ($k) ----" >&2
