@@ -22,7 +22,24 @@ enum ublk_tag_state {
 	UBLK_TAG_PENDING,	/* a command waits for a free SQE */
 	UBLK_TAG_DONE,		/* aborted: never issued again */
 	UBLK_TAG_DEAD,		/* aborted while the target holds it: no commit */
+	UBLK_TAG_BUFWAIT,	/* a request waits for buffer pages */
 };
+
+/* pool.c: a queue's data buffers, 4 KiB pages handed out first-fit. */
+#define UBLK_POOL_PAGE		4096u
+#define UBLK_POOL_BYTES		(4u << 20)	/* per queue, unless one request needs more */
+
+struct ublk_pool {
+	uint8_t *base;
+	uint64_t *map;		/* a bit per page: in use */
+	unsigned int pages;
+	unsigned int free;
+};
+
+int ublk_pool_init(struct ublk_pool *p, size_t bytes);
+void ublk_pool_fini(struct ublk_pool *p);
+int ublk_pool_alloc(struct ublk_pool *p, unsigned int n);
+void ublk_pool_free(struct ublk_pool *p, unsigned int first, unsigned int n);
 
 struct ublk_tag {
 	uint8_t state;		/* enum ublk_tag_state */
@@ -32,6 +49,8 @@ struct ublk_tag {
 	bool owes_data;		/* a WRITE the target holds before its NEED_GET_DATA */
 	bool commit_after;	/* NEED_GET_DATA owed by a finished WRITE: commit next */
 	void *addr;		/* where NEED_GET_DATA copies to (NULL: the tag's buffer) */
+	uint32_t buf_first;	/* the tag's buffer: pool pages [first, first + pages) */
+	uint32_t buf_pages;	/* 0: holds no buffer */
 };
 
 struct ublk_queue {
@@ -43,11 +62,15 @@ struct ublk_queue {
 
 	struct ublksrv_io_desc *iods;	/* the driver's io-desc array (mmap) */
 	size_t iods_len;
-	uint8_t *bufs;			/* depth buffers of buf_bytes */
-	size_t buf_bytes;
+	struct ublk_pool pool;		/* the requests' data buffers */
+	size_t buf_bytes;		/* the largest request */
 	struct ublk_tag *tags;
 	uint16_t *pending;		/* tags in UBLK_TAG_PENDING, FIFO */
 	unsigned int pending_head, nr_pending;
+	uint16_t *bufwait;		/* tags in UBLK_TAG_BUFWAIT, FIFO */
+	unsigned int bufwait_head, nr_bufwait;
+	uint16_t *release;		/* READ buffers to free once their commit is submitted */
+	unsigned int nr_release;
 
 	unsigned int nr_cmds;		/* IO commands with the driver */
 	unsigned int nr_target;		/* requests the target holds */

@@ -12,6 +12,12 @@
  * A target with prep_write takes a WRITE before its data: it maps and
  * allocates, then sends NEED_GET_DATA itself (ublk_queue_get_data) with the
  * address where the data must land, and hears back through data_ready().
+ *
+ * Data buffers come from the queue's pool when a READ or WRITE arrives (a
+ * request waits in UBLK_TAG_BUFWAIT while the pool is short), so the memory
+ * a queue touches is the pool's, not depth x the largest request. A WRITE's
+ * buffer is free once the target finishes; a READ's once the kernel copied
+ * it, which it does while io_uring_submit() issues the COMMIT_AND_FETCH_REQ.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -39,6 +45,7 @@ static size_t page_round(size_t n)
 int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_id)
 {
 	size_t stride = page_round(UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc));
+	size_t pool_bytes;
 	void *p;
 	int ret;
 
@@ -57,18 +64,19 @@ int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_
 		return -errno;
 	q->iods = p;
 
-	/* Untouched buffer pages cost nothing: reserve the worst case. */
-	p = mmap(NULL, q->depth * q->buf_bytes, PROT_READ | PROT_WRITE,
-		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (p == MAP_FAILED) {
-		ret = -errno;
+	/* Room for the largest request, and for depth of them if that is less. */
+	pool_bytes = q->buf_bytes > UBLK_POOL_BYTES ? q->buf_bytes : UBLK_POOL_BYTES;
+	if (pool_bytes > (size_t)q->depth * q->buf_bytes)
+		pool_bytes = (size_t)q->depth * q->buf_bytes;
+	ret = ublk_pool_init(&q->pool, pool_bytes);
+	if (ret)
 		goto err_iods;
-	}
-	q->bufs = p;
 
 	q->tags = calloc(q->depth, sizeof(*q->tags));
 	q->pending = calloc(q->depth, sizeof(*q->pending));
-	if (!q->tags || !q->pending) {
+	q->bufwait = calloc(q->depth, sizeof(*q->bufwait));
+	q->release = calloc(q->depth, sizeof(*q->release));
+	if (!q->tags || !q->pending || !q->bufwait || !q->release) {
 		ret = -ENOMEM;
 		goto err_tags;
 	}
@@ -80,12 +88,13 @@ int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_
 	return 0;
 
 err_tags:
+	free(q->release);
+	free(q->bufwait);
 	free(q->pending);
 	free(q->tags);
-	q->pending = NULL;
+	q->release = q->bufwait = q->pending = NULL;
 	q->tags = NULL;
-	munmap(q->bufs, q->depth * q->buf_bytes);
-	q->bufs = NULL;
+	ublk_pool_fini(&q->pool);
 err_iods:
 	munmap(q->iods, q->iods_len);
 	q->iods = NULL;
@@ -99,16 +108,16 @@ void ublk_queue_teardown(struct ublk_queue *q)
 {
 	if (q->iods)
 		munmap(q->iods, q->iods_len);
-	if (q->bufs)
-		munmap(q->bufs, q->depth * q->buf_bytes);
+	ublk_pool_fini(&q->pool);
 	if (q->wake_fd >= 0)
 		close(q->wake_fd);
+	free(q->release);
+	free(q->bufwait);
 	free(q->pending);
 	free(q->tags);
 	q->iods = NULL;
-	q->bufs = NULL;
 	q->wake_fd = -1;
-	q->pending = NULL;
+	q->release = q->bufwait = q->pending = NULL;
 	q->tags = NULL;
 }
 
@@ -136,7 +145,52 @@ const struct ublksrv_io_desc *ublk_queue_iod(const struct ublk_queue *q, unsigne
 
 void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag)
 {
-	return q->bufs + (size_t)tag * q->buf_bytes;
+	return q->pool.base + (size_t)q->tags[tag].buf_first * UBLK_POOL_PAGE;
+}
+
+/* ---- Buffers ------------------------------------------------------------- */
+
+/* Give @tag the buffer its request needs, if any. false: the pool is short. */
+static bool buf_get(struct ublk_queue *q, unsigned int tag)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	struct ublk_tag *t = &q->tags[tag];
+	uint64_t len = (uint64_t)iod->nr_sectors << 9;
+	unsigned int op = ublksrv_get_op(iod);
+	int first;
+
+	t->buf_pages = 0;
+	if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE)
+		return true;
+	/* The driver never sends more than max_io_buf_bytes, the pool's floor. */
+	if (len > q->buf_bytes)
+		len = q->buf_bytes;
+	if (len == 0)
+		len = 1;
+	first = ublk_pool_alloc(&q->pool, (unsigned int)((len + UBLK_POOL_PAGE - 1) / UBLK_POOL_PAGE));
+	if (first < 0)
+		return false;
+	t->buf_first = (uint32_t)first;
+	t->buf_pages = (uint32_t)((len + UBLK_POOL_PAGE - 1) / UBLK_POOL_PAGE);
+	return true;
+}
+
+static void buf_put(struct ublk_queue *q, unsigned int tag)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
+	if (t->buf_pages)
+		ublk_pool_free(&q->pool, t->buf_first, t->buf_pages);
+	t->buf_pages = 0;
+}
+
+/* Everything queued on the ring was submitted: the READ copies are done. */
+static void buf_release(struct ublk_queue *q)
+{
+	if (!q->nr_release || io_uring_sq_ready(&q->ring))
+		return;
+	while (q->nr_release)
+		buf_put(q, q->release[--q->nr_release]);
 }
 
 struct ublk_queue *ublk_queue_self(void)
@@ -209,6 +263,8 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 	io_uring_sqe_set_data64(sqe, tag);
 	t->state = UBLK_TAG_KERNEL;
 	q->nr_cmds++;
+	if (cmd == UBLK_IO_COMMIT_AND_FETCH_REQ && t->buf_pages)
+		q->release[q->nr_release++] = (uint16_t)tag;
 }
 
 static void queue_issue_pending(struct ublk_queue *q)
@@ -231,10 +287,14 @@ void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 
 	q->nr_target--;
 	if (t->state == UBLK_TAG_DEAD) {
+		buf_put(q, tag);
 		t->state = UBLK_TAG_DONE;
 		return;
 	}
 	t->res = res;
+	/* Only a READ's commit reads the buffer. */
+	if (ublksrv_get_op(&q->iods[tag]) != UBLK_IO_OP_READ && !t->owes_data)
+		buf_put(q, tag);
 	if (t->owes_data) {
 		/*
 		 * A WRITE that failed before it asked for its data: the driver
@@ -277,6 +337,8 @@ static void queue_arm_wake(struct ublk_queue *q)
 
 /* ---- Completions --------------------------------------------------------- */
 
+static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res);
+
 static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 {
 	struct ublk_tag *t = &q->tags[tag];
@@ -284,6 +346,7 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 	q->nr_cmds--;
 	if (t->commit_after) {
 		t->commit_after = false;
+		buf_put(q, tag);
 		if (res == UBLK_IO_RES_OK)
 			queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
 		else
@@ -299,7 +362,50 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 		q->tgt->ops->data_ready(q, tag, res == UBLK_IO_RES_OK ? 0 : -EIO);
 		return;
 	}
-	t->get_data = false;
+	if (t->get_data) {
+		/* Ours, for a target without prep_write: the data is in the tag's buffer. */
+		t->get_data = false;
+		if (res == UBLK_IO_RES_OK) {
+			queue_dispatch(q, tag, res);
+			return;
+		}
+		buf_put(q, tag);
+	} else if (res == UBLK_IO_RES_NEED_GET_DATA || res == UBLK_IO_RES_OK) {
+		if (!buf_get(q, tag)) {
+			t->state = UBLK_TAG_BUFWAIT;
+			t->res = res;
+			q->bufwait[(q->bufwait_head + q->nr_bufwait) % q->depth] = (uint16_t)tag;
+			q->nr_bufwait++;
+			return;
+		}
+		queue_dispatch(q, tag, res);
+		return;
+	}
+	/* ABORT (STOP_DEV, or the driver gave up on us): never re-fetch. */
+	if (res != UBLK_IO_RES_ABORT)
+		ublk_log("queue %u tag %u: IO command failed: %s", q->q_id, tag, strerror(-res));
+	t->state = UBLK_TAG_DONE;
+}
+
+/* Requests that waited for buffers, in arrival order, while the pool has room. */
+static void queue_bufwait_retry(struct ublk_queue *q)
+{
+	while (q->nr_bufwait) {
+		unsigned int tag = q->bufwait[q->bufwait_head];
+
+		if (!buf_get(q, tag))
+			return;
+		q->bufwait_head = (q->bufwait_head + 1) % q->depth;
+		q->nr_bufwait--;
+		queue_dispatch(q, tag, q->tags[tag].res);
+	}
+}
+
+/* A request with its buffer: hand it to the target. */
+static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
 	if (res == UBLK_IO_RES_NEED_GET_DATA) {
 		t->state = UBLK_TAG_TARGET;
 		q->nr_target++;
@@ -312,16 +418,9 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 		ublk_queue_get_data(q, tag, NULL);
 		return;
 	}
-	if (res == UBLK_IO_RES_OK) {
-		t->state = UBLK_TAG_TARGET;
-		q->nr_target++;
-		q->tgt->ops->queue_io(q, tag);
-		return;
-	}
-	/* ABORT (STOP_DEV, or the driver gave up on us): never re-fetch. */
-	if (res != UBLK_IO_RES_ABORT)
-		ublk_log("queue %u tag %u: IO command failed: %s", q->q_id, tag, strerror(-res));
-	t->state = UBLK_TAG_DONE;
+	t->state = UBLK_TAG_TARGET;
+	q->nr_target++;
+	q->tgt->ops->queue_io(q, tag);
 }
 
 static void queue_reap(struct ublk_queue *q)
@@ -371,7 +470,7 @@ static int queue_ring_init(struct ublk_queue *q)
 
 static bool queue_busy(const struct ublk_queue *q)
 {
-	return q->nr_cmds || q->nr_target || q->nr_tgt_io || q->nr_pending;
+	return q->nr_cmds || q->nr_target || q->nr_tgt_io || q->nr_pending || q->nr_bufwait;
 }
 
 /**
@@ -403,13 +502,24 @@ void *ublk_queue_thread(void *arg)
 	while (queue_busy(q)) {
 		queue_issue_pending(q);
 		queue_arm_wake(q);
+		if (q->nr_bufwait && q->nr_release) {
+			/* Waiters may be all that is left: free READ buffers before sleeping. */
+			io_uring_submit(&q->ring);
+			buf_release(q);
+			if (!q->nr_release) {
+				queue_bufwait_retry(q);
+				continue;
+			}
+		}
 		ret = io_uring_submit_and_wait(&q->ring, 1);
 		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
 			ublk_log("queue %u: io_uring: %s", q->q_id, strerror(-ret));
 			q->err = ret;
 			break;
 		}
+		buf_release(q);
 		queue_reap(q);
+		queue_bufwait_retry(q);
 	}
 	io_uring_queue_exit(&q->ring);
 out:
