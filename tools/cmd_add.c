@@ -951,10 +951,17 @@ static void recover_usage(FILE *f)
 		"  -h, --help    show this help\n");
 }
 
-/* Is the device's daemon still there? A pid the kernel keeps may be stale. */
+#define RECOVER_EXIT_WAIT_MS	2000
+
+/*
+ * Is the device's daemon still there? A pid the kernel keeps may be stale;
+ * one just killed may still be exiting ("kill -9 PID; recover -n ID").
+ */
 static bool daemon_alive(pid_t pid)
 {
-	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+	if (pid <= 0 || (kill(pid, 0) && errno != EPERM))
+		return false;
+	return !pid_wait_exit(pid, RECOVER_EXIT_WAIT_MS);
 }
 
 /*
