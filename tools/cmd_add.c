@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 /*
- * add, del, list and features: the ublk subcommands. add opens the image,
- * creates /dev/ublkbN and becomes its daemon; the daemon records what it
- * serves in /run/ublk-qcow2/ID.info for list, and stops on SIGTERM or when
- * del (or the kernel) stops the device.
+ * add, del, list, features and recover: the ublk subcommands. add opens the
+ * image, creates /dev/ublkbN and becomes its daemon; the daemon records what
+ * it serves in /run/ublk-qcow2/ID.info for list (and for recover, which
+ * serves a --recovery device again from that record after its daemon
+ * died), and stops on SIGTERM or when del (or the kernel) stops the device.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -41,6 +42,8 @@ struct add_args {
 	bool read_only;
 	bool foreground;
 	bool overlay;			/* serve a throw-away overlay over the image */
+	bool recovery;			/* USER_RECOVERY: the device outlives the daemon */
+	bool recover;			/* take over device dev_id (recover) */
 	uint64_t cache_bytes;
 	uint64_t null_size;
 	const char *snapshot;		/* serve this internal snapshot, read-only */
@@ -89,8 +92,12 @@ static int info_write(const struct add_args *a, const struct ublksrv_ctrl_dev_in
 	f = fopen(tmp, "w");
 	if (!f)
 		return -errno;
-	fprintf(f, "pid=%d\nformat=%s\nread_only=%d\nimage=%s\n", (int)getpid(), fmt,
-		a->read_only, a->image ? a->image : "");
+	/* Beyond what list shows: what recover needs to serve the same way. */
+	fprintf(f, "pid=%d\nformat=%s\nread_only=%d\nimage=%s\noverlay=%d\n"
+		"cache_size=%llu\nsize=%llu\nsnapshot=%s\n", (int)getpid(), fmt,
+		a->read_only, a->image ? a->image : "", a->overlay,
+		(unsigned long long)a->cache_bytes, (unsigned long long)a->null_size,
+		a->snapshot ? a->snapshot : "");
 	if (fclose(f))
 		ret = -errno;
 	if (!ret && rename(tmp, path))
@@ -103,8 +110,12 @@ static int info_write(const struct add_args *a, const struct ublksrv_ctrl_dev_in
 struct dev_record {
 	int pid;
 	bool read_only;
+	bool overlay;
+	uint64_t cache_bytes;
+	uint64_t null_size;
 	char format[16];
 	char image[PATH_MAX];
+	char snapshot[256];
 };
 
 static void copy_str(char *dst, size_t size, const char *src)
@@ -136,6 +147,14 @@ static int info_read(uint32_t dev_id, struct dev_record *r)
 			copy_str(r->format, sizeof(r->format), line + 7);
 		else if (!strncmp(line, "image=", 6))
 			copy_str(r->image, sizeof(r->image), line + 6);
+		else if (!strncmp(line, "overlay=", 8))
+			r->overlay = atoi(line + 8);
+		else if (!strncmp(line, "cache_size=", 11))
+			r->cache_bytes = strtoull(line + 11, NULL, 10);
+		else if (!strncmp(line, "size=", 5))
+			r->null_size = strtoull(line + 5, NULL, 10);
+		else if (!strncmp(line, "snapshot=", 9))
+			copy_str(r->snapshot, sizeof(r->snapshot), line + 9);
 	}
 	fclose(f);
 	return 0;
@@ -148,7 +167,7 @@ static void add_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
 		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
-		"                      [--foreground] IMAGE\n"
+		"                      [--recovery] [--foreground] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -165,6 +184,9 @@ static void add_usage(FILE *f)
 		"                     default /var/tmp, gone with the device); IMAGE is only read\n"
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
+		"  --recovery         if the daemon dies, the device waits (I/O queued) for\n"
+		"                     '" UQ_PROG " recover -n ID'; every write is flushed\n"
+		"                     before it completes, so none is lost with the daemon\n"
 		UQ_KEY_HELP
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
@@ -195,6 +217,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "size", required_argument, NULL, 'S' },
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "overlay", no_argument, NULL, 'O' },
+		{ "recovery", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
@@ -255,6 +278,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'O':
 			a->overlay = true;
 			break;
+		case 'V':
+			a->recovery = true;
+			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
 		case UQ_OPT_KEY_FILE:
@@ -278,6 +304,11 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	}
 	if (a->overlay && a->snapshot) {
 		uq_err("%s: --overlay and --snapshot cannot be combined", argv[optind]);
+		return 1;
+	}
+	if (a->overlay && a->recovery) {
+		uq_err("%s: --overlay and --recovery cannot be combined (the overlay dies with"
+		       " the daemon)", argv[optind]);
 		return 1;
 	}
 	return 0;
@@ -330,13 +361,18 @@ static const char *add_fmt(const struct add_args *a)
  */
 static int add_serve(struct add_args *a, int report_fd)
 {
-	struct uq_qcow2_opts qopts = { .cache_bytes = a->cache_bytes, .snapshot = a->snapshot };
+	struct uq_qcow2_opts qopts = {
+		.cache_bytes = a->cache_bytes,
+		.snapshot = a->snapshot,
+		.write_through = a->recovery,
+	};
 	struct ublk_dev_cfg cfg = {
 		.dev_id = a->dev_id,
 		.nr_queues = a->nr_queues,
 		.depth = a->depth,
 		.max_io_bytes = UBLK_DEF_IO_BYTES,
 		.read_only = a->read_only,
+		.recovery = a->recovery,
 	};
 	struct ublk_tgt tgt = { .path = a->image };
 	const struct ublksrv_ctrl_dev_info *info;
@@ -373,12 +409,23 @@ static int add_serve(struct add_args *a, int report_fd)
 	}
 	if (ctrl_open(&ctrl))
 		goto out_sig;
-	ret = ublk_dev_create(&dev, ctrl, &cfg, &tgt);
+	if (a->recover)
+		ret = ublk_dev_recover(&dev, ctrl, (uint32_t)a->dev_id, &cfg, &tgt);
+	else
+		ret = ublk_dev_create(&dev, ctrl, &cfg, &tgt);
 	if (ret) {
 		if (tgt.err[0])
 			uq_err("%s", tgt.err);
+		else if (a->recover && ret == -EBUSY)
+			uq_err("recover: /dev/ublkb%d did not become recoverable in 30 s"
+			       " (its daemon still alive?)", a->dev_id);
+		else if (a->recover)
+			uq_err("recover: cannot recover /dev/ublkb%d: %s", a->dev_id,
+			       strerror(-ret));
 		else if (ret == -EEXIST)
 			uq_err("add: ublk device %d exists already", a->dev_id);
+		else if (ret == -EOPNOTSUPP && a->recovery)
+			uq_err("add: --recovery: the ublk driver has no USER_RECOVERY(_REISSUE)");
 		else
 			uq_err("add: cannot create the ublk device: %s", strerror(-ret));
 		goto out_ctrl;
@@ -386,7 +433,8 @@ static int add_serve(struct add_args *a, int report_fd)
 	info = ublk_dev_info(dev);
 	ret = ublk_dev_start(dev);
 	if (ret) {
-		uq_err("add: cannot start /dev/ublkb%u: %s", info->dev_id, strerror(-ret));
+		uq_err("%s: cannot start /dev/ublkb%u: %s", a->recover ? "recover" : "add",
+		       info->dev_id, strerror(-ret));
 		ublk_dev_destroy(dev);
 		goto out_ctrl;
 	}
@@ -883,4 +931,156 @@ int cmd_features(int argc, char **argv)
 			printf("bit%u\n", bit);
 	}
 	return 0;
+}
+
+/* ---- recover -------------------------------------------------------------- */
+
+static void recover_usage(FILE *f)
+{
+	fprintf(f,
+		"usage: " UQ_PROG " recover -n ID [--foreground]\n"
+		"\n"
+		"Serve /dev/ublkbID again after its daemon died (killed, crashed): the\n"
+		"device must have been added with --recovery. A new daemon opens the same\n"
+		"image the same way (from " RUN_DIR "/ID.info) and takes over the\n"
+		"queued I/O; prints the device like add.\n"
+		"\n"
+		"  -n ID         the device\n"
+		"  --foreground  serve from this process instead of a daemon\n"
+		UQ_KEY_HELP
+		"  -h, --help    show this help\n");
+}
+
+#define RECOVER_EXIT_WAIT_MS	2000
+
+/*
+ * Is the device's daemon still there? A pid the kernel keeps may be stale;
+ * one just killed may still be exiting ("kill -9 PID; recover -n ID").
+ */
+static bool daemon_alive(pid_t pid)
+{
+	if (pid <= 0 || (kill(pid, 0) && errno != EPERM))
+		return false;
+	return !pid_wait_exit(pid, RECOVER_EXIT_WAIT_MS);
+}
+
+/*
+ * Can device @id be recovered, and how was it served? Fills @a from its
+ * record. 0, or 1 with the reason printed.
+ */
+static int recover_prepare(uint32_t id, struct add_args *a, struct dev_record *rec)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_ctrl *c;
+	int ret;
+
+	if (ctrl_open(&c))
+		return 1;
+	ret = ublk_ctrl_get_info(c, id, &info);
+	ublk_ctrl_close(c);
+	if (ret == -ENODEV) {
+		uq_err("recover: no ublk device %u", id);
+		return 1;
+	}
+	if (ret) {
+		uq_err("recover: ublk device %u: %s", id, strerror(-ret));
+		return 1;
+	}
+	if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+		uq_err("recover: /dev/ublkb%u was not added with --recovery", id);
+		return 1;
+	}
+	if (info.state == UBLK_S_DEV_DEAD) {
+		uq_err("recover: /dev/ublkb%u is not started (state DEAD)", id);
+		return 1;
+	}
+	/* 6.1 still says LIVE for a few seconds after its daemon died. */
+	if (info.state == UBLK_S_DEV_LIVE && daemon_alive(info.ublksrv_pid)) {
+		uq_err("recover: /dev/ublkb%u is served by its live daemon %d", id,
+		       (int)info.ublksrv_pid);
+		return 1;
+	}
+	if (info_read(id, rec)) {
+		uq_err("recover: /dev/ublkb%u: no record in " RUN_DIR ", so what it served"
+		       " is unknown", id);
+		return 1;
+	}
+	if (rec->overlay) {
+		uq_err("recover: /dev/ublkb%u served a throw-away overlay, which died with"
+		       " its daemon", id);
+		return 1;
+	}
+	a->dev_id = (int)id;
+	a->recover = true;
+	a->recovery = true;
+	a->read_only = rec->read_only;
+	a->cache_bytes = rec->cache_bytes;
+	a->null_size = rec->null_size;
+	a->snapshot = rec->snapshot[0] ? rec->snapshot : NULL;
+	if (!strcmp(rec->format, "null")) {
+		a->null_tgt = true;
+	} else if (!strcmp(rec->format, "qcow2") || !strcmp(rec->format, "raw")) {
+		a->fmt = rec->format;
+		a->image = strdup(rec->image);
+		if (!a->image) {
+			uq_err("recover: %s", strerror(ENOMEM));
+			return 1;
+		}
+	} else {
+		uq_err("recover: /dev/ublkb%u: unknown format '%s' in its record", id,
+		       rec->format);
+		return 1;
+	}
+	return 0;
+}
+
+int cmd_recover(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "foreground", no_argument, NULL, 'F' },
+		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
+		{ NULL, 0, NULL, 0 },
+	};
+	struct dev_record rec;
+	struct add_args a;
+	unsigned int id = 0;
+	bool one = false;
+	int opt, ret;
+
+	memset(&a, 0, sizeof(a));
+	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'n':
+			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+				return 1;
+			one = true;
+			break;
+		case 'F':
+			a.foreground = true;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
+			break;
+		case 'h':
+			recover_usage(stdout);
+			return 0;
+		default:
+			return uq_usage_error("recover", argv, opt);
+		}
+	}
+	if (optind != argc || !one) {
+		recover_usage(stderr);
+		return 1;
+	}
+	if (!have_control())
+		return 1;
+	ret = recover_prepare(id, &a, &rec);
+	if (!ret)
+		ret = a.foreground ? add_serve(&a, -1) : add_daemonize(&a);
+	free(a.image);
+	return ret;
 }

@@ -30,6 +30,7 @@ void uq_snapshot_json(struct uq_json *j, const struct qcow2_snapshot_info *list,
 int cmd_rebase(int argc, char **argv);
 int cmd_commit(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
+int cmd_recover(int argc, char **argv);
 
 struct uq_create {
 	enum uq_fmt fmt;

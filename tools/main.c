@@ -29,6 +29,7 @@ static const struct {
 	{ "del", cmd_del, "stop and delete a ublk device" },
 	{ "list", cmd_list, "show the ublk devices" },
 	{ "features", cmd_features, "print the kernel's ublk feature bits" },
+	{ "recover", cmd_recover, "serve a ublk device again after its daemon died" },
 };
 
 #define NR_COMMANDS (sizeof(commands) / sizeof(commands[0]))

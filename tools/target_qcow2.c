@@ -52,6 +52,7 @@ struct tq {
 	struct tq_mailbox *boxes;	/* one per queue */
 	struct tq_tag *tags;		/* nr_queues * depth */
 	unsigned int nr_errors;		/* failed requests logged so far */
+	bool write_through;		/* flush after every change (uq_qcow2_opts) */
 };
 
 /* ---- The engine's I/O backend -------------------------------------------- */
@@ -215,7 +216,7 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 		break;
 	case UBLK_IO_OP_WRITE:
 		op = QCOW2_OP_WRITE;
-		tt->fua = ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8);
+		tt->fua = t->write_through || (ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8));
 		break;
 	case UBLK_IO_OP_FLUSH:
 		op = QCOW2_OP_FLUSH;
@@ -223,9 +224,11 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 		break;
 	case UBLK_IO_OP_DISCARD:
 		op = QCOW2_OP_DISCARD;
+		tt->fua = t->write_through;
 		break;
 	case UBLK_IO_OP_WRITE_ZEROES:
 		op = QCOW2_OP_WRITE_ZEROES;
+		tt->fua = t->write_through;
 		break;
 	default:
 		ublk_queue_complete(q, tag, -EOPNOTSUPP);
@@ -323,6 +326,7 @@ static int tq_init(struct ublk_tgt *tgt, const struct ublk_dev_cfg *cfg)
 	t->path = tgt->path;
 	t->nr_queues = cfg->nr_queues;
 	t->depth = cfg->depth;
+	t->write_through = tgt->opts && ((const struct uq_qcow2_opts *)tgt->opts)->write_through;
 	t->boot_io = qcow2_uring_new(64);
 	if (!t->boot_io) {
 		ret = -errno;

@@ -16,6 +16,10 @@ struct uq_qcow2_opts {
 	const char *snapshot;		/* internal snapshot to serve (read-only), or NULL */
 	const void *key;		/* passphrase of an encrypted image, or NULL */
 	size_t key_len;
+	/* Every write, discard and write-zeroes is followed by a flush before
+	 * it completes: metadata the engine caches is lost with a killed
+	 * daemon, and a recovered device must not lose what it acknowledged. */
+	bool write_through;
 };
 
 extern const struct ublk_tgt_ops uq_qcow2_ops;

@@ -247,6 +247,31 @@ int ublk_ctrl_get_affinity(struct ublk_ctrl *c, uint32_t dev_id, uint16_t q_id, 
 }
 
 /**
+ * ublk_ctrl_start_user_recovery - START_USER_RECOVERY: forget the dead
+ * daemon's queues so that a new one can mmap and fetch
+ *
+ * Returns 0, -EBUSY while the device is not quiesced yet or the old daemon
+ * still holds /dev/ublkcN, -EINVAL when the device has no USER_RECOVERY or
+ * was never started, or -errno.
+ */
+int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id)
+{
+	return ctrl_simple(c, UBLK_U_CMD_START_USER_RECOVERY, dev_id, 0, NULL, 0);
+}
+
+/**
+ * ublk_ctrl_end_user_recovery - END_USER_RECOVERY: blocks until every tag
+ * of every queue was fetched again, then the device is live for @daemon_pid
+ *
+ * Returns 0 or -errno.
+ */
+int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid)
+{
+	return ctrl_simple(c, UBLK_U_CMD_END_USER_RECOVERY, dev_id, (uint64_t)daemon_pid,
+			   NULL, 0);
+}
+
+/**
  * ublk_ctrl_get_features - GET_FEATURES
  *
  * Returns 0, -EOPNOTSUPP when the kernel predates the command, or -errno.

@@ -4,6 +4,8 @@
  * fetch every tag → START_DEV (from this thread: it blocks until all tags
  * are fetched) → serve → STOP_DEV aborts the fetches → threads drain and end
  * → target deinit (the image is flushed) → /dev/ublkcN closed → DEL_DEV.
+ * Recovery of a device whose daemon died: GET_DEV_INFO → target init →
+ * START_USER_RECOVERY → fetch every tag → END_USER_RECOVERY → serve.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -98,13 +100,28 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 	dev->info.queue_depth = cfg->depth;
 	dev->info.max_io_buf_bytes = cfg->max_io_bytes;
 	dev->info.flags = UBLK_F_NEED_GET_DATA;
-	if (ublk_ctrl_get_features(ctrl, &features) == 0 &&
-	    (features & UBLK_F_CMD_IOCTL_ENCODE))
-		dev->info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
+	if (ublk_ctrl_get_features(ctrl, &features) == 0) {
+		if (features & UBLK_F_CMD_IOCTL_ENCODE)
+			dev->info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
+	} else {
+		/* Before 6.5 there is no GET_FEATURES: 6.0+ has both recovery bits. */
+		features = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+	}
+	if (cfg->recovery) {
+		/* REISSUE: requests the dead daemon held go to the next one. */
+		ret = -EOPNOTSUPP;
+		if (!(features & UBLK_F_USER_RECOVERY) ||
+		    !(features & UBLK_F_USER_RECOVERY_REISSUE))
+			goto err_deinit;
+		dev->info.flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+	}
 	ret = ublk_ctrl_add_dev(ctrl, &dev->info);
 	if (ret)
 		goto err_deinit;
 	dev->added = true;
+	ret = -EOPNOTSUPP;
+	if (cfg->recovery && !(dev->info.flags & UBLK_F_USER_RECOVERY))
+		goto err_del;
 	/* Newer kernels force ioctl encoding on; 6.1 leaves the bit clear. */
 	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
 
@@ -117,6 +134,101 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 
 err_del:
 	ublk_ctrl_del_dev(ctrl, dev->info.dev_id);
+err_deinit:
+	tgt->ops->deinit(tgt);
+err_free:
+	free(dev);
+	return ret;
+}
+
+/* START_USER_RECOVERY, waiting for the kernel to let go of the dead daemon. */
+static int recovery_start(struct ublk_ctrl *ctrl, uint32_t dev_id)
+{
+	struct timespec ts = { .tv_nsec = 100 * 1000 * 1000 };
+	int i, ret;
+
+	/*
+	 * -EBUSY until the device is QUIESCED and /dev/ublkcN released: 6.1
+	 * notices a dead daemon in its 5 s monitor work, newer kernels when
+	 * the dying process's file is released.
+	 */
+	for (i = 0; i < 300; i++) {
+		ret = ublk_ctrl_start_user_recovery(ctrl, dev_id);
+		if (ret != -EBUSY)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	return ret;
+}
+
+/**
+ * ublk_dev_recover - take over a device whose daemon died
+ * @out: the device, to start with ublk_dev_start()
+ * @ctrl: control handle, used by this thread only, kept by the device
+ * @dev_id: the device
+ * @cfg: in: read_only (and what the target reads); out: the kernel's id,
+ *	 queues, depth and buffer size
+ * @tgt: the target; t->ops and what its init needs filled in
+ *
+ * Returns 0 or -errno (see ublk.h).
+ */
+int ublk_dev_recover(struct ublk_dev **out, struct ublk_ctrl *ctrl, uint32_t dev_id,
+		     struct ublk_dev_cfg *cfg, struct ublk_tgt *tgt)
+{
+	struct ublk_dev *dev;
+	struct ublk_params params;
+	int ret;
+
+	tgt->err[0] = '\0';
+	dev = calloc(1, sizeof(*dev));
+	if (!dev)
+		return -ENOMEM;
+	dev->ctrl = ctrl;
+	dev->tgt = tgt;
+	dev->char_fd = -1;
+	dev->exit_fd = -1;
+	ret = ublk_ctrl_get_info(ctrl, dev_id, &dev->info);
+	if (ret)
+		goto err_free;
+	ret = -EOPNOTSUPP;
+	if (!(dev->info.flags & UBLK_F_USER_RECOVERY))
+		goto err_free;
+	ret = ublk_ctrl_get_params(ctrl, dev_id, &params);
+	if (ret)
+		goto err_free;
+	cfg->dev_id = (int)dev_id;
+	cfg->nr_queues = dev->info.nr_hw_queues;
+	cfg->depth = dev->info.queue_depth;
+	cfg->max_io_bytes = dev->info.max_io_buf_bytes;
+	cfg->recovery = true;
+	ret = cfg_check(cfg);
+	if (ret)
+		goto err_free;
+	dev->cfg = *cfg;
+
+	ret = tgt->ops->init(tgt, cfg);
+	if (ret)
+		goto err_free;
+	/* The kernel keeps the old size: serving another would shift data. */
+	if (tgt->dev_size >> 9 != params.basic.dev_sectors) {
+		snprintf(tgt->err, sizeof(tgt->err),
+			 "%s: %llu bytes, but /dev/ublkb%u has %llu: not what it served",
+			 tgt->path ? tgt->path : tgt->ops->name,
+			 (unsigned long long)tgt->dev_size, dev_id,
+			 (unsigned long long)params.basic.dev_sectors << 9);
+		ret = -EINVAL;
+		goto err_deinit;
+	}
+	ret = recovery_start(ctrl, dev_id);
+	if (ret)
+		goto err_deinit;
+	/* From here on the device is ours: a failure deletes it. */
+	dev->added = true;
+	dev->recovering = true;
+	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
+	*out = dev;
+	return 0;
+
 err_deinit:
 	tgt->ops->deinit(tgt);
 err_free:
@@ -208,7 +320,10 @@ int ublk_dev_start(struct ublk_dev *dev)
 		if (dev->queues[i].err)
 			return dev->queues[i].err;
 
-	ret = ublk_ctrl_start_dev(dev->ctrl, dev->info.dev_id, getpid());
+	if (dev->recovering)
+		ret = ublk_ctrl_end_user_recovery(dev->ctrl, dev->info.dev_id, getpid());
+	else
+		ret = ublk_ctrl_start_dev(dev->ctrl, dev->info.dev_id, getpid());
 	if (ret)
 		return ret;
 	dev->started = true;

@@ -93,6 +93,7 @@ struct ublk_dev {
 	struct ublksrv_ctrl_dev_info info;
 	bool added;
 	bool started;			/* START_DEV succeeded */
+	bool recovering;		/* START_USER_RECOVERY sent: END it, not START_DEV */
 	bool stop_sent;
 	int char_fd;
 	bool io_ioctl;			/* IO commands use ioctl encoding */

@@ -47,6 +47,8 @@ int ublk_ctrl_get_info(struct ublk_ctrl *c, uint32_t dev_id, struct ublksrv_ctrl
 int ublk_ctrl_set_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_params *params);
 int ublk_ctrl_get_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_params *params);
 int ublk_ctrl_get_affinity(struct ublk_ctrl *c, uint32_t dev_id, uint16_t q_id, cpu_set_t *set);
+int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id);
+int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
 
 /* The driver's UBLK_F_* bits. 0, -EOPNOTSUPP before Linux 6.5, or -errno. */
 int ublk_ctrl_get_features(struct ublk_ctrl *c, uint64_t *features);
@@ -75,6 +77,7 @@ struct ublk_dev_cfg {
 	unsigned int depth;		/* 1..UBLK_MAX_DEPTH */
 	unsigned int max_io_bytes;	/* largest request, a multiple of 4 KiB */
 	bool read_only;
+	bool recovery;			/* USER_RECOVERY(+REISSUE): a dead daemon's device waits */
 };
 
 struct ublk_tgt_ops {
@@ -164,13 +167,28 @@ void ublk_queue_wake(struct ublk_queue *q);
 int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 		    const struct ublk_dev_cfg *cfg, struct ublk_tgt *tgt);
 
+/*
+ * Take over device @dev_id, whose daemon died (USER_RECOVERY): GET_DEV_INFO
+ * gives the queues, depth and buffer size; the target's init runs (@cfg's
+ * dev_id, queues, depth and buffer size are filled in from the kernel) and
+ * must serve the device's size; then START_USER_RECOVERY, retried while the
+ * kernel still quiesces the device or the old daemon still holds
+ * /dev/ublkcN. ublk_dev_start() then ends the recovery instead of starting.
+ * Returns 0, or -errno: with tgt->err set when the target failed; -ENODEV
+ * no such device; -EOPNOTSUPP not added with recovery; -EBUSY still not
+ * recoverable after 30 s. Before START_USER_RECOVERY succeeded nothing
+ * changed; after, a failure ends with the device deleted, as a failed add.
+ */
+int ublk_dev_recover(struct ublk_dev **out, struct ublk_ctrl *ctrl, uint32_t dev_id,
+		     struct ublk_dev_cfg *cfg, struct ublk_tgt *tgt);
+
 /* What the kernel made of the device (id, queues, depth, flags). */
 const struct ublksrv_ctrl_dev_info *ublk_dev_info(const struct ublk_dev *dev);
 
 /*
  * Start one thread per queue (pinned to the queue's CPUs), let each fetch
- * every tag, then START_DEV from this thread. Returns 0 once /dev/ublkbN is
- * live, or -errno.
+ * every tag, then START_DEV (END_USER_RECOVERY for a recovered device) from
+ * this thread. Returns 0 once /dev/ublkbN is live, or -errno.
  */
 int ublk_dev_start(struct ublk_dev *dev);
 

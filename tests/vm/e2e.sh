@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 # End-to-end test of ublk-qcow2 on one test kernel: images made here with
 # qemu-img/qemu-io, served in a kernel/vm-run.sh VM by tests/vm/guest.sh
-# (ext4, xfs, fio verify, read-only, del and kill -9 during I/O), then
+# (ext4, xfs, fio verify, read-only, del and kill -9 during I/O, user
+# recovery after kill -9), then
 # checked here with qemu-img check.
 #
 #   tests/vm/e2e.sh KERNEL [SCENARIO...]      KERNEL: 6.1 | 6.12 | sid
@@ -69,6 +70,7 @@ done
 luks_sum=$(md5sum <"$data/luks.qcow2")
 qemu-img create -q -f qcow2 "$data/del.qcow2" 256M
 qemu-img create -q -f qcow2 "$data/kill.qcow2" 256M
+qemu-img create -q -f qcow2 "$data/recover.qcow2" 64M
 # read-only: data, zero clusters, a partial cluster and the last cluster
 qemu-img create -q -f qcow2 -o cluster_size=65536 "$data/ro.qcow2" 64M
 qemu-io -f qcow2 -c "write -P 0xab 0 1M" -c "write -P 0x5c 3M 100k" \
@@ -145,6 +147,7 @@ fi
 check cowfs.qcow2 0
 check del.qcow2 0
 check kill.qcow2 0 3
+check recover.qcow2 0 3
 check discard.qcow2 0
 check term.qcow2 0
 if [ -s "$data/fio.md5" ]; then
@@ -155,6 +158,15 @@ if [ -s "$data/fio.md5" ]; then
 		fail "host: fio.qcow2 differs from what the guest read"
 	fi
 	rm -f "$work/fio.raw"
+fi
+if [ -s "$data/recover.md5" ]; then
+	qemu-img convert -O raw "$data/recover.qcow2" "$work/recover.raw"
+	if [ "$(md5sum <"$work/recover.raw" | cut -d' ' -f1)" = "$(cat "$data/recover.md5")" ]; then
+		echo "PASS host: recover.qcow2 reads as the guest saw it after recovery"
+	else
+		fail "host: recover.qcow2 differs from what the guest read after recovery"
+	fi
+	rm -f "$work/recover.raw"
 fi
 if [ -s "$data/cow.md5" ]; then
 	qemu-img convert -O raw "$data/cow.qcow2" "$work/cow.raw"

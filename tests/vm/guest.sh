@@ -5,6 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill
+#                              recover
 #                              (default: all)
 
 B=ublk-qcow2
@@ -332,12 +333,100 @@ kill_test() {
 	wait_exit "$pid" 30 "kill: daemon" || return
 	wait_exit "$FIO" 60 "kill: fio" || return
 	grep -m2 -i 'error' /data/kill.fio
+	refused kill "not added with --recovery" "$B" recover -n "$ID"
 	timeout 120 "$B" del -n "$ID" || fail "kill: del exit $?"
 	gone kill && pass "kill: device gone, fio ended"
 }
 
+# refused NAME WHY CMD...: CMD must fail with exit 1 and one line saying WHY.
+refused() {
+	name=$1 why=$2
+	shift 2
+	out=$("$@" 2>&1)
+	rc=$?
+	if [ $rc = 1 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q "$why"; then
+		pass "$name: '$*' refused: $out"
+	else
+		fail "$name: '$*' exit $rc, wanted 1 and one line with '$why': $out"
+	fi
+}
+
+# state_wait STATE SECS: wait until list shows the device in STATE.
+state_wait() {
+	i=0
+	while [ $i -lt $(($2 * 10)) ]; do
+		"$B" list -n "$ID" | grep -q "state $1 " && return 0
+		sleep 0.1
+		i=$((i + 1))
+	done
+	return 1
+}
+
+# USER_RECOVERY: kill -9 of the daemon while fio writes with verify; the
+# device waits (QUIESCED), recover serves it again and fio's verify of every
+# block written, before and after the kill, passes. The host compares the
+# device's contents with qemu-img's and checks the image.
+recover_test() {
+	say "recover: kill -9 of a --recovery daemon during fio verify, then recover"
+	refused recover "no ublk device" "$B" recover -n 999
+	add --recovery -q 2 /data/recover.qcow2 || { fail "recover: add --recovery"; return; }
+	"$B" list -n "$ID"
+	"$B" list -n "$ID" | grep -q ' USER_RECOVERY_REISSUE' ||
+		fail "recover: list shows no USER_RECOVERY_REISSUE"
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	refused recover "live daemon" "$B" recover -n "$ID"
+	(fio --name=recover --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size=48m --verify=crc32c --do_verify=1 \
+		--verify_fatal=1 >/data/recover.fio 2>&1
+	 echo $? >/data/recover.rc) &
+	FIO=$!
+	sleep 3
+	[ -e /data/recover.rc ] && fail "recover: fio ended before the kill (too fast: raise --size)"
+	kill -9 "$pid"
+	wait_exit "$pid" 30 "recover: daemon" || return
+	if state_wait QUIESCED 30; then
+		pass "recover: device QUIESCED after kill -9"
+	else
+		fail "recover: device not QUIESCED after kill -9"; "$B" list -n "$ID"
+	fi
+	t0=$(date +%s)
+	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
+	rc=$?
+	if [ $rc = 0 ] && [ "$out" = "$DEV" ]; then
+		pass "recover: recover -n $ID printed $out ($(($(date +%s) - t0)) s)"
+	else
+		fail "recover: recover exit $rc: $out"
+	fi
+	"$B" list -n "$ID"
+	npid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	[ -n "$npid" ] && [ "$npid" != "$pid" ] && state_wait LIVE 5 ||
+		fail "recover: not LIVE with a new daemon (pid $pid -> ${npid:-none})"
+	# Again at once, without waiting for QUIESCED (6.1 notices a dead
+	# daemon only every 5 s): recover waits for the kernel by itself.
+	sleep 2
+	kill -9 "$npid"
+	wait_exit "$npid" 30 "recover: second daemon" || return
+	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
+	rc=$?
+	[ $rc = 0 ] && [ "$out" = "$DEV" ] && pass "recover: second kill -9 and recover at once" ||
+		fail "recover: second recover exit $rc: $out"
+	[ -e /data/recover.rc ] && fail "recover: fio ended before the second kill (raise --size)"
+	wait_exit "$FIO" 600 "recover: fio" || return
+	rc=$(cat /data/recover.rc 2>/dev/null)
+	grep -E 'IOPS|err|verify' /data/recover.fio
+	if [ "$rc" = 0 ] && grep -q 'err= 0' /data/recover.fio; then
+		pass "recover: fio randwrite + verify=crc32c passed across kill -9 and recover"
+	else
+		fail "recover: fio exit ${rc:-none}"; tail -n 30 /data/recover.fio
+	fi
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/recover.md5
+	"$B" del -n "$ID" || fail "recover: del"
+	gone recover
+}
+
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill \
+	recover
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -362,6 +451,7 @@ for t in "$@"; do
 	term) term_test ;;
 	del) del_test ;;
 	kill) kill_test ;;
+	recover) recover_test ;;
 	*) fail "unknown scenario $t" ;;
 	esac
 done

@@ -37,4 +37,15 @@ run del -a
 run list
 run list --output=json
 run features
+run add --recovery "$img"
+run recover -n 0
+# refused before anything else: an overlay cannot outlive its daemon
+out=$("$bin" add --recovery --overlay "$img" 2>&1)
+rc=$?
+if [ "$rc" = 1 ] && [ "$out" = "ublk-qcow2: $img: --overlay and --recovery cannot be combined (the overlay dies with the daemon)" ]; then
+	echo "PASS: add --recovery --overlay refused"
+else
+	echo "FAIL: add --recovery --overlay (exit $rc): $out"
+	fails=$((fails + 1))
+fi
 exit $((fails > 0))
