@@ -177,7 +177,7 @@ qargs=(
 	-accel tcg -cpu max -smp "$cpus" -m "$mem" -machine pc
 	-nodefaults -no-user-config -nographic -no-reboot
 	-kernel "$(kernel_image "$kdir")" -initrd "$initrd"
-	-append "console=ttyS0 panic=-1 loglevel=5 rdinit=/init ${append}"
+	-append "console=ttyS0 panic=-1 oops=panic loglevel=5 rdinit=/init ${append}"
 	-drive "file=$disk,if=virtio,format=raw,cache=unsafe,discard=unmap,werror=report,rerror=report"
 )
 for d in "${disks[@]}"; do qargs+=(-drive "file=$d,if=virtio,format=raw,cache=unsafe,discard=unmap,werror=report,rerror=report"); done
@@ -189,8 +189,10 @@ if [ "$shell" = 1 ]; then
 else
 	secs_since() { awk -v a="$EPOCHREALTIME" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
 	# TCG with several vCPUs sometimes oopses while the kernel patches its own text at
-	# boot (int3 in sched_clock_cpu on 6.12): a VM that dies before our init is ready
-	# ran none of the script, so it is booted again, twice at most
+	# boot (int3 in sched_clock_cpu, a GPF in a kworker on 6.12): a VM that dies
+	# (oops=panic) or is not up after boot_limit seconds ran none of the script, so
+	# it is booted again, twice at most
+	boot_limit=$((timeout < 240 ? timeout : 240))
 	for attempt in 1 2 3; do
 		start=$EPOCHREALTIME
 		: >"$log"
@@ -204,10 +206,15 @@ else
 			tailpid=$!
 		fi
 		deadline=$((${start%.*} + timeout))
-		booted='' timed_out=0
+		booted='' timed_out=0 boot_hung=0
 		while kill -0 "$qpid" 2>/dev/null; do
 			if [ -z "$booted" ] && grep -q '^uqvm: ready at' "$log"; then
 				booted=$(secs_since "$start")
+			fi
+			if [ -z "$booted" ] && [ "${EPOCHREALTIME%.*}" -ge $((${start%.*} + boot_limit)) ]; then
+				boot_hung=1
+				kill -KILL "$qpid" 2>/dev/null || true
+				break
 			fi
 			if [ "${EPOCHREALTIME%.*}" -ge "$deadline" ]; then
 				timed_out=1
@@ -227,7 +234,11 @@ else
 		tr -d '\r' <"$log" >"$log.txt"
 		rcline=$(grep -a -o '@@UQVM-EXIT=[0-9]*@@' "$log.txt" | tail -n1 || true)
 		[ "$timed_out" = 0 ] && [ -z "$rcline" ] && [ -z "$booted" ] && [ "$attempt" -lt 3 ] || break
-		echo "vm-run.sh: the $k VM ended (qemu exit $qrc) before init was ready; booting again" >&2
+		if [ "$boot_hung" = 1 ]; then
+			echo "vm-run.sh: the $k VM was not up ${boot_limit}s after qemu started; booting again" >&2
+		else
+			echo "vm-run.sh: the $k VM ended (qemu exit $qrc) before init was ready; booting again" >&2
+		fi
 		[ "$verbose" = 1 ] || { echo "---- guest console ($k, failed boot) ----"; tail -n 40 "$log.txt"; echo "----"; } >&2
 	done
 	show_console() {
@@ -244,7 +255,11 @@ else
 		show_console
 		cat "$run/qemu.out" >&2
 		if [ -z "$booted" ]; then
-			echo "vm-run.sh: BOOT FAILED: the $k VM ended (qemu exit $qrc) before init was ready" >&2
+			if [ "$boot_hung" = 1 ]; then
+				echo "vm-run.sh: BOOT FAILED: the $k VM was not up ${boot_limit}s after qemu started" >&2
+			else
+				echo "vm-run.sh: BOOT FAILED: the $k VM ended (qemu exit $qrc) before init was ready" >&2
+			fi
 		else
 			echo "vm-run.sh: VM FAILED: the $k VM ended (qemu exit $qrc) without the script's exit status (kernel panic or oops?)" >&2
 		fi
