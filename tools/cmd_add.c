@@ -43,6 +43,7 @@ struct add_args {
 	bool foreground;
 	bool overlay;			/* serve a throw-away overlay over the image */
 	bool recovery;			/* USER_RECOVERY: the device outlives the daemon */
+	bool no_user_copy;		/* NEED_GET_DATA even where USER_COPY exists */
 	bool recover;			/* take over device dev_id (recover) */
 	uint64_t cache_bytes;
 	uint64_t null_size;
@@ -167,7 +168,7 @@ static void add_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
 		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
-		"                      [--recovery] [--foreground] IMAGE\n"
+		"                      [--recovery] [--no-user-copy] [--foreground] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -187,6 +188,8 @@ static void add_usage(FILE *f)
 		"  --recovery         if the daemon dies, the device waits (I/O queued) for\n"
 		"                     '" UQ_PROG " recover -n ID'; every write is flushed\n"
 		"                     before it completes, so none is lost with the daemon\n"
+		"  --no-user-copy     have the driver copy the data (NEED_GET_DATA) even where it\n"
+		"                     offers UBLK_F_USER_COPY (6.4+), which is the default there\n"
 		UQ_KEY_HELP
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
@@ -218,6 +221,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'F' },
 		{ "overlay", no_argument, NULL, 'O' },
 		{ "recovery", no_argument, NULL, 'V' },
+		{ "no-user-copy", no_argument, NULL, 'U' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
@@ -280,6 +284,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'V':
 			a->recovery = true;
+			break;
+		case 'U':
+			a->no_user_copy = true;
 			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
@@ -373,6 +380,7 @@ static int add_serve(struct add_args *a, int report_fd)
 		.max_io_bytes = UBLK_DEF_IO_BYTES,
 		.read_only = a->read_only,
 		.recovery = a->recovery,
+		.no_user_copy = a->no_user_copy,
 	};
 	struct ublk_tgt tgt = { .path = a->image };
 	const struct ublksrv_ctrl_dev_info *info;

@@ -103,6 +103,9 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 	if (ublk_ctrl_get_features(ctrl, &features) == 0) {
 		if (features & UBLK_F_CMD_IOCTL_ENCODE)
 			dev->info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
+		/* The data by read/write on the char device: no NEED_GET_DATA round trip. */
+		if ((features & UBLK_F_USER_COPY) && !cfg->no_user_copy)
+			dev->info.flags = (dev->info.flags & ~UBLK_F_NEED_GET_DATA) | UBLK_F_USER_COPY;
 	} else {
 		/* Before 6.5 there is no GET_FEATURES: 6.0+ has both recovery bits. */
 		features = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
@@ -124,6 +127,7 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 		goto err_del;
 	/* Newer kernels force ioctl encoding on; 6.1 leaves the bit clear. */
 	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
+	dev->user_copy = dev->info.flags & UBLK_F_USER_COPY;
 
 	params_fill(&params, dev);
 	ret = ublk_ctrl_set_params(ctrl, dev->info.dev_id, &params);
@@ -226,6 +230,7 @@ int ublk_dev_recover(struct ublk_dev **out, struct ublk_ctrl *ctrl, uint32_t dev
 	dev->added = true;
 	dev->recovering = true;
 	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
+	dev->user_copy = dev->info.flags & UBLK_F_USER_COPY;
 	*out = dev;
 	return 0;
 

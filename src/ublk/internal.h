@@ -14,6 +14,7 @@
 /* user_data of a queue ring's CQEs: the top bits say whose it is. */
 #define UBLK_UD_TGT		(1ULL << 63)	/* target I/O, data below */
 #define UBLK_UD_WAKE		(1ULL << 62)	/* the queue's eventfd read */
+#define UBLK_UD_COPY		(1ULL << 61)	/* USER_COPY read or write, tag below */
 #define UBLK_UD_DATA_MASK	((1ULL << 62) - 1)
 
 enum ublk_tag_state {
@@ -75,6 +76,7 @@ struct ublk_queue {
 	unsigned int nr_cmds;		/* IO commands with the driver */
 	unsigned int nr_target;		/* requests the target holds */
 	unsigned int nr_tgt_io;		/* target SQEs in flight */
+	unsigned int nr_copies;		/* USER_COPY reads and writes in flight */
 	uint64_t wake_val;
 	bool wake_armed;
 	int wake_fd;			/* eventfd behind ublk_queue_wake() */
@@ -97,6 +99,7 @@ struct ublk_dev {
 	bool stop_sent;
 	int char_fd;
 	bool io_ioctl;			/* IO commands use ioctl encoding */
+	bool user_copy;			/* UBLK_F_USER_COPY: data moves by read/write on char_fd */
 	struct ublk_queue *queues;
 	unsigned int nr_setup;		/* queues through ublk_queue_setup() */
 	unsigned int nr_threads;	/* queue threads started */

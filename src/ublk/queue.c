@@ -18,6 +18,11 @@
  * a queue touches is the pool's, not depth x the largest request. A WRITE's
  * buffer is free once the target finishes; a READ's once the kernel copied
  * it, which it does while io_uring_submit() issues the COMMIT_AND_FETCH_REQ.
+ *
+ * With UBLK_F_USER_COPY (6.4+) the kernel copies nothing: a WRITE arrives
+ * like any request and its data is read from the char device where the
+ * target wants it (QUEUE_COPY_IN instead of NEED_GET_DATA); a READ's data is
+ * written to the char device (QUEUE_COPY_OUT) before its commit.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -29,6 +34,9 @@
 #include "internal.h"
 
 static __thread struct ublk_queue *queue_self;
+
+/* Pseudo commands for USER_COPY, queued like IO commands when SQEs run out. */
+enum { QUEUE_COPY_IN = 0xf0, QUEUE_COPY_OUT = 0xf1 };
 
 static size_t page_round(size_t n)
 {
@@ -237,6 +245,29 @@ static uint32_t io_opcode(const struct ublk_queue *q, unsigned int cmd)
 	}
 }
 
+/* The char device offset of @tag's data (USER_COPY). */
+static uint64_t copy_pos(const struct ublk_queue *q, unsigned int tag)
+{
+	return UBLKSRV_IO_BUF_OFFSET + ((uint64_t)q->q_id << UBLK_QID_OFF) +
+	       ((uint64_t)tag << UBLK_TAG_OFF);
+}
+
+static void queue_prep_copy(struct ublk_queue *q, struct io_uring_sqe *sqe, unsigned int tag,
+			    unsigned int cmd)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
+	if (cmd == QUEUE_COPY_IN)
+		io_uring_prep_read(sqe, q->dev->char_fd, t->addr ? t->addr : ublk_queue_buf(q, tag),
+				   q->iods[tag].nr_sectors << 9, copy_pos(q, tag));
+	else
+		io_uring_prep_write(sqe, q->dev->char_fd, ublk_queue_buf(q, tag),
+				    (unsigned int)t->res, copy_pos(q, tag));
+	io_uring_sqe_set_data64(sqe, UBLK_UD_COPY | tag);
+	t->state = UBLK_TAG_KERNEL;
+	q->nr_copies++;
+}
+
 /* Send IO command @cmd for @tag, or queue it until an SQE frees up. */
 static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd)
 {
@@ -251,6 +282,10 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 		q->nr_pending++;
 		return;
 	}
+	if (cmd == QUEUE_COPY_IN || cmd == QUEUE_COPY_OUT) {
+		queue_prep_copy(q, sqe, tag, cmd);
+		return;
+	}
 	io_uring_prep_rw(IORING_OP_URING_CMD, sqe, q->dev->char_fd, NULL, 0, 0);
 	sqe->cmd_op = io_opcode(q, cmd);
 	/* The command overlays addr3: write it after the prep cleared that. */
@@ -258,7 +293,9 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 	io->q_id = q->q_id;
 	io->tag = tag;
 	io->result = cmd == UBLK_IO_COMMIT_AND_FETCH_REQ ? t->res : 0;
-	io->addr = (uint64_t)(uintptr_t)(cmd == UBLK_IO_NEED_GET_DATA && t->addr ?
+	/* USER_COPY kernels refuse any address. */
+	io->addr = q->dev->user_copy ? 0 :
+		   (uint64_t)(uintptr_t)(cmd == UBLK_IO_NEED_GET_DATA && t->addr ?
 					 t->addr : ublk_queue_buf(q, tag));
 	io_uring_sqe_set_data64(sqe, tag);
 	t->state = UBLK_TAG_KERNEL;
@@ -292,10 +329,14 @@ void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 		return;
 	}
 	t->res = res;
-	/* Only a READ's commit reads the buffer. */
-	if (ublksrv_get_op(&q->iods[tag]) != UBLK_IO_OP_READ && !t->owes_data)
-		buf_put(q, tag);
-	if (t->owes_data) {
+	if (q->dev->user_copy) {
+		/* No NEED_GET_DATA to owe; a READ's data goes out before its commit. */
+		t->owes_data = false;
+		if (ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_READ && res > 0) {
+			queue_issue(q, tag, QUEUE_COPY_OUT);
+			return;
+		}
+	} else if (t->owes_data) {
 		/*
 		 * A WRITE that failed before it asked for its data: the driver
 		 * refuses any command but NEED_GET_DATA until it had one.
@@ -306,6 +347,9 @@ void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 		queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
 		return;
 	}
+	/* Only a READ's commit reads the buffer. */
+	if (ublksrv_get_op(&q->iods[tag]) != UBLK_IO_OP_READ)
+		buf_put(q, tag);
 	queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
 }
 
@@ -317,7 +361,7 @@ void ublk_queue_get_data(struct ublk_queue *q, unsigned int tag, void *dst)
 	t->get_data = true;
 	t->owes_data = false;
 	t->addr = dst;
-	queue_issue(q, tag, UBLK_IO_NEED_GET_DATA);
+	queue_issue(q, tag, q->dev->user_copy ? QUEUE_COPY_IN : UBLK_IO_NEED_GET_DATA);
 }
 
 static void queue_arm_wake(struct ublk_queue *q)
@@ -406,7 +450,8 @@ static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res)
 {
 	struct ublk_tag *t = &q->tags[tag];
 
-	if (res == UBLK_IO_RES_NEED_GET_DATA) {
+	if (res == UBLK_IO_RES_NEED_GET_DATA ||
+	    (q->dev->user_copy && ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_WRITE)) {
 		t->state = UBLK_TAG_TARGET;
 		q->nr_target++;
 		if (q->tgt->ops->prep_write) {
@@ -423,6 +468,33 @@ static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res)
 	q->tgt->ops->queue_io(q, tag);
 }
 
+/* A USER_COPY read (a WRITE's data in) or write (a READ's data out) finished. */
+static void queue_copy_done(struct ublk_queue *q, unsigned int tag, int res)
+{
+	struct ublk_tag *t = &q->tags[tag];
+	bool ok;
+
+	q->nr_copies--;
+	if (ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_READ) {
+		buf_put(q, tag);
+		if (res != t->res)
+			t->res = res < 0 ? res : -EIO;
+		queue_issue(q, tag, UBLK_IO_COMMIT_AND_FETCH_REQ);
+		return;
+	}
+	ok = res >= 0 && (uint64_t)res == (uint64_t)q->iods[tag].nr_sectors << 9;
+	t->get_data = false;
+	t->addr = NULL;
+	t->state = UBLK_TAG_TARGET;
+	q->nr_target++;
+	if (q->tgt->ops->prep_write)
+		q->tgt->ops->data_ready(q, tag, ok ? 0 : -EIO);
+	else if (ok)
+		q->tgt->ops->queue_io(q, tag);
+	else
+		ublk_queue_complete(q, tag, -EIO);
+}
+
 static void queue_reap(struct ublk_queue *q)
 {
 	struct io_uring_cqe *cqe;
@@ -436,6 +508,8 @@ static void queue_reap(struct ublk_queue *q)
 		if (ud & UBLK_UD_TGT) {
 			q->nr_tgt_io--;
 			q->tgt->ops->tgt_io_done(q, ud & UBLK_UD_DATA_MASK, res);
+		} else if (ud & UBLK_UD_COPY) {
+			queue_copy_done(q, (unsigned int)(ud & ~UBLK_UD_COPY), res);
 		} else if (ud & UBLK_UD_WAKE) {
 			q->wake_armed = false;
 			if (q->tgt->ops->wake)
@@ -470,7 +544,8 @@ static int queue_ring_init(struct ublk_queue *q)
 
 static bool queue_busy(const struct ublk_queue *q)
 {
-	return q->nr_cmds || q->nr_target || q->nr_tgt_io || q->nr_pending || q->nr_bufwait;
+	return q->nr_cmds || q->nr_target || q->nr_tgt_io || q->nr_pending || q->nr_bufwait ||
+	       q->nr_copies;
 }
 
 /**

@@ -78,6 +78,7 @@ struct ublk_dev_cfg {
 	unsigned int max_io_bytes;	/* largest request, a multiple of 4 KiB */
 	bool read_only;
 	bool recovery;			/* USER_RECOVERY(+REISSUE): a dead daemon's device waits */
+	bool no_user_copy;		/* NEED_GET_DATA even where the kernel has USER_COPY */
 };
 
 struct ublk_tgt_ops {

@@ -98,6 +98,14 @@
 #define UBLK_F_SHMEM_ZC			(1ULL << 19)
 #endif
 
+/* With USER_COPY, a request's data is read and written at this char device offset. */
+#ifndef UBLK_IO_BUF_BITS
+#define UBLK_IO_BUF_BITS		25
+#define UBLK_TAG_OFF			UBLK_IO_BUF_BITS
+#define UBLK_TAG_BITS			16
+#define UBLK_QID_OFF			(UBLK_TAG_OFF + UBLK_TAG_BITS)
+#endif
+
 /* ---- Device states -------------------------------------------------------- */
 
 #ifndef UBLK_S_DEV_FAIL_IO

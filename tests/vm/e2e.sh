@@ -43,6 +43,7 @@ qemu-img convert -c -O qcow2 -o compression_type=zstd "$work/cowbase.raw" "$data
 rm -f "$work/cowbase.raw"
 cowbase_sum=$(md5sum <"$data/cowbase.qcow2")
 qemu-img create -q -f qcow2 -b cowbase.qcow2 -F qcow2 "$data/cow.qcow2" 128M
+qemu-img create -q -f qcow2 -b cowbase.qcow2 -F qcow2 "$data/gdcow.qcow2" 128M
 # internal snapshots: s1 and s2 taken between writes, the active state differs
 qemu-img create -q -f qcow2 -o cluster_size=16k "$data/snap.qcow2" 32M
 qemu-io -f qcow2 -c "write -P 0x71 0 8M" -c "write -P 0x72 20M 100k" "$data/snap.qcow2" >/dev/null
@@ -134,6 +135,7 @@ check ext4.qcow2 0
 check xfs.qcow2 0
 check fio.qcow2 0
 check cow.qcow2 0
+check gdcow.qcow2 0
 check extl2.qcow2 0
 if [ "$(md5sum <"$data/luks.qcow2")" != "$luks_sum" ]; then
 	set +e
@@ -150,33 +152,23 @@ check kill.qcow2 0 3
 check recover.qcow2 0 3
 check discard.qcow2 0
 check term.qcow2 0
-if [ -s "$data/fio.md5" ]; then
-	qemu-img convert -O raw "$data/fio.qcow2" "$work/fio.raw"
-	if [ "$(md5sum <"$work/fio.raw" | cut -d' ' -f1)" = "$(cat "$data/fio.md5")" ]; then
-		echo "PASS host: fio.qcow2 reads as the guest saw it (qemu-img convert)"
+# same_as_guest IMAGE: what the guest read from the device (IMAGE's .md5)
+# is what qemu-img reads from the image
+same_as_guest() {
+	local sum=$data/${1%.qcow2}.md5
+	[ -s "$sum" ] || return 0
+	qemu-img convert -O raw "$data/$1" "$work/same.raw"
+	if [ "$(md5sum <"$work/same.raw" | cut -d' ' -f1)" = "$(cat "$sum")" ]; then
+		echo "PASS host: $1 reads as the guest saw it (qemu-img convert)"
 	else
-		fail "host: fio.qcow2 differs from what the guest read"
+		fail "host: $1 differs from what the guest read"
 	fi
-	rm -f "$work/fio.raw"
-fi
-if [ -s "$data/recover.md5" ]; then
-	qemu-img convert -O raw "$data/recover.qcow2" "$work/recover.raw"
-	if [ "$(md5sum <"$work/recover.raw" | cut -d' ' -f1)" = "$(cat "$data/recover.md5")" ]; then
-		echo "PASS host: recover.qcow2 reads as the guest saw it after recovery"
-	else
-		fail "host: recover.qcow2 differs from what the guest read after recovery"
-	fi
-	rm -f "$work/recover.raw"
-fi
-if [ -s "$data/cow.md5" ]; then
-	qemu-img convert -O raw "$data/cow.qcow2" "$work/cow.raw"
-	if [ "$(md5sum <"$work/cow.raw" | cut -d' ' -f1)" = "$(cat "$data/cow.md5")" ]; then
-		echo "PASS host: cow.qcow2 reads as the guest saw it (qemu-img convert)"
-	else
-		fail "host: cow.qcow2 differs from what the guest read"
-	fi
-	rm -f "$work/cow.raw"
-fi
+	rm -f "$work/same.raw"
+}
+same_as_guest fio.qcow2
+same_as_guest recover.qcow2
+same_as_guest cow.qcow2
+same_as_guest gdcow.qcow2
 [ "$(md5sum <"$data/cowbase.qcow2")" = "$cowbase_sum" ] &&
 	echo "PASS host: the overlay's base is unchanged" || fail "host: the overlay's base was modified"
 if grep -q '^PASS discard' "$data/results" 2>/dev/null; then

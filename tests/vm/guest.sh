@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt term del kill
 #                              recover
 #                              (default: all)
 
@@ -112,6 +112,7 @@ fio_test() {
 cow_test() {
 	say "cow: fio verify on an overlay over a zstd-compressed base, then ext4"
 	add /data/cow.qcow2 || { fail "cow: add"; return; }
+	copy_mode cow USER_COPY
 	fio --name=cow --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
 		--rw=randwrite --bsrange=512-64k --size=120m \
 		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/cow.log 2>&1
@@ -126,6 +127,36 @@ cow_test() {
 	gone cow || return
 	cp /data/cow.qcow2 /data/cowfs.qcow2
 	fs_test cowfs ext4 /data/cowfs.qcow2
+}
+
+# copy_mode NAME FEATURE: the device uses USER_COPY where the kernel has it
+# (6.4+; our 6.1 has not), else NEED_GET_DATA; FEATURE is the one expected
+# on kernels with USER_COPY.
+copy_mode() {
+	want=$2
+	[ "$UQ_KERNEL" = 6.1 ] && want=NEED_GET_DATA
+	if "$B" list -n "$ID" | grep features | grep -qw "$want"; then
+		pass "$1: the device uses $want"
+	else
+		fail "$1: the device does not use $want: $("$B" list -n "$ID" | grep features)"
+	fi
+}
+
+# The same copy-on-write writes with --no-user-copy: NEED_GET_DATA even on
+# kernels that offer USER_COPY (both paths are tested on 6.12 and sid).
+getdata_test() {
+	say "getdata: fio verify on an overlay, add --no-user-copy"
+	add --no-user-copy -q 2 /data/gdcow.qcow2 || { fail "getdata: add"; return; }
+	copy_mode getdata NEED_GET_DATA
+	fio --name=gd --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=512-64k --size=120m --numjobs=2 --group_reporting \
+		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/gd.log 2>&1
+	rc=$?
+	grep -E 'IOPS|err' /data/gd.log
+	[ $rc = 0 ] && pass "getdata: randwrite with verify=crc32c" || { fail "getdata: fio exit $rc"; tail -n 30 /data/gd.log; }
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/gdcow.md5
+	"$B" del -n "$ID" || fail "getdata: del"
+	gone getdata
 }
 
 # fio verify, then ext4 files read back from a second add, on an image of a
@@ -425,14 +456,15 @@ recover_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill \
-	recover
+[ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt term \
+	del kill recover
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
 	xfs) fs_test xfs xfs /data/xfs.qcow2 ;;
 	fio) fio_test ;;
 	cow) cow_test ;;
+	getdata) getdata_test ;;
 	snap) snap_test ;;
 	overlay) overlay_test ;;
 	extl2) img_test extl2 /data/extl2.qcow2 ;;
