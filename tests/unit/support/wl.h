@@ -55,12 +55,15 @@ int wl_flush(struct wl *w);
 
 /* The byte a WRITE with @seed puts at guest @off. */
 uint8_t wl_byte(uint32_t seed, uint64_t off);
+/* The @len bytes it puts from guest @off on. */
+void wl_fill(uint32_t seed, uint64_t off, uint8_t *buf, uint64_t len);
 
 struct wl_model {
 	uint64_t disk;
 	uint8_t *m;		/* the value each byte must have if certain */
 	uint32_t *last;		/* sequence number of the last certain op on each byte */
 	uint32_t seq;
+	uint8_t *ok;		/* scratch: bytes an op of unknown outcome explains */
 	struct wl_unc { const struct wl_op *op; uint32_t seq; } *unc;
 	uint32_t nr_unc, unc_alloc;
 };
