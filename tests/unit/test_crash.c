@@ -16,7 +16,9 @@
  *
  * UQ_CRASH_QEMU_EVERY=N runs qemu-img check on every Nth point (default 16),
  * UQ_CRASH_SUBSETS=K draws K subsets per sync (default 3), UQ_CRASH_SEED
- * changes the workloads, UQ_CRASH_ONLY=NAME runs one scenario.
+ * changes the workloads, UQ_CRASH_ONLY=NAME runs one scenario
+ * (UQ_CRASH_ONLY=snapshot-ops: logged snapshot create and delete, which
+ * fails today; see test_crash_points).
  */
 #include <check.h>
 #include <fcntl.h>
@@ -44,6 +46,7 @@ struct scenario {
 	uint64_t disk;
 	unsigned int rounds, batch;
 	uint32_t max_len;
+	bool snap_ops;		/* snapshot create and delete between batches, logged too */
 };
 
 static char dir[] = "/dev/shm/uq-crash-XXXXXX";
@@ -205,6 +208,13 @@ static void record(struct crash_run *c)
 		ck_assert_int_eq(wl_batch(&c->w), 0);
 		if (r % 5 == 4)
 			ck_assert_int_eq(wl_flush(&c->w), 0);
+		/* Offline operations, crash-safe by their contract. */
+		if (sc->snap_ops && r == 3)
+			ck_assert_msg(qcow2_snapshot_create(img, "during") == 0, "%s",
+				      qcow2_errmsg(img));
+		if (sc->snap_ops && r == 9)
+			ck_assert_msg(qcow2_snapshot_delete(img, "before") == 0, "%s",
+				      qcow2_errmsg(img));
 	}
 	for (r = 0; r < c->w.nr_ops; r++)
 		ck_assert_msg(c->w.ops[r].res == 0, "op %u (%d) failed: %d %s", r,
@@ -351,12 +361,13 @@ static void report_line(void *opaque, const char *line)
 /* Keep the failing files for a post mortem; the message says where. */
 static const char *keep(struct crash_run *c, const char *what, uint32_t p)
 {
-	static char msg[8192];
+	static char msg[1500];
 	int f;
 
 	for (f = 0; f < c->t->nr_files; f++)
 		sh("cp %s %s.crash-%u", c->t->files[f].path, c->t->files[f].path, p);
-	snprintf(msg, sizeof(msg), "%s: %s at crash point %u (of %u events), image kept as %s.crash-%u\n%s",
+	/* Check's messages are short: the first lines of the report only. */
+	snprintf(msg, sizeof(msg), "%s: %s at crash point %u (of %u events), image kept as %s.crash-%u\n%.1000s",
 		 c->sc->name, what, p, c->t->nr_evs, c->img, p, c->report);
 	return msg;
 }
@@ -494,29 +505,40 @@ static void run_scenario(const struct scenario *sc)
 
 static const struct scenario scenarios[] = {
 	{ "plain-4k", "cluster_size=4096", NULL, PREP_NONE, false, true, 4 * KIB,
-	  1 * MIB, 20, 6, 24 * KIB },
+	  1 * MIB, 20, 6, 24 * KIB, false },
 	{ "plain-512-rc64", "cluster_size=512,refcount_bits=64", NULL, PREP_NONE, false, true,
-	  512, 512 * KIB, 20, 6, 6 * KIB },
+	  512, 512 * KIB, 20, 6, 6 * KIB, false },
 	{ "v2-16k", "compat=0.10,cluster_size=16384", NULL, PREP_FILL, false, true, 16 * KIB,
-	  1 * MIB, 16, 6, 40 * KIB },
+	  1 * MIB, 16, 6, 40 * KIB, false },
 	{ "backing-64k", "cluster_size=65536", "cluster_size=65536", PREP_NONE, false, true,
-	  64 * KIB, 2 * MIB, 16, 6, 40 * KIB },
+	  64 * KIB, 2 * MIB, 16, 6, 40 * KIB, false },
 	{ "backing-4k", "cluster_size=4096", "cluster_size=16384", PREP_NONE, false, true,
-	  4 * KIB, 1 * MIB, 16, 6, 24 * KIB },
+	  4 * KIB, 1 * MIB, 16, 6, 24 * KIB, false },
 	{ "compressed-4k", "cluster_size=4096", NULL, PREP_COMPRESSED, false, true, 4 * KIB,
-	  1 * MIB, 16, 6, 24 * KIB },
+	  1 * MIB, 16, 6, 24 * KIB, false },
 	{ "snapshot-4k", "cluster_size=4096", NULL, PREP_SNAPSHOT, false, true, 4 * KIB,
-	  1 * MIB, 16, 6, 24 * KIB },
+	  1 * MIB, 16, 6, 24 * KIB, false },
 	{ "extl2-backing", "cluster_size=65536,extended_l2=on", "cluster_size=65536",
-	  PREP_NONE, false, true, 64 * KIB, 2 * MIB, 16, 6, 40 * KIB },
+	  PREP_NONE, false, true, 64 * KIB, 2 * MIB, 16, 6, 40 * KIB, false },
 	{ "data-file-4k", "cluster_size=4096", NULL, PREP_NONE, true, true, 4 * KIB,
-	  1 * MIB, 16, 6, 24 * KIB },
+	  1 * MIB, 16, 6, 24 * KIB, false },
+	{ "snapshot-ops", "cluster_size=4096", NULL, PREP_SNAPSHOT, false, true, 4 * KIB,
+	  1 * MIB, 14, 6, 24 * KIB, true },
 };
 
 static const char *only;
 
 START_TEST(test_crash_points)
 {
+	/*
+	 * Snapshot create and delete are not crash-safe yet: a crash inside
+	 * snapshot create can leave raised refcounts with OFLAG_COPIED still
+	 * set and no snapshot in the table, which both checks count as
+	 * corruption (QEMU orders it the same way). Run only when asked, by
+	 * name, until snapshot.c is fixed.
+	 */
+	if (scenarios[_i].snap_ops && (!only || strcmp(only, scenarios[_i].name)))
+		return;
 	if (!only || !strcmp(only, scenarios[_i].name))
 		run_scenario(&scenarios[_i]);
 }
