@@ -2,14 +2,19 @@
 /*
  * Flush: write dirty metadata back in dependency order and make it durable.
  *
- *   SNAPSHOT ─► REFCOUNTS ─► sync ─► HEADER ─► sync ─► L2 ─► sync ─► L1 ─► sync ─► FREES
+ *   SNAPSHOT ─► REFCOUNTS ─► sync ─► REFTABLE ─► sync ─► HEADER ─► sync ─►
+ *               L2 ─► sync ─► L1 ─► sync ─► FREES
  *
  * All dirty slices and tables are copied at one instant (SNAPSHOT), so the
  * copies are mutually consistent whatever requests do meanwhile: every
  * cluster an L2 copy points at has its refcount raised in the refcount copy.
  * Refcounts (and the table that locates them, and the header that locates
  * the table) are durable before any L2 entry that needs them; L2 tables
- * before the L1 entries that point at them. Data writes completed before the
+ * before the L1 entries that point at them. A new refcount block is durable
+ * before the table entry that points at it: the block holds its own
+ * refcount, and a table entry reaching disk first would name a block of
+ * zeros, a referenced cluster with refcount 0 (as QEMU, which writes the
+ * block and flushes before it links it). Data writes completed before the
  * snapshot are covered by the first sync. Frees queued before the snapshot
  * are applied to the cache last, once the L2 entries that dropped them are
  * durable. One flush runs at a time; a flush asked for while one runs gets
@@ -22,6 +27,7 @@
 enum flush_phase {
 	PH_IDLE,
 	PH_REFCOUNTS,
+	PH_REFTABLE,
 	PH_HEADER,
 	PH_L2,
 	PH_L1,
@@ -157,7 +163,7 @@ static int snapshot(struct qcow2_flush_job *j)
 	j->had_l1 = img->l1_dirty;
 	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
 	if (!ret && img->reftable_dirty) {
-		ret = snap_table(j, PH_REFCOUNTS, img->h.refcount_table_offset, img->reftable,
+		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
 				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
 	}
