@@ -62,19 +62,14 @@ fail:
 }
 
 /* Refcount blocks needed for clusters [@first, @end): ranges without one. */
-static int missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end, uint64_t *m)
+static uint64_t missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end)
 {
-	uint64_t k;
+	uint64_t k, m = 0;
 
-	*m = 0;
-	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++) {
-		if (k >= img->reftable_size)
-			return qcow2_error(img, -ENOSPC,
-					   "no room for the L1 table in the refcount table");
-		if (!img->reftable[k])
-			(*m)++;
-	}
-	return 0;
+	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++)
+		if (k >= img->reftable_size || !img->reftable[k])
+			m++;
+	return m;
 }
 
 /*
@@ -95,9 +90,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 		/* The blocks count themselves: iterate to a fixed point. */
 		do {
 			prev = m;
-			ret = missing_blocks(img, q, q + m + n, &m);
-			if (ret < 0)
-				return ret;
+			m = missing_blocks(img, q, q + m + n);
 		} while (m != prev);
 		for (c = q; c < q + m + n; c++) {
 			ret = QCOW2_SYNC(img, &s, qcow2_refcount_get(img, c, &s.w, &rc));
@@ -106,9 +99,23 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 			if (rc)
 				break;
 		}
-		if (c == q + m + n)
+		if (c < q + m + n) {
+			q = c + 1;
+			continue;
+		}
+		k = (q + m + n - 1) >> img->rb_bits;
+		if (k < img->reftable_size)
 			break;
-		q = c + 1;
+		/*
+		 * The table cannot point at every block: grow it first, placed
+		 * past this free range and durable on its own (as the allocator
+		 * would), then take the range.
+		 */
+		ret = QCOW2_SYNC(img, &s, qcow2_reftable_reserve(img, k, &s.w));
+		if (!ret)
+			ret = flush_all(img);
+		if (ret < 0)
+			return ret;
 	}
 	for (j = 0; j < m; j++) {
 		ret = qcow2_sync_pwrite(img, img->zero_buf, img->cluster_size,
