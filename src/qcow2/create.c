@@ -152,8 +152,6 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 				    MAX_BACKING_FMT);
 	if (o->prealloc > QCOW2_PREALLOC_FULL)
 		return create_error(c, -EINVAL, "invalid preallocation mode");
-	if (o->encrypt && o->prealloc != QCOW2_PREALLOC_OFF)
-		return create_error(c, -ENOTSUP, "preallocation is not supported with encryption");
 	if (o->data_file_raw && !o->data_file)
 		return create_error(c, -EINVAL, "data_file_raw needs data_file");
 	if (o->data_file && *version == 2)
