@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: MIT
 """Encrypted qcow2 images against qemu-img/qemu-io, with the same secret:
 
-- LUKS images qemu-img creates (several cipher modes, 4k and 64k clusters,
+- LUKS images qemu-img creates (several AES modes, CAST5, 4k and 64k clusters,
   v2 and v3), filled by qemu-io, read by us byte for byte like qemu-img
   (`convert -O raw`), and `info` shows the same encryption details;
 - seeded random writes (some not sector aligned) through `ublk-qcow2 io`
@@ -40,6 +40,13 @@ QEMU_CONFIGS = [
      4096, "1.1"),
     ("cbc-plain aes-128 c64k v2",
      "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain", 65536, "0.10"),
+    # CAST5 (8-byte blocks) through OpenSSL's legacy provider.
+    ("cbc-plain64 cast5-128 c64k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64", 65536,
+     "1.1"),
+    ("cbc-essiv:md5 cast5-128 c4k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+     "encrypt.ivgen-hash-alg=md5", 4096, "1.1"),
 ]
 
 # (name, our -o encrypt.* options, cluster size)
@@ -48,6 +55,9 @@ OUR_CONFIGS = [
     ("ours cbc-essiv aes-128 c4k",
      "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv", 4096),
     ("ours cbc-plain64 aes-256 c512", "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64", 512),
+    ("ours cbc-essiv:md5 cast5-128 c64k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+     "encrypt.ivgen-hash-alg=md5", 65536),
 ]
 
 
@@ -377,7 +387,8 @@ def case_bad_header(d):
             return "no crypto header extension in a qemu-img LUKS image"
         off += 8 + (n + 7) // 8 * 8
     cases = [
-        ("unknown cipher", luks + 8, b"serpent\0", ["unsupported cipher"]),
+        ("unknown cipher", luks + 8, b"serpent\0", ["unsupported cipher", "serpent"]),
+        ("twofish", luks + 8, b"twofish\0", ["unsupported cipher", "twofish"]),
         ("bad mode", luks + 40, b"gcm-plain64\0", ["cipher mode"]),
         ("bad hash", luks + 72, b"whirlpool\0", ["hash"]),
         ("key bytes", luks + 108, (1000).to_bytes(4, "big"), ["key size"]),
