@@ -118,6 +118,7 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.snapshot = next_snapshot,
 		.no_key = flags & UQ_OPEN_NO_KEY,
 	};
+	struct qcow2_crypt_info ci;
 	struct qcow2_info info;
 	int ret;
 
@@ -146,7 +147,12 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 	}
 	qcow2_get_info(img->qcow2, &info);
 	img->size = info.virtual_size;
-	img->file_holes = looks_preallocated(img, &info);
+	/*
+	 * Encrypted data never looks through to the file in QEMU's block
+	 * status: a hole there decrypts to noise, not zeros.
+	 */
+	img->file_holes = qcow2_get_crypt_info(img->qcow2, &ci) == -ENOENT &&
+			  looks_preallocated(img, &info);
 	return 0;
 }
 

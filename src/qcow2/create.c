@@ -58,7 +58,8 @@ struct layout {
 };
 
 /*
- * One on-disk table written in a single sweep: entry i (of 2^@order bits) is
+ * One on-disk table written in a single sweep: entry i (of 2^@order bits,
+ * every @stride-th slot: extended L2 entries leave their bitmap zero) is
  * @base + i * @step for i < @nr_set and zero after that, up to @bytes.
  */
 struct table {
@@ -68,6 +69,7 @@ struct table {
 	uint64_t nr_set;
 	uint64_t base;
 	uint64_t step;
+	uint32_t stride;
 };
 
 struct creator {
@@ -135,9 +137,6 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 				    "extended L2 entries need a cluster size of at least 16k");
 	if (o->extended_l2 && *version == 2)
 		return create_error(c, -EINVAL, "extended L2 entries need compat=1.1");
-	if (o->extended_l2 && o->prealloc != QCOW2_PREALLOC_OFF)
-		return create_error(c, -ENOTSUP,
-				    "extended L2 entries with preallocation are not supported yet");
 	if (o->size % 512)
 		return create_error(c, -EINVAL, "image size must be a multiple of 512 bytes");
 	if (o->size > (1ull << 62))
@@ -153,8 +152,6 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 				    MAX_BACKING_FMT);
 	if (o->prealloc > QCOW2_PREALLOC_FULL)
 		return create_error(c, -EINVAL, "invalid preallocation mode");
-	if (o->encrypt && o->prealloc != QCOW2_PREALLOC_OFF)
-		return create_error(c, -ENOTSUP, "preallocation is not supported with encryption");
 	if (o->data_file_raw && !o->data_file)
 		return create_error(c, -EINVAL, "data_file_raw needs data_file");
 	if (o->data_file && *version == 2)
@@ -307,8 +304,9 @@ static int write_table(struct creator *c, const struct table *t)
 
 	for (done = 0; done < t->bytes; done += c->buf_bytes) {
 		uint64_t len = t->bytes - done < c->buf_bytes ? t->bytes - done : c->buf_bytes;
-		uint64_t first = (done * 8) >> t->order;
-		uint64_t end = ((done + len) * 8) >> t->order;
+		uint64_t stride = t->stride;
+		uint64_t slot0 = (done * 8) >> t->order, first = slot0 / stride;
+		uint64_t end = (((done + len) * 8) >> t->order) / stride;
 		uint64_t i;
 		int ret;
 
@@ -316,7 +314,7 @@ static int write_table(struct creator *c, const struct table *t)
 			end = t->nr_set;
 		memset(c->buf, 0, len);
 		for (i = first; i < end; i++)
-			qcow2_rc_write(c->buf, i - first, t->order, t->base + i * t->step);
+			qcow2_rc_write(c->buf, i * stride - slot0, t->order, t->base + i * t->step);
 		ret = write_buf(c, c->buf, len, t->off + done);
 		if (ret < 0)
 			return ret;
@@ -324,17 +322,22 @@ static int write_table(struct creator *c, const struct table *t)
 	return 0;
 }
 
-static int write_metadata(struct creator *c, const struct layout *l)
+static int write_metadata(struct creator *c, const struct layout *l, bool extended_l2)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
 	const struct table tables[] = {
 		{ l->reftable_off, l->reftable_clusters * cs, 6, l->nb_refblocks,
-		  l->refblocks_off, cs },
+		  l->refblocks_off, cs, 1 },
 		{ l->refblocks_off, l->nb_refblocks * cs, l->refcount_order, l->nb_clusters,
-		  1, 0 },
+		  1, 0, 1 },
 		/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
-		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_off | QCOW2_OFLAG_COPIED, cs },
-		{ l->l2_off, l->nb_l2 * cs, 6, l->nb_data, l->data_off | QCOW2_OFLAG_COPIED, cs },
+		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_off | QCOW2_OFLAG_COPIED, cs, 1 },
+		/*
+		 * Extended L2: the bitmaps stay zero, as QEMU's preallocation
+		 * leaves them (the clusters read as zeros until written).
+		 */
+		{ l->l2_off, l->nb_l2 * cs, 6, l->nb_data, l->data_off | QCOW2_OFLAG_COPIED, cs,
+		  extended_l2 ? 2 : 1 },
 	};
 	size_t i;
 	int ret;
@@ -493,7 +496,7 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		if (ret < 0)
 			goto out_close;
 	}
-	ret = write_metadata(&c, &l);
+	ret = write_metadata(&c, &l, opts->extended_l2);
 	if (ret < 0)
 		goto out_close;
 	if (l.nb_crypt) {

@@ -20,7 +20,10 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include <pthread.h>
+
 #include <openssl/evp.h>
+#include <openssl/provider.h>
 #include <openssl/rand.h>
 
 #include "internal.h"
@@ -120,6 +123,42 @@ static const EVP_CIPHER *aes_cipher(enum crypt_mode mode, uint32_t key_bytes)
 	return NULL;
 }
 
+static const EVP_CIPHER *cast5_cbc, *cast5_ecb;
+
+/*
+ * CAST5 lives in OpenSSL 3's legacy provider. Loading a provider switches
+ * off the implicit default one, so the default is loaded too; both stay
+ * for the life of the process, as do the fetched ciphers.
+ */
+static void cast5_fetch(void)
+{
+	if (!OSSL_PROVIDER_load(NULL, "legacy") || !OSSL_PROVIDER_load(NULL, "default"))
+		return;
+	cast5_cbc = EVP_CIPHER_fetch(NULL, "CAST5-CBC", NULL);
+	cast5_ecb = EVP_CIPHER_fetch(NULL, "CAST5-ECB", NULL);
+}
+
+/* QEMU's cast5-128: CBC and ECB only (OpenSSL has no CAST5 CTR or XTS). */
+static const EVP_CIPHER *cast5_cipher(enum crypt_mode mode, uint32_t key_bytes)
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+	if (key_bytes != 16 || (mode != MODE_CBC && mode != MODE_ECB))
+		return NULL;
+	pthread_once(&once, cast5_fetch);
+	return mode == MODE_CBC ? cast5_cbc : cast5_ecb;
+}
+
+static const EVP_CIPHER *cipher_lookup(const char *name, enum crypt_mode mode,
+				       uint32_t key_bytes)
+{
+	if (!strcmp(name, "aes"))
+		return aes_cipher(mode, key_bytes);
+	if (!strcmp(name, "cast5"))
+		return cast5_cipher(mode, key_bytes);
+	return NULL;
+}
+
 /* QEMU's hash names are OpenSSL's, except for the ripemd spelling. */
 static const EVP_MD *hash_lookup(const char *name)
 {
@@ -170,14 +209,15 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 	}
 	s->mode = m;
 	s->ivgen = g;
-	if (strcmp(s->cipher_name, "aes")) {
-		snprintf(why, whylen, "unsupported cipher '%s' (only aes is)", s->cipher_name);
+	if (strcmp(s->cipher_name, "aes") && strcmp(s->cipher_name, "cast5")) {
+		snprintf(why, whylen, "unsupported cipher '%s' (only aes and cast5 are)",
+			 s->cipher_name);
 		return -ENOTSUP;
 	}
-	s->cipher = aes_cipher(s->mode, s->key_bytes);
+	s->cipher = cipher_lookup(s->cipher_name, s->mode, s->key_bytes);
 	if (!s->cipher) {
-		snprintf(why, whylen, "unsupported key size %u for aes-%s", s->key_bytes,
-			 mode_names[s->mode]);
+		snprintf(why, whylen, "unsupported key size %u or mode for %s-%s", s->key_bytes,
+			 s->cipher_name, mode_names[s->mode]);
 		return -ENOTSUP;
 	}
 	s->hash = hash_lookup(s->hash_name);
@@ -191,10 +231,13 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 	if (s->ivgen == IV_ESSIV) {
 		int dlen;
 
-		/* dm-crypt's ESSIV keys an AES of the digest's size (QEMU follows). */
+		/*
+		 * dm-crypt's ESSIV keys the same cipher with the digest's size
+		 * (QEMU follows): cast5 only with a 16-byte digest.
+		 */
 		s->ivhash = ivhash ? hash_lookup(ivhash) : NULL;
 		dlen = s->ivhash ? EVP_MD_get_size(s->ivhash) : 0;
-		s->essiv_cipher = aes_cipher(MODE_ECB, dlen);
+		s->essiv_cipher = cipher_lookup(s->cipher_name, MODE_ECB, dlen);
 		if (!s->essiv_cipher) {
 			snprintf(why, whylen, "unsupported ESSIV hash '%s'", ivhash ? ivhash : "");
 			return -ENOTSUP;
@@ -271,9 +314,11 @@ static int ctx_run(struct crypt_ctx *c, uint64_t sector, uint8_t *buf, size_t le
 			put_le64(iv, sector);
 			break;
 		case IV_ESSIV:
+			/* One block of the ESSIV cipher: 16 bytes for AES, 8 for CAST5. */
 			memset(blk, 0, sizeof(blk));
 			put_le64(blk, sector);
-			if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk, sizeof(blk)))
+			if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
+					       EVP_CIPHER_CTX_get_block_size(c->essiv)))
 				return -EIO;
 			break;
 		}
@@ -779,11 +824,16 @@ static int spec_from_opts(struct crypt_spec *s, const struct qcow2_encrypt_opts 
 	const char *ivhash = o->ivgen_hash_alg;
 	unsigned int bits;
 
-	if (sscanf(alg, "aes-%u", &bits) != 1 || (bits != 128 && bits != 192 && bits != 256)) {
+	if (!strcmp(alg, "cast5-128")) {
+		bits = 128;
+		snprintf(s->cipher_name, sizeof(s->cipher_name), "cast5");
+	} else if (sscanf(alg, "aes-%u", &bits) == 1 &&
+		   (bits == 128 || bits == 192 || bits == 256)) {
+		snprintf(s->cipher_name, sizeof(s->cipher_name), "aes");
+	} else {
 		snprintf(why, whylen, "unsupported cipher algorithm '%s'", alg);
 		return -ENOTSUP;
 	}
-	snprintf(s->cipher_name, sizeof(s->cipher_name), "aes");
 	s->key_bytes = bits / 8 * (!strcmp(mode, "xts") ? 2 : 1);
 	snprintf(s->hash_name, sizeof(s->hash_name), "%s", o->hash_alg ? o->hash_alg : "sha256");
 	if (!strcmp(ivgen, "essiv") && !ivhash)

@@ -631,6 +631,14 @@ int qcow2_snapshot_select(struct qcow2 *img, const char *id_or_name);
  */
 int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struct qcow2_wait *w);
 
+/*
+ * Make the refcount table hold entry @rt_idx, growing it (new table and the
+ * blocks that cover it, placed in the range of entry @rt_idx + 1) when it is
+ * shorter.
+ * 0 / -EAGAIN (parked on @w) / -errno.
+ */
+int qcow2_reftable_reserve(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait *w);
+
 /* ---- Offline operations: compressed writes, resize (offline.c) ----------- */
 
 /*

@@ -223,7 +223,7 @@ static int grow_link(struct qcow2_rc_grow *g)
 		return -ENOMEM;
 	memcpy(nt, img->reftable, (size_t)img->reftable_size * 8);
 	for (j = 0; j < g->nr_blocks; j++)
-		nt[img->reftable_size + j] = (g->base + j) << img->h.cluster_bits;
+		nt[g->rt_idx + j] = (g->base + j) << img->h.cluster_bits;
 	old_off = img->h.refcount_table_offset;
 	old_clusters = img->h.refcount_table_clusters;
 	free(img->reftable);
@@ -246,7 +246,11 @@ static void grow_step(struct qcow2_rc_grow *g)
 		grow_finish(g, ret);
 }
 
-/* Plan a table growth that also creates the blocks covering the new clusters. */
+/*
+ * Plan a table growth that also creates the blocks covering the new
+ * clusters: they go at the start of the range of entry @rt_idx (past the
+ * table's end, so free) and the blocks fill entries @rt_idx onwards.
+ */
 static int grow_plan_table(struct qcow2 *img, struct qcow2_rc_grow *g, uint64_t rt_idx)
 {
 	uint64_t per_cluster = img->cluster_size / 8, cpb = 1ull << img->rb_bits;
@@ -255,8 +259,8 @@ static int grow_plan_table(struct qcow2 *img, struct qcow2_rc_grow *g, uint64_t 
 	if (new_size < rt_idx + 1)
 		new_size = rt_idx + 1;
 	for (k = 1;; k++) {
-		if (new_size < img->reftable_size + k)
-			new_size = img->reftable_size + k;
+		if (new_size < rt_idx + k)
+			new_size = rt_idx + k;
 		new_size = (new_size + per_cluster - 1) / per_cluster * per_cluster;
 		t = new_size / per_cluster;
 		if (k * cpb >= k + t)
@@ -269,7 +273,7 @@ static int grow_plan_table(struct qcow2 *img, struct qcow2_rc_grow *g, uint64_t 
 	g->new_size = new_size;
 	g->nr_blocks = k;
 	g->nr_new = k + t;
-	g->base = (uint64_t)img->reftable_size << img->rb_bits;
+	g->base = rt_idx << img->rb_bits;
 	return 0;
 }
 
@@ -312,6 +316,17 @@ static int rc_block_create(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait
 	g->state = GROW_ZEROING;
 	qcow2_waitq_add(&g->waiters, w);
 	return -EAGAIN;
+}
+
+int qcow2_reftable_reserve(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait *w)
+{
+	if (rt_idx < img->reftable_size)
+		return 0;
+	/*
+	 * One growth, its clusters in the range after @rt_idx's (what the
+	 * caller is about to fill stays free); the call that retries returns 0.
+	 */
+	return rc_block_create(img, rt_idx + 1, w);
 }
 
 void qcow2_refcount_free(struct qcow2 *img)

@@ -8,6 +8,7 @@
  * size, as in QEMU) and the file is cut after the last used cluster.
  */
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -61,19 +62,14 @@ fail:
 }
 
 /* Refcount blocks needed for clusters [@first, @end): ranges without one. */
-static int missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end, uint64_t *m)
+static uint64_t missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end)
 {
-	uint64_t k;
+	uint64_t k, m = 0;
 
-	*m = 0;
-	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++) {
-		if (k >= img->reftable_size)
-			return qcow2_error(img, -ENOSPC,
-					   "no room for the L1 table in the refcount table");
-		if (!img->reftable[k])
-			(*m)++;
-	}
-	return 0;
+	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++)
+		if (k >= img->reftable_size || !img->reftable[k])
+			m++;
+	return m;
 }
 
 /*
@@ -94,9 +90,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 		/* The blocks count themselves: iterate to a fixed point. */
 		do {
 			prev = m;
-			ret = missing_blocks(img, q, q + m + n, &m);
-			if (ret < 0)
-				return ret;
+			m = missing_blocks(img, q, q + m + n);
 		} while (m != prev);
 		for (c = q; c < q + m + n; c++) {
 			ret = QCOW2_SYNC(img, &s, qcow2_refcount_get(img, c, &s.w, &rc));
@@ -105,9 +99,23 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 			if (rc)
 				break;
 		}
-		if (c == q + m + n)
+		if (c < q + m + n) {
+			q = c + 1;
+			continue;
+		}
+		k = (q + m + n - 1) >> img->rb_bits;
+		if (k < img->reftable_size)
 			break;
-		q = c + 1;
+		/*
+		 * The table cannot point at every block: grow it first, placed
+		 * past this free range and durable on its own (as the allocator
+		 * would), then take the range.
+		 */
+		ret = QCOW2_SYNC(img, &s, qcow2_reftable_reserve(img, k, &s.w));
+		if (!ret)
+			ret = flush_all(img);
+		if (ret < 0)
+			return ret;
 	}
 	for (j = 0; j < m; j++) {
 		ret = qcow2_sync_pwrite(img, img->zero_buf, img->cluster_size,
@@ -384,6 +392,64 @@ static int shrink(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 	return 0;
 }
 
+/*
+ * Set the external data file's length to @len (@exact), or to at least
+ * @len, as QEMU's truncate of the data file child, and make it durable.
+ */
+static int data_file_truncate(struct qcow2 *img, uint64_t len, bool exact)
+{
+	struct stat st;
+	int ret;
+
+	if (fstat(img->data_fd, &st) < 0)
+		return qcow2_error(img, -errno, "cannot stat data file %s: %s", img->data_file,
+				   strerror(errno));
+	if ((uint64_t)st.st_size == len || (!exact && (uint64_t)st.st_size > len))
+		return 0;
+	if (ftruncate(img->data_fd, len) < 0)
+		return qcow2_error(img, -errno, "cannot resize data file %s: %s", img->data_file,
+				   strerror(errno));
+	ret = qcow2_io_fsync(img->io, img->data_fd);
+	if (ret < 0)
+		return qcow2_error(img, ret, "cannot sync data file %s: %s", img->data_file,
+				   strerror(-ret));
+	return 0;
+}
+
+/*
+ * data_file_raw: every cluster of guest [@old, @size) maps the same offset
+ * of the data file, as QEMU's metadata preallocation of the grown area
+ * (subcluster bitmaps untouched, as its preallocated links leave them).
+ */
+static int map_raw(struct qcow2 *img, uint64_t old, uint64_t size)
+{
+	uint64_t pos, l2_off = 0, slice_off, idx;
+	struct qcow2_slice *s = NULL;
+	struct qcow2_sync sync;
+	int ret;
+
+	qcow2_sync_init(&sync);
+	for (pos = qcow2_cluster_off(img, old); pos < size; pos += img->cluster_size) {
+		if (pos == qcow2_cluster_off(img, old) || !qcow2_l2_index(img, pos)) {
+			ret = qcow2_l2_table_sync(img, pos, &l2_off);
+			if (ret < 0)
+				return ret;
+		}
+		qcow2_l2_locate(img, l2_off, pos, &slice_off, &idx);
+		ret = QCOW2_SYNC(img, &sync, qcow2_cache_get(&img->l2_cache, slice_off, 0,
+							     &sync.w, &s));
+		if (ret < 0)
+			return ret;
+		/* Cluster 0 maps host offset 0: COPIED tells it from unmapped. */
+		if (!(qcow2_l2_get(s, idx) & (L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
+			qcow2_l2_set(s, idx, pos | QCOW2_OFLAG_COPIED);
+			qcow2_cache_mark_dirty(s);
+		}
+		qcow2_cache_put(s);
+	}
+	return 0;
+}
+
 int qcow2_resize(struct qcow2 *img, uint64_t size)
 {
 	uint64_t new_l1, old = img->h.size, zero_end;
@@ -395,9 +461,6 @@ int qcow2_resize(struct qcow2 *img, uint64_t size)
 		return qcow2_error(img, -EBUSY, "resizing needs an idle image");
 	if (img->corrupt)
 		return qcow2_error(img, -EIO, "image is marked corrupt; refusing to resize");
-	if (img->data_fd >= 0)
-		return qcow2_error(img, -ENOTSUP,
-				   "resizing an image with an external data file is not supported yet");
 	if (size % 512)
 		return qcow2_error(img, -EINVAL, "the new size must be a multiple of 512");
 	if (size > (1ull << 62))
@@ -413,11 +476,29 @@ int qcow2_resize(struct qcow2 *img, uint64_t size)
 	ret = flush_all(img);
 	if (ret < 0)
 		return ret;
-	if (size < old)
-		return shrink(img, new_l1, size);
+	if (size < old) {
+		ret = shrink(img, new_l1, size);
+		/* The data file's tail goes only once nothing maps it. */
+		if (!ret && img->data_fd >= 0)
+			ret = data_file_truncate(img, size, true);
+		return ret;
+	}
 	ret = grow(img, new_l1, size);
 	if (ret < 0 || size == old)
 		return ret;
+	if (img->data_raw) {
+		/* The file has the room before the entries that map it exist. */
+		ret = data_file_truncate(img, (size + img->cluster_size - 1) &
+					 ~(img->cluster_size - 1), false);
+		if (!ret)
+			ret = map_raw(img, old, size);
+		if (ret < 0)
+			return ret;
+	} else if (img->data_fd >= 0) {
+		ret = data_file_truncate(img, size, true);
+		if (ret < 0)
+			return ret;
+	}
 	/* A backing file reaching into the new area must not show through (as QEMU). */
 	if (img->backing && img->backing->h.size > old) {
 		zero_end = img->backing->h.size < size ? img->backing->h.size : size;

@@ -5,7 +5,8 @@ reads them: images we create are byte-identical to qemu-img's; images filled
 by qemu-io read back identically (`convert -O raw`, `map --output=json`);
 seeded writes through `ublk-qcow2 io` agree with qemu-io on a raw mirror and
 pass `qemu-img check`; with data_file_raw the data file itself stays the raw
-disk, byte for byte. Snapshots are refused; a missing data file is one clear
+disk, byte for byte. `resize` grows and cuts the data file as qemu-img
+resize does. Snapshots are refused; a missing data file is one clear
 error line.
 """
 
@@ -125,6 +126,49 @@ def case_refusals(d):
     return None
 
 
+def case_resize(d, raw):
+    """`resize` (grow, shrink, unaligned sizes) against qemu-img resize on
+    copies: the images and their data files must come out the same."""
+    dirs = [os.path.join(d, f"rs{raw}{who}") for who in ("ours", "qemu")]
+    o = "data_file=data.raw" + (",data_file_raw=on" if raw else "")
+    for x in dirs:
+        os.makedirs(x, exist_ok=True)
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", o, "i.qcow2", "64M", cwd=dirs[0])
+    # The data file name is relative: each copy finds its own in its directory.
+    uqtest.qemu_io("qcow2", "i.qcow2",
+                   ["write -P 0x11 0 1M", "write -P 0x22 30M 4M", "write -P 0x33 63M 1M"],
+                   cwd=dirs[0])
+    for f in ("i.qcow2", "data.raw"):
+        with open(os.path.join(dirs[0], f), "rb") as src, \
+                open(os.path.join(dirs[1], f), "wb") as dst:
+            dst.write(src.read())
+    for args in (["+16M"], [str(100 * MiB + 512)], ["--shrink", "32M"],
+                 ["--shrink", str(31 * MiB + 512)], [str(65 * MiB + 1024)], ["70M"]):
+        uqtest.uq("resize", *args[:-1], "i.qcow2", args[-1], cwd=dirs[0])
+        uqtest.qemu_img("resize", "-q", *args[:-1], "i.qcow2", args[-1], cwd=dirs[1])
+        p = uqtest.qemu_img("check", "i.qcow2", check=False, cwd=dirs[0])
+        if p.returncode != 0 or "No errors were found" not in p.stdout:
+            return f"resize {args}: qemu-img check:\n{uqtest.tail(p.stdout + p.stderr, 6)}"
+        m = [uqtest.qemu_img("map", "--output=json", "i.qcow2", cwd=x).stdout for x in dirs]
+        if m[0] != m[1]:
+            return f"resize {args}: qemu-img map differs:\n{m[0]}\n{m[1]}"
+        for x in dirs:
+            uqtest.qemu_img("convert", "-O", "raw", "i.qcow2", "disk.raw", cwd=x)
+        da, db, ra, rb = (os.path.join(x, f) for f in ("data.raw", "disk.raw") for x in dirs)
+        diff = uqtest.first_difference(ra, rb)
+        if diff:
+            return f"resize {args}: the disks differ: {diff}"
+        if os.path.getsize(da) != os.path.getsize(db):
+            return (f"resize {args}: data file {os.path.getsize(da)} bytes, "
+                    f"qemu-img's {os.path.getsize(db)}")
+        diff = uqtest.first_difference(da, db)
+        if diff:
+            return f"resize {args}: the data files differ: {diff}"
+        uqtest.qemu_io("qcow2", "i.qcow2", ["read -P 0x11 0 1M", "read -P 0x22 30M 1M"],
+                       cwd=dirs[0])
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -138,6 +182,8 @@ def main():
             for made_by in ("qemu", "ours"):
                 res.case(f"io data_file_raw={'on' if raw else 'off'} (made by {made_by})",
                          case_io, d, raw, made_by)
+        for raw in (False, True):
+            res.case(f"resize data_file_raw={'on' if raw else 'off'}", case_resize, d, raw)
         res.case("snapshots refused, missing data file", case_refusals, d)
     finally:
         uqtest.cleanup(d)

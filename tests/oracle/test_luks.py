@@ -2,14 +2,14 @@
 # SPDX-License-Identifier: MIT
 """Encrypted qcow2 images against qemu-img/qemu-io, with the same secret:
 
-- LUKS images qemu-img creates (several cipher modes, 4k and 64k clusters,
+- LUKS images qemu-img creates (several AES modes, CAST5, 4k and 64k clusters,
   v2 and v3), filled by qemu-io, read by us byte for byte like qemu-img
   (`convert -O raw`), and `info` shows the same encryption details;
 - seeded random writes (some not sector aligned) through `ublk-qcow2 io`
   on such images and on images we create, compared with a raw mirror, then
   read back by qemu-img (compare) and `qemu-img check` clean;
-- images we create (several modes) and `convert -o encrypt.format=luks`
-  open in qemu-io with the right data;
+- images we create (several modes, also preallocated) and `convert -o
+  encrypt.format=luks` open in qemu-io with the right data;
 - a wrong or missing key: one clear error line, exit 1, image untouched;
 - legacy AES (crypt_method 1) images read like qemu-img reads them, and
   refused read-write with a clear message;
@@ -40,6 +40,13 @@ QEMU_CONFIGS = [
      4096, "1.1"),
     ("cbc-plain aes-128 c64k v2",
      "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain", 65536, "0.10"),
+    # CAST5 (8-byte blocks) through OpenSSL's legacy provider.
+    ("cbc-plain64 cast5-128 c64k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64", 65536,
+     "1.1"),
+    ("cbc-essiv:md5 cast5-128 c4k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+     "encrypt.ivgen-hash-alg=md5", 4096, "1.1"),
 ]
 
 # (name, our -o encrypt.* options, cluster size)
@@ -48,6 +55,9 @@ OUR_CONFIGS = [
     ("ours cbc-essiv aes-128 c4k",
      "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv", 4096),
     ("ours cbc-plain64 aes-256 c512", "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64", 512),
+    ("ours cbc-essiv:md5 cast5-128 c64k",
+     "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+     "encrypt.ivgen-hash-alg=md5", 65536),
 ]
 
 
@@ -249,6 +259,36 @@ def case_ours(d, idx, enc, cluster, seed):
     return random_io(d, img, size, seed)
 
 
+def case_prealloc(d, mode, cluster, seed):
+    """create -o encrypt.format=luks,preallocation=MODE as qemu-img makes it:
+    same file size and map, and the preallocated clusters (host zeros) read
+    as the same noise in qemu-img and through us, on its image and ours."""
+    size = 4 * MiB
+    ours, ref = os.path.join(d, f"pa-{mode}.qcow2"), os.path.join(d, f"pa-{mode}-ref.qcow2")
+    o = f"encrypt.format=luks,encrypt.key-secret=sec0,{ITER},cluster_size={cluster}"
+    uqtest.uq("create", *secret(), "-o", f"{o},preallocation={mode}", ours, str(size))
+    qemu_create_luks(ref, size, f"preallocation={mode}", cluster)
+    err = qemu_check_clean(ours, "after create")
+    if err:
+        return err
+    if os.path.getsize(ours) != os.path.getsize(ref):
+        return f"file {os.path.getsize(ours)} bytes, qemu-img's {os.path.getsize(ref)}"
+    maps = [uqtest.qemu_img("map", "--output=json", *secret(), "--image-opts",
+                            opts_qcow2(x)).stdout for x in (ours, ref)]
+    if maps[0] != maps[1]:
+        return f"qemu-img map differs:\n{maps[0]}\n{maps[1]}"
+    if qemu_info_encrypt(ours).keys() != qemu_info_encrypt(ref).keys():
+        return "info encrypt differs"
+    for x in (ours, ref):
+        a, b = x + ".qemu.raw", x + ".our.raw"
+        qemu_raw(x, a)
+        uqtest.uq("convert", "--key-secret", PW, "-O", "raw", x, b)
+        diff = uqtest.first_difference(a, b)
+        if diff:
+            return f"{os.path.basename(x)}: our read differs from qemu-img's: {diff}"
+    return random_io(d, ours, size, seed)
+
+
 def case_convert_encrypt(d):
     src = os.path.join(d, "plain.raw")
     dst = os.path.join(d, "conv.qcow2")
@@ -347,7 +387,8 @@ def case_bad_header(d):
             return "no crypto header extension in a qemu-img LUKS image"
         off += 8 + (n + 7) // 8 * 8
     cases = [
-        ("unknown cipher", luks + 8, b"serpent\0", ["unsupported cipher"]),
+        ("unknown cipher", luks + 8, b"serpent\0", ["unsupported cipher", "serpent"]),
+        ("twofish", luks + 8, b"twofish\0", ["unsupported cipher", "twofish"]),
         ("bad mode", luks + 40, b"gcm-plain64\0", ["cipher mode"]),
         ("bad hash", luks + 72, b"whirlpool\0", ["hash"]),
         ("key bytes", luks + 108, (1000).to_bytes(4, "big"), ["key size"]),
@@ -390,6 +431,11 @@ def main():
             seed = base * 100 + 50 + i
             res.case(f"{name}: qemu reads it, random io (seed {seed})", case_ours, d, i, enc,
                      cluster, seed)
+        for i, (mode, cluster) in enumerate((("metadata", 65536), ("falloc", 4096),
+                                             ("full", 65536))):
+            seed = base * 100 + 60 + i
+            res.case(f"create preallocation={mode} c{cluster} (seed {seed})", case_prealloc, d,
+                     mode, cluster, seed)
         res.case("convert -o encrypt.format=luks", case_convert_encrypt, d)
         res.case("wrong or missing key", case_wrong_key, d)
         err = None

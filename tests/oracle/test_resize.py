@@ -5,7 +5,8 @@
 Growing (a little; with the L1 table growing in place; across L1 growth
 that moves the table, e.g. 64 KiB clusters from 1G to 10T), shrinking with
 and without --shrink (across dropped L2 tables, to a size inside a
-cluster), relative (+SIZE/-SIZE) and absolute sizes, v2 and v3 images,
+cluster), growing so far that the refcount table must grow first,
+relative (+SIZE/-SIZE) and absolute sizes, v2 and v3 images,
 512-byte clusters, an internal snapshot sharing the dropped tables, an
 overlay over a larger backing file (the grown area
 must not show the backing file), and raw files. After each step both
@@ -95,11 +96,11 @@ def case_grow_small():
         uqtest.cleanup(d)
 
 
-def case_grow_l1(cluster, start, steps):
+def case_grow_l1(cluster, start, steps, opts=None):
     d = uqtest.scratch_dir("resize")
     try:
         ours, ref = pair(d, start, ["write -P 0x33 0 1M", f"write -P 0x44 {start - MiB} 1M"],
-                         cluster_size=cluster)
+                         cluster_size=cluster, **(opts or {}))
         for s in steps:
             both(d, ours, ref, s)
         # Data past the old end can be written and read back, by us and qemu.
@@ -251,6 +252,14 @@ def main():
     res.case("grow L1 moved (64k clusters, 1G -> 10T)", case_grow_l1, 65536, GiB, ["10T"])
     res.case("grow L1 moved (512-byte clusters, 1M -> 64M -> 1G)", case_grow_l1, 512, MiB * 2,
              ["64M", "1G"])
+    # The new L1 table needs more refcount blocks than the table can point at:
+    # the refcount table grows first (as QEMU's qcow2_refcount_area).
+    res.case("grow past the refcount table (512-byte clusters, 2M -> 64G)", case_grow_l1, 512,
+             MiB * 2, ["64G"])
+    res.case("grow past the refcount table (512-byte clusters, refcount_bits=64)",
+             case_grow_l1, 512, MiB * 2, ["8G", "+8G"], {"refcount_bits": 64})
+    res.case("grow past the refcount table (1k clusters, 2M -> 200G)", case_grow_l1, 1024,
+             MiB * 2, ["200G"])
     res.case("grow to 10T, write, shrink to 2G", case_grow_shrink_10t)
     for cluster in (512, 65536, 2 * MiB):
         for compat in ("0.10", "1.1"):
