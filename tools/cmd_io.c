@@ -362,7 +362,8 @@ int cmd_io(int argc, char **argv)
 			status = 1;
 	}
 	ret = uq_image_close(img);
-	if (ret < 0) {
+	/* One error line: a failed command already said what went wrong. */
+	if (ret < 0 && !status) {
 		uq_err("%s: cannot write back: %s", argv[optind], strerror(-ret));
 		status = 1;
 	}

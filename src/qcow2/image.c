@@ -199,6 +199,11 @@ static int write_header(struct qcow2 *img)
 		free(buf);
 		return qcow2_error(img, n, "header extensions do not fit in the header cluster");
 	}
+	ret = qcow2_overlap_check(img, QCOW2_OL_HEADER, 0, (n + 511) & ~511);
+	if (ret < 0) {
+		free(buf);
+		return ret;
+	}
 	ret = qcow2_io_pwrite(img->io, img->fd, buf, (n + 511) & ~511, 0);
 	if (!ret)
 		ret = qcow2_io_fsync(img->io, img->fd);
@@ -260,6 +265,7 @@ static void image_free(struct qcow2 *img)
 	qcow2_flush_free(img);
 	qcow2_refcount_free(img);
 	qcow2_crypt_free(img);
+	qcow2_overlap_free(img);
 	if (img->zero_buf)
 		munmap(img->zero_buf, 1u << QCOW2_MAX_CLUSTER_BITS);
 	free(img->l1);
@@ -466,6 +472,10 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		goto fail;
 	}
 	if (!img->read_only) {
+		/* Where snapshot tables lie, for the overlap checks of writes. */
+		ret = qcow2_overlap_load(img);
+		if (ret < 0)
+			goto fail;
 		ret = open_writable(img, opts);
 		if (ret < 0)
 			goto fail;

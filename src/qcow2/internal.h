@@ -276,6 +276,10 @@ struct qcow2 {
 
 	uint64_t free_byte_off;		/* compressed writes: next free byte of a
 					 * partly used host cluster, or 0 */
+
+	struct qcow2_ol_snap *ol_snaps;	/* overlap.c: snapshot L1 tables (writable opens) */
+	uint32_t ol_nr_snaps;
+	uint64_t ol_snap_bytes;		/* bytes of the snapshot table */
 };
 
 /* Record a message (one line, names the file) and return @err. */
@@ -691,5 +695,27 @@ bool qcow2_crypt_busy(const struct qcow2_req *r);
 /* Blocking READ/WRITE/WRITE_ZEROES not aligned to 512 bytes on an encrypted image. */
 int qcow2_crypt_unaligned(struct qcow2 *img, enum qcow2_op op, void *buf, uint64_t len,
 			  uint64_t off);
+
+/* ---- Metadata overlap checks (overlap.c) ------------------------------------ */
+
+/* What a write may overlap: the @ign bits name what it is meant to update. */
+#define QCOW2_OL_HEADER			(1u << 0)
+#define QCOW2_OL_ACTIVE_L1		(1u << 1)
+#define QCOW2_OL_ACTIVE_L2		(1u << 2)
+#define QCOW2_OL_REFCOUNT_TABLE		(1u << 3)
+#define QCOW2_OL_REFCOUNT_BLOCK		(1u << 4)
+#define QCOW2_OL_SNAPSHOT_TABLE		(1u << 5)
+#define QCOW2_OL_INACTIVE_L1		(1u << 6)
+#define QCOW2_OL_CRYPT_HEADER		(1u << 7)
+#define QCOW2_OL_ALL			0xffu
+
+/* 0, or -EIO with the image marked corrupt: the write would hit metadata. */
+int qcow2_overlap_check(struct qcow2 *img, unsigned int ign, uint64_t off, uint64_t len);
+int qcow2_overlap_set_snapshots(struct qcow2 *img, const struct qcow2_snap_table *t);
+int qcow2_overlap_load(struct qcow2 *img);
+void qcow2_overlap_free(struct qcow2 *img);
+/* qcow2_sync_pwrite for a write meant to update the metadata in @ign. */
+int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
+			 uint64_t off);
 
 #endif

@@ -51,8 +51,18 @@ int qcow2_sync_wait(struct qcow2 *img, struct qcow2_sync *s)
  */
 int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t off)
 {
-	int ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
+	return qcow2_sync_pwrite_ol(img, 0, buf, len, off);
+}
 
+/* The same for a write meant to update the metadata named by @ign (QCOW2_OL_*). */
+int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
+			 uint64_t off)
+{
+	int ret = qcow2_overlap_check(img, ign, off, len);
+
+	if (ret < 0)
+		return ret;
+	ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
 	if (off + len > img->file_end)
 		img->file_end = off + len;
 	if (ret < 0)

@@ -181,7 +181,8 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 		}
 	}
 	/* The new entries are zeros on disk before the header counts them. */
-	ret = qcow2_sync_pwrite(img, be, (new_l1 * 8 + 511) & ~511ull, off);
+	ret = qcow2_sync_pwrite_ol(img, moved ? 0 : QCOW2_OL_ACTIVE_L1, be,
+				   (new_l1 * 8 + 511) & ~511ull, off);
 	if (!ret)
 		ret = qcow2_io_fsync(img->io, img->fd);
 	if (ret < 0) {
