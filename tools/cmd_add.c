@@ -148,7 +148,7 @@ static void add_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
 		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
-		"                      [--foreground] IMAGE\n"
+		"                      [--foreground] [--no-backing] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -166,6 +166,7 @@ static void add_usage(FILE *f)
 		"  --cache-size BYTES qcow2 L2 cache size (default: enough for the image, up to 32M)\n"
 		"  --foreground       serve from this process instead of a daemon\n"
 		UQ_KEY_HELP
+		"  --no-backing       refuse an IMAGE that names a backing file (untrusted images)\n"
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
 }
@@ -197,6 +198,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "overlay", no_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
+		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned int id;
@@ -254,6 +256,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'O':
 			a->overlay = true;
+			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
 			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
@@ -347,6 +352,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	char path[64], overlay_path[64], err[512];
 
 	qopts.key = uq_key_get(&qopts.key_len);
+	qopts.max_backing = uq_max_backing(a->overlay ? UQ_OPEN_OVERLAY : 0);
 	if (a->overlay) {
 		/* Created here, in the daemon: the file dies with this process. */
 		if (uq_overlay_create(a->image, a->fmt, &overlay_fd, overlay_path,

@@ -117,6 +117,7 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.format = "qcow2",
 		.snapshot = next_snapshot,
 		.no_key = flags & UQ_OPEN_NO_KEY,
+		.max_backing = uq_max_backing(flags),
 	};
 	struct qcow2_info info;
 	int ret;
@@ -196,7 +197,8 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 		}
 	}
 	ret = open_level(&img->backing, path, info.backing_fmt,
-			 (flags & ~UQ_OPEN_NO_REPAIR) | UQ_OPEN_RDONLY, img->io, depth + 1,
+			 (flags & ~(UQ_OPEN_NO_REPAIR | UQ_OPEN_OVERLAY)) | UQ_OPEN_RDONLY,
+			 img->io, depth + 1,
 			 ids, inner, sizeof(inner));
 	free(path);
 	if (ret < 0)
@@ -702,6 +704,8 @@ int uq_key_option(int opt, const char *arg)
 		uq_err("out of memory");
 	return ret;
 }
+
+bool uq_no_backing;
 
 const char *uq_key_get(size_t *len)
 {

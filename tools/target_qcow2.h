@@ -16,6 +16,7 @@ struct uq_qcow2_opts {
 	const char *snapshot;		/* internal snapshot to serve (read-only), or NULL */
 	const void *key;		/* passphrase of an encrypted image, or NULL */
 	size_t key_len;
+	int max_backing;		/* qcow2_opts.max_backing (--no-backing) */
 };
 
 extern const struct ublk_tgt_ops uq_qcow2_ops;

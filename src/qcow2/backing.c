@@ -30,6 +30,20 @@ char *qcow2_relative_path(const char *overlay, const char *name)
 	return out;
 }
 
+/**
+ * qcow2_backing_allowed - may @img (header parsed) have its backing file?
+ *
+ * Called before anything is read beyond the header or written: a refused
+ * backing file is never opened, not even probed. 0 or -EPERM.
+ */
+int qcow2_backing_allowed(struct qcow2 *img, const struct qcow2_opts *opts)
+{
+	if (img->backing_file && opts->max_backing < 0)
+		return qcow2_error(img, -EPERM, "names backing file '%s': backing files are "
+				   "not allowed here (--no-backing)", img->backing_file);
+	return 0;
+}
+
 int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		       struct qcow2_chain *chain)
 {
@@ -43,6 +57,9 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		.key_len = opts->key_len,
 		.no_key = opts->no_key,
 		.format = img->backing_fmt ? img->backing_fmt : "probe",
+		/* One level fewer below the backing file; at the last allowed, none. */
+		.max_backing = opts->max_backing > 1 ? opts->max_backing - 1 :
+			       opts->max_backing == 1 ? -1 : 0,
 	};
 	char err[256], *path;
 	int ret;

@@ -431,6 +431,9 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
 		goto fail;
+	ret = qcow2_backing_allowed(img, opts);
+	if (ret < 0)
+		goto fail;
 	if ((img->h.incompatible & QCOW2_INCOMPAT_CORRUPT) && !opts->read_only &&
 	    !opts->no_repair) {
 		ret = qcow2_error(img, -EROFS,

@@ -569,6 +569,8 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		     struct qcow2_io *io, char *err, size_t errlen, struct qcow2_chain *chain);
 /* @name relative to the directory of @image, unless absolute; malloc'ed or NULL. */
 char *qcow2_relative_path(const char *image, const char *name);
+/* -EPERM if opts->max_backing refuses img's backing file. */
+int qcow2_backing_allowed(struct qcow2 *img, const struct qcow2_opts *opts);
 /* Open img's backing file (after its header is parsed). 0 or -errno. */
 int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		       struct qcow2_chain *chain);
