@@ -175,7 +175,7 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 	if (depth >= MAX_CHAIN) {
 		snprintf(err, errlen, "%s: backing chain longer than %d images", img->path,
 			 MAX_CHAIN);
-		return -ELOOP;
+		return -EMLINK;
 	}
 	path = uq_backing_path(img->path, info.backing_file);
 	if (!path) {
@@ -201,7 +201,11 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 			 img->io, depth + 1,
 			 ids, inner, sizeof(inner));
 	free(path);
-	if (ret < 0)
+	/* Said once, for the image the user named, not once per level. */
+	if (ret == -EMLINK)
+		snprintf(err, errlen, "%s: backing chain longer than %d images", img->path,
+			 MAX_CHAIN);
+	else if (ret < 0)
 		snprintf(err, errlen, "%s: cannot open backing file: %s", img->path, inner);
 	return ret;
 }

@@ -70,13 +70,17 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		return qcow2_error(img, -ENOTSUP, "unsupported backing format '%s'",
 				   img->backing_fmt);
 	if (chain->n >= QCOW2_MAX_CHAIN)
-		return qcow2_error(img, -ELOOP, "backing chain longer than %d images",
+		return qcow2_error(img, -EMLINK, "backing chain longer than %d images",
 				   QCOW2_MAX_CHAIN);
 	path = qcow2_relative_path(img->path, img->backing_file);
 	if (!path)
 		return -ENOMEM;
 	ret = qcow2_open_chain(&img->backing, path, &bopts, img->io, err, sizeof(err), chain);
 	free(path);
+	/* Said once, for the image the user named, not once per level. */
+	if (ret == -EMLINK)
+		return qcow2_error(img, ret, "backing chain longer than %d images",
+				   QCOW2_MAX_CHAIN);
 	if (ret < 0)
 		return qcow2_error(img, ret, "cannot open backing file: %s", err);
 	img->backing->depth = img->depth + 1;

@@ -346,7 +346,8 @@ static int chain_add(struct qcow2 *img, struct qcow2_chain *chain, const struct 
 		if (chain->dev[i] == st->st_dev && chain->ino[i] == st->st_ino)
 			return qcow2_error(img, -ELOOP, "backing chain loops back to this file");
 	if (chain->n > QCOW2_MAX_CHAIN)
-		return qcow2_error(img, -ELOOP, "backing chain too long");
+		return qcow2_error(img, -EMLINK, "backing chain longer than %d images",
+				   QCOW2_MAX_CHAIN);
 	chain->dev[chain->n] = st->st_dev;
 	chain->ino[chain->n] = st->st_ino;
 	chain->n++;
