@@ -475,11 +475,15 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		ret = -ENOMEM;
 		goto fail;
 	}
+	/*
+	 * The snapshot table is validated at every open, as QEMU does: a
+	 * broken one is an error up front, not at some later command. Where
+	 * its L1 tables lie feeds the overlap checks of writes.
+	 */
+	ret = qcow2_overlap_load(img);
+	if (ret < 0)
+		goto fail;
 	if (!img->read_only) {
-		/* Where snapshot tables lie, for the overlap checks of writes. */
-		ret = qcow2_overlap_load(img);
-		if (ret < 0)
-			goto fail;
 		ret = open_writable(img, opts);
 		if (ret < 0)
 			goto fail;

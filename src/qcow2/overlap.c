@@ -138,7 +138,7 @@ int qcow2_overlap_set_snapshots(struct qcow2 *img, const struct qcow2_snap_table
 }
 
 /**
- * qcow2_overlap_load - read the snapshot table for the checks (writable opens)
+ * qcow2_overlap_load - read and validate the snapshot table for the checks (at open)
  *
  * Returns 0 or -errno with img->errmsg naming the problem with the table.
  */
