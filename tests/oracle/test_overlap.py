@@ -3,7 +3,8 @@
 """Metadata overlap checks (src/qcow2/overlap.c): hand-crafted images whose
 L1 or L2 entries point a guest cluster at metadata (the L1 table, an L2
 table, the refcount table, a refcount block, the snapshot table, a
-snapshot's L1 table), written through `ublk-qcow2 io`. Each write must:
+snapshot's L1 table), or whose refcounts call a metadata cluster free so
+that an allocation picks it, written through `ublk-qcow2 io`. Each write must:
   - fail (exit 1) with exactly one stderr line that names the file and the
     metadata it would have overwritten;
   - leave every byte of the file as it was, except the corrupt bit
@@ -39,8 +40,16 @@ def snapshot_l1(img):
     return img.u64(img.h["snapshots_offset"])
 
 
-# name -> (needs a snapshot, poke(img), words the error must contain)
+# name -> (needs a snapshot, poke(img), words the error must contain[, write])
 CASES = {
+    # Refcounts that lie: the allocator hands out metadata clusters, which
+    # only the overlap check (it trusts no refcount) stops.
+    "refcount of the L1 table 0: allocation lands on it": (
+        False, lambda img: img.set_refcount(img.h["l1_table_offset"], 0),
+        "active L1 table", "write -P 0x11 1M 4k"),
+    "refcount of the refcount table 0: allocation lands on it": (
+        False, lambda img: img.set_refcount(img.h["refcount_table_offset"], 0),
+        "refcount table", "write -P 0x11 1M 4k"),
     "L2 entry -> L1 table": (
         False, lambda img: img.set_u64(img.l2_entry_off(0),
                                        img.h["l1_table_offset"] | qcow2img.COPIED),
@@ -91,13 +100,13 @@ def unchanged_but_corrupt_bit(before, path):
     return None
 
 
-def one_case(d, name, snapshot, poke, words):
+def one_case(d, name, snapshot, poke, words, write=WRITE):
     src = os.path.join(d, "src.qcow2")
     img = os.path.join(d, "bad.qcow2")
     make_source(src, snapshot)
     good = os.path.join(d, "good.qcow2")
     shutil.copyfile(src, good)
-    p = uqtest.uq("io", good, "-c", WRITE, check=False, timeout=60)
+    p = uqtest.uq("io", good, "-c", write, check=False, timeout=60)
     if p.returncode != 0:
         return f"the write fails on the valid image: {p.stderr.strip()}"
     shutil.copyfile(src, img)
@@ -105,7 +114,7 @@ def one_case(d, name, snapshot, poke, words):
     with open(img, "rb") as f:
         before = f.read()
 
-    p = uqtest.uq("io", img, "-c", WRITE, check=False, timeout=60)
+    p = uqtest.uq("io", img, "-c", write, check=False, timeout=60)
     if p.returncode < 0 or "Sanitizer" in p.stderr or "runtime error" in p.stderr:
         return f"crashed (exit {p.returncode}):\n{uqtest.tail(p.stderr, 12)}"
     if p.returncode != 1:
@@ -136,8 +145,8 @@ def main():
     res = uqtest.Results("test_overlap")
     d = uqtest.scratch_dir("overlap")
     try:
-        for name, (snapshot, poke, words) in CASES.items():
-            res.case(name, one_case, d, name, snapshot, poke, words)
+        for name, case in CASES.items():
+            res.case(name, one_case, d, name, *case)
     finally:
         uqtest.cleanup(d)
     res.finish()
