@@ -277,9 +277,18 @@ struct qcow2 {
 	uint64_t free_byte_off;		/* compressed writes: next free byte of a
 					 * partly used host cluster, or 0 */
 
-	struct qcow2_ol_snap *ol_snaps;	/* overlap.c: snapshot L1 tables (writable opens) */
+	struct qcow2_ol_snap *ol_snaps;	/* overlap.c: snapshot L1 tables */
 	uint32_t ol_nr_snaps;
 	uint64_t ol_snap_bytes;		/* bytes of the snapshot table */
+	/*
+	 * overlap.c scans only the L1 and refcount table entries below these
+	 * marks (every write pays for the scan); recomputed when a table is
+	 * replaced or resized. Whoever sets an entry in place calls
+	 * qcow2_l1_note() / qcow2_reftable_note().
+	 */
+	const uint64_t *ol_l1, *ol_rt;	/* the tables the marks were computed for */
+	uint64_t ol_l1_size, ol_rt_size;
+	uint64_t ol_l1_hi, ol_rt_hi;
 };
 
 /* Record a message (one line, names the file) and return @err. */
@@ -716,6 +725,25 @@ int qcow2_overlap_check(struct qcow2 *img, unsigned int ign, uint64_t off, uint6
 int qcow2_overlap_set_snapshots(struct qcow2 *img, const struct qcow2_snap_table *t);
 int qcow2_overlap_load(struct qcow2 *img);
 void qcow2_overlap_free(struct qcow2 *img);
+/* An L1 / refcount table entry @i was just set: keep the overlap scan covering it. */
+static inline void qcow2_l1_note(struct qcow2 *img, uint64_t i)
+{
+	if (i >= img->ol_l1_hi)
+		img->ol_l1_hi = i + 1;
+}
+
+static inline void qcow2_reftable_note(struct qcow2 *img, uint64_t i)
+{
+	if (i >= img->ol_rt_hi)
+		img->ol_rt_hi = i + 1;
+}
+
+/* Many L1 entries changed at once: rescan before the next check. */
+static inline void qcow2_overlap_reset(struct qcow2 *img)
+{
+	img->ol_l1 = img->ol_rt = NULL;
+}
+
 /* qcow2_sync_pwrite for a write meant to update the metadata in @ign. */
 int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
 			 uint64_t off);

@@ -113,6 +113,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		return ret;
 	}
 	img->l1[i] = host | QCOW2_OFLAG_COPIED;
+	qcow2_l1_note(img, i);
 	img->l1_dirty = true;
 	*l2_off = host;
 	return 0;

@@ -33,9 +33,9 @@ static bool overlaps(uint64_t off, uint64_t len, uint64_t moff, uint64_t mlen)
 
 /*
  * Does any entry of @t (its cluster, under @mask) fall in the clusters
- * [@lo, @lo + @span)? No early exit, so the compiler can vectorize the scan:
- * the refcount table alone may hold thousands of entries and this runs for
- * every data write.
+ * [@lo, @lo + @span)? Only up to the table's last nonzero entry (the marks
+ * below), and without an early exit so the compiler may vectorize it: this
+ * runs for every data write.
  */
 static bool table_hits(const uint64_t *t, uint64_t n, uint64_t mask, uint64_t lo, uint64_t span)
 {
@@ -50,7 +50,30 @@ static bool table_hits(const uint64_t *t, uint64_t n, uint64_t mask, uint64_t lo
 	return hit;
 }
 
-static unsigned int overlap_find(const struct qcow2 *img, unsigned int chk, uint64_t off,
+/* Entries up to the last nonzero one of @t (@n entries). */
+static uint64_t table_hi(const uint64_t *t, uint64_t n)
+{
+	while (n && !t[n - 1])
+		n--;
+	return n;
+}
+
+/* Recompute the scan marks of a table that was replaced or resized. */
+static void overlap_marks(struct qcow2 *img)
+{
+	if (img->ol_l1 != img->l1 || img->ol_l1_size != img->h.l1_size) {
+		img->ol_l1 = img->l1;
+		img->ol_l1_size = img->h.l1_size;
+		img->ol_l1_hi = img->l1 ? table_hi(img->l1, img->h.l1_size) : 0;
+	}
+	if (img->ol_rt != img->reftable || img->ol_rt_size != img->reftable_size) {
+		img->ol_rt = img->reftable;
+		img->ol_rt_size = img->reftable_size;
+		img->ol_rt_hi = img->reftable ? table_hi(img->reftable, img->reftable_size) : 0;
+	}
+}
+
+static unsigned int overlap_find(struct qcow2 *img, unsigned int chk, uint64_t off,
 				 uint64_t len)
 {
 	uint64_t cs = img->cluster_size, cmask = ~(cs - 1), lo, hi;
@@ -78,11 +101,12 @@ static unsigned int overlap_find(const struct qcow2 *img, unsigned int chk, uint
 	if ((chk & QCOW2_OL_CRYPT_HEADER) && img->h.crypt_method == 2 &&
 	    overlaps(lo, hi - lo, img->crypt_hdr_off, img->crypt_hdr_len))
 		return QCOW2_OL_CRYPT_HEADER;
+	overlap_marks(img);
 	if ((chk & QCOW2_OL_ACTIVE_L2) && img->l1 &&
-	    table_hits(img->l1, img->h.l1_size, L1E_OFFSET_MASK & cmask, lo, hi - lo))
+	    table_hits(img->l1, img->ol_l1_hi, L1E_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_ACTIVE_L2;
 	if ((chk & QCOW2_OL_REFCOUNT_BLOCK) && img->reftable &&
-	    table_hits(img->reftable, img->reftable_size, RTE_OFFSET_MASK & cmask, lo, hi - lo))
+	    table_hits(img->reftable, img->ol_rt_hi, RTE_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_REFCOUNT_BLOCK;
 	return 0;
 }

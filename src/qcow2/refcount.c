@@ -216,6 +216,7 @@ static int grow_link(struct qcow2_rc_grow *g)
 		if (ret < 0)
 			return ret;
 		img->reftable[g->rt_idx] = blk << img->h.cluster_bits;
+		qcow2_reftable_note(img, g->rt_idx);
 		img->reftable_dirty = true;
 		return 0;
 	}

@@ -122,6 +122,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 	for (k = q >> img->rb_bits; k <= (q + m + n - 1) >> img->rb_bits; k++) {
 		if (!img->reftable[k]) {
 			img->reftable[k] = (q + j++) << img->h.cluster_bits;
+			qcow2_reftable_note(img, k);
 			img->reftable_dirty = true;
 		}
 	}

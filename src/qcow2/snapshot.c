@@ -637,6 +637,7 @@ static int fix_copied(struct qcow2 *img)
 		want = l2 | (v == 1 ? QCOW2_OFLAG_COPIED : 0);
 		if (want != img->l1[i]) {
 			img->l1[i] = want;
+			qcow2_l1_note(img, i);
 			img->l1_dirty = true;
 		}
 	}
@@ -919,6 +920,7 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 	}
 	for (i = 0; i < img->h.l1_size; i++)
 		img->l1[i] = be64toh(l1[i]);
+	qcow2_overlap_reset(img);
 	/* 3. The old active state is unreferenced: drop it, then mark what is ours alone. */
 	ret = refs_apply(img, &old, -1);
 	if (!ret)
