@@ -306,6 +306,12 @@ def _compressed_out_of_range(img):
     img.set_u64(img.l2_entry_off(0), COMPRESSED | (size * 16))
 
 
+def _l2_beyond_eof(img):
+    """L1 entry 0 points at an L2 table 1 TiB past the end of the file."""
+    img.set_u64(img.l1_entry_off(0), ((os.path.getsize(img.path) + (1 << 40))
+                                      & ~(img.cluster_size - 1)) | COPIED)
+
+
 def _luks_without_header(img):
     img.set_field("crypt_method", 2)
 
@@ -340,6 +346,7 @@ BAD_IMAGES = {
     "snapshots-too-many": (_snapshots_too_many, "nb_snapshots 0x7fffffff"),
     "compressed-out-of-range": (_compressed_out_of_range,
                                 "L2 entry 0 compressed, its bytes far past the end of the file"),
+    "l2-beyond-eof": (_l2_beyond_eof, "L1 entry 0 points at an L2 table 1 TiB past the end of the file"),
     "luks-without-header": (_luks_without_header, "crypt_method 2 (LUKS) without an encryption header"),
 }
 

@@ -11,13 +11,16 @@ hard_rss_limit_mb instead).
 
 Where qemu-img behaves otherwise we mirror it or say why not:
   l2-misaligned,       `check` reports it as corruption (exit 2), like
-  compressed-out-of-   qemu-img check; `info` needs no L2 table, and qemu-img
-  range                info succeeds, so success or a one-line error are both
-                       accepted.  A read-write open that meets the bad L1
+  l2-beyond-eof,       qemu-img check; `info` needs no L2 table, and qemu-img
+  compressed-out-of-   info succeeds, so success or a one-line error are both
+  range                accepted.  A read-write open that meets the bad L1
                        or L2 entry marks the image corrupt, as qemu-io does (and
                        STYLE.md asks): the corrupt bit (incompatible bit 1)
                        may be set in the header, and nothing else may change.
-                       `io -r` must leave the file untouched.
+                       `io -r` must leave the file untouched. (qemu reads
+                       zeros from an L2 table past the end of the file; a
+                       write there would stretch the file to wherever the
+                       image points, so we refuse it as corrupt.)
   l1-beyond-eof,       qemu opens these (a read past EOF gives zeros) and
   reftable-beyond-eof  only `qemu-img check` objects (exit 2); we require an
                        error from every command, and accept either a
@@ -66,10 +69,12 @@ EXCEPTIONS = {
     ("reftable-beyond-eof", "check"): "corrupt|error",
     ("compressed-out-of-range", "info"): "ok|error",
     ("compressed-out-of-range", "check"): "corrupt",
+    ("l2-beyond-eof", "info"): "ok|error",
+    ("l2-beyond-eof", "check"): "corrupt",
 }
 # Cases whose read-write opens find the corruption while reading and may
 # mark the image corrupt (the header's corrupt bit, nothing else).
-MARKS_CORRUPT = ("l2-misaligned", "compressed-out-of-range")
+MARKS_CORRUPT = ("l2-misaligned", "compressed-out-of-range", "l2-beyond-eof")
 
 
 def one_error_line(p, img, case, cmd):
