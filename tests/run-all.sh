@@ -21,7 +21,7 @@ run_config() {
 	normal) dir=build; sanitize=OFF ;;
 	asan) dir=build-asan; sanitize=ON ;;
 	fuzz) dir=build-fuzz; sanitize=OFF
-	      extra=(-DCMAKE_C_COMPILER=clang -DUQ_FUZZ=ON); only=(-R '^fuzz/') ;;
+	      extra=(-DCMAKE_C_COMPILER=clang -DUQ_FUZZ=ON); only=(-R '^fuzz/' -V) ;;
 	*) echo "run-all.sh: unknown configuration '$name'" >&2; return 1 ;;
 	esac
 	log=$dir/ctest.log

@@ -23,7 +23,12 @@ log=$corpus.log
 rc=0
 "$fuzzer" $opts -max_total_time="$secs" -print_final_stats=1 "$corpus" "$seeds" >"$log" 2>&1 || rc=$?
 runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
-tail -n 25 "$log"
+# The whole report when it failed; the figures when it did not.
+if [ $rc -ne 0 ]; then
+	tail -n 60 "$log"
+else
+	grep '^stat::' "$log"
+fi
 echo "fuzz_$name: ${runs:-?} executions in ${secs} s (exit $rc)"
 rm -f "$log"
 exit $rc
