@@ -13,7 +13,8 @@
  * snapshot are covered by the first sync. Frees queued before the snapshot
  * are applied to the cache last, once the L2 entries that dropped them are
  * durable. One flush runs at a time; a flush asked for while one runs gets
- * the next one.
+ * the next one. Every write passes the overlap check (overlap.c) first; once
+ * the image is corrupt a flush writes the header alone, for its corrupt bit.
  */
 #include <stdlib.h>
 
