@@ -8,6 +8,7 @@ pkgs=(
 	build-essential cmake pkg-config
 	liburing-dev zlib1g-dev libzstd-dev libssl-dev check
 	qemu-utils python3 util-linux
+	clang libclang-rt-14-dev	# the fuzz targets: libFuzzer is only recommended by clang
 )
 
 if [ "$(id -u)" -ne 0 ]; then

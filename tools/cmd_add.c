@@ -168,7 +168,8 @@ static void add_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
 		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
-		"                      [--recovery] [--no-user-copy] [--foreground] IMAGE\n"
+		"                      [--recovery] [--no-user-copy] [--foreground] [--no-backing]\n"
+		"                      IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -191,6 +192,7 @@ static void add_usage(FILE *f)
 		"  --no-user-copy     have the driver copy the data (NEED_GET_DATA) even where it\n"
 		"                     offers UBLK_F_USER_COPY (6.4+), which is the default there\n"
 		UQ_KEY_HELP
+		"  --no-backing       refuse an IMAGE that names a backing file (untrusted images)\n"
 		"  -h, --help         show this help\n",
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
 }
@@ -224,6 +226,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "no-user-copy", no_argument, NULL, 'U' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
+		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned int id;
@@ -287,6 +290,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'U':
 			a->no_user_copy = true;
+			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
 			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
@@ -391,6 +397,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	char path[64], overlay_path[64], err[512];
 
 	qopts.key = uq_key_get(&qopts.key_len);
+	qopts.max_backing = uq_max_backing(a->overlay ? UQ_OPEN_OVERLAY : 0);
 	if (a->overlay) {
 		/* Created here, in the daemon: the file dies with this process. */
 		if (uq_overlay_create(a->image, a->fmt, &overlay_fd, overlay_path,

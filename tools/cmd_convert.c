@@ -24,7 +24,7 @@ static void convert_usage(void)
 {
 	printf(
 		"usage: " UQ_PROG " convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-o OPT=VAL,...]\n"
-		"                   [-c] [-l SNAPSHOT_PARAM | -s SNAPSHOT] SRC DST\n"
+		"                   [-c] [-l SNAPSHOT_PARAM | -s SNAPSHOT] [--no-backing] SRC DST\n"
 		"\n"
 		"Copy SRC (with its backing chain) into DST, created anew (an existing\n"
 		"file is truncated). Unallocated and zero ranges are not written.\n"
@@ -39,6 +39,7 @@ static void convert_usage(void)
 		"  -p              show progress on stderr\n"
 		"  -q              quiet\n"
 		UQ_KEY_HELP
+		UQ_NO_BACKING_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -355,6 +356,7 @@ int cmd_convert(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
+		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct convert cv = { .last_percent = -1 };
@@ -408,6 +410,9 @@ int cmd_convert(int argc, char **argv)
 		case UQ_OPT_KEY_FILE:
 			if (uq_key_option(opt, optarg) < 0)
 				return 1;
+			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
 			break;
 		case 'h':
 			convert_usage();

@@ -20,7 +20,7 @@
 static void io_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " io [-r] [-f FMT] [--overlay] IMAGE [-c CMD]... [-C FILE]...\n"
+		"usage: " UQ_PROG " io [-r] [-f FMT] [--overlay] [--no-backing] IMAGE [-c CMD]... [-C FILE]...\n"
 		"\n"
 		"Run commands on IMAGE (opened read-write unless -r), in order:\n"
 		"  read [-P PAT] [-q] OFF LEN      read; with -P check every byte is PAT\n"
@@ -39,6 +39,7 @@ static void io_usage(void)
 		"  --overlay       write to a throw-away qcow2 overlay over IMAGE (in $TMPDIR,\n"
 		"                  default /var/tmp, gone on exit); IMAGE is only read\n"
 		UQ_KEY_HELP
+		UQ_NO_BACKING_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -288,6 +289,7 @@ int cmd_io(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ "overlay", no_argument, NULL, 'O' },
 		UQ_KEY_LONGOPTS,
+		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_step *steps;
@@ -320,6 +322,9 @@ int cmd_io(int argc, char **argv)
 		case 'O':
 			overlay = true;
 			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
+			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
 		case UQ_OPT_KEY_FILE:
@@ -350,7 +355,8 @@ int cmd_io(int argc, char **argv)
 		path = overlay_path;
 		fmt = "qcow2";
 	}
-	ret = uq_image_open(&img, path, fmt, read_only ? UQ_OPEN_RDONLY : 0, err, sizeof(err));
+	ret = uq_image_open(&img, path, fmt, (read_only ? UQ_OPEN_RDONLY : 0) |
+			    (overlay ? UQ_OPEN_OVERLAY : 0), err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);
 		goto out;
@@ -362,7 +368,8 @@ int cmd_io(int argc, char **argv)
 			status = 1;
 	}
 	ret = uq_image_close(img);
-	if (ret < 0) {
+	/* One error line: a failed command already said what went wrong. */
+	if (ret < 0 && !status) {
 		uq_err("%s: cannot write back: %s", argv[optind], strerror(-ret));
 		status = 1;
 	}

@@ -16,7 +16,7 @@
 static void map_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " map [-f FMT] [--output=human|json] IMAGE\n"
+		"usage: " UQ_PROG " map [-f FMT] [--output=human|json] [--no-backing] IMAGE\n"
 		"\n"
 		"Show where IMAGE's guest ranges live, through its backing chain.\n"
 		"\n"
@@ -24,6 +24,7 @@ static void map_usage(void)
 		"  --output=FMT    human (default: data extents only) or json (every run),\n"
 		"                  as qemu-img map\n"
 		UQ_KEY_HELP
+		UQ_NO_BACKING_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -84,6 +85,7 @@ int cmd_map(int argc, char **argv)
 		{ "output", required_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
+		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct map_entry curr = { 0 }, next;
@@ -110,6 +112,9 @@ int cmd_map(int argc, char **argv)
 		case UQ_OPT_KEY_FILE:
 			if (uq_key_option(opt, optarg) < 0)
 				return 1;
+			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
 			break;
 		case 'h':
 			map_usage();

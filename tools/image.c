@@ -117,6 +117,7 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.format = "qcow2",
 		.snapshot = next_snapshot,
 		.no_key = flags & UQ_OPEN_NO_KEY,
+		.max_backing = uq_max_backing(flags),
 	};
 	struct qcow2_crypt_info ci;
 	struct qcow2_info info;
@@ -180,7 +181,7 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 	if (depth >= MAX_CHAIN) {
 		snprintf(err, errlen, "%s: backing chain longer than %d images", img->path,
 			 MAX_CHAIN);
-		return -ELOOP;
+		return -EMLINK;
 	}
 	path = uq_backing_path(img->path, info.backing_file);
 	if (!path) {
@@ -202,10 +203,15 @@ static int open_backing(struct uq_image *img, unsigned int flags, int depth,
 		}
 	}
 	ret = open_level(&img->backing, path, info.backing_fmt,
-			 (flags & ~UQ_OPEN_NO_REPAIR) | UQ_OPEN_RDONLY, img->io, depth + 1,
+			 (flags & ~(UQ_OPEN_NO_REPAIR | UQ_OPEN_OVERLAY)) | UQ_OPEN_RDONLY,
+			 img->io, depth + 1,
 			 ids, inner, sizeof(inner));
 	free(path);
-	if (ret < 0)
+	/* Said once, for the image the user named, not once per level. */
+	if (ret == -EMLINK)
+		snprintf(err, errlen, "%s: backing chain longer than %d images", img->path,
+			 MAX_CHAIN);
+	else if (ret < 0)
 		snprintf(err, errlen, "%s: cannot open backing file: %s", img->path, inner);
 	return ret;
 }
@@ -708,6 +714,8 @@ int uq_key_option(int opt, const char *arg)
 		uq_err("out of memory");
 	return ret;
 }
+
+bool uq_no_backing;
 
 const char *uq_key_get(size_t *len)
 {

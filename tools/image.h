@@ -23,6 +23,8 @@ enum uq_fmt {
 #define UQ_OPEN_NO_REPAIR	(1u << 2)	/* qcow2: leave a dirty image for check -r */
 #define UQ_OPEN_NO_BACKING	(1u << 3)	/* qcow2: metadata only, no backing file */
 #define UQ_OPEN_NO_KEY		(1u << 4)	/* qcow2: metadata only, encrypted or not: no key */
+#define UQ_OPEN_OVERLAY		(1u << 5)	/* our own overlay: under --no-backing its
+						 * backing file (the user's image) is allowed */
 
 struct uq_image {
 	char *path;
@@ -129,6 +131,7 @@ enum {
 	UQ_OPT_OBJECT = 0x1000,
 	UQ_OPT_KEY_SECRET,
 	UQ_OPT_KEY_FILE,
+	UQ_OPT_NO_BACKING,
 };
 
 #define UQ_KEY_LONGOPTS \
@@ -152,5 +155,24 @@ const char *uq_key_get(size_t *len);
 
 /* The secret object @id (encrypt.key-secret=ID), or NULL. */
 const char *uq_secret_lookup(const char *id, size_t *len);
+
+/* ---- Backing file policy ----------------------------------------------------- */
+
+/*
+ * --no-backing (add, io, convert, map): every image opened from then on
+ * that names a backing file fails to open, and no backing file is opened
+ * or probed. For untrusted images, whose backing file names could point
+ * anywhere on the host.
+ */
+#define UQ_NO_BACKING_LONGOPT	{ "no-backing", no_argument, NULL, UQ_OPT_NO_BACKING }
+#define UQ_NO_BACKING_HELP \
+	"  --no-backing    refuse images that name a backing file (untrusted images)\n"
+extern bool uq_no_backing;
+
+/* engine max_backing for an open with @flags under the policy above. */
+static inline int uq_max_backing(unsigned int flags)
+{
+	return !uq_no_backing ? 0 : (flags & UQ_OPEN_OVERLAY) ? 1 : -1;
+}
 
 #endif

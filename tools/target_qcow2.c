@@ -298,6 +298,7 @@ static int tq_open(struct tq *t, struct ublk_tgt *tgt, const struct ublk_dev_cfg
 		.snapshot = o ? o->snapshot : NULL,
 		.key = o ? o->key : NULL,
 		.key_len = o ? o->key_len : 0,
+		.max_backing = o ? o->max_backing : 0,
 	};
 	int ret;
 

@@ -20,6 +20,7 @@ struct uq_qcow2_opts {
 	 * it completes: metadata the engine caches is lost with a killed
 	 * daemon, and a recovered device must not lose what it acknowledged. */
 	bool write_through;
+	int max_backing;		/* qcow2_opts.max_backing (--no-backing) */
 };
 
 extern const struct ublk_tgt_ops uq_qcow2_ops;

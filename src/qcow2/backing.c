@@ -30,6 +30,20 @@ char *qcow2_relative_path(const char *overlay, const char *name)
 	return out;
 }
 
+/**
+ * qcow2_backing_allowed - may @img (header parsed) have its backing file?
+ *
+ * Called before anything is read beyond the header or written: a refused
+ * backing file is never opened, not even probed. 0 or -EPERM.
+ */
+int qcow2_backing_allowed(struct qcow2 *img, const struct qcow2_opts *opts)
+{
+	if (img->backing_file && opts->max_backing < 0)
+		return qcow2_error(img, -EPERM, "names backing file '%s': backing files are "
+				   "not allowed here (--no-backing)", img->backing_file);
+	return 0;
+}
+
 int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		       struct qcow2_chain *chain)
 {
@@ -43,6 +57,9 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		.key_len = opts->key_len,
 		.no_key = opts->no_key,
 		.format = img->backing_fmt ? img->backing_fmt : "probe",
+		/* One level fewer below the backing file; at the last allowed, none. */
+		.max_backing = opts->max_backing > 1 ? opts->max_backing - 1 :
+			       opts->max_backing == 1 ? -1 : 0,
 	};
 	char err[256], *path;
 	int ret;
@@ -53,13 +70,17 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		return qcow2_error(img, -ENOTSUP, "unsupported backing format '%s'",
 				   img->backing_fmt);
 	if (chain->n >= QCOW2_MAX_CHAIN)
-		return qcow2_error(img, -ELOOP, "backing chain longer than %d images",
+		return qcow2_error(img, -EMLINK, "backing chain longer than %d images",
 				   QCOW2_MAX_CHAIN);
 	path = qcow2_relative_path(img->path, img->backing_file);
 	if (!path)
 		return -ENOMEM;
 	ret = qcow2_open_chain(&img->backing, path, &bopts, img->io, err, sizeof(err), chain);
 	free(path);
+	/* Said once, for the image the user named, not once per level. */
+	if (ret == -EMLINK)
+		return qcow2_error(img, ret, "backing chain longer than %d images",
+				   QCOW2_MAX_CHAIN);
 	if (ret < 0)
 		return qcow2_error(img, ret, "cannot open backing file: %s", err);
 	img->backing->depth = img->depth + 1;

@@ -1185,8 +1185,10 @@ static int check_oflag_copied(struct check *c, int fix)
 					res->check_errors++;
 					goto out;
 				}
-				if (img->l1 && i < img->l1_alloc)
+				if (img->l1 && i < img->l1_alloc) {
 					img->l1[i] = e;
+					qcow2_l1_note(img, i);
+				}
 				res->corruptions--;
 				res->corruptions_fixed++;
 			}
@@ -1450,6 +1452,7 @@ int qcow2_reload_refcounts(struct qcow2 *img)
 	free(img->reftable);
 	img->reftable = rt;
 	img->reftable_size = bytes / 8;
+	qcow2_overlap_reset(img);
 	img->reftable_dirty = false;
 	img->free_hint = 0;
 	return 0;

@@ -106,6 +106,12 @@ int qcow2_l1_lookup(struct qcow2 *img, uint64_t pos, uint64_t *l2_off, uint64_t 
 	if (*l2_off & (img->cluster_size - 1))
 		return qcow2_corrupt(img, "L2 table offset 0x%llx (L1 index %llu) not aligned",
 				     (unsigned long long)*l2_off, (unsigned long long)i);
+	/* A table past everything ever written: a write there would stretch
+	 * the file to wherever the image points (QEMU reads zeros there). */
+	if (*l2_off >= img->file_end)
+		return qcow2_corrupt(img, "L2 table offset 0x%llx (L1 index %llu) lies beyond "
+				     "the end of the file", (unsigned long long)*l2_off,
+				     (unsigned long long)i);
 	return 0;
 }
 

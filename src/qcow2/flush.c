@@ -18,7 +18,8 @@
  * snapshot are covered by the first sync. Frees queued before the snapshot
  * are applied to the cache last, once the L2 entries that dropped them are
  * durable. One flush runs at a time; a flush asked for while one runs gets
- * the next one.
+ * the next one. Every write passes the overlap check (overlap.c) first; once
+ * the image is corrupt a flush writes the header alone, for its corrupt bit.
  */
 #include <stdlib.h>
 
@@ -150,6 +151,30 @@ static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_
 	return 0;
 }
 
+static int snap_header(struct qcow2_flush_job *j)
+{
+	struct qcow2 *img = j->img;
+	struct flush_item *it = add_item(j, PH_HEADER, 0, img->cluster_size);
+	int ret;
+
+	if (!it)
+		return -ENOMEM;
+	memset(it->buf, 0, img->cluster_size);
+	ret = qcow2_header_serialize(img, it->buf, img->cluster_size);
+	if (ret < 0)
+		return qcow2_error(img, ret, "header does not fit in its cluster");
+	it->iov.iov_len = (ret + 511) & ~511;
+	img->header_dirty = false;
+	return 0;
+}
+
+/* Metadata changes a flush of a corrupt image leaves unwritten. */
+static bool held_back(const struct qcow2 *img)
+{
+	return img->rc_cache.nr_dirty || img->l2_cache.nr_dirty || img->l1_dirty ||
+	       img->reftable_dirty || img->nr_frees;
+}
+
 /* Copy everything dirty, at one instant. */
 static int snapshot(struct qcow2_flush_job *j)
 {
@@ -157,6 +182,17 @@ static int snapshot(struct qcow2_flush_job *j)
 	uint64_t cs = img->cluster_size;
 	int ret;
 
+	if (img->corrupt) {
+		/*
+		 * Metadata was found corrupt: only the header, with its corrupt
+		 * bit, goes out. Writing the rest could spread the damage (QEMU
+		 * stops all I/O to such an image); it stays dirty, unwritten.
+		 */
+		img->nr_frees_sealed = 0;
+		j->had_reftable = j->had_l1 = false;
+		j->had_header = img->header_dirty;
+		return img->header_dirty ? snap_header(j) : 0;
+	}
 	img->nr_frees_sealed = img->nr_frees;
 	j->had_reftable = img->reftable_dirty;
 	j->had_header = img->header_dirty;
@@ -167,19 +203,8 @@ static int snapshot(struct qcow2_flush_job *j)
 				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
 	}
-	if (!ret && img->header_dirty) {
-		struct flush_item *it = add_item(j, PH_HEADER, 0, cs);
-
-		if (!it)
-			return -ENOMEM;
-		memset(it->buf, 0, cs);
-		ret = qcow2_header_serialize(img, it->buf, cs);
-		if (ret < 0)
-			return qcow2_error(img, ret, "header does not fit in its cluster");
-		it->iov.iov_len = (ret + 511) & ~511;
-		img->header_dirty = false;
-		ret = 0;
-	}
+	if (!ret && img->header_dirty)
+		ret = snap_header(j);
 	if (!ret)
 		ret = snap_cache(j, &img->l2_cache, PH_L2);
 	if (!ret && img->l1_dirty) {
@@ -249,6 +274,21 @@ static void data_sync_done(struct qcow2_aio *aio, int res)
 	io_done(aio, res);
 }
 
+/* The metadata @it is meant to update: the overlap check ignores it. */
+static unsigned int item_ol(const struct flush_item *it)
+{
+	switch (it->phase) {
+	case PH_REFCOUNTS:
+		return it->slice ? QCOW2_OL_REFCOUNT_BLOCK : QCOW2_OL_REFCOUNT_TABLE;
+	case PH_HEADER:
+		return QCOW2_OL_HEADER;
+	case PH_L2:
+		return QCOW2_OL_ACTIVE_L2;
+	default:
+		return QCOW2_OL_ACTIVE_L1;
+	}
+}
+
 /* Submit the writes of the current phase, or the sync that closes it. */
 static int submit_phase(struct qcow2_flush_job *j)
 {
@@ -261,6 +301,9 @@ static int submit_phase(struct qcow2_flush_job *j)
 
 		if (it->phase != j->phase)
 			continue;
+		ret = qcow2_overlap_check(img, item_ol(it), it->aio.off, it->iov.iov_len);
+		if (ret < 0)
+			return ret;
 		it->aio.iov = &it->iov;
 		it->aio.done = io_done;
 		j->pending++;
@@ -337,6 +380,12 @@ static void flush_step(struct qcow2_flush_job *j)
 			/* Everything is written and synced: the slices may go. */
 			if (j->nr_items)
 				release_items(j, false);
+			if (j->img->corrupt) {
+				flush_done(j, held_back(j->img) ?
+					   qcow2_error(j->img, -EIO, "image is corrupt: "
+						       "metadata changes left unwritten") : 0);
+				return;
+			}
 			ret = qcow2_apply_frees(j->img, &j->wait);
 			if (ret != -EAGAIN)
 				flush_done(j, ret);

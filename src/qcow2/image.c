@@ -199,6 +199,11 @@ static int write_header(struct qcow2 *img)
 		free(buf);
 		return qcow2_error(img, n, "header extensions do not fit in the header cluster");
 	}
+	ret = qcow2_overlap_check(img, QCOW2_OL_HEADER, 0, (n + 511) & ~511);
+	if (ret < 0) {
+		free(buf);
+		return ret;
+	}
 	ret = qcow2_io_pwrite(img->io, img->fd, buf, (n + 511) & ~511, 0);
 	if (!ret)
 		ret = qcow2_io_fsync(img->io, img->fd);
@@ -260,6 +265,7 @@ static void image_free(struct qcow2 *img)
 	qcow2_flush_free(img);
 	qcow2_refcount_free(img);
 	qcow2_crypt_free(img);
+	qcow2_overlap_free(img);
 	if (img->zero_buf)
 		munmap(img->zero_buf, 1u << QCOW2_MAX_CLUSTER_BITS);
 	free(img->l1);
@@ -340,7 +346,8 @@ static int chain_add(struct qcow2 *img, struct qcow2_chain *chain, const struct 
 		if (chain->dev[i] == st->st_dev && chain->ino[i] == st->st_ino)
 			return qcow2_error(img, -ELOOP, "backing chain loops back to this file");
 	if (chain->n > QCOW2_MAX_CHAIN)
-		return qcow2_error(img, -ELOOP, "backing chain too long");
+		return qcow2_error(img, -EMLINK, "backing chain longer than %d images",
+				   QCOW2_MAX_CHAIN);
 	chain->dev[chain->n] = st->st_dev;
 	chain->ino[chain->n] = st->st_ino;
 	chain->n++;
@@ -425,6 +432,9 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
 		goto fail;
+	ret = qcow2_backing_allowed(img, opts);
+	if (ret < 0)
+		goto fail;
 	if ((img->h.incompatible & QCOW2_INCOMPAT_CORRUPT) && !opts->read_only &&
 	    !opts->no_repair) {
 		ret = qcow2_error(img, -EROFS,
@@ -465,6 +475,14 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		ret = -ENOMEM;
 		goto fail;
 	}
+	/*
+	 * The snapshot table is validated at every open, as QEMU does: a
+	 * broken one is an error up front, not at some later command. Where
+	 * its L1 tables lie feeds the overlap checks of writes.
+	 */
+	ret = qcow2_overlap_load(img);
+	if (ret < 0)
+		goto fail;
 	if (!img->read_only) {
 		ret = open_writable(img, opts);
 		if (ret < 0)

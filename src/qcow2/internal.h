@@ -276,6 +276,19 @@ struct qcow2 {
 
 	uint64_t free_byte_off;		/* compressed writes: next free byte of a
 					 * partly used host cluster, or 0 */
+
+	struct qcow2_ol_snap *ol_snaps;	/* overlap.c: snapshot L1 tables */
+	uint32_t ol_nr_snaps;
+	uint64_t ol_snap_bytes;		/* bytes of the snapshot table */
+	/*
+	 * overlap.c scans only the L1 and refcount table entries below these
+	 * marks (every write pays for the scan); recomputed when a table is
+	 * replaced or resized. Whoever sets an entry in place calls
+	 * qcow2_l1_note() / qcow2_reftable_note().
+	 */
+	const uint64_t *ol_l1, *ol_rt;	/* the tables the marks were computed for */
+	uint64_t ol_l1_size, ol_rt_size;
+	uint64_t ol_l1_hi, ol_rt_hi;
 };
 
 /* Record a message (one line, names the file) and return @err. */
@@ -565,6 +578,8 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		     struct qcow2_io *io, char *err, size_t errlen, struct qcow2_chain *chain);
 /* @name relative to the directory of @image, unless absolute; malloc'ed or NULL. */
 char *qcow2_relative_path(const char *image, const char *name);
+/* -EPERM if opts->max_backing refuses img's backing file. */
+int qcow2_backing_allowed(struct qcow2 *img, const struct qcow2_opts *opts);
 /* Open img's backing file (after its header is parsed). 0 or -errno. */
 int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		       struct qcow2_chain *chain);
@@ -699,5 +714,46 @@ bool qcow2_crypt_busy(const struct qcow2_req *r);
 /* Blocking READ/WRITE/WRITE_ZEROES not aligned to 512 bytes on an encrypted image. */
 int qcow2_crypt_unaligned(struct qcow2 *img, enum qcow2_op op, void *buf, uint64_t len,
 			  uint64_t off);
+
+/* ---- Metadata overlap checks (overlap.c) ------------------------------------ */
+
+/* What a write may overlap: the @ign bits name what it is meant to update. */
+#define QCOW2_OL_HEADER			(1u << 0)
+#define QCOW2_OL_ACTIVE_L1		(1u << 1)
+#define QCOW2_OL_ACTIVE_L2		(1u << 2)
+#define QCOW2_OL_REFCOUNT_TABLE		(1u << 3)
+#define QCOW2_OL_REFCOUNT_BLOCK		(1u << 4)
+#define QCOW2_OL_SNAPSHOT_TABLE		(1u << 5)
+#define QCOW2_OL_INACTIVE_L1		(1u << 6)
+#define QCOW2_OL_CRYPT_HEADER		(1u << 7)
+#define QCOW2_OL_ALL			0xffu
+
+/* 0, or -EIO with the image marked corrupt: the write would hit metadata. */
+int qcow2_overlap_check(struct qcow2 *img, unsigned int ign, uint64_t off, uint64_t len);
+int qcow2_overlap_set_snapshots(struct qcow2 *img, const struct qcow2_snap_table *t);
+int qcow2_overlap_load(struct qcow2 *img);
+void qcow2_overlap_free(struct qcow2 *img);
+/* An L1 / refcount table entry @i was just set: keep the overlap scan covering it. */
+static inline void qcow2_l1_note(struct qcow2 *img, uint64_t i)
+{
+	if (i >= img->ol_l1_hi)
+		img->ol_l1_hi = i + 1;
+}
+
+static inline void qcow2_reftable_note(struct qcow2 *img, uint64_t i)
+{
+	if (i >= img->ol_rt_hi)
+		img->ol_rt_hi = i + 1;
+}
+
+/* Many L1 entries changed at once: rescan before the next check. */
+static inline void qcow2_overlap_reset(struct qcow2 *img)
+{
+	img->ol_l1 = img->ol_rt = NULL;
+}
+
+/* qcow2_sync_pwrite for a write meant to update the metadata in @ign. */
+int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
+			 uint64_t off);
 
 #endif

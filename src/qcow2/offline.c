@@ -51,8 +51,18 @@ int qcow2_sync_wait(struct qcow2 *img, struct qcow2_sync *s)
  */
 int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t off)
 {
-	int ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
+	return qcow2_sync_pwrite_ol(img, 0, buf, len, off);
+}
 
+/* The same for a write meant to update the metadata named by @ign (QCOW2_OL_*). */
+int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
+			 uint64_t off)
+{
+	int ret = qcow2_overlap_check(img, ign, off, len);
+
+	if (ret < 0)
+		return ret;
+	ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
 	if (off + len > img->file_end)
 		img->file_end = off + len;
 	if (ret < 0)
@@ -103,6 +113,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		return ret;
 	}
 	img->l1[i] = host | QCOW2_OFLAG_COPIED;
+	qcow2_l1_note(img, i);
 	img->l1_dirty = true;
 	*l2_off = host;
 	return 0;

@@ -63,6 +63,9 @@ struct qcow2_opts {
 	const void *key;		/* passphrase of an encrypted image, or NULL */
 	size_t key_len;
 	bool no_key;			/* encrypted without a key: metadata only (info, check) */
+	int max_backing;		/* backing levels allowed below this image: 0 the
+					 * default (up to 64), -1 none: an image naming a
+					 * backing file fails to open (untrusted images) */
 };
 
 /*

@@ -107,15 +107,19 @@ static int grow_zero(struct qcow2_rc_grow *g, uint64_t first, uint64_t nr)
 	uint64_t off = first << img->h.cluster_bits, left = nr << img->h.cluster_bits;
 	const uint64_t chunk = 1ull << QCOW2_MAX_CLUSTER_BITS;
 	unsigned int i = 0;
+	int ret;
 
 	/* Few clusters in practice; anything bigger goes in 2 MiB pieces, 8 at a time. */
 	if (left > chunk * 8)
 		return -EFBIG;
+	/* New refcount blocks (and table): nothing points at them yet. */
+	ret = qcow2_overlap_check(img, 0, off, left);
+	if (ret < 0)
+		return ret;
 	g->pending = 0;
 	g->err = 0;
 	while (left) {
 		uint64_t n = left < chunk ? left : chunk;
-		int ret;
 
 		struct grow_aio *ga = &g->aios[i];
 
@@ -212,6 +216,7 @@ static int grow_link(struct qcow2_rc_grow *g)
 		if (ret < 0)
 			return ret;
 		img->reftable[g->rt_idx] = blk << img->h.cluster_bits;
+		qcow2_reftable_note(img, g->rt_idx);
 		img->reftable_dirty = true;
 		return 0;
 	}

@@ -82,6 +82,12 @@ static int aio_submit_fd(struct qcow2_req *r, struct req_aio *a, enum qcow2_aio_
 	a->len = 0;
 	for (i = 0; i < iovcnt; i++)
 		a->len += a->iov[i].iov_len;
+	if (op == QCOW2_AIO_WRITE && fd == r->img->fd) {
+		/* Data, or a new L2 table nothing points at yet: no metadata there. */
+		ret = qcow2_overlap_check(r->img, 0, host_off, a->len);
+		if (ret < 0)
+			return ret;
+	}
 	a->req = r;
 	a->alloc = alloc;
 	a->compressed = false;

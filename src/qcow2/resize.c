@@ -130,6 +130,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 	for (k = q >> img->rb_bits; k <= (q + m + n - 1) >> img->rb_bits; k++) {
 		if (!img->reftable[k]) {
 			img->reftable[k] = (q + j++) << img->h.cluster_bits;
+			qcow2_reftable_note(img, k);
 			img->reftable_dirty = true;
 		}
 	}
@@ -189,7 +190,8 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 		}
 	}
 	/* The new entries are zeros on disk before the header counts them. */
-	ret = qcow2_sync_pwrite(img, be, (new_l1 * 8 + 511) & ~511ull, off);
+	ret = qcow2_sync_pwrite_ol(img, moved ? 0 : QCOW2_OL_ACTIVE_L1, be,
+				   (new_l1 * 8 + 511) & ~511ull, off);
 	if (!ret)
 		ret = qcow2_io_fsync(img->io, img->fd);
 	if (ret < 0) {

@@ -76,11 +76,15 @@ static int read_bytes(struct qcow2 *img, uint64_t off, void *buf, size_t len)
 	return 0;
 }
 
-/* Write whole clusters from the aligned @buf. */
-static int write_clusters(struct qcow2 *img, uint64_t off, const void *buf, size_t len)
+/* Write whole clusters from the aligned @buf, meant to update the metadata in @ign. */
+static int write_clusters(struct qcow2 *img, unsigned int ign, uint64_t off, const void *buf,
+			  size_t len)
 {
-	int ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
+	int ret = qcow2_overlap_check(img, ign, off, len);
 
+	if (ret < 0)
+		return ret;
+	ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
 	if (ret < 0)
 		return qcow2_error(img, ret, "cannot write at 0x%llx: %s", (unsigned long long)off,
 				   strerror(-ret));
@@ -633,6 +637,7 @@ static int fix_copied(struct qcow2 *img)
 		want = l2 | (v == 1 ? QCOW2_OFLAG_COPIED : 0);
 		if (want != img->l1[i]) {
 			img->l1[i] = want;
+			qcow2_l1_note(img, i);
 			img->l1_dirty = true;
 		}
 	}
@@ -666,7 +671,7 @@ static int table_replace(struct qcow2 *img, const struct qcow2_snap_table *t)
 		table_serialize(t, buf);
 		ret = alloc_contig(img, len >> img->h.cluster_bits, &off);
 		if (!ret)
-			ret = write_clusters(img, off, buf, len);
+			ret = write_clusters(img, 0, off, buf, len);
 		free(buf);
 		if (ret < 0)
 			return ret;
@@ -681,8 +686,9 @@ static int table_replace(struct qcow2 *img, const struct qcow2_snap_table *t)
 	if (ret < 0) {
 		img->h.nb_snapshots = old_nr;
 		img->h.snapshots_offset = old_off;
+		return ret;
 	}
-	return ret;
+	return qcow2_overlap_set_snapshots(img, t);
 }
 
 /* Drop one reference to each of @nr clusters at @off (nothing points at them now). */
@@ -820,7 +826,7 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 			l1[i] = htobe64(img->l1[i] & ~QCOW2_OFLAG_COPIED);
 		ret = alloc_contig(img, l1_bytes >> img->h.cluster_bits, &sn->l1_off);
 		if (!ret)
-			ret = write_clusters(img, sn->l1_off, l1, l1_bytes);
+			ret = write_clusters(img, 0, sn->l1_off, l1, l1_bytes);
 		free(l1);
 		if (ret < 0)
 			return op_end(&t, &r, ret);
@@ -905,7 +911,7 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 	for (i = 0; i < img->h.l1_size; i++)
 		l1[i] = htobe64(l1[i]);
 	memset(l1 + img->h.l1_size, 0, l1_bytes - (uint64_t)img->h.l1_size * 8);
-	ret = write_clusters(img, img->h.l1_table_offset, l1, l1_bytes);
+	ret = write_clusters(img, QCOW2_OL_ACTIVE_L1, img->h.l1_table_offset, l1, l1_bytes);
 	if (!ret)
 		ret = qcow2_io_fsync(img->io, img->fd);
 	if (ret < 0) {
@@ -914,6 +920,7 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 	}
 	for (i = 0; i < img->h.l1_size; i++)
 		img->l1[i] = be64toh(l1[i]);
+	qcow2_overlap_reset(img);
 	/* 3. The old active state is unreferenced: drop it, then mark what is ours alone. */
 	ret = refs_apply(img, &old, -1);
 	if (!ret)

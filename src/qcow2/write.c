@@ -141,6 +141,7 @@ int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a)
 int qcow2_l2_table_link(struct qcow2_req *r)
 {
 	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
+	qcow2_l1_note(r->img, r->a_l1);
 	r->img->l1_dirty = true;
 	r->alloc = ALLOC_NONE;
 	qcow2_inflight_del(r);

@@ -268,6 +268,54 @@ def _unknown_feature(named):
     return gen
 
 
+def _misalign(field):
+    def gen(img):
+        img.set_field(field, img.h[field] + 512)
+    return gen
+
+
+def _ext_past_cluster(img):
+    """An extension whose length runs far past the header cluster."""
+    img.pwrite(img.h["header_length"], struct.pack(">II", 0x75710002, 0x100000))
+
+
+def _backing_name_past_cluster(img):
+    img.set_field("backing_file_offset", img.cluster_size - 4)
+    img.set_field("backing_file_size", 100)
+
+
+def _last_cluster(img):
+    return (os.path.getsize(img.path) - 1) & ~(img.cluster_size - 1)
+
+
+def _snapshot_table_garbage(img):
+    """Three snapshots whose table is a data cluster (0xa5 bytes): the first
+    entry's id and name lengths run past the end of the file."""
+    img.set_field("nb_snapshots", 3)
+    img.set_field("snapshots_offset", _last_cluster(img))
+
+
+def _snapshots_too_many(img):
+    img.set_field("nb_snapshots", 0x7FFFFFFF)
+    img.set_field("snapshots_offset", _last_cluster(img))
+
+
+def _compressed_out_of_range(img):
+    """Guest cluster 0 compressed, its bytes far past the end of the file."""
+    size = os.path.getsize(img.path)
+    img.set_u64(img.l2_entry_off(0), COMPRESSED | (size * 16))
+
+
+def _l2_beyond_eof(img):
+    """L1 entry 0 points at an L2 table 1 TiB past the end of the file."""
+    img.set_u64(img.l1_entry_off(0), ((os.path.getsize(img.path) + (1 << 40))
+                                      & ~(img.cluster_size - 1)) | COPIED)
+
+
+def _luks_without_header(img):
+    img.set_field("crypt_method", 2)
+
+
 # name -> (generator, what it breaks)
 BAD_IMAGES = {
     "truncated": (_truncated, "file cut to 50 bytes, inside the header"),
@@ -283,6 +331,23 @@ BAD_IMAGES = {
     "unknown-feature": (_unknown_feature(False), f"incompatible feature bit {UNKNOWN_BIT}, no feature-name table"),
     "unknown-feature-named": (_unknown_feature(True),
                               f"incompatible feature bit {UNKNOWN_BIT} named '{UNKNOWN_NAME}' in the feature-name table"),
+    "l1-misaligned": (_misalign("l1_table_offset"), "L1 table offset 512 bytes off cluster alignment"),
+    "reftable-misaligned": (_misalign("refcount_table_offset"),
+                            "refcount table offset 512 bytes off cluster alignment"),
+    "header-length-huge": (lambda img: img.set_field("header_length", 0xFFFFFFF8),
+                           "header_length 0xfffffff8"),
+    "ext-past-cluster": (_ext_past_cluster, "a header extension of 1 MiB in a 64 KiB header cluster"),
+    "backing-name-past-cluster": (_backing_name_past_cluster,
+                                  "backing file name running past the header cluster"),
+    "size-huge": (lambda img: img.set_field("size", 1 << 63), "virtual size 2^63"),
+    "refcount-order-7": (lambda img: img.set_field("refcount_order", 7), "refcount_order 7 (128-bit)"),
+    "snapshot-table-garbage": (_snapshot_table_garbage,
+                               "3 snapshots in a table that is a data cluster, entries past EOF"),
+    "snapshots-too-many": (_snapshots_too_many, "nb_snapshots 0x7fffffff"),
+    "compressed-out-of-range": (_compressed_out_of_range,
+                                "L2 entry 0 compressed, its bytes far past the end of the file"),
+    "l2-beyond-eof": (_l2_beyond_eof, "L1 entry 0 points at an L2 table 1 TiB past the end of the file"),
+    "luks-without-header": (_luks_without_header, "crypt_method 2 (LUKS) without an encryption header"),
 }
 
 

@@ -96,6 +96,25 @@ with open(sys.argv[1], "r+b") as f:
     f.seek(l2)
     f.write(struct.pack(">Q", (1 << 63) | 0x12345))
 PY
+# an L2 entry pointing at the L1 table: a write there is refused (overlap check)
+qemu-img create -q -f qcow2 "$data/overlap.qcow2" 64M
+qemu-io -f qcow2 -c "write -P 0x42 0 128k" "$data/overlap.qcow2" >/dev/null
+overlap_l1=$(python3 - "$data/overlap.qcow2" <<'PY'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(40)
+    l1 = struct.unpack(">Q", f.read(8))[0]
+    f.seek(l1)
+    l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2)
+    f.write(struct.pack(">Q", (1 << 63) | l1))
+    f.seek(l1)
+    print(f.read(512).hex())
+PY
+)
+# an image naming a backing file, for add --no-backing
+qemu-img create -q -f qcow2 "$data/nbbase.qcow2" 64M
+qemu-img create -q -f qcow2 -b nbbase.qcow2 -F qcow2 "$data/nb.qcow2"
 # qcow2 version 99: the engine must refuse it
 qemu-img create -q -f qcow2 "$data/bad.qcow2" 64M
 printf '\000\000\000\143' | dd of="$data/bad.qcow2" bs=1 seek=4 conv=notrunc 2>/dev/null
@@ -179,6 +198,18 @@ if grep -q '^PASS discard' "$data/results" 2>/dev/null; then
 		echo "$out"
 	else
 		echo "PASS host: discard.qcow2 reads zeros where discarded and zeroed"
+	fi
+fi
+if grep -q '^PASS overlap' "$data/results" 2>/dev/null; then
+	now_l1=$(python3 -c 'import struct, sys
+f = open(sys.argv[1], "rb"); f.seek(40); f.seek(struct.unpack(">Q", f.read(8))[0])
+print(f.read(512).hex())' "$data/overlap.qcow2")
+	if [ "$now_l1" != "$overlap_l1" ]; then
+		fail "host: overlap.qcow2: the L1 table changed"
+	elif qemu-img info --output=json "$data/overlap.qcow2" | grep -q '"corrupt": true'; then
+		echo "PASS host: overlap.qcow2 marked corrupt, its L1 table intact"
+	else
+		fail "host: overlap.qcow2 is not marked corrupt"
 	fi
 fi
 [ "$(md5sum <"$data/snap.qcow2")" = "$snap_sum" ] &&

@@ -4,8 +4,8 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt term del kill
-#                              recover
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
+#                              overlap term del kill recover
 #                              (default: all)
 
 B=ublk-qcow2
@@ -324,6 +324,28 @@ corrupt_test() {
 	gone corrupt && pass "corrupt: EIO for the bad cluster, daemon survived, del works"
 }
 
+# An L2 entry that points at the L1 table: that write fails with EIO (the
+# overlap check), the image is marked corrupt, reads go on, no crash. And
+# add --no-backing refuses an image that names a backing file.
+overlap_test() {
+	say "overlap: a write that would overwrite the L1 table"
+	add /data/overlap.qcow2 || { fail "overlap: add"; return; }
+	timeout 60 dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct 2>/dev/null
+	case $? in
+	0) fail "overlap: the write onto the L1 table succeeded" ;;
+	124) fail "overlap: the refused write hung" ;;
+	esac
+	dd if="$DEV" of=/dev/null bs=64k count=1 skip=1 iflag=direct 2>/dev/null ||
+		fail "overlap: a read elsewhere failed"
+	"$B" list -n "$ID" | grep -q LIVE || fail "overlap: the daemon did not survive"
+	"$B" del -n "$ID" || fail "overlap: del"
+	gone overlap && pass "overlap: EIO for the write onto metadata, daemon survived, del works"
+	"$B" add --no-backing /data/nb.qcow2 2>/data/nb.err &&
+		{ fail "overlap: add --no-backing of an image with a backing file succeeded"; "$B" del -a; }
+	grep -q "backing" /data/nb.err &&
+		pass "overlap: add --no-backing refused ($(head -n1 /data/nb.err))"
+}
+
 # SIGTERM: a clean stop, the image flushed and the device deleted.
 term_test() {
 	say "term: SIGTERM to the daemon"
@@ -456,8 +478,8 @@ recover_test() {
 }
 
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt term \
-	del kill recover
+[ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
+	overlap term del kill recover
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -480,6 +502,7 @@ for t in "$@"; do
 	null) null_test ;;
 	bad) bad_test ;;
 	corrupt) corrupt_test ;;
+	overlap) overlap_test ;;
 	term) term_test ;;
 	del) del_test ;;
 	kill) kill_test ;;
