@@ -243,3 +243,30 @@ char *uq_backing_path(const char *image, const char *backing)
 	}
 	return path;
 }
+
+void uq_progress_init(struct uq_progress *p, bool on)
+{
+	p->on = on;
+	p->last = -1;
+}
+
+void uq_progress_update(struct uq_progress *p, uint64_t done, uint64_t total)
+{
+	double percent = total ? (double)done * 100.0 / (double)total : 100.0;
+
+	if (!p->on || (int)percent == p->last)
+		return;
+	p->last = (int)percent;
+	fprintf(stderr, "    (%3.2f/100%%)\r", percent);
+	fflush(stderr);
+}
+
+void uq_progress_done(struct uq_progress *p)
+{
+	if (!p->on)
+		return;
+	if (p->last != 100)
+		fprintf(stderr, "    (100.00/100%%)\r");
+	fputc('\n', stderr);
+	p->on = false;
+}

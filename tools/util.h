@@ -74,4 +74,19 @@ int uq_usage_args(const char *cmd, const char *expected);
  */
 char *uq_backing_path(const char *image, const char *backing);
 
+/*
+ * qemu-img's progress line, "    (45.00/100%)" ended by '\r', on stderr:
+ * printed at 0%, at each whole percent reached and at 100% (then a
+ * newline). Only the percentage changes from line to line, so a log that
+ * is not a terminal gets a bounded number of them.
+ */
+struct uq_progress {
+	bool on;
+	int last;			/* whole percent last printed, -1: none */
+};
+
+void uq_progress_init(struct uq_progress *p, bool on);
+void uq_progress_update(struct uq_progress *p, uint64_t done, uint64_t total);
+void uq_progress_done(struct uq_progress *p);
+
 #endif
