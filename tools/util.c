@@ -9,19 +9,65 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
 
 #include "util.h"
+
+static bool log_verbose, log_syslog;
+
+void uq_log_verbose(bool on)
+{
+	log_verbose = on;
+}
+
+bool uq_log_is_verbose(void)
+{
+	return log_verbose;
+}
+
+void uq_log_syslog(void)
+{
+	openlog(UQ_PROG, LOG_PID, LOG_DAEMON);
+	log_syslog = true;
+}
+
+/* One line to stderr (a single write, so threads do not interleave) and syslog. */
+static void log_line(int prio, const char *prefix, const char *fmt, va_list ap)
+{
+	char line[4096];
+	int n;
+
+	n = snprintf(line, sizeof(line), "%s", prefix);
+	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+	fflush(stdout);
+	fprintf(stderr, UQ_PROG ": %s\n", line);
+	if (log_syslog)
+		syslog(prio, "%s", line);
+}
 
 void uq_err(const char *fmt, ...)
 {
 	va_list ap;
 
-	fflush(stdout);
-	fputs(UQ_PROG ": ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	log_line(LOG_ERR, "", fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
+}
+
+void uq_debug(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!log_verbose)
+		return;
+	va_start(ap, fmt);
+	log_line(LOG_DEBUG, "debug: ", fmt, ap);
+	va_end(ap);
+}
+
+void uq_log_line(const char *line)
+{
+	uq_err("%s", line);
 }
 
 static int suffix_shift(char c)

@@ -14,8 +14,27 @@
 
 #define UQ_PROG "ublk-qcow2"
 
-/* Print "ublk-qcow2: <message>" as one line on stderr. */
+/*
+ * Print "ublk-qcow2: <message>" as one line on stderr, and to syslog
+ * (LOG_ERR) once uq_log_syslog() was called.
+ */
 void uq_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* With -v: "ublk-qcow2: debug: <message>" on stderr (and LOG_DEBUG). */
+void uq_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* -v: let uq_debug() print. */
+void uq_log_verbose(bool on);
+bool uq_log_is_verbose(void);
+
+/*
+ * A detached daemon has no terminal: from now on uq_err() and uq_debug()
+ * lines also go to syslog (facility daemon, tag ublk-qcow2, with the pid).
+ */
+void uq_log_syslog(void);
+
+/* The same, for a line that is already formatted (the ublk library's). */
+void uq_log_line(const char *line);
 
 /*
  * Parse a byte count: decimal (optionally with a fraction) or 0x-hex, with
