@@ -80,6 +80,10 @@ qemu-img create -q -f qcow2 "$data/discard.qcow2" 64M
 qemu-io -f qcow2 -c "write -P 0xab 0 4M" "$data/discard.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$data/term.qcow2" 64M
 qemu-img create -q -f qcow2 "$data/gpt.qcow2" 64M
+# the systemd unit, as installed with the binary in /usr/bin, and its config
+sed 's|@UQ_BINDIR@|/usr/bin|' "$top/systemd/ublk-qcow2@.service.in" >"$data/ublk-qcow2@.service"
+qemu-img create -q -f qcow2 "$data/unit.qcow2" 64M
+printf 'IMAGE=/data/unit.qcow2\nOPTIONS=-n 7 -q 2\n' >"$data/unit.conf"
 truncate -s 128M "$data/raw.img"
 # an L2 entry pointing at an unaligned offset: reading that cluster is an error
 qemu-img create -q -f qcow2 "$data/corrupt.qcow2" 64M
@@ -184,6 +188,16 @@ fi
 	echo "PASS host: read-only image unchanged" || fail "host: read-only image was modified"
 
 check gpt.qcow2 0
+check unit.qcow2 0
+if grep -q '^PASS unit' "$data/results" 2>/dev/null; then
+	out=$(qemu-io -r -f qcow2 -c "read -P 0x55 1M 4M" -c "read -P 0 0 1M" "$data/unit.qcow2" 2>&1) || true
+	if echo "$out" | grep -qi 'fail\|error'; then
+		fail "host: unit.qcow2 lacks what the unit's device wrote"
+		echo "$out"
+	else
+		echo "PASS host: unit.qcow2 holds what the unit's device wrote before SIGTERM"
+	fi
+fi
 # The GPT image inspected on the host: the table and a file of partition 1.
 if grep -q '^PASS gpt: partition 1 reads back' "$data/results" 2>/dev/null; then
 	qemu-img convert -O raw "$data/gpt.qcow2" "$work/gpt.raw"

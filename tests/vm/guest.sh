@@ -4,7 +4,7 @@
 # host and records one line per check in /data/results ("PASS name" or
 # "FAIL name: why"); the host checks the images afterwards.
 #
-#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill gpt
+#   guest.sh [SCENARIO...]     ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill gpt unit
 #                              (default: all)
 
 B=ublk-qcow2
@@ -400,8 +400,51 @@ gpt_test() {
 	killall syslogd 2>/dev/null
 }
 
+# ublk-qcow2@.service as systemd runs it: the unit's ExecStart line with the
+# variables of its /etc/ublk-qcow2/NAME.conf ($OPTIONS split at spaces), in
+# the foreground; "systemctl stop" is SIGTERM: exit 0, device gone, the data
+# on disk (the host reads it back with qemu-io).
+unit_test() {
+	say "unit: ublk-qcow2@.service's ExecStart, stopped with SIGTERM"
+	cmd=$(sed -n 's/^ExecStart=//p' /data/ublk-qcow2@.service)
+	[ -n "$cmd" ] || { fail "unit: no ExecStart in the unit"; return; }
+	# systemd's EnvironmentFile: KEY=VALUE lines, the value taken whole
+	while IFS= read -r l; do
+		case $l in
+		'#'* | '') ;;
+		*=*) export "${l%%=*}=${l#*=}" ;;
+		esac
+	done </data/unit.conf
+	# exec: the daemon itself gets the signal, as under systemd (no shell)
+	eval "exec $cmd" >/data/unit.out 2>/data/unit.err &
+	pid=$!
+	DEV=/dev/ublkb7 ID=7
+	i=0
+	while [ ! -b "$DEV" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+	[ -b "$DEV" ] || { fail "unit: no $DEV ($(cat /data/unit.err))"; kill "$pid"; return; }
+	"$B" list -n 7 | grep -q "queues 2" || fail "unit: OPTIONS (-q 2) not applied: $("$B" list -n 7)"
+	dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\0' '\125' |
+		dd of="$DEV" bs=1M seek=1 oflag=direct 2>/dev/null || fail "unit: write"
+	kill -TERM "$pid"
+	# wait_exit reaps without the status: poll, then wait for it here
+	i=0
+	while [ $i -lt 600 ]; do
+		case $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$pid/status" 2>/dev/null) in
+		'' | Z) break ;;
+		esac
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ $i -lt 600 ] || { fail "unit: the daemon hung after SIGTERM"; return; }
+	wait "$pid"
+	rc=$?
+	[ "$rc" = 0 ] || fail "unit: exit $rc after SIGTERM ($(cat /data/unit.err))"
+	[ "$(cat /data/unit.out)" = "$DEV" ] || fail "unit: printed '$(cat /data/unit.out)'"
+	gone unit && pass "unit: served /dev/ublkb7 in the foreground, SIGTERM stopped it cleanly"
+}
+
 "$B" features
-[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill gpt
+[ $# -gt 0 ] || set -- ext4 xfs fio cow snap overlay extl2 luks ro discard raw null bad corrupt term del kill gpt unit
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -427,6 +470,7 @@ for t in "$@"; do
 	del) del_test ;;
 	kill) kill_test ;;
 	gpt) gpt_test ;;
+	unit) unit_test ;;
 	*) fail "unknown scenario $t" ;;
 	esac
 done
