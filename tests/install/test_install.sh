@@ -90,6 +90,9 @@ if [ -f "$comp" ]; then
 	done
 	got=$(bash -c '. "$1"; COMP_WORDS=(ublk-qcow2 check --o); COMP_CWORD=2; _ublk_qcow2; echo "${COMPREPLY[*]}"' _ "$comp")
 	[ "$got" = "--output= --object" ] || fail "completion of 'check --o': '$got'"
+	# bash splits "--output=j" at '=' by default
+	got=$(bash -c '. "$1"; COMP_WORDS=(ublk-qcow2 map --output = j); COMP_CWORD=4; _ublk_qcow2; echo "${COMPREPLY[*]}"' _ "$comp")
+	[ "$got" = json ] || fail "completion of 'map --output=j': '$got'"
 else
 	fail "no $comp"
 fi
