@@ -11,7 +11,7 @@
 # xfs, loop, nbd, ublk_drv and their dependencies, decompressed, in load order),
 # and these host programs with their shared libraries: dash, bash, mkfs.ext4 (mke2fs),
 # e2fsck, mkfs.xfs, xfs_repair, fio, losetup, blkdiscard, qemu-img, qemu-io,
-# qemu-nbd. With --bin (or $UQ_BIN) also the ublk-qcow2 binary as /usr/bin/ublk-qcow2.
+# qemu-nbd, sfdisk. With --bin (or $UQ_BIN) also the ublk-qcow2 binary as /usr/bin/ublk-qcow2.
 #
 # The base archive (everything but --bin) is cached in kernel/out/KERNEL/base.cpio
 # and rebuilt only when its inputs change. The result goes to --out (default
@@ -51,7 +51,7 @@ progs=(
 	/usr/bin/dash /usr/bin/bash
 	/usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/tune2fs /usr/sbin/mkfs.xfs
 	/usr/sbin/xfs_repair /usr/bin/fio /usr/sbin/losetup /usr/sbin/blkdiscard
-	/usr/bin/qemu-img /usr/bin/qemu-io /usr/bin/qemu-nbd
+	/usr/bin/qemu-img /usr/bin/qemu-io /usr/bin/qemu-nbd /usr/sbin/sfdisk
 )
 busybox=$(command -v busybox || true)
 if [ -z "$busybox" ] || ! { ldd "$busybox" 2>&1 || true; } | grep -q "not a dynamic"; then

@@ -12,6 +12,7 @@ pkgs=(
 	e2fsprogs xfsprogs fio            # mkfs.ext4/debugfs, mkfs.xfs, fio
 	build-essential bc                # out-of-tree ublk_drv for 6.1 (kbuild is prebuilt)
 	util-linux apt dpkg ca-certificates
+	fdisk                             # sfdisk: GPT partitions in the guest
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -417,6 +417,8 @@ static int add_serve(struct add_args *a, int report_fd)
 		tgt.ops = &uq_qcow2_ops;
 		tgt.opts = &qopts;
 	}
+	/* The ublk library's error lines go where ours go (syslog once detached). */
+	ublk_set_log(uq_log_line);
 	sig_fd = stop_signals();
 	if (sig_fd < 0) {
 		uq_err("add: signalfd: %s", strerror(errno));
@@ -446,6 +448,9 @@ static int add_serve(struct add_args *a, int report_fd)
 		goto out_ctrl;
 	}
 	info = ublk_dev_info(dev);
+	uq_debug("add: created /dev/ublkc%u for %s (%s): %u queues of depth %u, flags 0x%llx",
+		 info->dev_id, a->null_tgt ? "null" : a->image, add_fmt(a), info->nr_hw_queues,
+		 info->queue_depth, (unsigned long long)info->flags);
 	ret = ublk_dev_start(dev);
 	if (ret) {
 		uq_err("%s: cannot start /dev/ublkb%u: %s", a->recover ? "recover" : "add",
@@ -458,6 +463,7 @@ static int add_serve(struct add_args *a, int report_fd)
 		uq_err("add: cannot write " RUN_DIR ": %s", strerror(-ret));
 	if (report_fd >= 0) {
 		detach_stdio(info->dev_id);
+		uq_log_syslog();
 		id = (int32_t)info->dev_id;
 		/* A parent gone by now leaves the device serving, as list shows. */
 		if (write(report_fd, &id, sizeof(id)) != sizeof(id))
@@ -469,6 +475,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	}
 
 	status = 0;
+	uq_debug("add: /dev/ublkb%u is live, served by pid %d", info->dev_id, (int)getpid());
 	ret = ublk_dev_wait(dev, sig_fd);
 	if (ret) {
 		uq_err("/dev/ublkb%u: a queue failed: %s", info->dev_id, strerror(-ret));
@@ -476,6 +483,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	}
 	info_path(path, sizeof(path), info->dev_id);
 	id = (int32_t)info->dev_id;
+	uq_debug("add: stopping /dev/ublkb%d: flushing the image, deleting the device", id);
 	ret = ublk_dev_destroy(dev);
 	if (ret) {
 		uq_err("/dev/ublkb%d: stopping: %s", id, strerror(-ret));
@@ -652,6 +660,8 @@ static int del_one(struct ublk_ctrl *c, uint32_t dev_id, bool quiet_missing)
 		return ret;
 	}
 	pid = info.ublksrv_pid;
+	uq_debug("del: stopping /dev/ublkb%u (state %s, daemon pid %d)", dev_id,
+		 ublk_state_name(info.state), (int)pid);
 	ret = ublk_ctrl_stop_dev(c, dev_id);
 	if (ret)
 		uq_err("del: stopping /dev/ublkb%u: %s", dev_id, strerror(-ret));

@@ -54,7 +54,8 @@ static void bench_usage(FILE *f)
 		"  -t CACHE            none or directsync: O_DIRECT (default writeback: buffered)\n"
 		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
 		"  -f FMT              qcow2 or raw (raw: reads only)\n"
-		"  -q                  no output but errors\n");
+		"  -q                  no output but errors\n"
+		"  -h, --help          show this help\n");
 }
 
 static void bench_next(struct bench_req *br);

@@ -21,7 +21,8 @@ enum {
 static void check_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " check [-f FMT] [-r leaks|all] [--output=human|json] [-q] IMAGE\n"
+		"usage: " UQ_PROG " check [-f FMT] [-r leaks|all] [--output=human|json] [-q] [-p]\n"
+		"                        IMAGE\n"
 		"\n"
 		"Check IMAGE's metadata (opened read-only unless -r). Exit status, as\n"
 		"qemu-img: 0 no problem, 1 the check could not complete, 2 corruptions\n"
@@ -32,6 +33,7 @@ static void check_usage(void)
 		"  -r all          repair leaks and errors\n"
 		"  --output=FMT    human (default) or json, as qemu-img check\n"
 		"  -q              print nothing but errors\n"
+		"  -p              show progress on stderr (one pass: 0%% and 100%%)\n"
 		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
@@ -112,11 +114,12 @@ int cmd_check(int argc, char **argv)
 	struct qcow2_check_result res;
 	const char *fmt = NULL, *path;
 	struct uq_image *img;
+	struct uq_progress progress = { .last = -1 };
 	bool json = false, quiet = false;
 	int opt, ret, fix = 0;
 	char err[512];
 
-	while ((opt = getopt_long(argc, argv, ":f:r:qh", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":f:r:qph", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -141,6 +144,9 @@ int cmd_check(int argc, char **argv)
 		case 'q':
 			quiet = true;
 			break;
+		case 'p':
+			uq_progress_init(&progress, true);
+			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:
 		case UQ_OPT_KEY_FILE:
@@ -156,6 +162,8 @@ int cmd_check(int argc, char **argv)
 	}
 	if (argc - optind != 1)
 		return uq_usage_args("check", "one IMAGE");
+	if (quiet)
+		progress.on = false;	/* as qemu-img: -q wins */
 	path = argv[optind];
 	/* With -r, the check repairs a dirty image itself rather than open doing it. */
 	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING | UQ_OPEN_NO_KEY |
@@ -170,7 +178,11 @@ int cmd_check(int argc, char **argv)
 		uq_image_close(img);
 		return CHECK_UNSUPPORTED;
 	}
+	/* The engine's check is one pass with no progress of its own: 0% and 100%. */
+	uq_progress_update(&progress, 0, 1);
 	ret = qcow2_check(img->qcow2, fix, &res, report_line, NULL);
+	if (ret >= 0)
+		uq_progress_done(&progress);
 	if (ret < 0) {
 		if (qcow2_errmsg(img->qcow2)[0])
 			uq_err("%s", qcow2_errmsg(img->qcow2));

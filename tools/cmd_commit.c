@@ -31,6 +31,8 @@ static void commit_usage(void)
 		"              every image above BASE is written into it (implies -d)\n"
 		"  -d          leave IMAGE as it is (not emptied)\n"
 		"  -f qcow2    IMAGE's format\n"
+		"  -p          show progress on stderr\n"
+		"  -q          quiet\n"
 		"  -h, --help  show this help\n");
 }
 
@@ -41,6 +43,7 @@ struct commit {
 	struct uq_image *chain;		/* IMAGE, read-only, each level opened (status) */
 	struct uq_image *base;		/* read-write */
 	unsigned int base_depth;	/* its level in @chain (1: the backing file) */
+	struct uq_progress progress;	/* -p: through the guest range copied down */
 };
 
 /* Find the base in the chain: the backing file, or the level that is -b's file. */
@@ -123,6 +126,7 @@ static int copy_down(struct commit *c)
 		return -ENOMEM;
 	}
 	for (off = 0; off < c->chain->size; off += st.len) {
+		uq_progress_update(&c->progress, off, c->chain->size);
 		len = c->chain->size - off < CHUNK_BYTES ? c->chain->size - off : CHUNK_BYTES;
 		ret = uq_image_status(c->chain, off, len, &st);
 		if (ret < 0)
@@ -196,6 +200,8 @@ static int commit_run(struct commit *c)
 	c->chain = NULL;
 	if (!ret && !c->keep)
 		ret = empty_image(c);
+	if (!ret)
+		uq_progress_done(&c->progress);
 	return ret;
 }
 
@@ -205,7 +211,7 @@ int cmd_commit(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct commit c = { 0 };
+	struct commit c = { .progress.last = -1 };
 	char err[512];
 	enum uq_fmt f;
 	bool quiet = false;
@@ -221,7 +227,8 @@ int cmd_commit(int argc, char **argv)
 			}
 			break;
 		case 'p':
-			break;		/* progress: accepted, not shown yet */
+			c.progress.on = true;
+			break;
 		case 'q':
 			quiet = true;
 			break;
@@ -241,6 +248,8 @@ int cmd_commit(int argc, char **argv)
 	}
 	if (argc - optind != 1)
 		return uq_usage_args("commit", "one IMAGE");
+	if (quiet)
+		c.progress.on = false;	/* as qemu-img: -q wins */
 	c.path = argv[optind];
 	if (uq_probe(c.path, &f, err, sizeof(err)) < 0) {
 		uq_err("%s", err);

@@ -70,8 +70,7 @@ struct convert {
 	struct uq_status st;		/* the source run [st_off, st_off + st.len) */
 	uint64_t st_off;
 	uint32_t zero_block;		/* skip all-zero blocks of this size */
-	bool progress;
-	int last_percent;
+	struct uq_progress progress;
 };
 
 static void slot_done(struct qcow2_req *req, int res, void *priv)
@@ -169,16 +168,6 @@ static int slot_advance(struct convert *cv, struct slot *s, bool *moved)
 	}
 }
 
-static void show_progress(struct convert *cv, uint64_t done, uint64_t total)
-{
-	int percent = total ? (int)(done * 100 / total) : 100;
-
-	if (!cv->progress || percent == cv->last_percent)
-		return;
-	cv->last_percent = percent;
-	fprintf(stderr, "    (%3.2f/100%%)\r", total ? done * 100.0 / total : 100.0);
-}
-
 /*
  * Fill free slots with the next data the source shows, a chunk each; zero
  * and unallocated runs are skipped here. A run is asked for as a whole and
@@ -219,7 +208,7 @@ static int fill_slots(struct convert *cv, bool *moved)
 			}
 			cv->off = end;
 			*moved = true;
-			show_progress(cv, cv->off, size);
+			uq_progress_update(&cv->progress, cv->off, size);
 		}
 	}
 	return 0;
@@ -250,7 +239,7 @@ static int copy(struct convert *cv)
 	bool moved, busy;
 	int i, ret;
 
-	show_progress(cv, 0, cv->src->size);
+	uq_progress_update(&cv->progress, 0, cv->src->size);
 	for (;;) {
 		moved = busy = false;
 		for (i = 0; i < NR_SLOTS; i++) {
@@ -273,8 +262,7 @@ static int copy(struct convert *cv)
 		if (ret < 0)
 			goto fail;
 	}
-	if (cv->progress)
-		fprintf(stderr, "\n");
+	uq_progress_done(&cv->progress);
 	return uq_image_flush(cv->dst);
 
 fail:
@@ -318,7 +306,7 @@ static int copy_compressed(struct convert *cv)
 	qcow2_get_info(q, &info);
 	cs = 1ull << info.cluster_bits;
 
-	show_progress(cv, 0, size);
+	uq_progress_update(&cv->progress, 0, size);
 	for (off = 0; off < size; off = end) {
 		end = off + cs < size ? off + cs : size;
 		ret = uq_image_status(cv->src, off, size - off, &st);
@@ -336,7 +324,7 @@ static int copy_compressed(struct convert *cv)
 		ret = read_range(cv, buf, off, src_end);
 		if (ret < 0)
 			return ret;
-		show_progress(cv, end, size);
+		uq_progress_update(&cv->progress, end, size);
 		if (all_zero(buf, dst_end - off))
 			continue;
 		ret = qcow2_pwrite_compressed(q, buf, dst_end - off, off);
@@ -346,8 +334,7 @@ static int copy_compressed(struct convert *cv)
 	ret = qcow2_pwrite_compressed(q, NULL, 0, 0);
 	if (ret < 0)
 		return uq_image_fail(cv->dst, ret);
-	if (cv->progress)
-		fprintf(stderr, "\n");
+	uq_progress_done(&cv->progress);
 	return uq_image_flush(cv->dst);
 }
 
@@ -359,7 +346,7 @@ int cmd_convert(int argc, char **argv)
 		UQ_NO_BACKING_LONGOPT,
 		{ NULL, 0, NULL, 0 },
 	};
-	struct convert cv = { .last_percent = -1 };
+	struct convert cv = { .progress.last = -1 };
 	struct uq_create c = { .fmt = UQ_FMT_RAW };
 	const char *src_fmt = NULL, *dst_fmt = "raw", *src_path, *dst_path, *snapshot = NULL;
 	bool compress = false, existed;
@@ -400,10 +387,10 @@ int cmd_convert(int argc, char **argv)
 			}
 			break;
 		case 'p':
-			cv.progress = true;
+			cv.progress.on = true;
 			break;
 		case 'q':
-			cv.progress = false;
+			cv.progress.on = false;
 			break;
 		case UQ_OPT_OBJECT:
 		case UQ_OPT_KEY_SECRET:

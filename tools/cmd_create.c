@@ -318,6 +318,9 @@ int uq_create_image(const char *path, struct uq_create *c)
 		return -EFBIG;
 	}
 	c->o.size = (c->o.size + 511) & ~511ull;
+	uq_debug("creating %s: %s, %llu bytes%s%s", path, uq_fmt_name(c->fmt),
+		 (unsigned long long)c->o.size, c->o.backing_file ? ", backing file " : "",
+		 c->o.backing_file ? c->o.backing_file : "");
 	ret = encrypt_resolve(path, c);
 	if (ret < 0)
 		return ret;

@@ -30,6 +30,8 @@ static void rebase_usage(void)
 		"  -u              unsafe: only change the name; IMAGE's content is then\n"
 		"                  whatever BACKING shows where IMAGE has no data\n"
 		"  -f qcow2        IMAGE's format (only qcow2 has a backing file)\n"
+		"  -p              show progress on stderr\n"
+		"  -q              quiet (rebase prints nothing else anyway)\n"
 		"  -h, --help      show this help\n"
 		"\n"
 		"Without -u, what the old backing chain shows where IMAGE has no data and\n"
@@ -44,6 +46,7 @@ struct rebase {
 	bool unsafe;
 	struct uq_image *newb;		/* safe mode: the new backing file and its chain */
 	struct uq_image *img;
+	struct uq_progress progress;	/* -p: through IMAGE's guest range */
 };
 
 /* Is the file @st somewhere in @q's chain (@q included)? */
@@ -164,6 +167,7 @@ static int copy_differences(struct rebase *r)
 		goto out;
 	}
 	for (off = 0; off < r->img->size; off += ext.len) {
+		uq_progress_update(&r->progress, off, r->img->size);
 		len = r->img->size - off < CHUNK_BYTES ? r->img->size - off : CHUNK_BYTES;
 		ret = qcow2_map(r->img->qcow2, off, len, &ext);
 		if (ret < 0) {
@@ -213,6 +217,8 @@ static int rebase_run(struct rebase *r)
 	ret = qcow2_set_backing(r->img->qcow2, r->name, r->fmt);
 	if (ret < 0)
 		uq_err("%s", qcow2_errmsg(r->img->qcow2));
+	else
+		uq_progress_done(&r->progress);
 	return ret;
 }
 
@@ -222,7 +228,7 @@ int cmd_rebase(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct rebase r = { 0 };
+	struct rebase r = { .progress.last = -1 };
 	bool have_b = false;
 	char err[512];
 	enum uq_fmt f;
@@ -238,8 +244,10 @@ int cmd_rebase(int argc, char **argv)
 			}
 			break;
 		case 'p':
+			r.progress.on = true;
+			break;
 		case 'q':
-			break;		/* rebase prints nothing; no progress shown yet */
+			break;		/* rebase prints nothing but errors anyway */
 		case 'u':
 			r.unsafe = true;
 			break;

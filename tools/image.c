@@ -258,6 +258,8 @@ static int open_level(struct uq_image **out, const char *path, const char *fmt_n
 	}
 	if (ret < 0)
 		goto fail;
+	uq_debug("opened %s: %s, %llu bytes, %s, chain depth %d", path, uq_fmt_name(img->fmt),
+		 (unsigned long long)img->size, img->read_only ? "read-only" : "read-write", depth);
 	*out = img;
 	return 0;
 

@@ -38,16 +38,24 @@ static void usage(FILE *f)
 {
 	size_t i;
 
-	fprintf(f, "usage: " UQ_PROG " COMMAND [OPTIONS] ...\n\ncommands:\n");
+	fprintf(f, "usage: " UQ_PROG " [-v] COMMAND [OPTIONS] ...\n\ncommands:\n");
 	for (i = 0; i < NR_COMMANDS; i++)
 		fprintf(f, "  %-10s%s\n", commands[i].name, commands[i].summary);
-	fprintf(f, "\nRun '" UQ_PROG " COMMAND --help' for a command's options.\n");
+	fprintf(f, "\n  -v, --verbose  debug messages on stderr (syslog from a daemon)\n"
+		"\nRun '" UQ_PROG " COMMAND --help' for a command's options.\n");
 }
 
 int main(int argc, char **argv)
 {
 	size_t i;
 
+	/* Quiet by default; -v before the command turns on debug lines. */
+	while (argc > 1 && (!strcmp(argv[1], "-v") || !strcmp(argv[1], "--verbose"))) {
+		uq_log_verbose(true);
+		argv[1] = argv[0];
+		argc--;
+		argv++;
+	}
 	if (argc < 2) {
 		usage(stderr);
 		return 1;

@@ -23,6 +23,7 @@
 
 #include "qcow2.h"
 #include "target_qcow2.h"
+#include "util.h"
 
 struct tq_tag {
 	struct qcow2_req *req;
@@ -160,9 +161,9 @@ static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 		/* The daemon's log; a failing disk must not flood it. */
 		t->nr_errors++;
 		if (qcow2_errmsg(t->img)[0])
-			fprintf(stderr, "ublk-qcow2: %s\n", qcow2_errmsg(t->img));
+			uq_err("%s", qcow2_errmsg(t->img));
 		else
-			fprintf(stderr, "ublk-qcow2: %s: %s\n", t->path, strerror(-res));
+			uq_err("%s: %s", t->path, strerror(-res));
 	}
 	tt->res = tq_result(tt->q, tt->tag, res);
 	if (tt->q == ublk_queue_self()) {

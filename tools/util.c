@@ -9,19 +9,65 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
 
 #include "util.h"
+
+static bool log_verbose, log_syslog;
+
+void uq_log_verbose(bool on)
+{
+	log_verbose = on;
+}
+
+bool uq_log_is_verbose(void)
+{
+	return log_verbose;
+}
+
+void uq_log_syslog(void)
+{
+	openlog(UQ_PROG, LOG_PID, LOG_DAEMON);
+	log_syslog = true;
+}
+
+/* One line to stderr (a single write, so threads do not interleave) and syslog. */
+static void log_line(int prio, const char *prefix, const char *fmt, va_list ap)
+{
+	char line[4096];
+	int n;
+
+	n = snprintf(line, sizeof(line), "%s", prefix);
+	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+	fflush(stdout);
+	fprintf(stderr, UQ_PROG ": %s\n", line);
+	if (log_syslog)
+		syslog(prio, "%s", line);
+}
 
 void uq_err(const char *fmt, ...)
 {
 	va_list ap;
 
-	fflush(stdout);
-	fputs(UQ_PROG ": ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	log_line(LOG_ERR, "", fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
+}
+
+void uq_debug(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!log_verbose)
+		return;
+	va_start(ap, fmt);
+	log_line(LOG_DEBUG, "debug: ", fmt, ap);
+	va_end(ap);
+}
+
+void uq_log_line(const char *line)
+{
+	uq_err("%s", line);
 }
 
 static int suffix_shift(char c)
@@ -242,4 +288,31 @@ char *uq_backing_path(const char *image, const char *backing)
 		strcpy(path + dir, backing);
 	}
 	return path;
+}
+
+void uq_progress_init(struct uq_progress *p, bool on)
+{
+	p->on = on;
+	p->last = -1;
+}
+
+void uq_progress_update(struct uq_progress *p, uint64_t done, uint64_t total)
+{
+	double percent = total ? (double)done * 100.0 / (double)total : 100.0;
+
+	if (!p->on || (int)percent == p->last)
+		return;
+	p->last = (int)percent;
+	fprintf(stderr, "    (%3.2f/100%%)\r", percent);
+	fflush(stderr);
+}
+
+void uq_progress_done(struct uq_progress *p)
+{
+	if (!p->on)
+		return;
+	if (p->last != 100)
+		fprintf(stderr, "    (100.00/100%%)\r");
+	fputc('\n', stderr);
+	p->on = false;
 }

@@ -14,8 +14,27 @@
 
 #define UQ_PROG "ublk-qcow2"
 
-/* Print "ublk-qcow2: <message>" as one line on stderr. */
+/*
+ * Print "ublk-qcow2: <message>" as one line on stderr, and to syslog
+ * (LOG_ERR) once uq_log_syslog() was called.
+ */
 void uq_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* With -v: "ublk-qcow2: debug: <message>" on stderr (and LOG_DEBUG). */
+void uq_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* -v: let uq_debug() print. */
+void uq_log_verbose(bool on);
+bool uq_log_is_verbose(void);
+
+/*
+ * A detached daemon has no terminal: from now on uq_err() and uq_debug()
+ * lines also go to syslog (facility daemon, tag ublk-qcow2, with the pid).
+ */
+void uq_log_syslog(void);
+
+/* The same, for a line that is already formatted (the ublk library's). */
+void uq_log_line(const char *line);
 
 /*
  * Parse a byte count: decimal (optionally with a fraction) or 0x-hex, with
@@ -73,5 +92,20 @@ int uq_usage_args(const char *cmd, const char *expected);
  * naming it, as in QEMU. Returns a malloc'ed path, or NULL on ENOMEM.
  */
 char *uq_backing_path(const char *image, const char *backing);
+
+/*
+ * qemu-img's progress line, "    (45.00/100%)" ended by '\r', on stderr:
+ * printed at 0%, at each whole percent reached and at 100% (then a
+ * newline). Only the percentage changes from line to line, so a log that
+ * is not a terminal gets a bounded number of them.
+ */
+struct uq_progress {
+	bool on;
+	int last;			/* whole percent last printed, -1: none */
+};
+
+void uq_progress_init(struct uq_progress *p, bool on);
+void uq_progress_update(struct uq_progress *p, uint64_t done, uint64_t total);
+void uq_progress_done(struct uq_progress *p);
 
 #endif

@@ -32,15 +32,27 @@ struct ublk_ctrl {
 	enum ctrl_enc enc;
 };
 
+static void (*log_fn)(const char *line);
+
+void ublk_set_log(void (*fn)(const char *line))
+{
+	log_fn = fn;
+}
+
 void ublk_log(const char *fmt, ...)
 {
+	char line[512];
 	va_list ap;
+	int n;
 
+	n = snprintf(line, sizeof(line), "ublk: ");
 	va_start(ap, fmt);
-	fputs("ublk: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
+	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
 	va_end(ap);
+	if (log_fn)
+		log_fn(line);
+	else
+		fprintf(stderr, "%s\n", line);
 }
 
 /**

@@ -206,4 +206,11 @@ int ublk_dev_wait(struct ublk_dev *dev, int sig_fd);
  */
 int ublk_dev_destroy(struct ublk_dev *dev);
 
+/*
+ * Where the library's error lines go ("ublk: ..." without a newline):
+ * stderr unless @fn is set (a daemon's logger). Set it before any device
+ * exists; NULL restores stderr.
+ */
+void ublk_set_log(void (*fn)(const char *line));
+
 #endif

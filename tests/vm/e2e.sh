@@ -82,6 +82,11 @@ ro_sum=$(md5sum <"$data/ro.qcow2")
 qemu-img create -q -f qcow2 "$data/discard.qcow2" 64M
 qemu-io -f qcow2 -c "write -P 0xab 0 4M" "$data/discard.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$data/term.qcow2" 64M
+qemu-img create -q -f qcow2 "$data/gpt.qcow2" 64M
+# the systemd unit, as installed with the binary in /usr/bin, and its config
+sed 's|@UQ_BINDIR@|/usr/bin|' "$top/systemd/ublk-qcow2@.service.in" >"$data/ublk-qcow2@.service"
+qemu-img create -q -f qcow2 "$data/unit.qcow2" 64M
+printf 'IMAGE=/data/unit.qcow2\nOPTIONS=-n 7 -q 2\n' >"$data/unit.conf"
 truncate -s 128M "$data/raw.img"
 # an L2 entry pointing at an unaligned offset: reading that cluster is an error
 qemu-img create -q -f qcow2 "$data/corrupt.qcow2" 64M
@@ -216,6 +221,36 @@ fi
 	echo "PASS host: snapshot image unchanged" || fail "host: snapshot image was modified"
 [ "$(md5sum <"$data/ro.qcow2")" = "$ro_sum" ] &&
 	echo "PASS host: read-only image unchanged" || fail "host: read-only image was modified"
+
+check gpt.qcow2 0
+check unit.qcow2 0
+if grep -q '^PASS unit' "$data/results" 2>/dev/null; then
+	out=$(qemu-io -r -f qcow2 -c "read -P 0x55 1M 4M" -c "read -P 0 0 1M" "$data/unit.qcow2" 2>&1) || true
+	if echo "$out" | grep -qi 'fail\|error'; then
+		fail "host: unit.qcow2 lacks what the unit's device wrote"
+		echo "$out"
+	else
+		echo "PASS host: unit.qcow2 holds what the unit's device wrote before SIGTERM"
+	fi
+fi
+# The GPT image inspected on the host: the table and a file of partition 1.
+if grep -q '^PASS gpt: partition 1 reads back' "$data/results" 2>/dev/null; then
+	qemu-img convert -O raw "$data/gpt.qcow2" "$work/gpt.raw"
+	table=$(sfdisk -d "$work/gpt.raw" 2>&1 || true)
+	start=$(echo "$table" | sed -n 's/^.*gpt.raw1 : start= *\([0-9]*\), size= *\([0-9]*\).*/\1/p')
+	size=$(echo "$table" | sed -n 's/^.*gpt.raw1 : start= *\([0-9]*\), size= *\([0-9]*\).*/\2/p')
+	if echo "$table" | grep -q '^label: gpt' && [ "$(echo "$table" | grep -c 'gpt.raw[0-9] :')" = 2 ] &&
+		[ -n "$start" ] && [ "$size" = 49152 ]; then
+		dd if="$work/gpt.raw" of="$work/gpt1.img" bs=512 skip="$start" count="$size" 2>/dev/null
+		got=$(debugfs -R "cat /hello.txt" "$work/gpt1.img" 2>/dev/null)
+		[ "$got" = "partition 1" ] &&
+			echo "PASS host: gpt.qcow2 holds a GPT with 2 partitions; p1's hello.txt: $got" ||
+			fail "host: gpt.qcow2 partition 1: hello.txt reads '$got'"
+	else
+		fail "host: gpt.qcow2 has no 2-partition GPT (24 MiB first): $table"
+	fi
+	rm -f "$work/gpt.raw" "$work/gpt1.img"
+fi
 
 [ "$rc" = 0 ] || [ "$fails" -gt 0 ] || fail "guest script exit $rc"
 if [ "$fails" -gt 0 ]; then

@@ -5,7 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
-#                              overlap term del kill recover
+#                              overlap term del kill recover gpt unit
 #                              (default: all)
 
 B=ublk-qcow2
@@ -477,9 +477,116 @@ recover_test() {
 	gone recover
 }
 
+# wait_parts: the kernel's partitions of $DEV (p1, p2) show up as nodes.
+wait_parts() {
+	i=0
+	while { [ ! -b "${DEV}p1" ] || [ ! -b "${DEV}p2" ]; } && [ $i -lt 50 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ -b "${DEV}p1" ] && [ -b "${DEV}p2" ]
+}
+
+# A GPT with two ext4 partitions made on the device: the kernel shows
+# /dev/ublkbNp1 and p2; after del, add --read-only shows them again and the
+# files read back (the host then reads the table and a file itself). The
+# second add runs with -v under syslogd: the detached daemon's debug lines
+# must reach syslog.
+gpt_test() {
+	say "gpt: a GPT with two ext4 partitions, then read-only"
+	add /data/gpt.qcow2 || { fail "gpt: add"; return; }
+	printf 'label: gpt\nsize=24MiB, name=one\nname=two\n' | sfdisk -q "$DEV" ||
+		{ fail "gpt: sfdisk $DEV"; "$B" del -n "$ID"; return; }
+	if wait_parts; then pass "gpt: ${DEV}p1 and ${DEV}p2 appeared"
+	else fail "gpt: no partitions after sfdisk ($(ls /dev/ublkb*))"; "$B" del -n "$ID"; return; fi
+	for p in 1 2; do
+		mkdir -p "/mnt/gpt$p"
+		mkfs.ext4 -q -F "${DEV}p$p" && mount -t ext4 "${DEV}p$p" "/mnt/gpt$p" ||
+			{ fail "gpt: mkfs/mount ${DEV}p$p"; continue; }
+		echo "partition $p" >"/mnt/gpt$p/hello.txt"
+		dd if=/dev/urandom of="/mnt/gpt$p/data.bin" bs=64k count=$((16 * p)) 2>/dev/null
+		(cd "/mnt/gpt$p" && md5sum hello.txt data.bin) >"/data/gpt$p.md5"
+		umount "/mnt/gpt$p" || fail "gpt: umount ${DEV}p$p"
+	done
+	if "$B" list -n "$ID" --output=json | grep -q "\"device\": \"$DEV\""; then
+		pass "gpt: list --output=json names $DEV"
+	else fail "gpt: list --output=json does not name $DEV"; fi
+	"$B" del -n "$ID" || fail "gpt: del"
+	gone gpt || return
+
+	syslogd -O /tmp/gpt.syslog
+	DEV=$("$B" -v add --read-only /data/gpt.qcow2 2>/data/gpt.err) ||
+		{ fail "gpt: add --read-only ($(cat /data/gpt.err))"; return; }
+	ID=${DEV#/dev/ublkb}
+	if wait_parts; then pass "gpt: read-only ${DEV}p1 and ${DEV}p2 appeared"
+	else fail "gpt: no partitions on the read-only device"; "$B" del -n "$ID"; return; fi
+	for p in 1 2; do
+		mount -t ext4 -o ro "${DEV}p$p" "/mnt/gpt$p" || { fail "gpt: mount -o ro ${DEV}p$p"; continue; }
+		if (cd "/mnt/gpt$p" && md5sum -c -s "/data/gpt$p.md5"); then
+			pass "gpt: partition $p reads back read-only"
+		else fail "gpt: partition $p differs"; fi
+		touch "/mnt/gpt$p/new" 2>/dev/null && fail "gpt: a write to read-only partition $p worked"
+		umount "/mnt/gpt$p"
+	done
+	[ "$(blockdev --getro "${DEV}p1")" = 1 ] || fail "gpt: ${DEV}p1 is not read-only"
+	"$B" del -n "$ID" || fail "gpt: read-only del"
+	gone gpt
+	# the daemon's lines are in syslog; the foreground part stayed on stderr
+	if grep -q "ublk-qcow2\[[0-9]*\]: debug: add: $DEV is live" /tmp/gpt.syslog; then
+		pass "gpt: the detached daemon logs to syslog"
+	else
+		fail "gpt: no daemon line in syslog: $(tail -n 3 /tmp/gpt.syslog)"
+	fi
+	grep -q "debug: add: created" /data/gpt.err || fail "gpt: -v printed no debug line on stderr"
+	killall syslogd 2>/dev/null
+}
+
+# ublk-qcow2@.service as systemd runs it: the unit's ExecStart line with the
+# variables of its /etc/ublk-qcow2/NAME.conf ($OPTIONS split at spaces), in
+# the foreground; "systemctl stop" is SIGTERM: exit 0, device gone, the data
+# on disk (the host reads it back with qemu-io).
+unit_test() {
+	say "unit: ublk-qcow2@.service's ExecStart, stopped with SIGTERM"
+	cmd=$(sed -n 's/^ExecStart=//p' /data/ublk-qcow2@.service)
+	[ -n "$cmd" ] || { fail "unit: no ExecStart in the unit"; return; }
+	# systemd's EnvironmentFile: KEY=VALUE lines, the value taken whole
+	while IFS= read -r l; do
+		case $l in
+		'#'* | '') ;;
+		*=*) export "${l%%=*}=${l#*=}" ;;
+		esac
+	done </data/unit.conf
+	# exec: the daemon itself gets the signal, as under systemd (no shell)
+	eval "exec $cmd" >/data/unit.out 2>/data/unit.err &
+	pid=$!
+	DEV=/dev/ublkb7 ID=7
+	i=0
+	while [ ! -b "$DEV" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+	[ -b "$DEV" ] || { fail "unit: no $DEV ($(cat /data/unit.err))"; kill "$pid"; return; }
+	"$B" list -n 7 | grep -q "queues 2" || fail "unit: OPTIONS (-q 2) not applied: $("$B" list -n 7)"
+	dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\0' '\125' |
+		dd of="$DEV" bs=1M seek=1 oflag=direct 2>/dev/null || fail "unit: write"
+	kill -TERM "$pid"
+	# wait_exit reaps without the status: poll, then wait for it here
+	i=0
+	while [ $i -lt 600 ]; do
+		case $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$pid/status" 2>/dev/null) in
+		'' | Z) break ;;
+		esac
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ $i -lt 600 ] || { fail "unit: the daemon hung after SIGTERM"; return; }
+	wait "$pid"
+	rc=$?
+	[ "$rc" = 0 ] || fail "unit: exit $rc after SIGTERM ($(cat /data/unit.err))"
+	[ "$(cat /data/unit.out)" = "$DEV" ] || fail "unit: printed '$(cat /data/unit.out)'"
+	gone unit && pass "unit: served /dev/ublkb7 in the foreground, SIGTERM stopped it cleanly"
+}
+
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover
+	overlap term del kill recover gpt unit
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -507,6 +614,8 @@ for t in "$@"; do
 	del) del_test ;;
 	kill) kill_test ;;
 	recover) recover_test ;;
+	gpt) gpt_test ;;
+	unit) unit_test ;;
 	*) fail "unknown scenario $t" ;;
 	esac
 done
