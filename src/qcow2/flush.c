@@ -279,7 +279,9 @@ static unsigned int item_ol(const struct flush_item *it)
 {
 	switch (it->phase) {
 	case PH_REFCOUNTS:
-		return it->slice ? QCOW2_OL_REFCOUNT_BLOCK : QCOW2_OL_REFCOUNT_TABLE;
+		return QCOW2_OL_REFCOUNT_BLOCK;
+	case PH_REFTABLE:
+		return QCOW2_OL_REFCOUNT_TABLE;
 	case PH_HEADER:
 		return QCOW2_OL_HEADER;
 	case PH_L2:
