@@ -673,6 +673,7 @@ int qcow2_crypt_iov(struct qcow2_req *r, struct iovec *iov, unsigned int iovcnt,
 		if (posix_memalign((void **)&n, 4096, len))
 			return -ENOMEM;
 		free(r->crypt_buf);
+		r->img->scratch_bytes += len - r->crypt_buf_len;
 		r->crypt_buf = n;
 		r->crypt_buf_len = len;
 	}

@@ -267,6 +267,7 @@ struct qcow2 {
 
 	struct qcow2_flush_job *flush;
 	unsigned int nr_reqs_active;
+	size_t scratch_bytes;		/* requests' COW, compression and crypto buffers */
 	uint8_t *zero_buf;		/* max cluster size of zeros, mmap'd */
 	struct qcow2_crypt *crypt;	/* encrypted images only (crypto.c) */
 	uint64_t crypt_hdr_off;		/* crypto header extension: LUKS header area */
@@ -407,6 +408,8 @@ void qcow2_refcount_free(struct qcow2 *img);
 
 /* Buffer and offset alignment that O_DIRECT may ask for (the largest logical block). */
 #define QCOW2_DIO_ALIGN	4096
+/* Scratch buffer bytes finished requests may keep for reuse (request.c). */
+#define QCOW2_SCRATCH_KEEP	(4u << 20)
 
 #define REQ_AIOS	8
 

@@ -197,11 +197,18 @@ int qcow2_req_cbufs(struct qcow2_req *r)
 {
 	size_t cs = r->img->cluster_size;
 
-	if (!r->cbuf && posix_memalign((void **)&r->cbuf, QCOW2_DIO_ALIGN,
-				       2 * cs + 2 * QCOW2_DIO_ALIGN))
-		r->cbuf = NULL;
-	if (!r->dbuf && posix_memalign((void **)&r->dbuf, QCOW2_DIO_ALIGN, cs))
-		r->dbuf = NULL;
+	if (!r->cbuf) {
+		if (posix_memalign((void **)&r->cbuf, QCOW2_DIO_ALIGN, 2 * cs + 2 * QCOW2_DIO_ALIGN))
+			r->cbuf = NULL;
+		else
+			r->img->scratch_bytes += 2 * cs + 2 * QCOW2_DIO_ALIGN;
+	}
+	if (!r->dbuf) {
+		if (posix_memalign((void **)&r->dbuf, QCOW2_DIO_ALIGN, cs))
+			r->dbuf = NULL;
+		else
+			r->img->scratch_bytes += cs;
+	}
 	return r->cbuf && r->dbuf ? 0 : -ENOMEM;
 }
 
@@ -403,6 +410,33 @@ progress:
 	}
 }
 
+/*
+ * A finished request keeps its scratch buffers for the next one unless the
+ * requests together hold more than QCOW2_SCRATCH_KEEP: then it gives them
+ * back, so memory stays bounded whatever the depth and cluster size.
+ */
+static void req_trim_scratch(struct qcow2_req *r)
+{
+	struct qcow2 *img = r->img;
+	size_t cs = img->cluster_size;
+
+	if (img->scratch_bytes <= QCOW2_SCRATCH_KEEP)
+		return;
+	if (r->cow)
+		img->scratch_bytes -= 2 * cs;
+	if (r->cbuf)
+		img->scratch_bytes -= 2 * cs + 2 * QCOW2_DIO_ALIGN;
+	if (r->dbuf)
+		img->scratch_bytes -= cs;
+	img->scratch_bytes -= r->crypt_buf_len;
+	free(r->cow);
+	free(r->cbuf);
+	free(r->dbuf);
+	free(r->crypt_buf);
+	r->cow = r->cbuf = r->dbuf = r->crypt_buf = NULL;
+	r->crypt_buf_len = 0;
+}
+
 void qcow2_req_step(struct qcow2_req *r)
 {
 	struct qcow2 *img = r->img;
@@ -422,6 +456,7 @@ void qcow2_req_step(struct qcow2_req *r)
 	if (done && r->active) {
 		r->active = false;
 		img->nr_reqs_active--;
+		req_trim_scratch(r);
 		r->done(r, r->err, r->priv);
 	}
 }
@@ -441,6 +476,9 @@ void qcow2_req_free(struct qcow2_req *r)
 		return;
 	qcow2_req_free(r->sub[0]);
 	qcow2_req_free(r->sub[1]);
+	r->img->scratch_bytes -= (r->cow ? 2 * r->img->cluster_size : 0) +
+				 (r->cbuf ? 2 * r->img->cluster_size + 2 * QCOW2_DIO_ALIGN : 0) +
+				 (r->dbuf ? r->img->cluster_size : 0) + r->crypt_buf_len;
 	free(r->cow);
 	free(r->cbuf);
 	free(r->dbuf);

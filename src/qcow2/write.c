@@ -320,8 +320,12 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 	uint64_t cs = img->cluster_size, in_last = r->a_end & (cs - 1);
 	int ret;
 
-	if (!r->cow && posix_memalign((void **)&r->cow, 4096, 2 * cs))
-		r->cow = NULL;
+	if (!r->cow) {
+		if (posix_memalign((void **)&r->cow, 4096, 2 * cs))
+			r->cow = NULL;
+		else
+			r->img->scratch_bytes += 2 * cs;
+	}
 	if (!r->cow)
 		return -ENOMEM;
 	r->a_cow = true;

@@ -7,7 +7,9 @@
  * fails some hand-overs, and checks the result against a mirror, after a
  * reopen and with `qemu-img check`. Images: an overlay over a filled base
  * (COW from the backing file), a compressed image (COW out of compressed
- * clusters) and an image with an internal snapshot (shared clusters).
+ * clusters) and an image with an internal snapshot (shared clusters). With
+ * 2 MiB clusters, the COW buffers the finished requests keep stay within
+ * QCOW2_SCRATCH_KEEP.
  */
 #include <check.h>
 #include <errno.h>
@@ -16,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "qcow2.h"
+#include "internal.h"
 
 #define DISK_SIZE	(8ull << 20)
 #define BATCH		24
@@ -199,6 +201,7 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 			ck_assert_msg(o->res == 0, "write failed: %d %s", o->res, qcow2_errmsg(img));
 			memset(mirror + o->off, o->pat, o->len);
 		}
+		ck_assert_uint_le(img->scratch_bytes, QCOW2_SCRATCH_KEEP);
 		if (round % 10 == 9)
 			verify(img, mirror);
 	}
@@ -231,6 +234,8 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 	"base.qcow2; qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 d.qcow2 8M"
 #define SNAPSHOT FILL "qemu-img convert -O qcow2 -o cluster_size=4096 mirror.raw d.qcow2; " \
 	"qemu-img snapshot -c s1 d.qcow2"
+#define BIG_BACKING FILL "qemu-img convert -O qcow2 -o cluster_size=2M mirror.raw base.qcow2; " \
+	"qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o cluster_size=2M d.qcow2 8M"
 #define EMPTY "truncate -s 8M mirror.raw; " \
 	"qemu-img create -q -f qcow2 -o cluster_size=65536 d.qcow2 8M"
 
@@ -239,6 +244,8 @@ END_TEST
 START_TEST(test_defer_compressed) { run_one(COMPRESSED, true, false); }
 END_TEST
 START_TEST(test_defer_snapshot) { run_one(SNAPSHOT, true, false); }
+END_TEST
+START_TEST(test_defer_big_clusters) { run_one(BIG_BACKING, true, true); }
 END_TEST
 START_TEST(test_defer_empty) { run_one(EMPTY, false, false); }
 END_TEST
@@ -264,6 +271,7 @@ int main(void)
 	}
 	tcase_set_timeout(tc, 240);
 	tcase_add_test(tc, test_defer_backing);
+	tcase_add_test(tc, test_defer_big_clusters);
 	tcase_add_test(tc, test_defer_compressed);
 	tcase_add_test(tc, test_defer_snapshot);
 	tcase_add_test(tc, test_defer_empty);
