@@ -148,6 +148,22 @@ static uint64_t l1_clusters(const struct qcow2 *img, uint64_t entries)
 	return (entries * 8 + img->cluster_size - 1) >> img->h.cluster_bits;
 }
 
+/* Exchange the L1 table in memory (*@t, *@alloc entries) and what the header says of it. */
+static void swap_l1(struct qcow2 *img, uint64_t **t, uint32_t *alloc, uint64_t entries,
+		    uint64_t off, uint64_t size)
+{
+	uint64_t *old = img->l1;
+	uint32_t old_alloc = img->l1_alloc;
+
+	img->l1 = *t;
+	img->l1_alloc = *alloc;
+	*t = old;
+	*alloc = old_alloc;
+	img->h.l1_size = entries;
+	img->h.l1_table_offset = off;
+	img->h.size = size;
+}
+
 /*
  * Grow the L1 table to @new_l1 entries and set the virtual size to @size,
  * the table durable before the header that counts it.
@@ -157,6 +173,8 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 	uint64_t old_clusters = l1_clusters(img, img->h.l1_size);
 	uint64_t nr = l1_clusters(img, new_l1), bytes = nr << img->h.cluster_bits;
 	uint64_t old_off = img->h.l1_table_offset, off = old_off, *t, *be, i;
+	uint64_t old_l1 = img->h.l1_size, old_size = img->h.size;
+	uint32_t t_alloc;
 	bool moved = !old_off || nr > old_clusters;
 	int ret;
 
@@ -199,16 +217,14 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 			qcow2_free_clusters(img, off, nr);
 		goto out;
 	}
-	img->h.l1_size = new_l1;
-	img->h.l1_table_offset = off;
-	img->h.size = size;
+	/* The header and the table in memory change together (the overlap check reads both). */
+	t_alloc = (uint32_t)(bytes / 8);
+	swap_l1(img, &t, &t_alloc, new_l1, off, size);
 	ret = qcow2_header_write(img);
-	if (ret < 0)
+	if (ret < 0) {
+		swap_l1(img, &t, &t_alloc, old_l1, old_off, old_size);
 		goto out;
-	free(img->l1);
-	img->l1 = t;
-	img->l1_alloc = bytes / 8;
-	t = NULL;
+	}
 	if (moved && old_off)
 		ret = qcow2_free_clusters(img, old_off, old_clusters);
 out:
