@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "qcheck.h"
+#include "files.h"
 #include "tio.h"
 #include "wl.h"
 
@@ -83,34 +84,6 @@ static uint64_t rnd(struct crash_run *c)
 	return c->rng;
 }
 
-static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void sh(const char *fmt, ...)
-{
-	char cmd[1024];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	ck_assert_msg(system(cmd) == 0, "failed: %s", cmd);
-}
-
-static uint8_t *slurp(const char *path, size_t *len)
-{
-	struct stat st;
-	uint8_t *buf;
-	int fd = open(path, O_RDONLY);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(fstat(fd, &st), 0);
-	buf = malloc(st.st_size ? st.st_size : 1);
-	ck_assert_ptr_nonnull(buf);
-	ck_assert_int_eq(pread(fd, buf, st.st_size, 0), st.st_size);
-	close(fd);
-	*len = st.st_size;
-	return buf;
-}
-
 /* Compressible bytes, so that convert-style compressed writes compress. */
 static void fill_soft(uint8_t *buf, uint64_t off, uint64_t len, unsigned int salt)
 {
@@ -161,14 +134,14 @@ static void setup(struct crash_run *c)
 	snprintf(c->data, sizeof(c->data), "%s/%s.data", dir, sc->name);
 	snprintf(c->base, sizeof(c->base), "%s/%s-base.qcow2", dir, sc->name);
 	if (sc->base_opts) {
-		sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
+		tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
 		   (unsigned long long)sc->disk);
 		prep_image(c->base, PREP_FILL, sc->disk, sc->cluster, 5);
 		snprintf(extra, sizeof(extra), "-b %s -F qcow2", c->base);
 	}
 	if (sc->data_file)
 		snprintf(extra, sizeof(extra), "-o data_file=%s", c->data);
-	sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
+	tu_sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
 	   (unsigned long long)sc->disk);
 	if (sc->prep != PREP_NONE)
 		prep_image(c->img, sc->prep, sc->disk, sc->cluster, 9);
@@ -194,7 +167,7 @@ static void record(struct crash_run *c)
 	if (sc->data_file)
 		ck_assert_int_eq(tio_track(c->t, c->data), 1);
 	for (i = 0; i < c->t->nr_files; i++)
-		c->file_base[i] = slurp(c->t->files[i].path, &c->file_len[i]);
+		c->file_base[i] = tu_slurp(c->t->files[i].path, &c->file_len[i]);
 
 	ck_assert_msg(qcow2_open(&img, c->img, &opts, &c->t->io, err, sizeof(err)) == 0,
 		      "%s", err);
@@ -365,7 +338,7 @@ static const char *keep(struct crash_run *c, const char *what, uint32_t p)
 	int f;
 
 	for (f = 0; f < c->t->nr_files; f++)
-		sh("cp %s %s.crash-%u", c->t->files[f].path, c->t->files[f].path, p);
+		tu_sh("cp %s %s.crash-%u", c->t->files[f].path, c->t->files[f].path, p);
 	/* Check's messages are short: the first lines of the report only. */
 	snprintf(msg, sizeof(msg), "%s: %s at crash point %u (of %u events), image kept as %s.crash-%u\n%.1000s",
 		 c->sc->name, what, p, c->t->nr_evs, c->img, p, c->report);

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "qcheck.h"
+#include "files.h"
 #include "tio.h"
 #include "wl.h"
 
@@ -59,34 +60,6 @@ struct fault_ctx {
 	struct wl_model md;
 	struct qcheck qc;
 };
-
-static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void sh(const char *fmt, ...)
-{
-	char cmd[1024];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	ck_assert_msg(system(cmd) == 0, "failed: %s", cmd);
-}
-
-static uint8_t *slurp(const char *path, size_t *len)
-{
-	struct stat st;
-	uint8_t *buf;
-	int fd = open(path, O_RDONLY);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(fstat(fd, &st), 0);
-	buf = malloc(st.st_size ? st.st_size : 1);
-	ck_assert_ptr_nonnull(buf);
-	ck_assert_int_eq(pread(fd, buf, st.st_size, 0), st.st_size);
-	close(fd);
-	*len = st.st_size;
-	return buf;
-}
 
 static void spill(const char *path, const uint8_t *buf, size_t len)
 {
@@ -138,20 +111,20 @@ static void setup(struct fault_ctx *c)
 	snprintf(c->data, sizeof(c->data), "%s/%s.data", dir, sc->name);
 	snprintf(c->base, sizeof(c->base), "%s/%s-base.qcow2", dir, sc->name);
 	if (sc->base_opts) {
-		sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
+		tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
 		   (unsigned long long)sc->disk);
 		prep(c->base, sc->disk, sc->cluster, false, false);
 		snprintf(extra, sizeof(extra), "-b %s -F qcow2", c->base);
 	}
 	if (sc->data_file)
 		snprintf(extra, sizeof(extra), "-o data_file=%s", c->data);
-	sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
+	tu_sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
 	   (unsigned long long)sc->disk);
 	if (sc->compressed || sc->snapshot)
 		prep(c->img, sc->disk, sc->cluster, sc->compressed, sc->snapshot);
-	c->tmpl[0] = slurp(c->img, &c->tmpl_len[0]);
+	c->tmpl[0] = tu_slurp(c->img, &c->tmpl_len[0]);
 	if (sc->data_file)
-		c->tmpl[1] = slurp(c->data, &c->tmpl_len[1]);
+		c->tmpl[1] = tu_slurp(c->data, &c->tmpl_len[1]);
 
 	io = qcow2_uring_new(32);
 	ck_assert_ptr_nonnull(io);
