@@ -22,6 +22,7 @@
  * the image is corrupt a flush writes the header alone, for its corrupt bit.
  */
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "internal.h"
 
@@ -53,6 +54,9 @@ struct qcow2_flush_job {
 	int err;
 	struct flush_item *items;
 	size_t nr_items, items_alloc;
+	/* The slices' copies, one mapping per flush: exact pages, given back after. */
+	uint8_t *slab;
+	size_t slab_len, slab_used;
 	struct qcow2_aio sync_aio;
 	struct qcow2_aio data_sync_aio;	/* the external data file's */
 	struct qcow2_wait wait;
@@ -69,7 +73,8 @@ static void item_release(struct flush_item *it, bool failed)
 		if (failed)
 			qcow2_cache_mark_dirty(it->slice);
 	}
-	free(it->buf);
+	if (!it->slice)
+		free(it->buf);
 	it->buf = NULL;
 }
 
@@ -80,12 +85,17 @@ static void release_items(struct qcow2_flush_job *j, bool failed)
 	for (i = 0; i < j->nr_items; i++)
 		item_release(&j->items[i], failed);
 	j->nr_items = 0;
+	if (j->slab)
+		munmap(j->slab, j->slab_len);
+	j->slab = NULL;
+	j->slab_len = j->slab_used = 0;
 	qcow2_waitq_wake(&j->img->l2_cache.full_waiters, 0);
 	qcow2_waitq_wake(&j->img->rc_cache.full_waiters, 0);
 }
 
+/* A write of @len bytes at @off; its buffer from the slab when @slab, else its own. */
 static struct flush_item *add_item(struct qcow2_flush_job *j, enum flush_phase phase,
-				   uint64_t off, size_t len)
+				   uint64_t off, size_t len, bool slab)
 {
 	struct flush_item *it;
 	void *buf;
@@ -99,8 +109,14 @@ static struct flush_item *add_item(struct qcow2_flush_job *j, enum flush_phase p
 		j->items = ni;
 		j->items_alloc = n;
 	}
-	if (posix_memalign(&buf, 4096, len))
+	if (slab) {
+		if (j->slab_used + len > j->slab_len)
+			return NULL;
+		buf = j->slab + j->slab_used;
+		j->slab_used += len;
+	} else if (posix_memalign(&buf, 4096, len)) {
 		return NULL;
+	}
 	it = &j->items[j->nr_items++];
 	memset(it, 0, sizeof(*it));
 	it->job = j;
@@ -124,7 +140,7 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 
 		if (!s->dirty)
 			continue;
-		it = add_item(j, phase, s->off, c->slice_bytes);
+		it = add_item(j, phase, s->off, c->slice_bytes, true);
 		if (!it)
 			return -ENOMEM;
 		memcpy(it->buf, s->data, c->slice_bytes);
@@ -139,7 +155,7 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
 		      const uint64_t *t, uint64_t entries, uint64_t bytes)
 {
-	struct flush_item *it = add_item(j, phase, off, bytes);
+	struct flush_item *it = add_item(j, phase, off, bytes, false);
 	uint64_t *be, i;
 
 	if (!it)
@@ -154,7 +170,7 @@ static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_
 static int snap_header(struct qcow2_flush_job *j)
 {
 	struct qcow2 *img = j->img;
-	struct flush_item *it = add_item(j, PH_HEADER, 0, img->cluster_size);
+	struct flush_item *it = add_item(j, PH_HEADER, 0, img->cluster_size, false);
 	int ret;
 
 	if (!it)
@@ -194,6 +210,18 @@ static int snapshot(struct qcow2_flush_job *j)
 		return img->header_dirty ? snap_header(j) : 0;
 	}
 	img->nr_frees_sealed = img->nr_frees;
+	j->slab_len = (size_t)img->rc_cache.nr_dirty * img->rc_cache.slice_bytes +
+		      (size_t)img->l2_cache.nr_dirty * img->l2_cache.slice_bytes;
+	if (j->slab_len) {
+		void *p = mmap(NULL, j->slab_len, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (p == MAP_FAILED) {
+			j->slab_len = 0;
+			return -ENOMEM;
+		}
+		j->slab = p;
+	}
 	j->had_reftable = img->reftable_dirty;
 	j->had_header = img->header_dirty;
 	j->had_l1 = img->l1_dirty;
