@@ -30,6 +30,12 @@ enum ublk_tag_state {
 #define UBLK_POOL_PAGE		4096u
 #define UBLK_POOL_BYTES		(4u << 20)	/* per queue, unless one request needs more */
 
+/* Pages [first, first + pages) of a queue's pool. */
+struct ublk_buf_run {
+	uint32_t first;
+	uint32_t pages;
+};
+
 struct ublk_pool {
 	uint8_t *base;
 	uint64_t *map;		/* a bit per page: in use */
@@ -70,8 +76,8 @@ struct ublk_queue {
 	unsigned int pending_head, nr_pending;
 	uint16_t *bufwait;		/* tags in UBLK_TAG_BUFWAIT, FIFO */
 	unsigned int bufwait_head, nr_bufwait;
-	uint16_t *release;		/* READ buffers to free once their commit is submitted */
-	unsigned int nr_release;
+	struct ublk_buf_run *release;	/* READ buffers to free once their commit is submitted */
+	unsigned int nr_release;	/* (at most one per pool page) */
 
 	unsigned int nr_cmds;		/* IO commands with the driver */
 	unsigned int nr_target;		/* requests the target holds */

@@ -17,7 +17,8 @@
  * request waits in UBLK_TAG_BUFWAIT while the pool is short), so the memory
  * a queue touches is the pool's, not depth x the largest request. A WRITE's
  * buffer is free once the target finishes; a READ's once the kernel copied
- * it, which it does while io_uring_submit() issues the COMMIT_AND_FETCH_REQ.
+ * it, which it does while io_uring_submit() issues the COMMIT_AND_FETCH_REQ
+ * (the pages wait in q->release until the ring has submitted everything).
  *
  * With UBLK_F_USER_COPY (6.4+) the kernel copies nothing: a WRITE arrives
  * like any request and its data is read from the char device where the
@@ -83,7 +84,7 @@ int ublk_queue_setup(struct ublk_queue *q, struct ublk_dev *dev, unsigned int q_
 	q->tags = calloc(q->depth, sizeof(*q->tags));
 	q->pending = calloc(q->depth, sizeof(*q->pending));
 	q->bufwait = calloc(q->depth, sizeof(*q->bufwait));
-	q->release = calloc(q->depth, sizeof(*q->release));
+	q->release = calloc(q->pool.pages, sizeof(*q->release));
 	if (!q->tags || !q->pending || !q->bufwait || !q->release) {
 		ret = -ENOMEM;
 		goto err_tags;
@@ -100,7 +101,8 @@ err_tags:
 	free(q->bufwait);
 	free(q->pending);
 	free(q->tags);
-	q->release = q->bufwait = q->pending = NULL;
+	q->release = NULL;
+	q->bufwait = q->pending = NULL;
 	q->tags = NULL;
 	ublk_pool_fini(&q->pool);
 err_iods:
@@ -125,7 +127,8 @@ void ublk_queue_teardown(struct ublk_queue *q)
 	free(q->tags);
 	q->iods = NULL;
 	q->wake_fd = -1;
-	q->release = q->bufwait = q->pending = NULL;
+	q->release = NULL;
+	q->bufwait = q->pending = NULL;
 	q->tags = NULL;
 }
 
@@ -197,8 +200,11 @@ static void buf_release(struct ublk_queue *q)
 {
 	if (!q->nr_release || io_uring_sq_ready(&q->ring))
 		return;
-	while (q->nr_release)
-		buf_put(q, q->release[--q->nr_release]);
+	while (q->nr_release) {
+		struct ublk_buf_run *b = &q->release[--q->nr_release];
+
+		ublk_pool_free(&q->pool, b->first, b->pages);
+	}
 }
 
 struct ublk_queue *ublk_queue_self(void)
@@ -300,8 +306,11 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 	io_uring_sqe_set_data64(sqe, tag);
 	t->state = UBLK_TAG_KERNEL;
 	q->nr_cmds++;
-	if (cmd == UBLK_IO_COMMIT_AND_FETCH_REQ && t->buf_pages)
-		q->release[q->nr_release++] = (uint16_t)tag;
+	if (cmd == UBLK_IO_COMMIT_AND_FETCH_REQ && t->buf_pages) {
+		/* The buffer now belongs to the commit: the tag may get another first. */
+		q->release[q->nr_release++] = (struct ublk_buf_run){ t->buf_first, t->buf_pages };
+		t->buf_pages = 0;
+	}
 }
 
 static void queue_issue_pending(struct ublk_queue *q)
