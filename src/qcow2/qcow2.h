@@ -123,7 +123,7 @@ typedef void (*qcow2_done_fn)(struct qcow2_req *req, int res, void *priv);
 
 /* Preallocate a request; front ends keep one per tag. NULL on ENOMEM. */
 struct qcow2_req *qcow2_req_new(struct qcow2 *img);
-/* Free an idle request, before its image is closed. */
+/* Free an idle request (also after its image was closed). */
 void qcow2_req_free(struct qcow2_req *req);
 
 /*

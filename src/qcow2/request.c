@@ -474,11 +474,9 @@ void qcow2_req_free(struct qcow2_req *r)
 {
 	if (!r)
 		return;
+	/* No scratch accounting here: front ends free requests after qcow2_close(). */
 	qcow2_req_free(r->sub[0]);
 	qcow2_req_free(r->sub[1]);
-	r->img->scratch_bytes -= (r->cow ? 2 * r->img->cluster_size : 0) +
-				 (r->cbuf ? 2 * r->img->cluster_size + 2 * QCOW2_DIO_ALIGN : 0) +
-				 (r->dbuf ? r->img->cluster_size : 0) + r->crypt_buf_len;
 	free(r->cow);
 	free(r->cbuf);
 	free(r->dbuf);
