@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,7 +19,17 @@ REGRESSIONS = os.path.join(HERE, "..", "images", "fuzz")
 
 
 def run(*args):
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, input=b"")
+    # qemu-img's LUKS key derivation times a PBKDF2 benchmark: on a busy
+    # machine it fails now and then, so LUKS creates get a few tries
+    tries = 5 if any("encrypt.format=luks" in a for a in args) else 1
+    for i in range(tries):
+        try:
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL, input=b"")
+            return
+        except subprocess.CalledProcessError:
+            if i == tries - 1:
+                raise
+            time.sleep(1)
 
 
 def create(path, size, opts="", backing=None):
