@@ -167,7 +167,7 @@ static bool buf_get(struct ublk_queue *q, unsigned int tag)
 	const struct ublksrv_io_desc *iod = &q->iods[tag];
 	struct ublk_tag *t = &q->tags[tag];
 	uint64_t len = (uint64_t)iod->nr_sectors << 9;
-	unsigned int op = ublksrv_get_op(iod);
+	unsigned int op = ublksrv_get_op(iod), pages;
 	int first;
 
 	t->buf_pages = 0;
@@ -178,11 +178,12 @@ static bool buf_get(struct ublk_queue *q, unsigned int tag)
 		len = q->buf_bytes;
 	if (len == 0)
 		len = 1;
-	first = ublk_pool_alloc(&q->pool, (unsigned int)((len + UBLK_POOL_PAGE - 1) / UBLK_POOL_PAGE));
+	pages = (unsigned int)((len + UBLK_POOL_PAGE - 1) / UBLK_POOL_PAGE);
+	first = ublk_pool_alloc(&q->pool, pages);
 	if (first < 0)
 		return false;
 	t->buf_first = (uint32_t)first;
-	t->buf_pages = (uint32_t)((len + UBLK_POOL_PAGE - 1) / UBLK_POOL_PAGE);
+	t->buf_pages = pages;
 	return true;
 }
 
