@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "qcow2.h"
 
 #define DISK_SIZE	(48ull << 20)
@@ -55,25 +56,6 @@ static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
 		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
 			return true;
 	return false;
-}
-
-static void verify(struct qcow2 *img, const uint8_t *mirror)
-{
-	uint8_t *buf = malloc(1 << 20);
-	uint64_t off;
-
-	ck_assert_ptr_nonnull(buf);
-	for (off = 0; off < DISK_SIZE; off += 1 << 20) {
-		ck_assert_int_eq(qcow2_pread(img, buf, 1 << 20, off), 0);
-		if (memcmp(buf, mirror + off, 1 << 20)) {
-			uint64_t i = 0;
-
-			while (buf[i] == mirror[off + i])
-				i++;
-			ck_abort_msg("mismatch at guest offset %llu", (unsigned long long)(off + i));
-		}
-	}
-	free(buf);
 }
 
 static void run_one(const char *create_opts)
@@ -140,7 +122,7 @@ static void run_one(const char *create_opts)
 				memset(mirror + o->off, 0, o->len);
 		}
 		if (round % 10 == 9)
-			verify(img, mirror);
+			tu_verify_image(img, mirror, DISK_SIZE);
 	}
 	for (i = 0; i < BATCH; i++) {
 		qcow2_req_free(ops[i].req);
@@ -149,7 +131,7 @@ static void run_one(const char *create_opts)
 	ck_assert_int_eq(qcow2_close(img), 0);
 
 	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	verify(img, mirror);
+	tu_verify_image(img, mirror, DISK_SIZE);
 	ck_assert_int_eq(qcow2_close(img), 0);
 	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", path);
 	ck_assert_int_eq(system(cmd), 0);

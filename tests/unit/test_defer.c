@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "internal.h"
 
 #define DISK_SIZE	(8ull << 20)
@@ -75,25 +76,6 @@ static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
 		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
 			return true;
 	return false;
-}
-
-static void verify(struct qcow2 *img, const uint8_t *mirror)
-{
-	uint8_t *buf;
-	uint64_t off;
-
-	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, 1 << 20), 0);
-	for (off = 0; off < DISK_SIZE; off += 1 << 20) {
-		ck_assert_int_eq(qcow2_pread(img, buf, 1 << 20, off), 0);
-		if (memcmp(buf, mirror + off, 1 << 20)) {
-			uint64_t i = 0;
-
-			while (buf[i] == mirror[off + i])
-				i++;
-			ck_abort_msg("mismatch at guest offset %llu", (unsigned long long)(off + i));
-		}
-	}
-	free(buf);
 }
 
 /* Hand the data over to some of the requests that asked (all, if @all). */
@@ -203,7 +185,7 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 		}
 		ck_assert_uint_le(img->scratch_bytes, QCOW2_SCRATCH_KEEP);
 		if (round % 10 == 9)
-			verify(img, mirror);
+			tu_verify_image(img, mirror, DISK_SIZE);
 	}
 	ck_assert_int_gt(failed, 0);
 	if (expect_cow)
@@ -215,7 +197,7 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 	ck_assert_int_eq(qcow2_close(img), 0);
 
 	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	verify(img, mirror);
+	tu_verify_image(img, mirror, DISK_SIZE);
 	ck_assert_int_eq(qcow2_close(img), 0);
 	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", path);
 	ck_assert_int_eq(system(cmd), 0);

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,4 +35,26 @@ uint8_t *tu_slurp(const char *path, size_t *len)
 	close(fd);
 	*len = st.st_size;
 	return buf;
+}
+
+void tu_verify_image(struct qcow2 *img, const uint8_t *mirror, uint64_t size)
+{
+	const uint64_t chunk = 1 << 20;
+	uint8_t *buf;
+	uint64_t off;
+
+	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, chunk), 0);
+	for (off = 0; off < size; off += chunk) {
+		uint64_t n = size - off < chunk ? size - off : chunk;
+
+		ck_assert_int_eq(qcow2_pread(img, buf, n, off), 0);
+		if (memcmp(buf, mirror + off, n)) {
+			uint64_t i = 0;
+
+			while (buf[i] == mirror[off + i])
+				i++;
+			ck_abort_msg("mismatch at guest offset %llu", (unsigned long long)(off + i));
+		}
+	}
+	free(buf);
 }

@@ -6,10 +6,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qcow2.h"
+
 /* Run a shell command (printf-style); the test fails unless it exits 0. */
 void tu_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* The whole file at @path, malloc'd; its length in *@len. */
 uint8_t *tu_slurp(const char *path, size_t *len);
+
+/* Fail unless the first @size bytes of @img read back as @mirror (names the
+ * first differing guest offset). */
+void tu_verify_image(struct qcow2 *img, const uint8_t *mirror, uint64_t size);
 
 #endif
