@@ -35,32 +35,54 @@ static const struct {
 				 FEATURE_ENTRY_BYTES)
 
 /*
- * Where everything goes, in cluster units, in file order: header, refcount
- * table, refcount blocks, L1 table, then (preallocation only) the L2 tables
- * and the data clusters. Without preallocation, and while one refcount
- * block covers it all, this is byte for byte what qemu-img creates (QEMU
- * puts further refcount blocks after the L1 table).
+ * Where everything goes. The layouts are those qemu-img leaves behind: it
+ * writes header, refcount table and refcount block 0 (clusters 0, 1, 2),
+ * then grows the L1 table (from cluster 3) and preallocates through its
+ * allocator, and sets up LUKS last, in the first free clusters:
+ *  - LAYOUT_META (preallocation=metadata, and every mode with an external
+ *    data file): each L2 table followed by its data clusters (data in the
+ *    data file: the L2 tables back to back). The last cluster's tail past
+ *    the image size is copied on write: zeros written up to the (sub)cluster
+ *    end.
+ *  - LAYOUT_AREA (falloc, full): new refcount structures at the end of the
+ *    file (QEMU's qcow2_refcount_area(): refcount blocks 1.., then a new
+ *    table; the first table at cluster 1 is freed), the data clusters after
+ *    them, then the L2 tables: the first one in the freed cluster 1, the
+ *    others after the data.
+ *  - LAYOUT_PACKED: everything back to back. Without preallocation while
+ *    one refcount block covers it all this is qemu-img's layout too; it is
+ *    also what we write where QEMU would allocate refcount blocks on the
+ *    fly (tiny clusters with narrow refcount blocks, huge images), a layout
+ *    we do not reproduce.
  */
+enum layout_kind { LAYOUT_PACKED, LAYOUT_META, LAYOUT_AREA };
+
 struct layout {
+	enum layout_kind kind;
 	uint32_t cluster_bits;
 	uint32_t refcount_order;
 	uint64_t l1_size;		/* entries */
+	uint64_t l2_entries;		/* per L2 table */
 	uint64_t reftable_clusters;
 	uint64_t nb_refblocks;
 	uint64_t l1_clusters;
 	uint64_t nb_l2;
 	uint64_t nb_data;
-	uint64_t nb_clusters;		/* everything, all with refcount 1 */
+	uint64_t nb_clusters;		/* the file's clusters: all refcount 1 but @free */
+	uint64_t free;			/* a cluster with refcount 0 (0: none) */
 	uint64_t crypt_bytes;		/* LUKS header area (encrypted images) */
 	uint64_t nb_crypt;
-	uint64_t reftable_off, refblocks_off, l1_off, crypt_off, l2_off, data_off;
+	uint64_t reftable_off, rb0_off, rb1_off, l1_off, crypt_off;
+	uint64_t l2_first, l2_base, l2_step;	/* L2 table k: k ? base + k * step : first */
+	uint64_t data_off;		/* guest cluster 0's data (LAYOUT_PACKED, _AREA) */
 	bool data_in_file;		/* no external data file */
 };
 
 /*
  * One on-disk table written in a single sweep: entry i (of 2^@order bits,
  * every @stride-th slot: extended L2 entries leave their bitmap zero) is
- * @base + i * @step for i < @nr_set and zero after that, up to @bytes.
+ * @base + i * @step for i < @nr_set (entry 0: @first) and zero after that,
+ * up to @bytes; entry @hole (0: none) stays zero.
  */
 struct table {
 	uint64_t off;
@@ -70,6 +92,8 @@ struct table {
 	uint64_t base;
 	uint64_t step;
 	uint32_t stride;
+	uint64_t first;
+	uint64_t hole;
 };
 
 struct creator {
@@ -164,27 +188,63 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	return 0;
 }
 
-static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
+/* QEMU's qcow2_refcount_metadata_size(): refcount blocks for @clusters and themselves. */
+static uint64_t refblocks_for(uint64_t clusters, uint64_t cs, uint64_t rb_entries)
+{
+	uint64_t blocks = 0, table = 0, n = 0, last;
+
+	do {
+		last = n;
+		blocks = div_round_up(clusters + table + blocks, rb_entries);
+		table = div_round_up(blocks, cs / 8);
+		n = clusters + blocks + table;
+	} while (n != last);
+	return blocks;
+}
+
+/*
+ * falloc/full as QEMU's qcow2_co_truncate() lays them out, from cluster
+ * @start (after the L1 table). False where refcount block 0 does not cover
+ * the L1 table or the new refcount blocks do not cover everything.
+ */
+static bool plan_area(struct layout *l, uint64_t start, uint64_t rb_entries)
+{
+	uint64_t cs = 1ull << l->cluster_bits, rb, rt, end;
+
+	if (start > rb_entries || !l->data_in_file)
+		return false;
+	/* QEMU's overestimate: one L2 table more for a head or tail. */
+	rb = refblocks_for(start + l->nb_data + div_round_up(l->nb_data, l->l2_entries) + 1,
+			   cs, rb_entries);
+	rt = div_round_up(rb * 8, cs);
+	l->kind = LAYOUT_AREA;
+	l->nb_refblocks = rb;
+	l->reftable_clusters = rt;
+	l->rb1_off = start * cs;
+	l->reftable_off = (start + rb - 1) * cs;
+	l->data_off = (start + rb - 1 + rt) * cs;
+	l->l2_first = cs;	/* the first refcount table's cluster, freed */
+	l->l2_base = l->nb_data ? l->data_off + (l->nb_data - 1) * cs : 0;
+	l->l2_step = cs;
+	end = start + rb - 1 + rt + l->nb_data + (l->nb_l2 ? l->nb_l2 - 1 : 0);
+	l->free = l->nb_l2 ? 0 : 1;
+	if (l->nb_crypt == 1 && l->free) {
+		l->crypt_off = cs;
+		l->free = 0;
+	} else {
+		l->crypt_off = end * cs;
+		end += l->nb_crypt;
+	}
+	l->nb_clusters = end;
+	return end <= rb * rb_entries && rt * cs <= QCOW2_MAX_REFTABLE_BYTES;
+}
+
+static int plan_packed(struct creator *c, struct layout *l, uint64_t rb_entries)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
-	uint64_t l2_entries = cs / (o->extended_l2 ? 16 : 8);
-	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
 	uint64_t fixed, rb = 0, rt = 0;
 
-	l->l1_size = div_round_up(o->size, cs * l2_entries);
-	if (l->l1_size * 8 > QCOW2_MAX_L1_BYTES)
-		return create_error(c, -EFBIG,
-				    "image size is too large for qcow2 (try a larger cluster size)");
-	l->l1_clusters = div_round_up(l->l1_size * 8, cs);
-	if (o->prealloc != QCOW2_PREALLOC_OFF) {
-		l->nb_data = div_round_up(o->size, cs);
-		l->nb_l2 = div_round_up(l->nb_data, l2_entries);
-	}
-	/* Data in an external file: mapped one to one, not in this file. */
-	l->data_in_file = !o->data_file;
-
 	/* The refcount blocks count themselves and the table: iterate to a fixed point. */
-	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
 	fixed = 1 + l->l1_clusters + l->nb_crypt + l->nb_l2 + (l->data_in_file ? l->nb_data : 0);
 	for (;;) {
 		uint64_t nrb = div_round_up(fixed + rt + rb, rb_entries);
@@ -198,19 +258,73 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	if (rt * cs > QCOW2_MAX_REFTABLE_BYTES)
 		return create_error(c, -EFBIG,
 				    "refcount table too large for this preallocation (try a larger cluster size)");
+	l->kind = LAYOUT_PACKED;
 	l->nb_refblocks = rb;
 	l->reftable_clusters = rt;
 	l->nb_clusters = fixed + rt + rb;
+	l->free = 0;
+	l->reftable_off = cs;
+	l->rb0_off = l->reftable_off + rt * cs;
+	l->rb1_off = l->rb0_off + cs;
+	l->l1_off = l->rb0_off + rb * cs;
+	l->crypt_off = l->l1_off + l->l1_clusters * cs;
+	l->l2_first = l->l2_base = l->crypt_off + l->nb_crypt * cs;
+	l->l2_step = cs;
+	l->data_off = l->data_in_file ? l->l2_base + l->nb_l2 * cs : 0;
+	return 0;
+}
+
+static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
+	bool area = o->prealloc == QCOW2_PREALLOC_FALLOC || o->prealloc == QCOW2_PREALLOC_FULL;
+	uint64_t start, end;
+	int ret;
+
+	l->l2_entries = cs / (o->extended_l2 ? 16 : 8);
+	l->l1_size = div_round_up(o->size, cs * l->l2_entries);
+	if (l->l1_size * 8 > QCOW2_MAX_L1_BYTES)
+		return create_error(c, -EFBIG,
+				    "image size is too large for qcow2 (try a larger cluster size)");
+	l->l1_clusters = div_round_up(l->l1_size * 8, cs);
+	if (o->prealloc != QCOW2_PREALLOC_OFF) {
+		l->nb_data = div_round_up(o->size, cs);
+		l->nb_l2 = div_round_up(l->nb_data, l->l2_entries);
+	}
+	/* Data in an external file: mapped one to one, not in this file. */
+	l->data_in_file = !o->data_file;
+	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
+
+	/* QEMU's first steps: header, table at 1, refcount block 0 at 2, L1 from 3. */
+	start = 3 + l->l1_clusters;
+	l->rb0_off = 2 * cs;
+	l->l1_off = 3 * cs;
+	if (area && plan_area(l, start, rb_entries))
+		goto planned;
+	end = start + l->nb_l2 + (l->data_in_file ? l->nb_data : 0);
+	/* Everything in refcount block 0: QEMU allocated no refcount block on the way. */
+	if (!(area && l->data_in_file) && end + l->nb_crypt <= rb_entries) {
+		l->kind = LAYOUT_META;
+		l->nb_refblocks = 1;
+		l->reftable_clusters = 1;
+		l->free = 0;
+		l->reftable_off = cs;
+		l->rb1_off = 3 * cs;
+		l->l2_first = l->l2_base = start * cs;
+		/* Each L2 table followed by its data clusters, in this file or not. */
+		l->l2_step = (l->data_in_file ? 1 + l->l2_entries : 1) * cs;
+		l->data_off = 0;
+		l->crypt_off = end * cs;
+		l->nb_clusters = end + l->nb_crypt;
+		goto planned;
+	}
+	ret = plan_packed(c, l, rb_entries);
+	if (ret < 0)
+		return ret;
+planned:
 	if (l->nb_clusters > (L2E_OFFSET_MASK >> l->cluster_bits))
 		return create_error(c, -EFBIG, "image size is too large for this preallocation");
-
-	l->reftable_off = cs;
-	l->refblocks_off = l->reftable_off + rt * cs;
-	l->l1_off = l->refblocks_off + rb * cs;
-	/* The LUKS header after the L1 table, as qemu-img places it. */
-	l->crypt_off = l->l1_off + l->l1_clusters * cs;
-	l->l2_off = l->crypt_off + l->nb_crypt * cs;
-	l->data_off = l->data_in_file ? l->l2_off + l->nb_l2 * cs : 0;
 	return 0;
 }
 
@@ -314,7 +428,10 @@ static int write_table(struct creator *c, const struct table *t)
 			end = t->nr_set;
 		memset(c->buf, 0, len);
 		for (i = first; i < end; i++)
-			qcow2_rc_write(c->buf, i * stride - slot0, t->order, t->base + i * t->step);
+			qcow2_rc_write(c->buf, i * stride - slot0, t->order,
+				       i ? t->base + i * t->step : t->first);
+		if (t->hole && t->hole >= first && t->hole < end)
+			qcow2_rc_write(c->buf, t->hole * stride - slot0, t->order, 0);
 		ret = write_buf(c, c->buf, len, t->off + done);
 		if (ret < 0)
 			return ret;
@@ -322,28 +439,60 @@ static int write_table(struct creator *c, const struct table *t)
 	return 0;
 }
 
+/* Host offset of L2 table @k. */
+static uint64_t l2_table_off(const struct layout *l, uint64_t k)
+{
+	return k ? l->l2_base + k * l->l2_step : l->l2_first;
+}
+
+/* Host offset of the data of guest cluster @g (in this file or the data file). */
+static uint64_t data_cluster_off(const struct layout *l, uint64_t g)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+
+	if (l->kind == LAYOUT_META && l->data_in_file)
+		return l2_table_off(l, g / l->l2_entries) + (1 + g % l->l2_entries) * cs;
+	return l->data_off + g * cs;
+}
+
 static int write_metadata(struct creator *c, const struct layout *l, bool extended_l2)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
+	uint64_t rest = l->nb_clusters > rb_entries ? l->nb_clusters - rb_entries : 0;
 	const struct table tables[] = {
 		{ l->reftable_off, l->reftable_clusters * cs, 6, l->nb_refblocks,
-		  l->refblocks_off, cs, 1 },
-		{ l->refblocks_off, l->nb_refblocks * cs, l->refcount_order, l->nb_clusters,
-		  1, 0, 1 },
+		  l->rb1_off - cs, cs, 1, l->rb0_off, 0 },
+		{ l->rb0_off, cs, l->refcount_order, l->nb_clusters - rest, 1, 0, 1, 1, l->free },
+		{ l->rb1_off, (l->nb_refblocks - 1) * cs, l->refcount_order, rest, 1, 0, 1, 1, 0 },
 		/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
-		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_off | QCOW2_OFLAG_COPIED, cs, 1 },
-		/*
-		 * Extended L2: the bitmaps stay zero, as QEMU's preallocation
-		 * leaves them (the clusters read as zeros until written).
-		 */
-		{ l->l2_off, l->nb_l2 * cs, 6, l->nb_data, l->data_off | QCOW2_OFLAG_COPIED, cs,
-		  extended_l2 ? 2 : 1 },
+		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_base | QCOW2_OFLAG_COPIED,
+		  l->l2_step, 1, l->l2_first | QCOW2_OFLAG_COPIED, 0 },
+		/* The freed first refcount table keeps its one entry, as in QEMU's file. */
+		{ cs, l->free ? cs : 0, 6, 1, l->rb0_off, 0, 1, l->rb0_off, 0 },
 	};
+	uint64_t k;
 	size_t i;
 	int ret;
 
 	for (i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
 		ret = write_table(c, &tables[i]);
+		if (ret < 0)
+			return ret;
+	}
+	for (k = 0; k < l->nb_l2; k++) {
+		uint64_t g = k * l->l2_entries, data = data_cluster_off(l, g) | QCOW2_OFLAG_COPIED;
+		/*
+		 * Extended L2: the bitmaps stay zero, as QEMU's preallocation
+		 * leaves them (the clusters read as zeros until written).
+		 */
+		const struct table t = {
+			l2_table_off(l, k), cs, 6,
+			l->nb_data - g < l->l2_entries ? l->nb_data - g : l->l2_entries,
+			data, cs, extended_l2 ? 2 : 1, data, 0
+		};
+
+		ret = write_table(c, &t);
 		if (ret < 0)
 			return ret;
 	}
@@ -390,6 +539,39 @@ static int preallocate(struct creator *c, int fd, uint64_t off, uint64_t len,
 }
 
 /*
+ * The data clusters, preallocated as QEMU leaves them. Its metadata
+ * preallocation (LAYOUT_META, and any mode with a data file) copies the
+ * last cluster's tail past the image size on write, zeros up to the end of
+ * the (sub)cluster, and only then extends the file to the last data byte
+ * when it is still shorter: with such a tail, a data file is neither
+ * extended nor allocated further.
+ */
+static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
+			 const struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t unit = o->extended_l2 ? cs / 32 : cs, last, r;
+
+	if (!l->data_in_file) {
+		if (o->prealloc != QCOW2_PREALLOC_OFF && o->size % unit)
+			return write_zeros(c, c->data_fd, o->size, unit - o->size % unit);
+		return preallocate(c, c->data_fd, 0, o->size,
+				   o->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
+				   o->prealloc);
+	}
+	if (!l->nb_data)
+		return 0;
+	if (l->kind != LAYOUT_META)
+		return preallocate(c, c->fd, l->data_off, l->nb_data << l->cluster_bits,
+				   o->prealloc);
+	last = data_cluster_off(l, l->nb_data - 1);
+	r = o->size - ((l->nb_data - 1) << l->cluster_bits);
+	if (r % unit)
+		return write_zeros(c, c->fd, last + r, unit - r % unit);
+	return preallocate(c, c->fd, last + r, 0, QCOW2_PREALLOC_OFF);
+}
+
+/*
  * Create (truncating, as qemu-img does) the external data file. Its name is
  * stored as given and, like qemu-img, taken relative to the current
  * directory.
@@ -403,11 +585,15 @@ static int open_data_file(struct creator *c, const char *name)
 	return 0;
 }
 
-/* The LUKS header area: built (PBKDF2 timing included) and written whole. */
+/*
+ * The LUKS header area: built (PBKDF2 timing included) and written as
+ * QEMU writes it: the clusters zeroed by allocation, then the header and
+ * key material, which end where the area's last nonzero byte does.
+ */
 static int write_luks(struct creator *c, const struct qcow2_encrypt_opts *o,
 		      const struct layout *l)
 {
-	uint64_t bytes = l->nb_crypt << l->cluster_bits;
+	uint64_t bytes = l->nb_crypt << l->cluster_bits, used;
 	char why[160];
 	uint8_t *area;
 	int ret;
@@ -416,10 +602,18 @@ static int write_luks(struct creator *c, const struct qcow2_encrypt_opts *o,
 		return create_error(c, -ENOMEM, "out of memory");
 	memset(area, 0, bytes);
 	ret = qcow2_luks_header_build(o, area, why, sizeof(why));
-	if (ret < 0)
+	if (ret < 0) {
 		ret = create_error(c, ret, "%s", why);
-	else
-		ret = write_buf(c, area, bytes, l->crypt_off);
+		goto out;
+	}
+	ret = preallocate(c, c->fd, l->crypt_off, bytes, QCOW2_PREALLOC_FALLOC);
+	if (ret < 0)
+		goto out;
+	for (used = bytes; used && !area[used - 1]; used--)
+		;
+	used = (used + 511) & ~511ull;
+	ret = write_buf(c, area, used, l->crypt_off);
+out:
 	free(area);
 	return ret;
 }
@@ -499,19 +693,15 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	ret = write_metadata(&c, &l, opts->extended_l2);
 	if (ret < 0)
 		goto out_close;
+	/* QEMU sets up encryption after preallocating: the LUKS area comes last. */
+	ret = prealloc_data(&c, opts, &l);
+	if (ret < 0)
+		goto out_close;
 	if (l.nb_crypt) {
 		ret = write_luks(&c, opts->encrypt, &l);
 		if (ret < 0)
 			goto out_close;
 	}
-	if (c.data_fd >= 0)
-		ret = preallocate(&c, c.data_fd, 0, opts->size,
-				  opts->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
-				  opts->prealloc);
-	else if (opts->prealloc != QCOW2_PREALLOC_OFF)
-		ret = preallocate(&c, c.fd, l.data_off, l.nb_data << l.cluster_bits, opts->prealloc);
-	if (ret < 0)
-		goto out_close;
 	if (c.data_fd >= 0) {
 		ret = qcow2_io_fsync(io, c.data_fd);
 		if (ret < 0) {
