@@ -553,11 +553,21 @@ static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
 	uint64_t unit = o->extended_l2 ? cs / 32 : cs, last, r;
 
 	if (!l->data_in_file) {
+		int ret;
+
 		if (o->prealloc != QCOW2_PREALLOC_OFF && o->size % unit)
 			return write_zeros(c, c->data_fd, o->size, unit - o->size % unit);
-		return preallocate(c, c->data_fd, 0, o->size,
-				   o->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
-				   o->prealloc);
+		ret = preallocate(c, c->data_fd, 0, o->size,
+				  o->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
+				  o->prealloc);
+		/*
+		 * QEMU's file driver writes the first block of a file it grows
+		 * from empty by truncating or fallocating (to speed up its
+		 * alignment probe later): 4 KiB, or 512 bytes of a smaller file.
+		 */
+		if (ret < 0 || !o->size || o->prealloc == QCOW2_PREALLOC_FULL)
+			return ret;
+		return write_zeros(c, c->data_fd, 0, o->size < 4096 ? 512 : 4096);
 	}
 	if (!l->nb_data)
 		return 0;
