@@ -10,11 +10,13 @@
  * table's clusters count twice, as QEMU's check counts them), and COPIED
  * flags in the active tables mark exactly the refcount-1 clusters.
  *
- * Crash safety, in QEMU's order: references are added (refcounts raised and
- * durable) before anything points at them, and dropped only after whatever
- * pointed at them is durably gone. The cache flush writes refcounts before
- * L2 tables before the L1 table, so COPIED flags never reach the disk ahead
- * of the refcounts they describe. A crash leaks clusters at worst.
+ * Crash safety, unlike QEMU's in-place edits: each operation writes its new
+ * state (active L1 table, copies of the L2 tables whose COPIED flags
+ * change, snapshot table, every refcount block and the refcount table) to
+ * clusters past the end of the file and switches to it with one header
+ * write (shadow_commit). A crash leaves the old image or the new one, never
+ * a mix; the price is a copy of the refcount metadata and of the changed
+ * L2 tables per operation, whose old clusters become free space.
  *
  * Every operation first checks that all its refcount changes fit (no
  * overflow, no underflow) and only then changes anything, so a refusal
