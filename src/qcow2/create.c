@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -49,13 +50,18 @@ static const struct {
  *    table; the first table at cluster 1 is freed), the data clusters after
  *    them, then the L2 tables: the first one in the freed cluster 1, the
  *    others after the data.
+ *  - LAYOUT_SIM: LAYOUT_META where QEMU allocates refcount blocks on the
+ *    way (small clusters, narrow refcounts, large images): its allocator
+ *    replayed (struct sim), holes included.
  *  - LAYOUT_PACKED: everything back to back. Without preallocation while
  *    one refcount block covers it all this is qemu-img's layout too; it is
  *    also what we write where QEMU would allocate refcount blocks on the
- *    fly (tiny clusters with narrow refcount blocks, huge images), a layout
- *    we do not reproduce.
+ *    fly and then outgrows its first refcount table, a layout we do not
+ *    reproduce.
  */
-enum layout_kind { LAYOUT_PACKED, LAYOUT_META, LAYOUT_AREA };
+enum layout_kind { LAYOUT_PACKED, LAYOUT_META, LAYOUT_AREA, LAYOUT_SIM };
+
+struct sim;
 
 struct layout {
 	enum layout_kind kind;
@@ -76,6 +82,7 @@ struct layout {
 	uint64_t l2_first, l2_base, l2_step;	/* L2 table k: k ? base + k * step : first */
 	uint64_t data_off;		/* guest cluster 0's data (LAYOUT_PACKED, _AREA) */
 	bool data_in_file;		/* no external data file */
+	struct sim *sim;		/* LAYOUT_SIM */
 };
 
 /*
@@ -274,6 +281,262 @@ static int plan_packed(struct creator *c, struct layout *l, uint64_t rb_entries)
 	return 0;
 }
 
+/*
+ * QEMU's cluster allocator (qcow2-refcount.c: alloc_clusters_noref,
+ * update_refcount, alloc_refcount_block, qcow2_alloc_clusters(_at)),
+ * replayed for a metadata preallocation whose refcount blocks QEMU
+ * allocates on the way: the first free cluster for each new refcount
+ * block, -EAGAIN and a fresh search after it, partial refcount updates
+ * undone (which can leave holes). Refcounts are 0 or 1 here. -ENOSPC where
+ * QEMU would grow the refcount table: not replayed.
+ */
+struct sim_run {
+	uint64_t guest, host, nr;	/* clusters */
+};
+
+struct sim {
+	uint64_t *used;			/* bitmap: refcount 1 */
+	uint64_t nr_bits;
+	uint64_t *rb;			/* refcount block of reftable entry i (cluster), 0: none */
+	uint64_t nr_rb;			/* entries of QEMU's first (one cluster) table */
+	uint64_t per_rb;
+	uint64_t free_idx;		/* QEMU's free_cluster_index */
+	uint64_t l1;			/* clusters */
+	uint64_t *l2;			/* per L2 table */
+	uint64_t crypt;
+	struct sim_run *runs;		/* guest order */
+	size_t nr_runs, runs_alloc;
+};
+
+static bool sim_used(const struct sim *s, uint64_t c)
+{
+	return c < s->nr_bits && (s->used[c / 64] >> (c % 64) & 1);
+}
+
+/* QEMU's get_refcount(): 0 without a refcount block. */
+static bool sim_refcount(const struct sim *s, uint64_t c)
+{
+	uint64_t i = c / s->per_rb;
+
+	return i < s->nr_rb && s->rb[i] && sim_used(s, c);
+}
+
+static int sim_set(struct sim *s, uint64_t c, bool v)
+{
+	if (c >= s->nr_bits)
+		return -ENOSPC;
+	if (v)
+		s->used[c / 64] |= 1ull << (c % 64);
+	else
+		s->used[c / 64] &= ~(1ull << (c % 64));
+	return 0;
+}
+
+static uint64_t sim_alloc_noref(struct sim *s, uint64_t n)
+{
+	uint64_t i;
+
+retry:
+	for (i = 0; i < n; i++)
+		if (sim_refcount(s, s->free_idx++))
+			goto retry;
+	return s->free_idx - n;
+}
+
+static int sim_alloc_rb(struct sim *s, uint64_t c);
+
+static int sim_update(struct sim *s, uint64_t c0, uint64_t n, bool inc)
+{
+	uint64_t c, cur = UINT64_MAX;
+	int ret = 0;
+
+	for (c = c0; c < c0 + n; c++) {
+		if (c / s->per_rb != cur) {
+			cur = c / s->per_rb;
+			ret = sim_alloc_rb(s, c);
+			/* QEMU: the search starts again at the same clusters. */
+			if (ret == -EAGAIN && s->free_idx > c0)
+				s->free_idx = c0;
+			if (ret < 0)
+				break;
+		}
+		ret = sim_set(s, c, inc);
+		if (ret < 0)
+			break;
+		if (!inc && c < s->free_idx)
+			s->free_idx = c;
+	}
+	/* As QEMU: what was done is undone (which lowers the free index). */
+	if (ret == -EAGAIN && c > c0)
+		sim_update(s, c0, c - c0, !inc);
+	return ret;
+}
+
+static int sim_alloc_rb(struct sim *s, uint64_t c)
+{
+	uint64_t i = c / s->per_rb, nb;
+	int ret;
+
+	if (i < s->nr_rb && s->rb[i])
+		return 0;
+	if (i >= s->nr_rb)
+		return -ENOSPC;
+	nb = sim_alloc_noref(s, 1);
+	if (nb / s->per_rb == i)
+		ret = sim_set(s, nb, true);	/* it describes itself */
+	else
+		ret = sim_update(s, nb, 1, true);
+	if (ret < 0)
+		return ret;
+	s->rb[i] = nb;
+	return -EAGAIN;		/* the caller searches again */
+}
+
+static int sim_alloc(struct sim *s, uint64_t n, uint64_t *c)
+{
+	int ret;
+
+	do {
+		*c = sim_alloc_noref(s, n);
+		ret = sim_update(s, *c, n, true);
+	} while (ret == -EAGAIN);
+	return ret;
+}
+
+static int sim_alloc_at(struct sim *s, uint64_t c, uint64_t n, uint64_t *got)
+{
+	int ret;
+
+	do {
+		for (*got = 0; *got < n && !sim_refcount(s, c + *got); (*got)++)
+			;
+		ret = sim_update(s, c, *got, true);
+	} while (ret == -EAGAIN);
+	return ret;
+}
+
+static int sim_add_run(struct sim *s, uint64_t guest, uint64_t host, uint64_t nr)
+{
+	if (s->nr_runs == s->runs_alloc) {
+		size_t n = s->runs_alloc ? 2 * s->runs_alloc : 64;
+		struct sim_run *p = realloc(s->runs, n * sizeof(*p));
+
+		if (!p)
+			return -ENOMEM;
+		s->runs = p;
+		s->runs_alloc = n;
+	}
+	s->runs[s->nr_runs++] = (struct sim_run){ guest, host, nr };
+	return 0;
+}
+
+static void sim_free(struct sim *s)
+{
+	if (!s)
+		return;
+	free(s->used);
+	free(s->rb);
+	free(s->l2);
+	free(s->runs);
+	free(s);
+}
+
+/*
+ * qemu-img create's steps for preallocation=metadata: header, table and
+ * refcount block 0 (clusters 0-2), the L1 table, then preallocate_co()'s
+ * qcow2_alloc_host_offset() calls (at most INT_MAX bytes each; within one
+ * a new L2 table comes first and data runs stop at L2 slices and continue
+ * in place while the next cluster is free), then the LUKS area.
+ */
+static int sim_run_meta(struct sim *s, const struct layout *l, uint64_t slice_entries)
+{
+	uint64_t chunk = (INT32_MAX >> l->cluster_bits), g = 0, k, h, n;
+	int ret;
+
+	sim_set(s, 0, true);
+	sim_set(s, 1, true);
+	sim_set(s, 2, true);
+	s->rb[0] = 2;
+	s->free_idx = 3;
+	ret = l->l1_clusters ? sim_alloc(s, l->l1_clusters, &s->l1) : 0;
+	while (!ret && g < l->nb_data) {
+		uint64_t end = l->nb_data - g < chunk ? l->nb_data : g + chunk, host = UINT64_MAX;
+
+		while (g < end) {
+			k = g / l->l2_entries;
+			if (!s->l2[k]) {
+				ret = sim_alloc(s, 1, &s->l2[k]);
+				if (ret < 0)
+					return ret;
+			}
+			n = slice_entries - g % slice_entries;
+			if (n > end - g)
+				n = end - g;
+			if (!l->data_in_file)
+				h = g;		/* the data file maps one to one */
+			else if (host == UINT64_MAX)
+				ret = sim_alloc(s, n, &h);
+			else
+				ret = sim_alloc_at(s, (h = host), n, &n);
+			if (ret < 0)
+				return ret;
+			if (!n)
+				break;
+			ret = sim_add_run(s, g, h, n);
+			if (ret < 0)
+				return ret;
+			host = h + n;
+			g += n;
+		}
+	}
+	if (!ret && l->nb_crypt)
+		ret = sim_alloc(s, l->nb_crypt, &s->crypt);
+	return ret;
+}
+
+/* LAYOUT_SIM, or false where the replay gives up or would not fit in memory. */
+static bool plan_sim(struct layout *l, const struct qcow2_create_opts *o, uint64_t rb_entries)
+{
+	uint64_t cs = 1ull << l->cluster_bits, end = 0, i;
+	struct sim *s = calloc(1, sizeof(*s));
+	uint64_t slice = (cs < 4096 ? cs : 4096) / (o->extended_l2 ? 16 : 8);
+
+	if (!s)
+		return false;
+	s->per_rb = rb_entries;
+	s->nr_rb = cs / 8;
+	/* Room for everything, one refcount block per entry and a hole next to each. */
+	s->nr_bits = 3 + l->l1_clusters + l->nb_l2 + (l->data_in_file ? l->nb_data : 0) +
+		     l->nb_crypt + 2 * s->nr_rb + 64;
+	if (s->nr_bits > (1ull << 32))
+		goto fail;
+	s->used = calloc(s->nr_bits / 64 + 1, 8);
+	s->rb = calloc(s->nr_rb, 8);
+	s->l2 = calloc(l->nb_l2 ? l->nb_l2 : 1, 8);
+	if (!s->used || !s->rb || !s->l2 || sim_run_meta(s, l, slice) < 0)
+		goto fail;
+	/* The file ends after the last cluster written (data clusters are not). */
+	for (i = 0; i < s->nr_rb; i++)
+		if (s->rb[i] + 1 > end)
+			end = s->rb[i] + 1;
+	for (i = 0; i < l->nb_l2; i++)
+		if (s->l2[i] + 1 > end)
+			end = s->l2[i] + 1;
+	if (l->nb_crypt && s->crypt + l->nb_crypt > end)
+		end = s->crypt + l->nb_crypt;
+	l->kind = LAYOUT_SIM;
+	l->sim = s;
+	l->reftable_off = cs;
+	l->reftable_clusters = 1;
+	l->l1_off = s->l1 * cs;
+	l->crypt_off = s->crypt * cs;
+	l->nb_clusters = end;
+	return true;
+fail:
+	sim_free(s);
+	return false;
+}
+
 static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
@@ -319,6 +582,8 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 		l->nb_clusters = end + l->nb_crypt;
 		goto planned;
 	}
+	if (!(area && l->data_in_file) && plan_sim(l, o, rb_entries))
+		goto planned;
 	ret = plan_packed(c, l, rb_entries);
 	if (ret < 0)
 		return ret;
@@ -449,10 +714,77 @@ static uint64_t l2_table_off(const struct layout *l, uint64_t k)
 static uint64_t data_cluster_off(const struct layout *l, uint64_t g)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
+	size_t lo, hi;
 
+	if (l->kind == LAYOUT_SIM) {
+		/* The last run starting at or before @g. */
+		for (lo = 0, hi = l->sim->nr_runs; hi - lo > 1;) {
+			size_t mid = lo + (hi - lo) / 2;
+
+			if (l->sim->runs[mid].guest <= g)
+				lo = mid;
+			else
+				hi = mid;
+		}
+		return (l->sim->runs[lo].host + g - l->sim->runs[lo].guest) * cs;
+	}
 	if (l->kind == LAYOUT_META && l->data_in_file)
 		return l2_table_off(l, g / l->l2_entries) + (1 + g % l->l2_entries) * cs;
 	return l->data_off + g * cs;
+}
+
+/* LAYOUT_SIM's tables, as the replay left them. */
+static int write_sim(struct creator *c, const struct layout *l, bool extended_l2)
+{
+	const struct sim *s = l->sim;
+	uint64_t cs = 1ull << l->cluster_bits, i, j, done, k = UINT64_MAX;
+	uint64_t l1_bytes = l->l1_size * 8;
+	size_t r;
+	int ret;
+
+	memset(c->buf, 0, cs);
+	for (i = 0; i < s->nr_rb; i++)
+		if (s->rb[i])
+			put_be64(c->buf + 8 * i, s->rb[i] * cs);
+	ret = write_buf(c, c->buf, cs, l->reftable_off);
+	for (i = 0; !ret && i < s->nr_rb; i++) {
+		if (!s->rb[i])
+			continue;
+		memset(c->buf, 0, cs);
+		for (j = 0; j < s->per_rb; j++)
+			if (sim_used(s, i * s->per_rb + j))
+				qcow2_rc_write(c->buf, j, l->refcount_order, 1);
+		ret = write_buf(c, c->buf, cs, s->rb[i] * cs);
+	}
+	/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
+	for (done = 0; !ret && done < l1_bytes; done += c->buf_bytes) {
+		uint64_t len = l1_bytes - done < c->buf_bytes ? l1_bytes - done : c->buf_bytes;
+
+		for (i = 0; i < len / 8; i++)
+			put_be64(c->buf + 8 * i, s->l2[done / 8 + i] * cs | QCOW2_OFLAG_COPIED);
+		ret = write_buf(c, c->buf, len, l->l1_off + done);
+	}
+	/* The L2 tables, filled run by run in guest order; the bitmaps stay zero. */
+	for (r = 0; !ret && r < s->nr_runs; r++) {
+		const struct sim_run *run = &s->runs[r];
+
+		for (i = 0; !ret && i < run->nr; i++) {
+			uint64_t g = run->guest + i;
+
+			if (g / l->l2_entries != k) {
+				if (k != UINT64_MAX)
+					ret = write_buf(c, c->buf, cs, s->l2[k] * cs);
+				memset(c->buf, 0, cs);
+				k = g / l->l2_entries;
+			}
+			put_be64(c->buf + (g % l->l2_entries) * (extended_l2 ? 16 : 8),
+				 (l->data_in_file ? (run->host + i) * cs : g * cs) |
+				 QCOW2_OFLAG_COPIED);
+		}
+	}
+	if (!ret && k != UINT64_MAX)
+		ret = write_buf(c, c->buf, cs, s->l2[k] * cs);
+	return ret;
 }
 
 static int write_metadata(struct creator *c, const struct layout *l, bool extended_l2)
@@ -475,6 +807,8 @@ static int write_metadata(struct creator *c, const struct layout *l, bool extend
 	size_t i;
 	int ret;
 
+	if (l->kind == LAYOUT_SIM)
+		return write_sim(c, l, extended_l2);
 	for (i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
 		ret = write_table(c, &tables[i]);
 		if (ret < 0)
@@ -551,6 +885,7 @@ static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
 {
 	uint64_t cs = 1ull << l->cluster_bits;
 	uint64_t unit = o->extended_l2 ? cs / 32 : cs, last, r;
+	struct stat st;
 
 	if (!l->data_in_file) {
 		int ret;
@@ -571,13 +906,18 @@ static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
 	}
 	if (!l->nb_data)
 		return 0;
-	if (l->kind != LAYOUT_META)
+	if (l->kind != LAYOUT_META && l->kind != LAYOUT_SIM)
 		return preallocate(c, c->fd, l->data_off, l->nb_data << l->cluster_bits,
 				   o->prealloc);
 	last = data_cluster_off(l, l->nb_data - 1);
 	r = o->size - ((l->nb_data - 1) << l->cluster_bits);
 	if (r % unit)
 		return write_zeros(c, c->fd, last + r, unit - r % unit);
+	/* Extended only: a refcount block may lie past the data. */
+	if (fstat(c->fd, &st) < 0)
+		return create_error(c, -errno, "cannot stat: %s", strerror(errno));
+	if ((uint64_t)st.st_size >= last + r)
+		return 0;
 	return preallocate(c, c->fd, last + r, 0, QCOW2_PREALLOC_OFF);
 }
 
@@ -735,6 +1075,7 @@ out_close:
 	if (ret < 0 && created)
 		unlink(path);
 out_free:
+	sim_free(l.sim);
 	free(c.buf);
 	free(c.hdr);
 	return ret;
