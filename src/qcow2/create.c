@@ -195,8 +195,12 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	return 0;
 }
 
-/* QEMU's qcow2_refcount_metadata_size(): refcount blocks for @clusters and themselves. */
-static uint64_t refblocks_for(uint64_t clusters, uint64_t cs, uint64_t rb_entries)
+/*
+ * QEMU's qcow2_refcount_metadata_size(): refcount blocks for @clusters and
+ * themselves; @generous as when it grows a table on the fly (room for half
+ * the table again).
+ */
+static uint64_t refblocks_for(uint64_t clusters, uint64_t cs, uint64_t rb_entries, bool generous)
 {
 	uint64_t blocks = 0, table = 0, n = 0, last;
 
@@ -205,6 +209,11 @@ static uint64_t refblocks_for(uint64_t clusters, uint64_t cs, uint64_t rb_entrie
 		blocks = div_round_up(clusters + table + blocks, rb_entries);
 		table = div_round_up(blocks, cs / 8);
 		n = clusters + blocks + table;
+		if (n == last && generous) {
+			clusters += div_round_up(table, 2);
+			n = 0;
+			generous = false;
+		}
 	} while (n != last);
 	return blocks;
 }
@@ -222,7 +231,7 @@ static bool plan_area(struct layout *l, uint64_t start, uint64_t rb_entries)
 		return false;
 	/* QEMU's overestimate: one L2 table more for a head or tail. */
 	rb = refblocks_for(start + l->nb_data + div_round_up(l->nb_data, l->l2_entries) + 1,
-			   cs, rb_entries);
+			   cs, rb_entries, false);
 	rt = div_round_up(rb * 8, cs);
 	l->kind = LAYOUT_AREA;
 	l->nb_refblocks = rb;
@@ -287,19 +296,33 @@ static int plan_packed(struct creator *c, struct layout *l, uint64_t rb_entries)
  * replayed for a metadata preallocation whose refcount blocks QEMU
  * allocates on the way: the first free cluster for each new refcount
  * block, -EAGAIN and a fresh search after it, partial refcount updates
- * undone (which can leave holes). Refcounts are 0 or 1 here. -ENOSPC where
- * QEMU would grow the refcount table: not replayed.
+ * undone (which can leave holes), the refcount table moved when it is full
+ * (qcow2_refcount_area(): new blocks and table past everything; the old
+ * table freed, its bytes left behind). Refcounts are 0 or 1 here.
  */
 struct sim_run {
 	uint64_t guest, host, nr;	/* clusters */
+};
+
+#define SIM_MAX_CLUSTERS	(1ull << 32)	/* 512 MiB of bitmap at most */
+
+/* A refcount table QEMU moved away from: its bytes stay where no metadata overwrites them. */
+struct sim_table {
+	uint64_t at, clusters;		/* clusters */
+	uint64_t *rb;
+	uint64_t nr;
 };
 
 struct sim {
 	uint64_t *used;			/* bitmap: refcount 1 */
 	uint64_t nr_bits;
 	uint64_t *rb;			/* refcount block of reftable entry i (cluster), 0: none */
-	uint64_t nr_rb;			/* entries of QEMU's first (one cluster) table */
+	uint64_t nr_rb;			/* reftable entries */
+	uint64_t rt_at, rt_clusters;	/* the refcount table */
+	struct sim_table *old;
+	size_t nr_old;
 	uint64_t per_rb;
+	uint64_t per_rt;		/* reftable entries per cluster */
 	uint64_t free_idx;		/* QEMU's free_cluster_index */
 	uint64_t l1;			/* clusters */
 	uint64_t *l2;			/* per L2 table */
@@ -323,8 +346,18 @@ static bool sim_refcount(const struct sim *s, uint64_t c)
 
 static int sim_set(struct sim *s, uint64_t c, bool v)
 {
-	if (c >= s->nr_bits)
-		return -ENOSPC;
+	if (c >= s->nr_bits) {
+		uint64_t n = (c + 1) * 2, *p;
+
+		if (n > SIM_MAX_CLUSTERS)
+			return -ENOSPC;
+		p = realloc(s->used, (n / 64 + 1) * 8);
+		if (!p)
+			return -ENOMEM;
+		memset(p + s->nr_bits / 64 + 1, 0, (n / 64 - s->nr_bits / 64) * 8);
+		s->used = p;
+		s->nr_bits = n;
+	}
 	if (v)
 		s->used[c / 64] |= 1ull << (c % 64);
 	else
@@ -372,15 +405,64 @@ static int sim_update(struct sim *s, uint64_t c0, uint64_t n, bool inc)
 	return ret;
 }
 
+/*
+ * QEMU's qcow2_refcount_area() as alloc_refcount_block() calls it when the
+ * table is full: refcount blocks from cluster @start on, then a larger
+ * table, refcount block @nb hooked at @idx, the old table freed.
+ */
+static int sim_area(struct sim *s, uint64_t start, uint64_t idx, uint64_t nb)
+{
+	uint64_t cs_entries = s->per_rt, total, size, clusters, add = 0, end, blk, i, j;
+	uint64_t first = start / s->per_rb, *rt;
+	struct sim_table *old;
+	int ret;
+
+	total = refblocks_for(start, cs_entries * 8, s->per_rb, true);
+	size = total + div_round_up(total, 2);
+	size = div_round_up(size, cs_entries) * cs_entries;
+	clusters = size / cs_entries;
+	if (size * 8 > QCOW2_MAX_REFTABLE_BYTES)
+		return -ENOSPC;
+	rt = calloc(size, 8);
+	old = realloc(s->old, (s->nr_old + 1) * sizeof(*old));
+	if (!rt || !old) {
+		free(rt);
+		return -ENOMEM;
+	}
+	s->old = old;
+	memcpy(rt, s->rb, (s->nr_rb < size ? s->nr_rb : size) * 8);
+	rt[idx] = nb;
+	for (i = first; i < total; i++)
+		add += !rt[i];
+	end = start + add + clusters;
+	for (i = first, blk = start; i < total; i++) {
+		if (!rt[i])
+			rt[i] = blk++;
+		for (j = i * s->per_rb > start ? i * s->per_rb : start;
+		     j < end && j < (i + 1) * s->per_rb; j++) {
+			ret = sim_set(s, j, true);
+			if (ret < 0) {
+				free(rt);
+				return ret;
+			}
+		}
+	}
+	s->old[s->nr_old++] = (struct sim_table){ s->rt_at, s->rt_clusters, s->rb, s->nr_rb };
+	s->rb = rt;
+	s->nr_rb = size;
+	s->rt_at = start + add;
+	old = &s->old[s->nr_old - 1];
+	s->rt_clusters = clusters;
+	return sim_update(s, old->at, old->clusters, false);
+}
+
 static int sim_alloc_rb(struct sim *s, uint64_t c)
 {
-	uint64_t i = c / s->per_rb, nb;
+	uint64_t i = c / s->per_rb, nb, used;
 	int ret;
 
 	if (i < s->nr_rb && s->rb[i])
 		return 0;
-	if (i >= s->nr_rb)
-		return -ENOSPC;
 	nb = sim_alloc_noref(s, 1);
 	if (nb / s->per_rb == i)
 		ret = sim_set(s, nb, true);	/* it describes itself */
@@ -388,8 +470,14 @@ static int sim_alloc_rb(struct sim *s, uint64_t c)
 		ret = sim_update(s, nb, 1, true);
 	if (ret < 0)
 		return ret;
-	s->rb[i] = nb;
-	return -EAGAIN;		/* the caller searches again */
+	if (i < s->nr_rb) {
+		s->rb[i] = nb;
+		return -EAGAIN;		/* the caller searches again */
+	}
+	/* The table is full: QEMU's new structures go past both clusters. */
+	used = (c > nb ? c : nb) + 1;
+	ret = sim_area(s, div_round_up(used, s->per_rb) * s->per_rb, i, nb);
+	return ret < 0 ? ret : -EAGAIN;
 }
 
 static int sim_alloc(struct sim *s, uint64_t n, uint64_t *c)
@@ -434,6 +522,11 @@ static void sim_free(struct sim *s)
 {
 	if (!s)
 		return;
+	size_t i;
+
+	for (i = 0; i < s->nr_old; i++)
+		free(s->old[i].rb);
+	free(s->old);
 	free(s->used);
 	free(s->rb);
 	free(s->l2);
@@ -453,12 +546,17 @@ static int sim_run_meta(struct sim *s, const struct layout *l, uint64_t slice_en
 	uint64_t chunk = (INT32_MAX >> l->cluster_bits), g = 0, k, h, n;
 	int ret;
 
-	sim_set(s, 0, true);
-	sim_set(s, 1, true);
-	sim_set(s, 2, true);
 	s->rb[0] = 2;
+	s->rt_at = 1;
+	s->rt_clusters = 1;
 	s->free_idx = 3;
-	ret = l->l1_clusters ? sim_alloc(s, l->l1_clusters, &s->l1) : 0;
+	ret = sim_set(s, 0, true);
+	if (!ret)
+		ret = sim_set(s, 1, true);
+	if (!ret)
+		ret = sim_set(s, 2, true);
+	if (!ret && l->l1_clusters)
+		ret = sim_alloc(s, l->l1_clusters, &s->l1);
 	while (!ret && g < l->nb_data) {
 		uint64_t end = l->nb_data - g < chunk ? l->nb_data : g + chunk, host = UINT64_MAX;
 
@@ -504,11 +602,12 @@ static bool plan_sim(struct layout *l, const struct qcow2_create_opts *o, uint64
 	if (!s)
 		return false;
 	s->per_rb = rb_entries;
+	s->per_rt = cs / 8;
 	s->nr_rb = cs / 8;
-	/* Room for everything, one refcount block per entry and a hole next to each. */
+	/* A first guess at the clusters; sim_set() grows the bitmap. */
 	s->nr_bits = 3 + l->l1_clusters + l->nb_l2 + (l->data_in_file ? l->nb_data : 0) +
-		     l->nb_crypt + 2 * s->nr_rb + 64;
-	if (s->nr_bits > (1ull << 32))
+		     l->nb_crypt + 64;
+	if (s->nr_bits > SIM_MAX_CLUSTERS)
 		goto fail;
 	s->used = calloc(s->nr_bits / 64 + 1, 8);
 	s->rb = calloc(s->nr_rb, 8);
@@ -516,6 +615,7 @@ static bool plan_sim(struct layout *l, const struct qcow2_create_opts *o, uint64
 	if (!s->used || !s->rb || !s->l2 || sim_run_meta(s, l, slice) < 0)
 		goto fail;
 	/* The file ends after the last cluster written (data clusters are not). */
+	end = s->rt_at + s->rt_clusters;
 	for (i = 0; i < s->nr_rb; i++)
 		if (s->rb[i] + 1 > end)
 			end = s->rb[i] + 1;
@@ -526,8 +626,8 @@ static bool plan_sim(struct layout *l, const struct qcow2_create_opts *o, uint64
 		end = s->crypt + l->nb_crypt;
 	l->kind = LAYOUT_SIM;
 	l->sim = s;
-	l->reftable_off = cs;
-	l->reftable_clusters = 1;
+	l->reftable_off = s->rt_at * cs;
+	l->reftable_clusters = s->rt_clusters;
 	l->l1_off = s->l1 * cs;
 	l->crypt_off = s->crypt * cs;
 	l->nb_clusters = end;
@@ -733,20 +833,40 @@ static uint64_t data_cluster_off(const struct layout *l, uint64_t g)
 	return l->data_off + g * cs;
 }
 
+/* A table of @nr cluster numbers (0: none) as byte offsets | @flag, up to @bytes. */
+static int write_offsets(struct creator *c, uint64_t off, uint64_t bytes, const uint64_t *v,
+			 uint64_t nr, uint32_t cluster_bits, uint64_t flag)
+{
+	uint64_t done, i;
+	int ret = 0;
+
+	for (done = 0; !ret && done < bytes; done += c->buf_bytes) {
+		uint64_t len = bytes - done < c->buf_bytes ? bytes - done : c->buf_bytes;
+
+		memset(c->buf, 0, len);
+		for (i = 0; i < len / 8 && done / 8 + i < nr; i++)
+			if (v[done / 8 + i])
+				put_be64(c->buf + 8 * i, v[done / 8 + i] << cluster_bits | flag);
+		ret = write_buf(c, c->buf, len, off + done);
+	}
+	return ret;
+}
+
 /* LAYOUT_SIM's tables, as the replay left them. */
 static int write_sim(struct creator *c, const struct layout *l, bool extended_l2)
 {
 	const struct sim *s = l->sim;
-	uint64_t cs = 1ull << l->cluster_bits, i, j, done, k = UINT64_MAX;
-	uint64_t l1_bytes = l->l1_size * 8;
+	uint64_t cs = 1ull << l->cluster_bits, i, j, k = UINT64_MAX;
 	size_t r;
-	int ret;
+	int ret = 0;
 
-	memset(c->buf, 0, cs);
-	for (i = 0; i < s->nr_rb; i++)
-		if (s->rb[i])
-			put_be64(c->buf + 8 * i, s->rb[i] * cs);
-	ret = write_buf(c, c->buf, cs, l->reftable_off);
+	/* Tables QEMU left behind first: metadata written later may cover them. */
+	for (r = 0; !ret && r < s->nr_old; r++)
+		ret = write_offsets(c, s->old[r].at * cs, s->old[r].clusters * cs, s->old[r].rb,
+				    s->old[r].nr, l->cluster_bits, 0);
+	if (!ret)
+		ret = write_offsets(c, l->reftable_off, l->reftable_clusters * cs, s->rb, s->nr_rb,
+				    l->cluster_bits, 0);
 	for (i = 0; !ret && i < s->nr_rb; i++) {
 		if (!s->rb[i])
 			continue;
@@ -757,13 +877,9 @@ static int write_sim(struct creator *c, const struct layout *l, bool extended_l2
 		ret = write_buf(c, c->buf, cs, s->rb[i] * cs);
 	}
 	/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
-	for (done = 0; !ret && done < l1_bytes; done += c->buf_bytes) {
-		uint64_t len = l1_bytes - done < c->buf_bytes ? l1_bytes - done : c->buf_bytes;
-
-		for (i = 0; i < len / 8; i++)
-			put_be64(c->buf + 8 * i, s->l2[done / 8 + i] * cs | QCOW2_OFLAG_COPIED);
-		ret = write_buf(c, c->buf, len, l->l1_off + done);
-	}
+	if (!ret)
+		ret = write_offsets(c, l->l1_off, l->l1_size * 8, s->l2, l->nb_l2, l->cluster_bits,
+				    QCOW2_OFLAG_COPIED);
 	/* The L2 tables, filled run by run in guest order; the bitmaps stay zero. */
 	for (r = 0; !ret && r < s->nr_runs; r++) {
 		const struct sim_run *run = &s->runs[r];
