@@ -7,8 +7,8 @@ the same allocated ranges (which parts are written or fallocated and which
 stay holes), for the image and its external data file, across cluster
 sizes, sizes that end inside a cluster, refcount widths, extended L2,
 compat=0.10, lazy refcounts, data_file(_raw) and LUKS. LUKS headers hold
-random keys: there everything but the LUKS area's bytes must agree.
-Every image must also pass `qemu-img check` with no errors and no leaks.
+random keys: there everything but the LUKS area's bytes must agree, and
+`qemu-img check` must find no errors and no leaks.
 """
 
 import os
@@ -105,14 +105,13 @@ def one_case(opts, size):
             err = compare(os.path.join(mine, "data.raw"), os.path.join(theirs, "data.raw"))
         if err:
             return err
-        if luks:
-            if luks_area(ours) != luks_area(ref):
-                return f"LUKS area {luks_area(ours)}, qemu-img's {luks_area(ref)}"
-            chk = uqtest.qemu_img("check", *SECRET, "--image-opts",
-                                  f"driver=qcow2,file.filename={ours},"
-                                  "encrypt.key-secret=sec0", check=False, cwd=mine)
-        else:
-            chk = uqtest.qemu_img("check", ours, check=False, cwd=mine)
+        if not luks:
+            return None		# qemu-img's own bytes: its check has nothing to add
+        if luks_area(ours) != luks_area(ref):
+            return f"LUKS area {luks_area(ours)}, qemu-img's {luks_area(ref)}"
+        chk = uqtest.qemu_img("check", *SECRET, "--image-opts",
+                              f"driver=qcow2,file.filename={ours},encrypt.key-secret=sec0",
+                              check=False, cwd=mine)
         if chk.returncode != 0 or "No errors were found" not in chk.stdout:
             return f"qemu-img check (exit {chk.returncode}):\n{chk.stdout}{chk.stderr}"
         return None
@@ -128,22 +127,26 @@ def cases():
             for m in modes:
                 yield f"cluster_size={c},preallocation={m}", size
     for m in modes:
-        for c in ("512", "4k", "64k"):
-            for rb in (1, 2, 8, 32, 64):
+        for c in ("512", "4k"):
+            for rb in (1, 8, 64):
                 yield f"cluster_size={c},refcount_bits={rb},preallocation={m}", "1000k"
-        for c in ("16k", "64k", "2M"):
+        # QEMU's refcount table fills up and moves on the way.
+        yield f"cluster_size=512,refcount_bits=64,preallocation={m}", "5M"
+        for c in ("16k", "2M"):
             for size in ("1000k", "3147264"):
                 yield f"cluster_size={c},extended_l2=on,preallocation={m}", size
         for c in ("4k", "64k"):
             yield f"cluster_size={c},compat=0.10,preallocation={m}", "3147264"
             yield f"cluster_size={c},lazy_refcounts=on,preallocation={m}", "5M"
-            for size in ("1000k", "3147264", "5M"):
-                yield f"cluster_size={c},data_file=data.raw,preallocation={m}", size
-                yield (f"cluster_size={c},data_file=data.raw,data_file_raw=on,"
-                       f"preallocation={m}"), size
+        for m2 in (m, "off") if m == "metadata" else (m,):
+            for c in ("4k", "64k"):
+                for size in ("1000k", "3147264"):
+                    yield f"cluster_size={c},data_file=data.raw,preallocation={m2}", size
+        for size in ("1000k", "5M"):
+            yield f"cluster_size=4k,data_file=data.raw,data_file_raw=on,preallocation={m}", size
         yield f"cluster_size=64k,extended_l2=on,data_file=data.raw,preallocation={m}", "3147264"
     for m in ("off",) + modes:
-        for c, size in (("64k", "1000k"), ("64k", "5M"), ("4k", "3147264"), ("2M", "0")):
+        for c, size in (("64k", "5M"), ("4k", "3147264")):
             yield f"{LUKS},cluster_size={c},preallocation={m}", size
 
 
