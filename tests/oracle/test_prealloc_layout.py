@@ -8,7 +8,8 @@ stay holes), for the image and its external data file, across cluster
 sizes, sizes that end inside a cluster, refcount widths, extended L2,
 compat=0.10, lazy refcounts, data_file(_raw) and LUKS. LUKS headers hold
 random keys: there everything but the LUKS area's bytes must agree, and
-`qemu-img check` must find no errors and no leaks.
+`qemu-img check` must find no errors and no leaks. `convert -O qcow2 -o
+preallocation=...` of a raw file must write what `qemu-img convert` writes.
 """
 
 import os
@@ -119,6 +120,22 @@ def one_case(opts, size):
         uqtest.cleanup(d)
 
 
+def convert_case(opts):
+    """`convert -O qcow2 -o OPTS` of a raw file with data, a zeroed block and holes."""
+    d = uqtest.scratch_dir("prealloc")
+    try:
+        src = os.path.join(d, "src.raw")
+        ours, ref = os.path.join(d, "ours.qcow2"), os.path.join(d, "ref.qcow2")
+        uqtest.qemu_img("create", "-q", "-f", "raw", src, "3147264")
+        uqtest.qemu_io("raw", src, ["write -P 5 0 64k", "write -P 0 64k 64k",
+                                    "write -P 6 1M 100k", "write -P 7 3000k 10k"])
+        uqtest.uq("convert", "-O", "qcow2", "-o", opts, src, ours)
+        uqtest.qemu_img("convert", "-O", "qcow2", "-o", opts, src, ref)
+        return compare(ours, ref)
+    finally:
+        uqtest.cleanup(d)
+
+
 def cases():
     modes = ("metadata", "falloc", "full")
     # Sizes: empty, 4k-aligned but not 64k-aligned, inside a 4k cluster, several L2 tables.
@@ -155,6 +172,10 @@ def main():
     res = uqtest.Results("test_prealloc_layout")
     for opts, size in cases():
         res.case(f"{opts.replace(LUKS, 'luks')} size={size}", one_case, opts, size)
+    for c in ("512", "4k", "64k"):
+        for m in ("metadata", "falloc", "full"):
+            opts = f"cluster_size={c},preallocation={m}"
+            res.case(f"convert {opts}", convert_case, opts)
     res.finish()
 
 
