@@ -40,8 +40,8 @@ static const struct {
  * writes header, refcount table and refcount block 0 (clusters 0, 1, 2),
  * then grows the L1 table (from cluster 3) and preallocates through its
  * allocator, and sets up LUKS last, in the first free clusters:
- *  - LAYOUT_META (preallocation=metadata, and every mode with an external
- *    data file): each L2 table followed by its data clusters (data in the
+ *  - LAYOUT_META (preallocation=off or metadata, and every mode with an
+ *    external data file): each L2 table followed by its data clusters (data in the
  *    data file: the L2 tables back to back). The last cluster's tail past
  *    the image size is copied on write: zeros written up to the (sub)cluster
  *    end.
@@ -50,14 +50,13 @@ static const struct {
  *    table; the first table at cluster 1 is freed), the data clusters after
  *    them, then the L2 tables: the first one in the freed cluster 1, the
  *    others after the data.
- *  - LAYOUT_SIM: LAYOUT_META where QEMU allocates refcount blocks on the
- *    way (small clusters, narrow refcounts, large images): its allocator
- *    replayed (struct sim), holes included.
- *  - LAYOUT_PACKED: everything back to back. Without preallocation while
- *    one refcount block covers it all this is qemu-img's layout too; it is
- *    also what we write where QEMU would allocate refcount blocks on the
- *    fly and then outgrows its first refcount table, a layout we do not
- *    reproduce.
+ *  - LAYOUT_SIM: LAYOUT_META (or no preallocation) where QEMU allocates
+ *    refcount blocks on the way (small clusters, narrow refcounts, large
+ *    images): its allocator replayed (struct sim), holes included.
+ *  - LAYOUT_PACKED: everything back to back. Not qemu-img's layout: only
+ *    where the others do not apply (falloc/full with an L1 table past what
+ *    refcount block 0 covers; a replay past SIM_MAX_CLUSTERS or an 8 MiB
+ *    refcount table).
  */
 enum layout_kind { LAYOUT_PACKED, LAYOUT_META, LAYOUT_AREA, LAYOUT_SIM };
 
@@ -923,8 +922,6 @@ static int write_metadata(struct creator *c, const struct layout *l, bool extend
 	size_t i;
 	int ret;
 
-	if (l->kind == LAYOUT_SIM)
-		return write_sim(c, l, extended_l2);
 	for (i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
 		ret = write_table(c, &tables[i]);
 		if (ret < 0)
@@ -1156,7 +1153,8 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		if (ret < 0)
 			goto out_close;
 	}
-	ret = write_metadata(&c, &l, opts->extended_l2);
+	ret = l.kind == LAYOUT_SIM ? write_sim(&c, &l, opts->extended_l2) :
+				     write_metadata(&c, &l, opts->extended_l2);
 	if (ret < 0)
 		goto out_close;
 	/* QEMU sets up encryption after preallocating: the LUKS area comes last. */
