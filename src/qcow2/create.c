@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -35,32 +36,59 @@ static const struct {
 				 FEATURE_ENTRY_BYTES)
 
 /*
- * Where everything goes, in cluster units, in file order: header, refcount
- * table, refcount blocks, L1 table, then (preallocation only) the L2 tables
- * and the data clusters. Without preallocation, and while one refcount
- * block covers it all, this is byte for byte what qemu-img creates (QEMU
- * puts further refcount blocks after the L1 table).
+ * Where everything goes. The layouts are those qemu-img leaves behind: it
+ * writes header, refcount table and refcount block 0 (clusters 0, 1, 2),
+ * then grows the L1 table (from cluster 3) and preallocates through its
+ * allocator, and sets up LUKS last, in the first free clusters:
+ *  - LAYOUT_META (preallocation=off or metadata, and every mode with an
+ *    external data file): each L2 table followed by its data clusters (data in the
+ *    data file: the L2 tables back to back). The last cluster's tail past
+ *    the image size is copied on write: zeros written up to the (sub)cluster
+ *    end.
+ *  - LAYOUT_AREA (falloc, full): new refcount structures at the end of the
+ *    file (QEMU's qcow2_refcount_area(): refcount blocks 1.., then a new
+ *    table; the first table at cluster 1 is freed), the data clusters after
+ *    them, then the L2 tables: the first one in the freed cluster 1, the
+ *    others after the data.
+ *  - LAYOUT_SIM: LAYOUT_META (or no preallocation) where QEMU allocates
+ *    refcount blocks on the way (small clusters, narrow refcounts, large
+ *    images): its allocator replayed (struct sim), holes included.
+ *  - LAYOUT_PACKED: everything back to back. Not qemu-img's layout: only
+ *    where the others do not apply (falloc/full with an L1 table past what
+ *    refcount block 0 covers; a replay past SIM_MAX_CLUSTERS or an 8 MiB
+ *    refcount table).
  */
+enum layout_kind { LAYOUT_PACKED, LAYOUT_META, LAYOUT_AREA, LAYOUT_SIM };
+
+struct sim;
+
 struct layout {
+	enum layout_kind kind;
 	uint32_t cluster_bits;
 	uint32_t refcount_order;
 	uint64_t l1_size;		/* entries */
+	uint64_t l2_entries;		/* per L2 table */
 	uint64_t reftable_clusters;
 	uint64_t nb_refblocks;
 	uint64_t l1_clusters;
 	uint64_t nb_l2;
 	uint64_t nb_data;
-	uint64_t nb_clusters;		/* everything, all with refcount 1 */
+	uint64_t nb_clusters;		/* the file's clusters: all refcount 1 but @free */
+	uint64_t free;			/* a cluster with refcount 0 (0: none) */
 	uint64_t crypt_bytes;		/* LUKS header area (encrypted images) */
 	uint64_t nb_crypt;
-	uint64_t reftable_off, refblocks_off, l1_off, crypt_off, l2_off, data_off;
+	uint64_t reftable_off, rb0_off, rb1_off, l1_off, crypt_off;
+	uint64_t l2_first, l2_base, l2_step;	/* L2 table k: k ? base + k * step : first */
+	uint64_t data_off;		/* guest cluster 0's data (LAYOUT_PACKED, _AREA) */
 	bool data_in_file;		/* no external data file */
+	struct sim *sim;		/* LAYOUT_SIM */
 };
 
 /*
  * One on-disk table written in a single sweep: entry i (of 2^@order bits,
  * every @stride-th slot: extended L2 entries leave their bitmap zero) is
- * @base + i * @step for i < @nr_set and zero after that, up to @bytes.
+ * @base + i * @step for i < @nr_set (entry 0: @first) and zero after that,
+ * up to @bytes; entry @hole (0: none) stays zero.
  */
 struct table {
 	uint64_t off;
@@ -70,6 +98,8 @@ struct table {
 	uint64_t base;
 	uint64_t step;
 	uint32_t stride;
+	uint64_t first;
+	uint64_t hole;
 };
 
 struct creator {
@@ -164,27 +194,72 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	return 0;
 }
 
-static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
+/*
+ * QEMU's qcow2_refcount_metadata_size(): refcount blocks for @clusters and
+ * themselves; @generous as when it grows a table on the fly (room for half
+ * the table again).
+ */
+static uint64_t refblocks_for(uint64_t clusters, uint64_t cs, uint64_t rb_entries, bool generous)
+{
+	uint64_t blocks = 0, table = 0, n = 0, last;
+
+	do {
+		last = n;
+		blocks = div_round_up(clusters + table + blocks, rb_entries);
+		table = div_round_up(blocks, cs / 8);
+		n = clusters + blocks + table;
+		if (n == last && generous) {
+			clusters += div_round_up(table, 2);
+			n = 0;
+			generous = false;
+		}
+	} while (n != last);
+	return blocks;
+}
+
+/*
+ * falloc/full as QEMU's qcow2_co_truncate() lays them out, from cluster
+ * @start (after the L1 table). False where refcount block 0 does not cover
+ * the L1 table or the new refcount blocks do not cover everything.
+ */
+static bool plan_area(struct layout *l, uint64_t start, uint64_t rb_entries)
+{
+	uint64_t cs = 1ull << l->cluster_bits, rb, rt, end;
+
+	if (start > rb_entries || !l->data_in_file)
+		return false;
+	/* QEMU's overestimate: one L2 table more for a head or tail. */
+	rb = refblocks_for(start + l->nb_data + div_round_up(l->nb_data, l->l2_entries) + 1,
+			   cs, rb_entries, false);
+	rt = div_round_up(rb * 8, cs);
+	l->kind = LAYOUT_AREA;
+	l->nb_refblocks = rb;
+	l->reftable_clusters = rt;
+	l->rb1_off = start * cs;
+	l->reftable_off = (start + rb - 1) * cs;
+	l->data_off = (start + rb - 1 + rt) * cs;
+	l->l2_first = cs;	/* the first refcount table's cluster, freed */
+	l->l2_base = l->nb_data ? l->data_off + (l->nb_data - 1) * cs : 0;
+	l->l2_step = cs;
+	end = start + rb - 1 + rt + l->nb_data + (l->nb_l2 ? l->nb_l2 - 1 : 0);
+	l->free = l->nb_l2 ? 0 : 1;
+	if (l->nb_crypt == 1 && l->free) {
+		l->crypt_off = cs;
+		l->free = 0;
+	} else {
+		l->crypt_off = end * cs;
+		end += l->nb_crypt;
+	}
+	l->nb_clusters = end;
+	return end <= rb * rb_entries && rt * cs <= QCOW2_MAX_REFTABLE_BYTES;
+}
+
+static int plan_packed(struct creator *c, struct layout *l, uint64_t rb_entries)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
-	uint64_t l2_entries = cs / (o->extended_l2 ? 16 : 8);
-	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
 	uint64_t fixed, rb = 0, rt = 0;
 
-	l->l1_size = div_round_up(o->size, cs * l2_entries);
-	if (l->l1_size * 8 > QCOW2_MAX_L1_BYTES)
-		return create_error(c, -EFBIG,
-				    "image size is too large for qcow2 (try a larger cluster size)");
-	l->l1_clusters = div_round_up(l->l1_size * 8, cs);
-	if (o->prealloc != QCOW2_PREALLOC_OFF) {
-		l->nb_data = div_round_up(o->size, cs);
-		l->nb_l2 = div_round_up(l->nb_data, l2_entries);
-	}
-	/* Data in an external file: mapped one to one, not in this file. */
-	l->data_in_file = !o->data_file;
-
 	/* The refcount blocks count themselves and the table: iterate to a fixed point. */
-	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
 	fixed = 1 + l->l1_clusters + l->nb_crypt + l->nb_l2 + (l->data_in_file ? l->nb_data : 0);
 	for (;;) {
 		uint64_t nrb = div_round_up(fixed + rt + rb, rb_entries);
@@ -198,19 +273,422 @@ static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, str
 	if (rt * cs > QCOW2_MAX_REFTABLE_BYTES)
 		return create_error(c, -EFBIG,
 				    "refcount table too large for this preallocation (try a larger cluster size)");
+	l->kind = LAYOUT_PACKED;
 	l->nb_refblocks = rb;
 	l->reftable_clusters = rt;
 	l->nb_clusters = fixed + rt + rb;
+	l->free = 0;
+	l->reftable_off = cs;
+	l->rb0_off = l->reftable_off + rt * cs;
+	l->rb1_off = l->rb0_off + cs;
+	l->l1_off = l->rb0_off + rb * cs;
+	l->crypt_off = l->l1_off + l->l1_clusters * cs;
+	l->l2_first = l->l2_base = l->crypt_off + l->nb_crypt * cs;
+	l->l2_step = cs;
+	l->data_off = l->data_in_file ? l->l2_base + l->nb_l2 * cs : 0;
+	return 0;
+}
+
+/*
+ * QEMU's cluster allocator (qcow2-refcount.c: alloc_clusters_noref,
+ * update_refcount, alloc_refcount_block, qcow2_alloc_clusters(_at)),
+ * replayed for a metadata preallocation whose refcount blocks QEMU
+ * allocates on the way: the first free cluster for each new refcount
+ * block, -EAGAIN and a fresh search after it, partial refcount updates
+ * undone (which can leave holes), the refcount table moved when it is full
+ * (qcow2_refcount_area(): new blocks and table past everything; the old
+ * table freed, its bytes left behind). Refcounts are 0 or 1 here.
+ */
+struct sim_run {
+	uint64_t guest, host, nr;	/* clusters */
+};
+
+#define SIM_MAX_CLUSTERS	(1ull << 32)	/* 512 MiB of bitmap at most */
+
+/* A refcount table QEMU moved away from: its bytes stay where no metadata overwrites them. */
+struct sim_table {
+	uint64_t at, clusters;		/* clusters */
+	uint64_t *rb;
+	uint64_t nr;
+};
+
+struct sim {
+	uint64_t *used;			/* bitmap: refcount 1 */
+	uint64_t nr_bits;
+	uint64_t *rb;			/* refcount block of reftable entry i (cluster), 0: none */
+	uint64_t nr_rb;			/* reftable entries */
+	uint64_t rt_at, rt_clusters;	/* the refcount table */
+	struct sim_table *old;
+	size_t nr_old;
+	uint64_t per_rb;
+	uint64_t per_rt;		/* reftable entries per cluster */
+	uint64_t free_idx;		/* QEMU's free_cluster_index */
+	uint64_t l1;			/* clusters */
+	uint64_t *l2;			/* per L2 table */
+	uint64_t crypt;
+	struct sim_run *runs;		/* guest order */
+	size_t nr_runs, runs_alloc;
+};
+
+static bool sim_used(const struct sim *s, uint64_t c)
+{
+	return c < s->nr_bits && (s->used[c / 64] >> (c % 64) & 1);
+}
+
+/* QEMU's get_refcount(): 0 without a refcount block. */
+static bool sim_refcount(const struct sim *s, uint64_t c)
+{
+	uint64_t i = c / s->per_rb;
+
+	return i < s->nr_rb && s->rb[i] && sim_used(s, c);
+}
+
+static int sim_set(struct sim *s, uint64_t c, bool v)
+{
+	if (c >= s->nr_bits) {
+		uint64_t n = (c + 1) * 2, *p;
+
+		if (n > SIM_MAX_CLUSTERS)
+			return -ENOSPC;
+		p = realloc(s->used, (n / 64 + 1) * 8);
+		if (!p)
+			return -ENOMEM;
+		memset(p + s->nr_bits / 64 + 1, 0, (n / 64 - s->nr_bits / 64) * 8);
+		s->used = p;
+		s->nr_bits = n;
+	}
+	if (v)
+		s->used[c / 64] |= 1ull << (c % 64);
+	else
+		s->used[c / 64] &= ~(1ull << (c % 64));
+	return 0;
+}
+
+static uint64_t sim_alloc_noref(struct sim *s, uint64_t n)
+{
+	uint64_t i;
+
+retry:
+	for (i = 0; i < n; i++)
+		if (sim_refcount(s, s->free_idx++))
+			goto retry;
+	return s->free_idx - n;
+}
+
+static int sim_alloc_rb(struct sim *s, uint64_t c);
+
+static int sim_update(struct sim *s, uint64_t c0, uint64_t n, bool inc)
+{
+	uint64_t c, cur = UINT64_MAX;
+	int ret = 0;
+
+	for (c = c0; c < c0 + n; c++) {
+		if (c / s->per_rb != cur) {
+			cur = c / s->per_rb;
+			ret = sim_alloc_rb(s, c);
+			/* QEMU: the search starts again at the same clusters. */
+			if (ret == -EAGAIN && s->free_idx > c0)
+				s->free_idx = c0;
+			if (ret < 0)
+				break;
+		}
+		ret = sim_set(s, c, inc);
+		if (ret < 0)
+			break;
+		if (!inc && c < s->free_idx)
+			s->free_idx = c;
+	}
+	/* As QEMU: what was done is undone (which lowers the free index). */
+	if (ret == -EAGAIN && c > c0)
+		sim_update(s, c0, c - c0, !inc);
+	return ret;
+}
+
+/*
+ * QEMU's qcow2_refcount_area() as alloc_refcount_block() calls it when the
+ * table is full: refcount blocks from cluster @start on, then a larger
+ * table, refcount block @nb hooked at @idx, the old table freed.
+ */
+static int sim_area(struct sim *s, uint64_t start, uint64_t idx, uint64_t nb)
+{
+	uint64_t cs_entries = s->per_rt, total, size, clusters, add = 0, end, blk, i, j;
+	uint64_t first = start / s->per_rb, *rt;
+	struct sim_table *old;
+	int ret;
+
+	total = refblocks_for(start, cs_entries * 8, s->per_rb, true);
+	size = total + div_round_up(total, 2);
+	size = div_round_up(size, cs_entries) * cs_entries;
+	clusters = size / cs_entries;
+	if (size * 8 > QCOW2_MAX_REFTABLE_BYTES)
+		return -ENOSPC;
+	rt = calloc(size, 8);
+	old = realloc(s->old, (s->nr_old + 1) * sizeof(*old));
+	if (!rt || !old) {
+		free(rt);
+		return -ENOMEM;
+	}
+	s->old = old;
+	memcpy(rt, s->rb, (s->nr_rb < size ? s->nr_rb : size) * 8);
+	rt[idx] = nb;
+	for (i = first; i < total; i++)
+		add += !rt[i];
+	end = start + add + clusters;
+	for (i = first, blk = start; i < total; i++) {
+		if (!rt[i])
+			rt[i] = blk++;
+		for (j = i * s->per_rb > start ? i * s->per_rb : start;
+		     j < end && j < (i + 1) * s->per_rb; j++) {
+			ret = sim_set(s, j, true);
+			if (ret < 0) {
+				free(rt);
+				return ret;
+			}
+		}
+	}
+	s->old[s->nr_old++] = (struct sim_table){ s->rt_at, s->rt_clusters, s->rb, s->nr_rb };
+	s->rb = rt;
+	s->nr_rb = size;
+	s->rt_at = start + add;
+	old = &s->old[s->nr_old - 1];
+	s->rt_clusters = clusters;
+	return sim_update(s, old->at, old->clusters, false);
+}
+
+static int sim_alloc_rb(struct sim *s, uint64_t c)
+{
+	uint64_t i = c / s->per_rb, nb, used;
+	int ret;
+
+	if (i < s->nr_rb && s->rb[i])
+		return 0;
+	nb = sim_alloc_noref(s, 1);
+	if (nb / s->per_rb == i)
+		ret = sim_set(s, nb, true);	/* it describes itself */
+	else
+		ret = sim_update(s, nb, 1, true);
+	if (ret < 0)
+		return ret;
+	if (i < s->nr_rb) {
+		s->rb[i] = nb;
+		return -EAGAIN;		/* the caller searches again */
+	}
+	/* The table is full: QEMU's new structures go past both clusters. */
+	used = (c > nb ? c : nb) + 1;
+	ret = sim_area(s, div_round_up(used, s->per_rb) * s->per_rb, i, nb);
+	return ret < 0 ? ret : -EAGAIN;
+}
+
+static int sim_alloc(struct sim *s, uint64_t n, uint64_t *c)
+{
+	int ret;
+
+	do {
+		*c = sim_alloc_noref(s, n);
+		ret = sim_update(s, *c, n, true);
+	} while (ret == -EAGAIN);
+	return ret;
+}
+
+static int sim_alloc_at(struct sim *s, uint64_t c, uint64_t n, uint64_t *got)
+{
+	int ret;
+
+	do {
+		for (*got = 0; *got < n && !sim_refcount(s, c + *got); (*got)++)
+			;
+		ret = sim_update(s, c, *got, true);
+	} while (ret == -EAGAIN);
+	return ret;
+}
+
+static int sim_add_run(struct sim *s, uint64_t guest, uint64_t host, uint64_t nr)
+{
+	if (s->nr_runs == s->runs_alloc) {
+		size_t n = s->runs_alloc ? 2 * s->runs_alloc : 64;
+		struct sim_run *p = realloc(s->runs, n * sizeof(*p));
+
+		if (!p)
+			return -ENOMEM;
+		s->runs = p;
+		s->runs_alloc = n;
+	}
+	s->runs[s->nr_runs++] = (struct sim_run){ guest, host, nr };
+	return 0;
+}
+
+static void sim_free(struct sim *s)
+{
+	if (!s)
+		return;
+	size_t i;
+
+	for (i = 0; i < s->nr_old; i++)
+		free(s->old[i].rb);
+	free(s->old);
+	free(s->used);
+	free(s->rb);
+	free(s->l2);
+	free(s->runs);
+	free(s);
+}
+
+/*
+ * qemu-img create's steps for preallocation=metadata: header, table and
+ * refcount block 0 (clusters 0-2), the L1 table, then preallocate_co()'s
+ * qcow2_alloc_host_offset() calls (at most INT_MAX bytes each; within one
+ * a new L2 table comes first and data runs stop at L2 slices and continue
+ * in place while the next cluster is free), then the LUKS area.
+ */
+static int sim_run_meta(struct sim *s, const struct layout *l, uint64_t slice_entries)
+{
+	uint64_t chunk = (INT32_MAX >> l->cluster_bits), g = 0, k, h, n;
+	int ret;
+
+	s->rb[0] = 2;
+	s->rt_at = 1;
+	s->rt_clusters = 1;
+	s->free_idx = 3;
+	ret = sim_set(s, 0, true);
+	if (!ret)
+		ret = sim_set(s, 1, true);
+	if (!ret)
+		ret = sim_set(s, 2, true);
+	if (!ret && l->l1_clusters)
+		ret = sim_alloc(s, l->l1_clusters, &s->l1);
+	while (!ret && g < l->nb_data) {
+		uint64_t end = l->nb_data - g < chunk ? l->nb_data : g + chunk, host = UINT64_MAX;
+
+		while (g < end) {
+			k = g / l->l2_entries;
+			if (!s->l2[k]) {
+				ret = sim_alloc(s, 1, &s->l2[k]);
+				if (ret < 0)
+					return ret;
+			}
+			n = slice_entries - g % slice_entries;
+			if (n > end - g)
+				n = end - g;
+			if (!l->data_in_file)
+				h = g;		/* the data file maps one to one */
+			else if (host == UINT64_MAX)
+				ret = sim_alloc(s, n, &h);
+			else
+				ret = sim_alloc_at(s, (h = host), n, &n);
+			if (ret < 0)
+				return ret;
+			if (!n)
+				break;
+			ret = sim_add_run(s, g, h, n);
+			if (ret < 0)
+				return ret;
+			host = h + n;
+			g += n;
+		}
+	}
+	if (!ret && l->nb_crypt)
+		ret = sim_alloc(s, l->nb_crypt, &s->crypt);
+	return ret;
+}
+
+/* LAYOUT_SIM, or false where the replay gives up or would not fit in memory. */
+static bool plan_sim(struct layout *l, const struct qcow2_create_opts *o, uint64_t rb_entries)
+{
+	uint64_t cs = 1ull << l->cluster_bits, end = 0, i;
+	struct sim *s = calloc(1, sizeof(*s));
+	uint64_t slice = (cs < 4096 ? cs : 4096) / (o->extended_l2 ? 16 : 8);
+
+	if (!s)
+		return false;
+	s->per_rb = rb_entries;
+	s->per_rt = cs / 8;
+	s->nr_rb = cs / 8;
+	/* A first guess at the clusters; sim_set() grows the bitmap. */
+	s->nr_bits = 3 + l->l1_clusters + l->nb_l2 + (l->data_in_file ? l->nb_data : 0) +
+		     l->nb_crypt + 64;
+	if (s->nr_bits > SIM_MAX_CLUSTERS)
+		goto fail;
+	s->used = calloc(s->nr_bits / 64 + 1, 8);
+	s->rb = calloc(s->nr_rb, 8);
+	s->l2 = calloc(l->nb_l2 ? l->nb_l2 : 1, 8);
+	if (!s->used || !s->rb || !s->l2 || sim_run_meta(s, l, slice) < 0)
+		goto fail;
+	/* The file ends after the last cluster written (data clusters are not). */
+	end = s->rt_at + s->rt_clusters;
+	for (i = 0; i < s->nr_rb; i++)
+		if (s->rb[i] + 1 > end)
+			end = s->rb[i] + 1;
+	for (i = 0; i < l->nb_l2; i++)
+		if (s->l2[i] + 1 > end)
+			end = s->l2[i] + 1;
+	if (l->nb_crypt && s->crypt + l->nb_crypt > end)
+		end = s->crypt + l->nb_crypt;
+	l->kind = LAYOUT_SIM;
+	l->sim = s;
+	l->reftable_off = s->rt_at * cs;
+	l->reftable_clusters = s->rt_clusters;
+	l->l1_off = s->l1 * cs;
+	l->crypt_off = s->crypt * cs;
+	l->nb_clusters = end;
+	return true;
+fail:
+	sim_free(s);
+	return false;
+}
+
+static int plan_layout(struct creator *c, const struct qcow2_create_opts *o, struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
+	bool area = o->prealloc == QCOW2_PREALLOC_FALLOC || o->prealloc == QCOW2_PREALLOC_FULL;
+	uint64_t start, end;
+	int ret;
+
+	l->l2_entries = cs / (o->extended_l2 ? 16 : 8);
+	l->l1_size = div_round_up(o->size, cs * l->l2_entries);
+	if (l->l1_size * 8 > QCOW2_MAX_L1_BYTES)
+		return create_error(c, -EFBIG,
+				    "image size is too large for qcow2 (try a larger cluster size)");
+	l->l1_clusters = div_round_up(l->l1_size * 8, cs);
+	if (o->prealloc != QCOW2_PREALLOC_OFF) {
+		l->nb_data = div_round_up(o->size, cs);
+		l->nb_l2 = div_round_up(l->nb_data, l->l2_entries);
+	}
+	/* Data in an external file: mapped one to one, not in this file. */
+	l->data_in_file = !o->data_file;
+	l->nb_crypt = div_round_up(l->crypt_bytes, cs);
+
+	/* QEMU's first steps: header, table at 1, refcount block 0 at 2, L1 from 3. */
+	start = 3 + l->l1_clusters;
+	l->rb0_off = 2 * cs;
+	l->l1_off = 3 * cs;
+	if (area && plan_area(l, start, rb_entries))
+		goto planned;
+	end = start + l->nb_l2 + (l->data_in_file ? l->nb_data : 0);
+	/* Everything in refcount block 0: QEMU allocated no refcount block on the way. */
+	if (!(area && l->data_in_file) && end + l->nb_crypt <= rb_entries) {
+		l->kind = LAYOUT_META;
+		l->nb_refblocks = 1;
+		l->reftable_clusters = 1;
+		l->free = 0;
+		l->reftable_off = cs;
+		l->rb1_off = 3 * cs;
+		l->l2_first = l->l2_base = start * cs;
+		/* Each L2 table followed by its data clusters, in this file or not. */
+		l->l2_step = (l->data_in_file ? 1 + l->l2_entries : 1) * cs;
+		l->data_off = 0;
+		l->crypt_off = end * cs;
+		l->nb_clusters = end + l->nb_crypt;
+		goto planned;
+	}
+	if (!(area && l->data_in_file) && plan_sim(l, o, rb_entries))
+		goto planned;
+	ret = plan_packed(c, l, rb_entries);
+	if (ret < 0)
+		return ret;
+planned:
 	if (l->nb_clusters > (L2E_OFFSET_MASK >> l->cluster_bits))
 		return create_error(c, -EFBIG, "image size is too large for this preallocation");
-
-	l->reftable_off = cs;
-	l->refblocks_off = l->reftable_off + rt * cs;
-	l->l1_off = l->refblocks_off + rb * cs;
-	/* The LUKS header after the L1 table, as qemu-img places it. */
-	l->crypt_off = l->l1_off + l->l1_clusters * cs;
-	l->l2_off = l->crypt_off + l->nb_crypt * cs;
-	l->data_off = l->data_in_file ? l->l2_off + l->nb_l2 * cs : 0;
 	return 0;
 }
 
@@ -314,7 +792,10 @@ static int write_table(struct creator *c, const struct table *t)
 			end = t->nr_set;
 		memset(c->buf, 0, len);
 		for (i = first; i < end; i++)
-			qcow2_rc_write(c->buf, i * stride - slot0, t->order, t->base + i * t->step);
+			qcow2_rc_write(c->buf, i * stride - slot0, t->order,
+				       i ? t->base + i * t->step : t->first);
+		if (t->hole && t->hole >= first && t->hole < end)
+			qcow2_rc_write(c->buf, t->hole * stride - slot0, t->order, 0);
 		ret = write_buf(c, c->buf, len, t->off + done);
 		if (ret < 0)
 			return ret;
@@ -322,28 +803,143 @@ static int write_table(struct creator *c, const struct table *t)
 	return 0;
 }
 
+/* Host offset of L2 table @k. */
+static uint64_t l2_table_off(const struct layout *l, uint64_t k)
+{
+	return k ? l->l2_base + k * l->l2_step : l->l2_first;
+}
+
+/* Host offset of the data of guest cluster @g (in this file or the data file). */
+static uint64_t data_cluster_off(const struct layout *l, uint64_t g)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	size_t lo, hi;
+
+	if (l->kind == LAYOUT_SIM) {
+		/* The last run starting at or before @g. */
+		for (lo = 0, hi = l->sim->nr_runs; hi - lo > 1;) {
+			size_t mid = lo + (hi - lo) / 2;
+
+			if (l->sim->runs[mid].guest <= g)
+				lo = mid;
+			else
+				hi = mid;
+		}
+		return (l->sim->runs[lo].host + g - l->sim->runs[lo].guest) * cs;
+	}
+	if (l->kind == LAYOUT_META && l->data_in_file)
+		return l2_table_off(l, g / l->l2_entries) + (1 + g % l->l2_entries) * cs;
+	return l->data_off + g * cs;
+}
+
+/* A table of @nr cluster numbers (0: none) as byte offsets | @flag, up to @bytes. */
+static int write_offsets(struct creator *c, uint64_t off, uint64_t bytes, const uint64_t *v,
+			 uint64_t nr, uint32_t cluster_bits, uint64_t flag)
+{
+	uint64_t done, i;
+	int ret = 0;
+
+	for (done = 0; !ret && done < bytes; done += c->buf_bytes) {
+		uint64_t len = bytes - done < c->buf_bytes ? bytes - done : c->buf_bytes;
+
+		memset(c->buf, 0, len);
+		for (i = 0; i < len / 8 && done / 8 + i < nr; i++)
+			if (v[done / 8 + i])
+				put_be64(c->buf + 8 * i, v[done / 8 + i] << cluster_bits | flag);
+		ret = write_buf(c, c->buf, len, off + done);
+	}
+	return ret;
+}
+
+/* LAYOUT_SIM's tables, as the replay left them. */
+static int write_sim(struct creator *c, const struct layout *l, bool extended_l2)
+{
+	const struct sim *s = l->sim;
+	uint64_t cs = 1ull << l->cluster_bits, i, j, k = UINT64_MAX;
+	size_t r;
+	int ret = 0;
+
+	/* Tables QEMU left behind first: metadata written later may cover them. */
+	for (r = 0; !ret && r < s->nr_old; r++)
+		ret = write_offsets(c, s->old[r].at * cs, s->old[r].clusters * cs, s->old[r].rb,
+				    s->old[r].nr, l->cluster_bits, 0);
+	if (!ret)
+		ret = write_offsets(c, l->reftable_off, l->reftable_clusters * cs, s->rb, s->nr_rb,
+				    l->cluster_bits, 0);
+	for (i = 0; !ret && i < s->nr_rb; i++) {
+		if (!s->rb[i])
+			continue;
+		memset(c->buf, 0, cs);
+		for (j = 0; j < s->per_rb; j++)
+			if (sim_used(s, i * s->per_rb + j))
+				qcow2_rc_write(c->buf, j, l->refcount_order, 1);
+		ret = write_buf(c, c->buf, cs, s->rb[i] * cs);
+	}
+	/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
+	if (!ret)
+		ret = write_offsets(c, l->l1_off, l->l1_size * 8, s->l2, l->nb_l2, l->cluster_bits,
+				    QCOW2_OFLAG_COPIED);
+	/* The L2 tables, filled run by run in guest order; the bitmaps stay zero. */
+	for (r = 0; !ret && r < s->nr_runs; r++) {
+		const struct sim_run *run = &s->runs[r];
+
+		for (i = 0; !ret && i < run->nr; i++) {
+			uint64_t g = run->guest + i;
+
+			if (g / l->l2_entries != k) {
+				if (k != UINT64_MAX)
+					ret = write_buf(c, c->buf, cs, s->l2[k] * cs);
+				memset(c->buf, 0, cs);
+				k = g / l->l2_entries;
+			}
+			put_be64(c->buf + (g % l->l2_entries) * (extended_l2 ? 16 : 8),
+				 (l->data_in_file ? (run->host + i) * cs : g * cs) |
+				 QCOW2_OFLAG_COPIED);
+		}
+	}
+	if (!ret && k != UINT64_MAX)
+		ret = write_buf(c, c->buf, cs, s->l2[k] * cs);
+	return ret;
+}
+
 static int write_metadata(struct creator *c, const struct layout *l, bool extended_l2)
 {
 	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t rb_entries = (cs * 8) >> l->refcount_order;
+	uint64_t rest = l->nb_clusters > rb_entries ? l->nb_clusters - rb_entries : 0;
 	const struct table tables[] = {
 		{ l->reftable_off, l->reftable_clusters * cs, 6, l->nb_refblocks,
-		  l->refblocks_off, cs, 1 },
-		{ l->refblocks_off, l->nb_refblocks * cs, l->refcount_order, l->nb_clusters,
-		  1, 0, 1 },
+		  l->rb1_off - cs, cs, 1, l->rb0_off, 0 },
+		{ l->rb0_off, cs, l->refcount_order, l->nb_clusters - rest, 1, 0, 1, 1, l->free },
+		{ l->rb1_off, (l->nb_refblocks - 1) * cs, l->refcount_order, rest, 1, 0, 1, 1, 0 },
 		/* Only the entries of the L1 table, like QEMU; the rest is a hole. */
-		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_off | QCOW2_OFLAG_COPIED, cs, 1 },
-		/*
-		 * Extended L2: the bitmaps stay zero, as QEMU's preallocation
-		 * leaves them (the clusters read as zeros until written).
-		 */
-		{ l->l2_off, l->nb_l2 * cs, 6, l->nb_data, l->data_off | QCOW2_OFLAG_COPIED, cs,
-		  extended_l2 ? 2 : 1 },
+		{ l->l1_off, l->l1_size * 8, 6, l->nb_l2, l->l2_base | QCOW2_OFLAG_COPIED,
+		  l->l2_step, 1, l->l2_first | QCOW2_OFLAG_COPIED, 0 },
+		/* The freed first refcount table keeps its one entry, as in QEMU's file. */
+		{ cs, l->free ? cs : 0, 6, 1, l->rb0_off, 0, 1, l->rb0_off, 0 },
 	};
+	uint64_t k;
 	size_t i;
 	int ret;
 
 	for (i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
 		ret = write_table(c, &tables[i]);
+		if (ret < 0)
+			return ret;
+	}
+	for (k = 0; k < l->nb_l2; k++) {
+		uint64_t g = k * l->l2_entries, data = data_cluster_off(l, g) | QCOW2_OFLAG_COPIED;
+		/*
+		 * Extended L2: the bitmaps stay zero, as QEMU's preallocation
+		 * leaves them (the clusters read as zeros until written).
+		 */
+		const struct table t = {
+			l2_table_off(l, k), cs, 6,
+			l->nb_data - g < l->l2_entries ? l->nb_data - g : l->l2_entries,
+			data, cs, extended_l2 ? 2 : 1, data, 0
+		};
+
+		ret = write_table(c, &t);
 		if (ret < 0)
 			return ret;
 	}
@@ -390,6 +986,55 @@ static int preallocate(struct creator *c, int fd, uint64_t off, uint64_t len,
 }
 
 /*
+ * The data clusters, preallocated as QEMU leaves them. Its metadata
+ * preallocation (LAYOUT_META, and any mode with a data file) copies the
+ * last cluster's tail past the image size on write, zeros up to the end of
+ * the (sub)cluster, and only then extends the file to the last data byte
+ * when it is still shorter: with such a tail, a data file is neither
+ * extended nor allocated further.
+ */
+static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
+			 const struct layout *l)
+{
+	uint64_t cs = 1ull << l->cluster_bits;
+	uint64_t unit = o->extended_l2 ? cs / 32 : cs, last, r;
+	struct stat st;
+
+	if (!l->data_in_file) {
+		int ret;
+
+		if (o->prealloc != QCOW2_PREALLOC_OFF && o->size % unit)
+			return write_zeros(c, c->data_fd, o->size, unit - o->size % unit);
+		ret = preallocate(c, c->data_fd, 0, o->size,
+				  o->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
+				  o->prealloc);
+		/*
+		 * QEMU's file driver writes the first block of a file it grows
+		 * from empty by truncating or fallocating (to speed up its
+		 * alignment probe later): 4 KiB, or 512 bytes of a smaller file.
+		 */
+		if (ret < 0 || !o->size || o->prealloc == QCOW2_PREALLOC_FULL)
+			return ret;
+		return write_zeros(c, c->data_fd, 0, o->size < 4096 ? 512 : 4096);
+	}
+	if (!l->nb_data)
+		return 0;
+	if (l->kind != LAYOUT_META && l->kind != LAYOUT_SIM)
+		return preallocate(c, c->fd, l->data_off, l->nb_data << l->cluster_bits,
+				   o->prealloc);
+	last = data_cluster_off(l, l->nb_data - 1);
+	r = o->size - ((l->nb_data - 1) << l->cluster_bits);
+	if (r % unit)
+		return write_zeros(c, c->fd, last + r, unit - r % unit);
+	/* Extended only: a refcount block may lie past the data. */
+	if (fstat(c->fd, &st) < 0)
+		return create_error(c, -errno, "cannot stat: %s", strerror(errno));
+	if ((uint64_t)st.st_size >= last + r)
+		return 0;
+	return preallocate(c, c->fd, last + r, 0, QCOW2_PREALLOC_OFF);
+}
+
+/*
  * Create (truncating, as qemu-img does) the external data file. Its name is
  * stored as given and, like qemu-img, taken relative to the current
  * directory.
@@ -403,11 +1048,15 @@ static int open_data_file(struct creator *c, const char *name)
 	return 0;
 }
 
-/* The LUKS header area: built (PBKDF2 timing included) and written whole. */
+/*
+ * The LUKS header area: built (PBKDF2 timing included) and written as
+ * QEMU writes it: the clusters zeroed by allocation, then the header and
+ * key material, which end where the area's last nonzero byte does.
+ */
 static int write_luks(struct creator *c, const struct qcow2_encrypt_opts *o,
 		      const struct layout *l)
 {
-	uint64_t bytes = l->nb_crypt << l->cluster_bits;
+	uint64_t bytes = l->nb_crypt << l->cluster_bits, used;
 	char why[160];
 	uint8_t *area;
 	int ret;
@@ -416,10 +1065,18 @@ static int write_luks(struct creator *c, const struct qcow2_encrypt_opts *o,
 		return create_error(c, -ENOMEM, "out of memory");
 	memset(area, 0, bytes);
 	ret = qcow2_luks_header_build(o, area, why, sizeof(why));
-	if (ret < 0)
+	if (ret < 0) {
 		ret = create_error(c, ret, "%s", why);
-	else
-		ret = write_buf(c, area, bytes, l->crypt_off);
+		goto out;
+	}
+	ret = preallocate(c, c->fd, l->crypt_off, bytes, QCOW2_PREALLOC_FALLOC);
+	if (ret < 0)
+		goto out;
+	for (used = bytes; used && !area[used - 1]; used--)
+		;
+	used = (used + 511) & ~511ull;
+	ret = write_buf(c, area, used, l->crypt_off);
+out:
 	free(area);
 	return ret;
 }
@@ -496,7 +1153,12 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		if (ret < 0)
 			goto out_close;
 	}
-	ret = write_metadata(&c, &l, opts->extended_l2);
+	ret = l.kind == LAYOUT_SIM ? write_sim(&c, &l, opts->extended_l2) :
+				     write_metadata(&c, &l, opts->extended_l2);
+	if (ret < 0)
+		goto out_close;
+	/* QEMU sets up encryption after preallocating: the LUKS area comes last. */
+	ret = prealloc_data(&c, opts, &l);
 	if (ret < 0)
 		goto out_close;
 	if (l.nb_crypt) {
@@ -504,14 +1166,6 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 		if (ret < 0)
 			goto out_close;
 	}
-	if (c.data_fd >= 0)
-		ret = preallocate(&c, c.data_fd, 0, opts->size,
-				  opts->prealloc == QCOW2_PREALLOC_METADATA ? QCOW2_PREALLOC_OFF :
-				  opts->prealloc);
-	else if (opts->prealloc != QCOW2_PREALLOC_OFF)
-		ret = preallocate(&c, c.fd, l.data_off, l.nb_data << l.cluster_bits, opts->prealloc);
-	if (ret < 0)
-		goto out_close;
 	if (c.data_fd >= 0) {
 		ret = qcow2_io_fsync(io, c.data_fd);
 		if (ret < 0) {
@@ -535,6 +1189,7 @@ out_close:
 	if (ret < 0 && created)
 		unlink(path);
 out_free:
+	sim_free(l.sim);
 	free(c.buf);
 	free(c.hdr);
 	return ret;

@@ -10,11 +10,13 @@
  * table's clusters count twice, as QEMU's check counts them), and COPIED
  * flags in the active tables mark exactly the refcount-1 clusters.
  *
- * Crash safety, in QEMU's order: references are added (refcounts raised and
- * durable) before anything points at them, and dropped only after whatever
- * pointed at them is durably gone. The cache flush writes refcounts before
- * L2 tables before the L1 table, so COPIED flags never reach the disk ahead
- * of the refcounts they describe. A crash leaks clusters at worst.
+ * Crash safety, unlike QEMU's in-place edits: each operation writes its new
+ * state (active L1 table, copies of the L2 tables whose COPIED flags
+ * change, snapshot table, every refcount block and the refcount table) to
+ * clusters past the end of the file and switches to it with one header
+ * write (shadow_commit). A crash leaves the old image or the new one, never
+ * a mix; the price is a copy of the refcount metadata and of the changed
+ * L2 tables per operation, whose old clusters become free space.
  *
  * Every operation first checks that all its refcount changes fit (no
  * overflow, no underflow) and only then changes anything, so a refusal
@@ -366,15 +368,6 @@ static int rc_get(struct qcow2 *img, uint64_t cluster, uint64_t *v)
 	return ret;
 }
 
-static int rc_add(struct qcow2 *img, uint64_t cluster, int64_t delta)
-{
-	struct snap_wait sw = { .w.fn = snap_wake };
-	int ret;
-
-	BLOCKING(img, ret, sw, qcow2_refcount_add(img, cluster, delta, &sw.w));
-	return ret;
-}
-
 /* Write back everything dirty (a flush applies queued frees at its end). */
 static int flush_all(struct qcow2 *img)
 {
@@ -389,61 +382,6 @@ static int flush_all(struct qcow2 *img)
 			return 0;
 	}
 	return qcow2_error(img, -EBUSY, "metadata still dirty after flushing");
-}
-
-struct run {
-	uint64_t off, nr;
-};
-
-/*
- * Allocate @n contiguous clusters (refcount 1 in the cache). The allocator
- * hands out the first free run; runs too short are given back afterwards.
- */
-static int alloc_contig(struct qcow2 *img, uint64_t n, uint64_t *off)
-{
-	struct snap_wait sw = { .w.fn = snap_wake };
-	struct run cur = { 0, 0 }, *spare = NULL;
-	size_t nr_spare = 0, i;
-	int ret = 0;
-
-	while (cur.nr < n) {
-		uint64_t host, got;
-		struct run *p;
-
-		BLOCKING(img, ret, sw, qcow2_alloc_clusters(img, n - cur.nr, &sw.w, &host, &got));
-		if (ret < 0)
-			break;
-		if (cur.nr && host == cur.off + (cur.nr << img->h.cluster_bits)) {
-			cur.nr += got;
-			continue;
-		}
-		if (cur.nr) {
-			p = realloc(spare, (nr_spare + 1) * sizeof(*spare));
-			if (!p) {
-				ret = -ENOMEM;
-				break;
-			}
-			spare = p;
-			spare[nr_spare++] = cur;
-		}
-		cur = (struct run){ host, got };
-	}
-	/* Nothing points at the spare runs (nor at @cur on failure): free them now. */
-	for (i = 0; i < nr_spare; i++) {
-		uint64_t k;
-
-		for (k = 0; k < spare[i].nr; k++) {
-			int r = rc_add(img, (spare[i].off >> img->h.cluster_bits) + k, -1);
-
-			if (r < 0 && !ret)
-				ret = r;
-		}
-	}
-	free(spare);
-	if (ret < 0)
-		return ret == -ENOMEM ? qcow2_error(img, ret, "out of memory") : ret;
-	*off = cur.off;
-	return 0;
 }
 
 /* ---- Reference counting over whole L1 tables ------------------------------------ */
@@ -482,7 +420,7 @@ static int refs_add(struct qcow2 *img, struct refs *r, uint64_t off, uint64_t nr
 /* Count one reference to every L2 table and cluster that @l1 reaches. */
 static int refs_collect(struct qcow2 *img, struct refs *r, const uint64_t *l1, uint32_t l1_size)
 {
-	uint32_t slice = img->l2_cache.slice_bytes, per_slice = slice / 8, i, j;
+	uint32_t slice = img->l2_cache.slice_bytes, per_slice = slice / img->l2_entry_bytes, i, j;
 	uint64_t so;
 	int ret;
 
@@ -558,162 +496,310 @@ static int refs_check(struct qcow2 *img, const struct refs *r, int sign)
 	return 0;
 }
 
-static int refs_apply(struct qcow2 *img, const struct refs *r, int sign)
+/* ---- Committing a new state in one header write ---------------------------------- */
+
+/*
+ * Why not edit in place: qemu-img check counts an active L1 or L2 entry
+ * whose COPIED flag disagrees with "refcount == 1" as corruption, either
+ * way round, and every snapshot operation flips both for the clusters it
+ * shares or unshares (create: refcount 1 -> 2 and COPIED off; delete and
+ * apply also the other way). A refcount block and an L2 table are two
+ * writes, so some crash point between them is always corrupt, in any
+ * order. Instead the new state goes to clusters past the end of the file,
+ * which nothing references and whose refcount is 0: copies of the active
+ * L2 tables whose flags change, a new active L1 table, the snapshot table
+ * and a complete new set of refcount blocks and refcount table. After a
+ * sync, one header write switches L1 table, refcount table and snapshot
+ * table at once. A crash before it leaves the old image (plus unreferenced
+ * clusters, not even leaks), after it the new one, in which the old
+ * structures' clusters have refcount 0: free, not leaked.
+ */
+struct shadow {
+	struct refs add, drop;	/* references gained and lost, per cluster of the file */
+	uint64_t end;		/* the next cluster past the file to hand out */
+	uint8_t *rb;		/* refcount blocks covering [0, add.nr), old then new counts */
+	uint64_t nr_rb;
+};
+
+static int shadow_init(struct qcow2 *img, struct shadow *sh)
 {
-	uint64_t c;
 	int ret;
 
-	for (c = 0; c < r->nr; c++) {
-		if (!r->n[c])
-			continue;
-		ret = rc_add(img, c, sign * (int64_t)r->n[c]);
-		if (ret < 0)
-			return ret;
-	}
-	return 0;
-}
-
-/* Set COPIED in the active tables exactly where the refcount is 1, as QEMU does. */
-static int fix_copied(struct qcow2 *img)
-{
-	uint32_t slice = img->l2_cache.slice_bytes, per_slice = slice / 8, i, j;
-	uint8_t *ent = malloc(slice);
-	uint64_t so, v;
-	int ret = 0;
-
-	if (!ent)
-		return qcow2_error(img, -ENOMEM, "out of memory");
-	for (i = 0; i < img->h.l1_size && !ret; i++) {
-		uint64_t l2 = img->l1[i] & L1E_OFFSET_MASK, want;
-
-		if (!l2)
-			continue;
-		for (so = 0; so < img->cluster_size && !ret; so += slice) {
-			struct qcow2_slice *s;
-			bool changed = false;
-
-			/* Work on a copy: refcount lookups may wait, never holding a slice. */
-			ret = cache_get(img, l2 + so, &s);
-			if (ret < 0)
-				break;
-			memcpy(ent, s->data, slice);
-			qcow2_cache_put(s);
-			for (j = 0; j < per_slice; j++) {
-				uint64_t e = get_be64(ent + 8 * j), host;
-				enum l2_type type;
-
-				ret = qcow2_l2_classify(img, e, &type, &host);
-				if (ret < 0)
-					break;
-				want = e & ~QCOW2_OFLAG_COPIED;
-				if (type == L2_NORMAL || type == L2_ZERO_ALLOC) {
-					ret = rc_get(img, host >> img->h.cluster_bits, &v);
-					if (ret < 0)
-						break;
-					if (v == 1)
-						want |= QCOW2_OFLAG_COPIED;
-				} else if (type == L2_COMPRESSED) {
-					want = e;	/* bit 63 is no flag in a descriptor */
-				}
-				if (want != e) {
-					put_be64(ent + 8 * j, want);
-					changed = true;
-				}
-			}
-			if (ret < 0 || !changed)
-				continue;
-			ret = cache_get(img, l2 + so, &s);
-			if (ret < 0)
-				break;
-			memcpy(s->data, ent, slice);
-			qcow2_cache_mark_dirty(s);
-			qcow2_cache_put(s);
-		}
-		if (ret < 0)
-			break;
-		ret = rc_get(img, l2 >> img->h.cluster_bits, &v);
-		if (ret < 0)
-			break;
-		want = l2 | (v == 1 ? QCOW2_OFLAG_COPIED : 0);
-		if (want != img->l1[i]) {
-			img->l1[i] = want;
-			qcow2_l1_note(img, i);
-			img->l1_dirty = true;
-		}
-	}
-	free(ent);
+	memset(sh, 0, sizeof(*sh));
+	ret = refs_init(img, &sh->add);
+	if (!ret)
+		ret = refs_init(img, &sh->drop);
+	sh->end = sh->add.nr;
 	return ret;
 }
 
-/* ---- Writing the table ------------------------------------------------------- */
-
-/*
- * Write @t to new clusters (none if it is empty), make them and every
- * refcount durable, then point the header at them. The old table is the
- * caller's to free. 0 or -errno with the header unchanged.
- */
-static int table_replace(struct qcow2 *img, const struct qcow2_snap_table *t)
+static void shadow_free(struct shadow *sh)
 {
-	uint64_t bytes = table_bytes(t), off = 0, old_off = img->h.snapshots_offset;
-	uint32_t old_nr = img->h.nb_snapshots;
-	uint8_t *buf = NULL;
-	int ret;
-
-	if (bytes > SN_MAX_TABLE_BYTES)
-		return qcow2_error(img, -EFBIG, "snapshot table would exceed %u bytes",
-				   SN_MAX_TABLE_BYTES);
-	if (t->nr) {
-		uint64_t len = clusters_of(img, bytes) << img->h.cluster_bits;
-
-		buf = alloc_io(len);
-		if (!buf)
-			return qcow2_error(img, -ENOMEM, "out of memory");
-		table_serialize(t, buf);
-		ret = alloc_contig(img, len >> img->h.cluster_bits, &off);
-		if (!ret)
-			ret = write_clusters(img, 0, off, buf, len);
-		free(buf);
-		if (ret < 0)
-			return ret;
-	}
-	/* The table and the refcounts that own it are durable before the header names it. */
-	ret = flush_all(img);
-	if (ret < 0)
-		return ret;
-	img->h.nb_snapshots = t->nr;
-	img->h.snapshots_offset = off;
-	ret = qcow2_header_write(img);
-	if (ret < 0) {
-		img->h.nb_snapshots = old_nr;
-		img->h.snapshots_offset = old_off;
-		return ret;
-	}
-	return qcow2_overlap_set_snapshots(img, t);
+	free(sh->add.n);
+	free(sh->drop.n);
+	free(sh->rb);
 }
 
-/* Drop one reference to each of @nr clusters at @off (nothing points at them now). */
-static int release(struct qcow2 *img, uint64_t off, uint64_t nr)
+/* @nr clusters past the end of the file, for the new state. */
+static uint64_t shadow_alloc(struct qcow2 *img, struct shadow *sh, uint64_t nr)
 {
-	uint64_t i;
+	uint64_t off = sh->end << img->h.cluster_bits;
+
+	sh->end += nr;
+	return off;
+}
+
+static uint64_t shadow_rc(const struct qcow2 *img, const struct shadow *sh, uint64_t c)
+{
+	uint64_t per_rb = (img->cluster_size * 8) >> img->h.refcount_order;
+
+	return qcow2_rc_read(sh->rb + (c / per_rb) * img->cluster_size, c % per_rb,
+			     img->h.refcount_order);
+}
+
+static void shadow_rc_set(const struct qcow2 *img, struct shadow *sh, uint64_t c, uint64_t v)
+{
+	uint64_t per_rb = (img->cluster_size * 8) >> img->h.refcount_order;
+
+	qcow2_rc_write(sh->rb + (c / per_rb) * img->cluster_size, c % per_rb,
+		       img->h.refcount_order, v);
+}
+
+/*
+ * Read the refcount blocks covering the file and apply the references
+ * gained and lost: sh->rb holds every refcount of the new state but those
+ * of clusters past the file (1) and of active L2 tables replaced by copies.
+ */
+static int shadow_counts(struct qcow2 *img, struct shadow *sh)
+{
+	uint64_t per_rb = (img->cluster_size * 8) >> img->h.refcount_order, i, c;
 	int ret;
 
-	for (i = 0; i < nr; i++) {
-		ret = rc_add(img, (off >> img->h.cluster_bits) + i, -1);
+	sh->nr_rb = (sh->add.nr + per_rb - 1) / per_rb;
+	sh->rb = alloc_io((sh->nr_rb ? sh->nr_rb : 1) << img->h.cluster_bits);
+	if (!sh->rb)
+		return qcow2_error(img, -ENOMEM, "out of memory");
+	for (i = 0; i < sh->nr_rb && i < img->reftable_size; i++) {
+		uint64_t off = img->reftable[i] & RTE_OFFSET_MASK;
+
+		if (!off)
+			continue;
+		ret = read_bytes(img, off, sh->rb + (i << img->h.cluster_bits), img->cluster_size);
 		if (ret < 0)
 			return ret;
 	}
+	for (c = 0; c < sh->add.nr; c++) {
+		uint64_t v = shadow_rc(img, sh, c);
+
+		if (!sh->add.n[c] && !sh->drop.n[c])
+			continue;
+		if (!v || v + sh->add.n[c] < sh->drop.n[c] ||
+		    v + sh->add.n[c] - sh->drop.n[c] > img->refcount_max)
+			return qcow2_error(img, -EIO, "refcount of cluster %llu out of range "
+					   "(run check)", (unsigned long long)c);
+		shadow_rc_set(img, sh, c, v + sh->add.n[c] - sh->drop.n[c]);
+	}
 	return 0;
+}
+
+/*
+ * The L2 table @l2 as the new active state needs it: COPIED exactly on the
+ * entries whose cluster ends with refcount 1. Written to a copy past the
+ * file when that changes anything (the table itself then loses the active
+ * state's reference). 0 with the L1 entry in *@l1e, or -errno.
+ */
+static int shadow_l2(struct qcow2 *img, struct shadow *sh, uint64_t l2, uint8_t *buf,
+		     uint64_t *l1e)
+{
+	uint64_t n = img->cluster_size / img->l2_entry_bytes, j, c = l2 >> img->h.cluster_bits;
+	bool changed = false;
+	int ret;
+
+	if (!qcow2_aligned(img, l2) || c >= sh->add.nr)
+		return qcow2_error(img, -EIO, "L2 table offset 0x%llx invalid (run check)",
+				   (unsigned long long)l2);
+	ret = read_bytes(img, l2, buf, img->cluster_size);
+	if (ret < 0)
+		return ret;
+	for (j = 0; j < n; j++) {
+		uint8_t *p = buf + j * img->l2_entry_bytes;
+		uint64_t e = get_be64(p), want = e & ~QCOW2_OFLAG_COPIED, host;
+		enum l2_type type;
+
+		ret = qcow2_l2_classify(img, e, &type, &host);
+		if (ret < 0)
+			return ret;
+		if (type == L2_COMPRESSED)
+			want = e;	/* bit 63 is no flag in a descriptor */
+		else if ((type == L2_NORMAL || type == L2_ZERO_ALLOC) &&
+			 (host >> img->h.cluster_bits) < sh->add.nr &&
+			 shadow_rc(img, sh, host >> img->h.cluster_bits) == 1)
+			want |= QCOW2_OFLAG_COPIED;
+		if (want != e) {
+			put_be64(p, want);
+			changed = true;
+		}
+	}
+	if (!changed) {
+		*l1e = l2 | (shadow_rc(img, sh, c) == 1 ? QCOW2_OFLAG_COPIED : 0);
+		return 0;
+	}
+	shadow_rc_set(img, sh, c, shadow_rc(img, sh, c) - 1);
+	l2 = shadow_alloc(img, sh, 1);
+	*l1e = l2 | QCOW2_OFLAG_COPIED;
+	return write_clusters(img, 0, l2, buf, img->cluster_size);
+}
+
+/*
+ * Make @l1 (host order, flags ignored; h.l1_size entries) the active L1
+ * table and @t the snapshot table, with sh->add and sh->drop applied to the
+ * refcounts, in one header write (see above). The caller has flushed
+ * everything and counted the references of the L1 tables; this adds the
+ * structures it replaces. 0 or -errno; on error the image is unchanged on
+ * disk (a failed header write aside).
+ */
+static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l1,
+			 const struct qcow2_snap_table *t)
+{
+	uint64_t cs = img->cluster_size, per_rb = (cs * 8) >> img->h.refcount_order;
+	uint64_t l1_clusters = clusters_of(img, (uint64_t)img->h.l1_size * 8);
+	uint64_t tb = table_bytes(t), l1_off = 0, t_off = 0, rb_off, rt_off, rb = 0, rt = 0;
+	uint64_t first_new = sh->add.nr, c, i;
+	struct qcow2_header old = img->h;
+	uint64_t *new_l1 = NULL, *rtab = NULL;
+	uint8_t *buf = NULL, *nrb = NULL;
+	int ret;
+
+	if (tb > SN_MAX_TABLE_BYTES)
+		return qcow2_error(img, -EFBIG, "snapshot table would exceed %u bytes",
+				   SN_MAX_TABLE_BYTES);
+	/* What the new state replaces: the active L1, snapshot and refcount tables, refblocks. */
+	ret = 0;
+	if (img->h.l1_size)
+		ret = refs_add(img, &sh->drop, img->h.l1_table_offset, l1_clusters);
+	if (!ret && img->h.nb_snapshots)
+		ret = refs_add(img, &sh->drop, img->h.snapshots_offset, clusters_of(img, t->bytes));
+	if (!ret)
+		ret = refs_add(img, &sh->drop, img->h.refcount_table_offset,
+			       img->h.refcount_table_clusters);
+	for (i = 0; !ret && i < img->reftable_size; i++)
+		if (img->reftable[i] & RTE_OFFSET_MASK)
+			ret = refs_add(img, &sh->drop, img->reftable[i] & RTE_OFFSET_MASK, 1);
+	if (!ret)
+		ret = shadow_counts(img, sh);
+	if (ret < 0)
+		return ret;
+
+	buf = alloc_io(cs);
+	new_l1 = alloc_io(l1_clusters << img->h.cluster_bits);
+	if (!buf || !new_l1) {
+		ret = qcow2_error(img, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (i = 0; i < img->h.l1_size; i++) {
+		uint64_t l2 = l1[i] & L1E_OFFSET_MASK, e = 0;
+
+		ret = l2 ? shadow_l2(img, sh, l2, buf, &e) : 0;
+		if (ret < 0)
+			goto out;
+		new_l1[i] = htobe64(e);
+	}
+	if (l1_clusters) {
+		l1_off = shadow_alloc(img, sh, l1_clusters);
+		ret = write_clusters(img, 0, l1_off, new_l1, l1_clusters << img->h.cluster_bits);
+		if (ret < 0)
+			goto out;
+	}
+	if (t->nr) {
+		uint64_t len = clusters_of(img, tb) << img->h.cluster_bits;
+		uint8_t *tbuf = alloc_io(len);
+
+		if (!tbuf) {
+			ret = qcow2_error(img, -ENOMEM, "out of memory");
+			goto out;
+		}
+		table_serialize(t, tbuf);
+		t_off = shadow_alloc(img, sh, len >> img->h.cluster_bits);
+		ret = write_clusters(img, 0, t_off, tbuf, len);
+		free(tbuf);
+		if (ret < 0)
+			goto out;
+	}
+
+	/* Refcount blocks for everything up to and including themselves and their table. */
+	for (;;) {
+		uint64_t nb = (sh->end + rb + rt + per_rb - 1) / per_rb, nt = clusters_of(img, nb * 8);
+
+		if (nb == rb && nt == rt)
+			break;
+		rb = nb;
+		rt = nt;
+	}
+	if (rt << img->h.cluster_bits > QCOW2_MAX_REFTABLE_BYTES) {
+		ret = qcow2_error(img, -EFBIG, "refcount table would exceed %u bytes",
+				  QCOW2_MAX_REFTABLE_BYTES);
+		goto out;
+	}
+	rb_off = shadow_alloc(img, sh, rb);
+	rt_off = shadow_alloc(img, sh, rt);
+	nrb = alloc_io(rb << img->h.cluster_bits);
+	rtab = alloc_io(rt << img->h.cluster_bits);
+	if (!nrb || !rtab) {
+		ret = qcow2_error(img, -ENOMEM, "out of memory");
+		goto out;
+	}
+	memcpy(nrb, sh->rb, (sh->nr_rb < rb ? sh->nr_rb : rb) << img->h.cluster_bits);
+	/* Counts past the old file: zero in the old blocks' tails; 1 for the new clusters. */
+	for (c = first_new; c < sh->end; c++)
+		qcow2_rc_write(nrb + (c / per_rb) * cs, c % per_rb, img->h.refcount_order, 1);
+	for (i = 0; i < rb; i++)
+		rtab[i] = htobe64(rb_off + (i << img->h.cluster_bits));
+	ret = write_clusters(img, 0, rb_off, nrb, rb << img->h.cluster_bits);
+	if (!ret)
+		ret = write_clusters(img, 0, rt_off, rtab, rt << img->h.cluster_bits);
+	if (!ret)
+		ret = qcow2_io_fsync(img->io, img->fd);
+	if (ret < 0) {
+		ret = qcow2_error(img, ret, "cannot write the new metadata: %s", strerror(-ret));
+		goto out;
+	}
+
+	/* The switch: one header write. */
+	img->h.l1_table_offset = l1_off;
+	img->h.refcount_table_offset = rt_off;
+	img->h.refcount_table_clusters = rt;
+	img->h.nb_snapshots = t->nr;
+	img->h.snapshots_offset = t_off;
+	ret = qcow2_header_write(img);
+	if (ret < 0) {
+		img->h = old;
+		goto out;
+	}
+	for (i = 0; i < img->h.l1_size; i++)
+		img->l1[i] = be64toh(new_l1[i]);
+	img->l1_dirty = false;
+	if (sh->end << img->h.cluster_bits > img->file_end)
+		img->file_end = sh->end << img->h.cluster_bits;
+	ret = qcow2_reload_refcounts(img);
+	if (!ret)
+		ret = qcow2_overlap_set_snapshots(img, t);
+out:
+	free(rtab);
+	free(nrb);
+	free(new_l1);
+	free(buf);
+	return ret;
 }
 
 /* ---- Operations -------------------------------------------------------------- */
 
 /* Common start: writable, consistent, everything on disk, the table read. */
-static int op_begin(struct qcow2 *img, struct qcow2_snap_table *t, struct refs *r)
+static int op_begin(struct qcow2 *img, struct qcow2_snap_table *t, struct shadow *sh)
 {
 	int ret;
 
 	memset(t, 0, sizeof(*t));
-	r->n = NULL;
+	memset(sh, 0, sizeof(*sh));
 	if (img->raw)
 		return qcow2_error(img, -ENOTSUP, "raw images have no snapshots");
 	if (img->read_only)
@@ -728,13 +814,13 @@ static int op_begin(struct qcow2 *img, struct qcow2_snap_table *t, struct refs *
 	ret = qcow2_snap_table_read(img, t);
 	if (ret < 0)
 		return ret;
-	return refs_init(img, r);
+	return shadow_init(img, sh);
 }
 
-static int op_end(struct qcow2_snap_table *t, struct refs *r, int ret)
+static int op_end(struct qcow2_snap_table *t, struct shadow *sh, int ret)
 {
 	qcow2_snap_table_free(t);
-	free(r->n);
+	shadow_free(sh);
 	return ret;
 }
 
@@ -762,9 +848,9 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 {
 	struct qcow2_snap_table t;
 	struct qcow2_snap *sn, *ns;
-	uint64_t l1_bytes, old_off, old_clusters, id = 0, *l1 = NULL;
+	uint64_t l1_bytes, id = 0, *l1 = NULL;
 	struct timespec now;
-	struct refs r;
+	struct shadow sh;
 	char idbuf[24];
 	uint32_t i;
 	int ret;
@@ -775,24 +861,25 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 
 	if (!*name || strlen(name) > SN_MAX_NAME)
 		return qcow2_error(img, -EINVAL, "snapshot name must be 1 to %u bytes", SN_MAX_NAME);
-	ret = op_begin(img, &t, &r);
+	ret = op_begin(img, &t, &sh);
 	if (ret < 0)
-		return op_end(&t, &r, ret);
+		return op_end(&t, &sh, ret);
 	if (find_name(&t, name) >= 0)
-		return op_end(&t, &r, qcow2_error(img, -EEXIST, "snapshot '%s' already exists",
-						  name));
+		return op_end(&t, &sh, qcow2_error(img, -EEXIST, "snapshot '%s' already exists",
+						   name));
 	if (t.nr >= SN_MAX)
-		return op_end(&t, &r, qcow2_error(img, -EFBIG, "too many snapshots (at most %u)",
-						  SN_MAX));
-	ret = refs_collect(img, &r, img->l1, img->h.l1_size);
+		return op_end(&t, &sh, qcow2_error(img, -EFBIG, "too many snapshots (at most %u)",
+						   SN_MAX));
+	/* The snapshot's L1 table reaches everything the active one does: one more reference. */
+	ret = refs_collect(img, &sh.add, img->l1, img->h.l1_size);
 	if (!ret)
-		ret = refs_check(img, &r, 1);
+		ret = refs_check(img, &sh.add, 1);
 	if (ret < 0)
-		return op_end(&t, &r, ret);
+		return op_end(&t, &sh, ret);
 
 	ns = realloc(t.s, (t.nr + 1) * sizeof(*t.s));
 	if (!ns)
-		return op_end(&t, &r, qcow2_error(img, -ENOMEM, "out of memory"));
+		return op_end(&t, &sh, qcow2_error(img, -ENOMEM, "out of memory"));
 	t.s = ns;
 	for (i = 0; i < t.nr; i++) {
 		unsigned long long v = strtoull(t.s[i].id, NULL, 10);
@@ -814,52 +901,35 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 	};
 	t.nr++;
 	if (!sn->id || !sn->name)
-		return op_end(&t, &r, qcow2_error(img, -ENOMEM, "out of memory"));
+		return op_end(&t, &sh, qcow2_error(img, -ENOMEM, "out of memory"));
 
-	/* 1. The snapshot's own copy of the L1 table. */
+	/* The snapshot's own copy of the L1 table, past the file like the rest. */
 	l1_bytes = clusters_of(img, (uint64_t)img->h.l1_size * 8) << img->h.cluster_bits;
 	if (l1_bytes) {
 		l1 = alloc_io(l1_bytes);
 		if (!l1)
-			return op_end(&t, &r, qcow2_error(img, -ENOMEM, "out of memory"));
+			return op_end(&t, &sh, qcow2_error(img, -ENOMEM, "out of memory"));
 		for (i = 0; i < img->h.l1_size; i++)
 			l1[i] = htobe64(img->l1[i] & ~QCOW2_OFLAG_COPIED);
-		ret = alloc_contig(img, l1_bytes >> img->h.cluster_bits, &sn->l1_off);
-		if (!ret)
-			ret = write_clusters(img, 0, sn->l1_off, l1, l1_bytes);
+		sn->l1_off = shadow_alloc(img, &sh, l1_bytes >> img->h.cluster_bits);
+		ret = write_clusters(img, 0, sn->l1_off, l1, l1_bytes);
 		free(l1);
 		if (ret < 0)
-			return op_end(&t, &r, ret);
+			return op_end(&t, &sh, ret);
 	}
-	/* 2. One more reference to everything the active tables reach; they are shared now. */
-	ret = refs_apply(img, &r, 1);
-	if (!ret)
-		ret = fix_copied(img);
-	if (ret < 0)
-		return op_end(&t, &r, ret);
-	/* 3. The new table, durable with all of the above before the header names it. */
-	old_off = img->h.snapshots_offset;
-	old_clusters = img->h.nb_snapshots ? clusters_of(img, t.bytes) : 0;
-	ret = table_replace(img, &t);
-	/* 4. Nothing names the old table any more. */
-	if (!ret)
-		ret = release(img, old_off, old_clusters);
-	if (!ret)
-		ret = flush_all(img);
-	return op_end(&t, &r, ret);
+	return op_end(&t, &sh, shadow_commit(img, &sh, img->l1, &t));
 }
 
 int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 {
-	uint64_t l1_bytes, *l1 = NULL;
 	struct qcow2_snap_table t;
 	struct qcow2_snap *sn;
-	struct refs r, old;
+	uint64_t *l1 = NULL;
+	struct shadow sh;
 	uint32_t i;
 	int k, ret;
 
-	old.n = NULL;
-	ret = op_begin(img, &t, &r);
+	ret = op_begin(img, &t, &sh);
 	if (ret < 0)
 		goto out;
 	k = find_id(&t, id_or_name);
@@ -888,100 +958,57 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 		}
 	}
 	/* Everything the snapshot reaches gains a reference, the active state loses one. */
-	ret = refs_init(img, &old);
+	ret = refs_collect(img, &sh.add, l1, sn->l1_size < img->h.l1_size ? sn->l1_size :
+					     img->h.l1_size);
 	if (!ret)
-		ret = refs_collect(img, &r, l1, sn->l1_size < img->h.l1_size ? sn->l1_size :
-					       img->h.l1_size);
+		ret = refs_collect(img, &sh.drop, img->l1, img->h.l1_size);
 	if (!ret)
-		ret = refs_collect(img, &old, img->l1, img->h.l1_size);
+		ret = refs_check(img, &sh.add, 1);
 	if (!ret)
-		ret = refs_check(img, &r, 1);
+		ret = refs_check(img, &sh.drop, -1);
 	if (!ret)
-		ret = refs_check(img, &old, -1);
-	if (ret < 0)
-		goto out;
-	/* 1. The snapshot's clusters are referenced twice before the active L1 names them. */
-	ret = refs_apply(img, &r, 1);
-	if (!ret)
-		ret = flush_all(img);
-	if (ret < 0)
-		goto out;
-	/* 2. The active L1 table on disk becomes the snapshot's (no COPIED: all shared). */
-	l1_bytes = clusters_of(img, (uint64_t)img->h.l1_size * 8) << img->h.cluster_bits;
-	for (i = 0; i < img->h.l1_size; i++)
-		l1[i] = htobe64(l1[i]);
-	memset(l1 + img->h.l1_size, 0, l1_bytes - (uint64_t)img->h.l1_size * 8);
-	ret = write_clusters(img, QCOW2_OL_ACTIVE_L1, img->h.l1_table_offset, l1, l1_bytes);
-	if (!ret)
-		ret = qcow2_io_fsync(img->io, img->fd);
-	if (ret < 0) {
-		ret = qcow2_error(img, ret, "cannot write the L1 table: %s", strerror(-ret));
-		goto out;
-	}
-	for (i = 0; i < img->h.l1_size; i++)
-		img->l1[i] = be64toh(l1[i]);
-	qcow2_overlap_reset(img);
-	/* 3. The old active state is unreferenced: drop it, then mark what is ours alone. */
-	ret = refs_apply(img, &old, -1);
-	if (!ret)
-		ret = fix_copied(img);
-	if (!ret)
-		ret = flush_all(img);
+		ret = shadow_commit(img, &sh, l1, &t);
 out:
 	free(l1);
-	free(old.n);
-	return op_end(&t, &r, ret);
+	return op_end(&t, &sh, ret);
 }
 
 int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id)
 {
-	uint64_t *l1 = NULL, table_off, table_clusters;
 	struct qcow2_snap_table t;
 	struct qcow2_snap sn;
-	struct refs r;
+	struct shadow sh;
+	uint64_t *l1 = NULL;
 	int k, ret;
 
-	ret = op_begin(img, &t, &r);
+	ret = op_begin(img, &t, &sh);
 	if (ret < 0)
-		return op_end(&t, &r, ret);
+		return op_end(&t, &sh, ret);
 	k = find_name(&t, name_or_id);
 	if (k < 0)
 		k = find_id(&t, name_or_id);
 	if (k < 0)
-		return op_end(&t, &r, qcow2_error(img, -ENOENT, "snapshot '%s' not found",
-						  name_or_id));
-	/* Its L1 table, what it reaches, and the table that lists it lose a reference. */
+		return op_end(&t, &sh, qcow2_error(img, -ENOENT, "snapshot '%s' not found",
+						   name_or_id));
+	/* Its L1 table and what it reaches lose a reference. */
 	ret = load_l1(img, &t.s[k], t.s[k].l1_size, &l1);
 	if (!ret)
-		ret = refs_collect(img, &r, l1, t.s[k].l1_size);
+		ret = refs_collect(img, &sh.drop, l1, t.s[k].l1_size);
 	free(l1);
 	if (!ret && t.s[k].l1_size)
-		ret = refs_add(img, &r, t.s[k].l1_off,
+		ret = refs_add(img, &sh.drop, t.s[k].l1_off,
 			       clusters_of(img, (uint64_t)t.s[k].l1_size * 8));
-	table_off = img->h.snapshots_offset;
-	table_clusters = clusters_of(img, t.bytes);
 	if (!ret)
-		ret = refs_add(img, &r, table_off, table_clusters);
-	if (!ret)
-		ret = refs_check(img, &r, -1);
+		ret = refs_check(img, &sh.drop, -1);
 	if (ret < 0)
-		return op_end(&t, &r, ret);
-	/* 1. A table without it, named by the header. */
+		return op_end(&t, &sh, ret);
 	sn = t.s[k];
 	memmove(&t.s[k], &t.s[k + 1], (t.nr - k - 1) * sizeof(*t.s));
 	t.nr--;
-	ret = table_replace(img, &t);
+	ret = shadow_commit(img, &sh, img->l1, &t);
 	t.s[t.nr] = sn;		/* freed with the table */
 	t.nr++;
-	if (ret < 0)
-		return op_end(&t, &r, ret);
-	/* 2. Nothing reaches it any more: drop its references, mark what is ours alone. */
-	ret = refs_apply(img, &r, -1);
-	if (!ret)
-		ret = fix_copied(img);
-	if (!ret)
-		ret = flush_all(img);
-	return op_end(&t, &r, ret);
+	return op_end(&t, &sh, ret);
 }
 
 int qcow2_snapshot_list(struct qcow2 *img, struct qcow2_snapshot_info **out, uint32_t *nr)
