@@ -55,7 +55,10 @@ enum {
 
 static const uint8_t luks_magic[LUKS_MAGIC_LEN] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };
 
-enum crypt_mode { MODE_ECB, MODE_CBC, MODE_XTS, MODE_CTR };
+enum crypt_mode {
+	MODE_ECB = QCOW2_CIPHER_ECB, MODE_CBC = QCOW2_CIPHER_CBC,
+	MODE_XTS = QCOW2_CIPHER_XTS, MODE_CTR = QCOW2_CIPHER_CTR,
+};
 enum crypt_ivgen { IV_NONE, IV_PLAIN, IV_PLAIN64, IV_ESSIV };
 
 static inline void put_le32(void *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
@@ -72,8 +75,9 @@ struct crypt_spec {
 	enum crypt_ivgen ivgen;
 	char ivhash_name[LUKS_NAME_LEN + 1];
 	char hash_name[LUKS_NAME_LEN + 1];
-	const EVP_CIPHER *cipher;
+	const EVP_CIPHER *cipher;		/* NULL for the nettle ciphers */
 	const EVP_CIPHER *essiv_cipher;
+	bool nettle;				/* serpent, twofish: cipher_nettle.c */
 	const EVP_MD *ivhash;
 	const EVP_MD *hash;			/* PBKDF2 and the AF splitter */
 };
@@ -82,6 +86,7 @@ struct crypt_spec {
 struct crypt_ctx {
 	const struct crypt_spec *spec;
 	EVP_CIPHER_CTX *enc, *dec, *essiv;
+	struct qcow2_nettle *n, *n_essiv;	/* instead, for spec->nettle */
 };
 
 struct luks_slot {
@@ -209,13 +214,15 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 	}
 	s->mode = m;
 	s->ivgen = g;
-	if (strcmp(s->cipher_name, "aes") && strcmp(s->cipher_name, "cast5")) {
-		snprintf(why, whylen, "unsupported cipher '%s' (only aes and cast5 are)",
+	s->nettle = !strcmp(s->cipher_name, "serpent") || !strcmp(s->cipher_name, "twofish");
+	if (strcmp(s->cipher_name, "aes") && strcmp(s->cipher_name, "cast5") && !s->nettle) {
+		snprintf(why, whylen,
+			 "unsupported cipher '%s' (only aes, cast5, serpent and twofish are)",
 			 s->cipher_name);
 		return -ENOTSUP;
 	}
 	s->cipher = cipher_lookup(s->cipher_name, s->mode, s->key_bytes);
-	if (!s->cipher) {
+	if (s->nettle ? !qcow2_nettle_has(s->cipher_name, m, s->key_bytes) : !s->cipher) {
 		snprintf(why, whylen, "unsupported key size %u or mode for %s-%s", s->key_bytes,
 			 s->cipher_name, mode_names[s->mode]);
 		return -ENOTSUP;
@@ -238,7 +245,8 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 		s->ivhash = ivhash ? hash_lookup(ivhash) : NULL;
 		dlen = s->ivhash ? EVP_MD_get_size(s->ivhash) : 0;
 		s->essiv_cipher = cipher_lookup(s->cipher_name, MODE_ECB, dlen);
-		if (!s->essiv_cipher) {
+		if (s->nettle ? !dlen || !qcow2_nettle_has(s->cipher_name, QCOW2_CIPHER_ECB, dlen) :
+				!s->essiv_cipher) {
 			snprintf(why, whylen, "unsupported ESSIV hash '%s'", ivhash ? ivhash : "");
 			return -ENOTSUP;
 		}
@@ -255,7 +263,32 @@ static void ctx_free(struct crypt_ctx *c)
 	EVP_CIPHER_CTX_free(c->enc);
 	EVP_CIPHER_CTX_free(c->dec);
 	EVP_CIPHER_CTX_free(c->essiv);
+	qcow2_nettle_free(c->n);
+	qcow2_nettle_free(c->n_essiv);
 	c->enc = c->dec = c->essiv = NULL;
+	c->n = c->n_essiv = NULL;
+}
+
+/* ctx_init for serpent and twofish: the same steps through cipher_nettle.c. */
+static int ctx_init_nettle(struct crypt_ctx *c, const struct crypt_spec *spec,
+			   const uint8_t *key)
+{
+	uint8_t salt[EVP_MAX_MD_SIZE];
+	unsigned int slen;
+	int ret;
+
+	c->spec = spec;
+	ret = qcow2_nettle_new(&c->n, spec->cipher_name, (enum qcow2_cipher_mode)spec->mode, key,
+			       spec->key_bytes);
+	if (!ret && spec->ivgen == IV_ESSIV) {
+		ret = EVP_Digest(key, spec->key_bytes, salt, &slen, spec->ivhash, NULL) ?
+		      qcow2_nettle_new(&c->n_essiv, spec->cipher_name, QCOW2_CIPHER_ECB, salt,
+				       slen) : -EINVAL;
+		OPENSSL_cleanse(salt, sizeof(salt));
+	}
+	if (ret < 0)
+		ctx_free(c);
+	return ret;
 }
 
 /* Key @c with @key (spec->key_bytes). 0 or -ENOMEM/-EINVAL. */
@@ -264,6 +297,8 @@ static int ctx_init(struct crypt_ctx *c, const struct crypt_spec *spec, const ui
 	uint8_t salt[EVP_MAX_MD_SIZE];
 	unsigned int slen;
 
+	if (spec->nettle)
+		return ctx_init_nettle(c, spec, key);
 	c->spec = spec;
 	c->enc = EVP_CIPHER_CTX_new();
 	c->dec = EVP_CIPHER_CTX_new();
@@ -317,15 +352,25 @@ static int ctx_run(struct crypt_ctx *c, uint64_t sector, uint8_t *buf, size_t le
 			/* One block of the ESSIV cipher: 16 bytes for AES, 8 for CAST5. */
 			memset(blk, 0, sizeof(blk));
 			put_le64(blk, sector);
-			if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
-					       EVP_CIPHER_CTX_get_block_size(c->essiv)))
+			if (c->n_essiv) {
+				if (qcow2_nettle_crypt(c->n_essiv, blk, blk, 16, true) < 0)
+					return -EIO;
+				memcpy(iv, blk, sizeof(iv));
+			} else if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
+						      EVP_CIPHER_CTX_get_block_size(c->essiv))) {
 				return -EIO;
+			}
 			break;
 		}
-		if (c->spec->ivgen != IV_NONE && !EVP_CipherInit_ex(x, NULL, NULL, NULL, iv, -1))
+		if (c->n) {
+			if (qcow2_nettle_crypt(c->n, iv, buf, n, enc) < 0)
+				return -EIO;
+		} else if (c->spec->ivgen != IV_NONE &&
+			   !EVP_CipherInit_ex(x, NULL, NULL, NULL, iv, -1)) {
 			return -EIO;
-		if (!EVP_CipherUpdate(x, buf, &outl, buf, n) || (size_t)outl != n)
+		} else if (!EVP_CipherUpdate(x, buf, &outl, buf, n) || (size_t)outl != n) {
 			return -EIO;
+		}
 		buf += n;
 		len -= n;
 		sector++;
@@ -828,9 +873,11 @@ static int spec_from_opts(struct crypt_spec *s, const struct qcow2_encrypt_opts 
 	if (!strcmp(alg, "cast5-128")) {
 		bits = 128;
 		snprintf(s->cipher_name, sizeof(s->cipher_name), "cast5");
-	} else if (sscanf(alg, "aes-%u", &bits) == 1 &&
+	} else if ((sscanf(alg, "aes-%u", &bits) == 1 || sscanf(alg, "serpent-%u", &bits) == 1 ||
+		    sscanf(alg, "twofish-%u", &bits) == 1) &&
 		   (bits == 128 || bits == 192 || bits == 256)) {
-		snprintf(s->cipher_name, sizeof(s->cipher_name), "aes");
+		snprintf(s->cipher_name, sizeof(s->cipher_name), "%.*s",
+			 (int)(strchr(alg, '-') - alg), alg);
 	} else {
 		snprintf(why, whylen, "unsupported cipher algorithm '%s'", alg);
 		return -ENOTSUP;
