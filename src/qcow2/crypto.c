@@ -883,6 +883,12 @@ static int spec_from_opts(struct crypt_spec *s, const struct qcow2_encrypt_opts 
 		return -ENOTSUP;
 	}
 	s->key_bytes = bits / 8 * (!strcmp(mode, "xts") ? 2 : 1);
+	/* QEMU (7.2) asserts on key material that ends inside a sector: 24 x 4000 bytes. */
+	if (s->key_bytes * LUKS_STRIPES % CRYPT_SECTOR) {
+		snprintf(why, whylen, "cipher %s in mode %s: QEMU cannot open it (its key "
+			 "material is not whole sectors); use xts or another key size", alg, mode);
+		return -ENOTSUP;
+	}
 	snprintf(s->hash_name, sizeof(s->hash_name), "%s", o->hash_alg ? o->hash_alg : "sha256");
 	if (!strcmp(ivgen, "essiv") && !ivhash)
 		ivhash = "sha256";
