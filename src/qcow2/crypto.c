@@ -562,6 +562,7 @@ static int luks_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow
 {
 	uint64_t len = img->crypt_hdr_len, rlen = (len + 4095) & ~4095ull;
 	uint8_t mk[LUKS_MAX_KEY_BYTES];
+	unsigned int k;
 	uint8_t *h;
 	int i, ret;
 
@@ -574,18 +575,26 @@ static int luks_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow
 		goto out;
 	}
 	ret = luks_parse(img, c, h, len);
-	if (ret < 0 || !opts->key)
+	if (ret < 0 || !opts->nr_keys)
 		goto out;
-	for (i = 0, ret = 0; i < LUKS_SLOTS && !ret; i++)
-		if (c->slots[i].active == LUKS_SLOT_ENABLED)
-			ret = luks_try_slot(c, &c->slots[i], h, opts->key, opts->key_len, mk);
+	/* The first key that opens a slot: each layer of a chain may have its own. */
+	for (k = 0, ret = 0; k < opts->nr_keys && !ret; k++)
+		for (i = 0; i < LUKS_SLOTS && !ret; i++)
+			if (c->slots[i].active == LUKS_SLOT_ENABLED)
+				ret = luks_try_slot(c, &c->slots[i], h, opts->keys[k].data,
+						    opts->keys[k].len, mk);
 	if (ret < 0) {
 		ret = qcow2_error(img, ret, "cannot unlock the encryption key: %s", strerror(-ret));
 		goto out;
 	}
-	if (!ret) {
+	if (!ret && opts->nr_keys == 1) {
 		ret = qcow2_error(img, -EACCES,
 				  "invalid password: no LUKS key slot opens with the given key");
+		goto out;
+	}
+	if (!ret) {
+		ret = qcow2_error(img, -EACCES, "invalid password: no LUKS key slot opens with "
+				  "any of the %u given keys", opts->nr_keys);
 		goto out;
 	}
 	ret = ctx_init(&c->data, &c->spec, mk);
@@ -596,7 +605,10 @@ out:
 	return ret;
 }
 
-/* Legacy AES: the passphrase's first 16 bytes, zero-padded, key AES-128-CBC. */
+/*
+ * Legacy AES: the passphrase's first 16 bytes, zero-padded, key AES-128-CBC.
+ * Nothing tells a wrong key from a right one: the first key given is it.
+ */
 static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2_opts *opts)
 {
 	uint8_t key[16] = { 0 };
@@ -610,9 +622,9 @@ static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2
 	snprintf(c->spec.hash_name, sizeof(c->spec.hash_name), "sha256");
 	c->spec.key_bytes = 16;
 	ret = spec_resolve(&c->spec, "cbc-plain64", why, sizeof(why));
-	if (ret < 0 || !opts->key)
+	if (ret < 0 || !opts->nr_keys)
 		return ret;
-	memcpy(key, opts->key, opts->key_len < 16 ? opts->key_len : 16);
+	memcpy(key, opts->keys[0].data, opts->keys[0].len < 16 ? opts->keys[0].len : 16);
 	ret = ctx_init(&c->data, &c->spec, key);
 	c->unlocked = !ret;
 	OPENSSL_cleanse(key, sizeof(key));
@@ -623,7 +635,8 @@ static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2
  * qcow2_crypt_open - set up the encryption of a freshly parsed image
  *
  * Nothing to do for an unencrypted image. Otherwise parses the encryption
- * header and, with opts->key, unlocks the master key; without a key the
+ * header and, with opts->keys, unlocks the master key with the first key
+ * that opens a key slot (legacy AES: the first key); without a key the
  * image opens only with opts->no_key (metadata only: data I/O then fails).
  *
  * Returns 0, -EACCES (wrong key), -ENOKEY (no key given), -EROFS (legacy AES
@@ -636,7 +649,7 @@ int qcow2_crypt_open(struct qcow2 *img, const struct qcow2_opts *opts)
 
 	if (!img->h.crypt_method)
 		return 0;
-	if (!opts->key && !opts->no_key)
+	if (!opts->nr_keys && !opts->no_key)
 		return qcow2_error(img, -ENOKEY,
 				   "image is encrypted: a key is needed (--key-file/--key-secret)");
 	if (img->h.size % CRYPT_SECTOR)
