@@ -10,6 +10,8 @@ filename that gives each layer its secret.
 - a seeded random write sequence through `io` on the overlay equals qemu-io
   on a raw mirror; qemu-img then reads the chain like the mirror and
   `qemu-img check` is clean;
+- `commit` (overlay into base) and `rebase -b ""` (base into overlay) with
+  both keys leave what qemu-img reads unchanged, `qemu-img check` clean;
 - a wrong or missing key for the base (or no key at all): one error line
   naming the file that would not open, exit 1, neither file changed.
 """
@@ -149,6 +151,62 @@ def case_bad_keys(d, base, top):
     return None
 
 
+def qemu_one_raw(path, sid, out):
+    uqtest.qemu_img("convert", *OBJS, "--image-opts",
+                    f"driver=qcow2,file.filename={path},encrypt.key-secret={sid}",
+                    "-O", "raw", out)
+
+
+def qemu_one_check(path, sid):
+    p = uqtest.qemu_img("check", *OBJS, "--output=json", "--image-opts",
+                        f"driver=qcow2,file.filename={path},encrypt.key-secret={sid}",
+                        check=False)
+    r = json.loads(p.stdout or "{}")
+    if p.returncode != 0 or any(r.get(k, 0) for k in ("corruptions", "leaks", "check-errors")):
+        return f"qemu-img check {path}: exit {p.returncode}: {p.stdout} {p.stderr}"
+    return None
+
+
+def copy_chain(d, base, top, name):
+    sub = os.path.join(d, name)
+    os.mkdir(sub)
+    for src in (base, top):
+        with open(src, "rb") as a, open(os.path.join(sub, os.path.basename(src)), "wb") as b:
+            b.write(a.read())
+    return os.path.join(sub, "base.qcow2"), os.path.join(sub, "top.qcow2")
+
+
+def case_commit_rebase(d, base, top):
+    ref, got = os.path.join(d, "cr.ref.raw"), os.path.join(d, "cr.got.raw")
+    qemu_chain_raw(top, base, ref)
+    # commit: the overlay's data into the base, each with its own key.
+    cb, ct = copy_chain(d, base, top, "commit")
+    before = (uqtest.sha256(cb), uqtest.sha256(ct))
+    err = one_line_error(uqtest.uq("commit", "--key-secret", PW_B, ct, check=False),
+                         ["base.qcow2", "invalid password"], ct)
+    if err:
+        return f"commit with the overlay's key only: {err}"
+    if (uqtest.sha256(cb), uqtest.sha256(ct)) != before:
+        return "a refused commit changed an image"
+    uqtest.uq("commit", "--key-secret", PW_B, "--key-secret", PW_A, ct)
+    qemu_one_raw(cb, "a", got)
+    diff = uqtest.first_difference(ref, got)
+    if diff:
+        return f"after commit the base (read by qemu-img) differs from the chain: {diff}"
+    err = qemu_one_check(cb, "a")
+    if err:
+        return f"after commit: {err}"
+    # rebase -b "": the base's data into the overlay, which then stands alone.
+    rb, rt = copy_chain(d, base, top, "rebase")
+    uqtest.uq("rebase", "--key-file", "/dev/stdin", "--key-secret", PW_A, "-b", "", rt,
+              input=PW_B)
+    qemu_one_raw(rt, "b", got)
+    diff = uqtest.first_difference(ref, got)
+    if diff:
+        return f"after rebase -b '' the overlay (read by qemu-img) differs: {diff}"
+    return qemu_one_check(rt, "b")
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -167,6 +225,8 @@ def main():
                  d, base, top)
         res.case(f"two keys: random io on the overlay (seed {seed})", case_write, d, base, top,
                  seed)
+        res.case("two keys: commit and rebase -b '' agree with qemu-img", case_commit_rebase,
+                 d, base, top)
     finally:
         uqtest.cleanup(d)
     res.finish()
