@@ -3,8 +3,10 @@
  * Encrypted images: the LUKS1 header QEMU keeps in the clusters the crypto
  * header extension points at (parse, validate, unlock with a passphrase,
  * create), legacy AES-CBC (crypt_method 1, read-only), and the per-sector
- * encryption of data clusters. Knows nothing of where the requests come from;
- * request.c and write.c call in at the few points where data meets the file.
+ * encryption of data clusters: AES and CAST5 through OpenSSL, serpent and
+ * twofish (which OpenSSL lacks) through nettle (cipher_nettle.c). Knows
+ * nothing of where the requests come from; request.c and write.c call in at
+ * the few points where data meets the file.
  *
  * Facts (QEMU crypto/block-luks.c, block-qcow.c, afsplit.c, ivgen-*.c):
  * sectors are 512 bytes and each is encrypted on its own with an IV from the
@@ -86,7 +88,7 @@ struct crypt_spec {
 struct crypt_ctx {
 	const struct crypt_spec *spec;
 	EVP_CIPHER_CTX *enc, *dec, *essiv;
-	struct qcow2_nettle *n, *n_essiv;	/* instead, for spec->nettle */
+	struct qcow2_nettle *nettle, *nettle_essiv;	/* instead, for spec->nettle */
 };
 
 struct luks_slot {
@@ -263,10 +265,10 @@ static void ctx_free(struct crypt_ctx *c)
 	EVP_CIPHER_CTX_free(c->enc);
 	EVP_CIPHER_CTX_free(c->dec);
 	EVP_CIPHER_CTX_free(c->essiv);
-	qcow2_nettle_free(c->n);
-	qcow2_nettle_free(c->n_essiv);
+	qcow2_nettle_free(c->nettle);
+	qcow2_nettle_free(c->nettle_essiv);
 	c->enc = c->dec = c->essiv = NULL;
-	c->n = c->n_essiv = NULL;
+	c->nettle = c->nettle_essiv = NULL;
 }
 
 /* ctx_init for serpent and twofish: the same steps through cipher_nettle.c. */
@@ -278,11 +280,11 @@ static int ctx_init_nettle(struct crypt_ctx *c, const struct crypt_spec *spec,
 	int ret;
 
 	c->spec = spec;
-	ret = qcow2_nettle_new(&c->n, spec->cipher_name, (enum qcow2_cipher_mode)spec->mode, key,
-			       spec->key_bytes);
+	ret = qcow2_nettle_new(&c->nettle, spec->cipher_name, (enum qcow2_cipher_mode)spec->mode,
+			       key, spec->key_bytes);
 	if (!ret && spec->ivgen == IV_ESSIV) {
 		ret = EVP_Digest(key, spec->key_bytes, salt, &slen, spec->ivhash, NULL) ?
-		      qcow2_nettle_new(&c->n_essiv, spec->cipher_name, QCOW2_CIPHER_ECB, salt,
+		      qcow2_nettle_new(&c->nettle_essiv, spec->cipher_name, QCOW2_CIPHER_ECB, salt,
 				       slen) : -EINVAL;
 		OPENSSL_cleanse(salt, sizeof(salt));
 	}
@@ -349,11 +351,14 @@ static int ctx_run(struct crypt_ctx *c, uint64_t sector, uint8_t *buf, size_t le
 			put_le64(iv, sector);
 			break;
 		case IV_ESSIV:
-			/* One block of the ESSIV cipher: 16 bytes for AES, 8 for CAST5. */
+			/*
+			 * One block of the ESSIV cipher: 16 bytes for AES,
+			 * serpent and twofish, 8 for CAST5.
+			 */
 			memset(blk, 0, sizeof(blk));
 			put_le64(blk, sector);
-			if (c->n_essiv) {
-				if (qcow2_nettle_crypt(c->n_essiv, blk, blk, 16, true) < 0)
+			if (c->nettle_essiv) {
+				if (qcow2_nettle_crypt(c->nettle_essiv, blk, blk, 16, true) < 0)
 					return -EIO;
 				memcpy(iv, blk, sizeof(iv));
 			} else if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
@@ -362,8 +367,8 @@ static int ctx_run(struct crypt_ctx *c, uint64_t sector, uint8_t *buf, size_t le
 			}
 			break;
 		}
-		if (c->n) {
-			if (qcow2_nettle_crypt(c->n, iv, buf, n, enc) < 0)
+		if (c->nettle) {
+			if (qcow2_nettle_crypt(c->nettle, iv, buf, n, enc) < 0)
 				return -EIO;
 		} else if (c->spec->ivgen != IV_NONE &&
 			   !EVP_CipherInit_ex(x, NULL, NULL, NULL, iv, -1)) {
