@@ -178,6 +178,39 @@ static void luks_file_free(struct luks_file *f)
 	free(f->area);
 }
 
+/* Several keys: the first that opens a slot serves (serpent: nettle's cipher). */
+START_TEST(test_luks_keys)
+{
+	struct qcow2_encrypt_opts e = { .format = "luks", .key = "right", .key_len = 5,
+					.cipher_alg = "serpent-256", .iter_time_ms = 1 };
+	struct qcow2_key keys[] = { { "wrong", 5 }, { "right", 5 }, { "other", 5 } };
+	struct qcow2_opts o = { .keys = keys, .nr_keys = 3 };
+	uint8_t a[1024], zero[1024] = { 0 };
+	struct luks_file f;
+	struct qcow2 img;
+
+	luks_file_make(&f, &e);
+	luks_file_write(&f, f.area);
+	ck_assert_int_eq(luks_open(&f, &img, NULL, true), 0);
+	qcow2_crypt_free(&img);
+	ck_assert_int_eq(qcow2_crypt_open(&img, &o), 0);
+	memset(a, 0, sizeof(a));
+	ck_assert_int_eq(qcow2_crypt_buf(&img, 8192, 0, a, 1024, true), 0);
+	ck_assert_mem_ne(a, zero, 512);
+	ck_assert_mem_ne(a, a + 512, 512);
+	ck_assert_int_eq(qcow2_crypt_buf(&img, 8192, 0, a, 1024, false), 0);
+	ck_assert_mem_eq(a, zero, 1024);
+	qcow2_crypt_free(&img);
+
+	/* None opens it: -EACCES, and the message says how many were tried. */
+	keys[1] = keys[2];
+	o.nr_keys = 2;
+	ck_assert_int_eq(qcow2_crypt_open(&img, &o), -EACCES);
+	ck_assert_ptr_nonnull(strstr(img.errmsg, "any of the 2 given keys"));
+	luks_file_free(&f);
+}
+END_TEST
+
 START_TEST(test_luks_unlock)
 {
 	struct qcow2_encrypt_opts e = { .format = "luks", .key = "right", .key_len = 5,
@@ -414,6 +447,7 @@ static Suite *crypto_suite(void)
 	tcase_add_test(tc, test_luks_sizes);
 	tcase_add_test(tc, test_luks_bad_opts);
 	tcase_add_test(tc, test_luks_unlock);
+	tcase_add_test(tc, test_luks_keys);
 	tcase_add_test(tc, test_luks_fuzz);
 	tcase_add_test(tc, test_defer_encrypted);
 	tcase_set_timeout(tc, 300);
