@@ -700,7 +700,7 @@ out:
 
 int uq_key_option(int opt, const char *arg)
 {
-	struct secret *s = &key_opts[nr_key_opts];
+	struct secret *s;
 	int ret;
 
 	if (opt == UQ_OPT_OBJECT)
@@ -711,6 +711,7 @@ int uq_key_option(int opt, const char *arg)
 		uq_err("more than %d --key-secret/--key-file options", MAX_SECRETS);
 		return -EINVAL;
 	}
+	s = &key_opts[nr_key_opts];
 	if (opt == UQ_OPT_KEY_FILE) {
 		ret = read_secret_file(arg, s);
 	} else {
