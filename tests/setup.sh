@@ -6,7 +6,7 @@ set -euo pipefail
 
 pkgs=(
 	build-essential cmake pkg-config
-	liburing-dev zlib1g-dev libzstd-dev libssl-dev check
+	liburing-dev zlib1g-dev libzstd-dev libssl-dev check nettle-dev
 	qemu-utils python3 util-linux groff-base
 	clang libclang-rt-14-dev	# the fuzz targets: libFuzzer is only recommended by clang
 )

@@ -396,7 +396,7 @@ static int add_serve(struct add_args *a, int report_fd)
 	int sig_fd, ret, status = 1, overlay_fd = -1;
 	char path[64], overlay_path[64], err[512];
 
-	qopts.key = uq_key_get(&qopts.key_len);
+	qopts.nr_keys = uq_keys_get(&qopts.keys);
 	qopts.max_backing = uq_max_backing(a->overlay ? UQ_OPEN_OVERLAY : 0);
 	if (a->overlay) {
 		/* Created here, in the daemon: the file dies with this process. */

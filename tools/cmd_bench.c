@@ -42,7 +42,7 @@ static void bench_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " bench [-w] [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET]\n"
 		"                        [--pattern=PAT] [--flush-interval=N] [-t CACHE] [-i AIO]\n"
-		"                        [-f FMT] [-q] IMAGE\n"
+		"                        [-f FMT] [-q] [--key-secret PW]... IMAGE\n"
 		"\n"
 		"Run qemu-img bench's workload through the engine: COUNT requests (default\n"
 		"75000) of SIZE bytes (default 4k), DEPTH in flight (default 64), starting at\n"
@@ -55,6 +55,7 @@ static void bench_usage(FILE *f)
 		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
 		"  -f FMT              qcow2 or raw (raw: reads only)\n"
 		"  -q                  no output but errors\n"
+		UQ_KEY_HELP
 		"  -h, --help          show this help\n");
 }
 
@@ -115,6 +116,7 @@ int cmd_bench(int argc, char **argv)
 		{ "flush-interval", required_argument, NULL, 'I' },
 		{ "no-drain", no_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bench b = { .op = QCOW2_OP_READ, .count = 75000, .bufsize = 4096 };
@@ -189,6 +191,12 @@ int cmd_bench(int argc, char **argv)
 		case 'q':
 			quiet = true;
 			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
+			break;
 		case 'h':
 			bench_usage(stdout);
 			return 0;
@@ -209,6 +217,7 @@ int cmd_bench(int argc, char **argv)
 	}
 	b.step = step ? step : b.bufsize;
 	opts.read_only = b.op == QCOW2_OP_READ;
+	opts.nr_keys = uq_keys_get(&opts.keys);
 
 	io = qcow2_uring_new(2 * depth + 64);
 	if (!io) {

@@ -21,7 +21,7 @@
 static void commit_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " commit [-f qcow2] [-p] [-q] [-d] [-b BASE] IMAGE\n"
+		"usage: " UQ_PROG " commit [-f qcow2] [-p] [-q] [-d] [-b BASE] [--key-secret PW]... IMAGE\n"
 		"\n"
 		"Write what IMAGE holds into its backing file, then empty IMAGE (its content\n"
 		"stays the same through the chain). A raw backing file smaller than IMAGE\n"
@@ -33,6 +33,7 @@ static void commit_usage(void)
 		"  -f qcow2    IMAGE's format\n"
 		"  -p          show progress on stderr\n"
 		"  -q          quiet\n"
+		UQ_KEY_HELP
 		"  -h, --help  show this help\n");
 }
 
@@ -209,6 +210,7 @@ int cmd_commit(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct commit c = { .progress.last = -1 };
@@ -238,6 +240,12 @@ int cmd_commit(int argc, char **argv)
 		case 'b':
 			c.base_arg = optarg;
 			c.keep = true;		/* as qemu-img: the images between go stale */
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			commit_usage();

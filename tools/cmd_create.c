@@ -119,7 +119,10 @@ static int apply_encrypt_opt(struct opt_ctx *x, const char *key, const char *val
 	return 0;
 }
 
-/* The passphrase for encrypt.*: the named secret, else --key-secret/--key-file. */
+/*
+ * The passphrase for encrypt.*: the named secret, else the first
+ * --key-secret/--key-file (or secret object).
+ */
 static int encrypt_resolve(const char *path, struct uq_create *c)
 {
 	struct qcow2_encrypt_opts *e = &c->enc;
@@ -139,7 +142,13 @@ static int encrypt_resolve(const char *path, struct uq_create *c)
 			return -EINVAL;
 		}
 	} else {
-		e->key = uq_key_get(&e->key_len);
+		const struct qcow2_key *keys;
+
+		/* The first of them: the others may open an encrypted backing file. */
+		if (uq_keys_get(&keys)) {
+			e->key = keys[0].data;
+			e->key_len = keys[0].len;
+		}
 		if (!e->key) {
 			uq_err("%s: encryption needs a key (encrypt.key-secret=ID with "
 			       "--object, or --key-secret/--key-file)", path);

@@ -20,7 +20,8 @@
 static void rebase_usage(void)
 {
 	printf(
-		"usage: " UQ_PROG " rebase [-f qcow2] [-p] [-q] [-u] -b BACKING [-F BACKING_FMT] IMAGE\n"
+		"usage: " UQ_PROG " rebase [-f qcow2] [-p] [-q] [-u] [--key-secret PW]... -b BACKING\n"
+		"                         [-F BACKING_FMT] IMAGE\n"
 		"\n"
 		"Make BACKING (\"\": none) IMAGE's backing file. BACKING is stored as given;\n"
 		"a relative name is relative to IMAGE's directory.\n"
@@ -32,6 +33,7 @@ static void rebase_usage(void)
 		"  -f qcow2        IMAGE's format (only qcow2 has a backing file)\n"
 		"  -p              show progress on stderr\n"
 		"  -q              quiet (rebase prints nothing else anyway)\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n"
 		"\n"
 		"Without -u, what the old backing chain shows where IMAGE has no data and\n"
@@ -226,6 +228,7 @@ int cmd_rebase(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct rebase r = { .progress.last = -1 };
@@ -262,6 +265,12 @@ int cmd_rebase(int argc, char **argv)
 				return 1;
 			}
 			r.fmt = optarg;
+			break;
+		case UQ_OPT_OBJECT:
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			if (uq_key_option(opt, optarg) < 0)
+				return 1;
 			break;
 		case 'h':
 			rebase_usage();

@@ -126,7 +126,7 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 	next_snapshot = NULL;
 	/* Metadata only (info, check): no key needed, none tried. */
 	if (!opts.no_key)
-		opts.key = uq_key_get(&opts.key_len);
+		opts.nr_keys = uq_keys_get(&opts.keys);
 	img->io = io;
 	if (!img->io) {
 		img->io = qcow2_uring_new(IO_DEPTH);
@@ -581,7 +581,8 @@ struct secret {
 
 static struct secret secrets[MAX_SECRETS];
 static unsigned int nr_secrets;
-static struct secret key_opt;		/* --key-secret / --key-file */
+static struct secret key_opts[MAX_SECRETS];	/* --key-secret / --key-file, in order */
+static unsigned int nr_key_opts;
 
 /* Read a whole (small) file, as QEMU's secret file= does: bytes as they are. */
 static int read_secret_file(const char *path, struct secret *s)
@@ -699,32 +700,42 @@ out:
 
 int uq_key_option(int opt, const char *arg)
 {
+	struct secret *s;
 	int ret;
 
-	switch (opt) {
-	case UQ_OPT_OBJECT:
+	if (opt == UQ_OPT_OBJECT)
 		return add_object(arg);
-	case UQ_OPT_KEY_SECRET:
-		ret = set_data(&key_opt, arg);
-		break;
-	case UQ_OPT_KEY_FILE:
-		return read_secret_file(arg, &key_opt);
-	default:
+	if (opt != UQ_OPT_KEY_SECRET && opt != UQ_OPT_KEY_FILE)
+		return -EINVAL;
+	if (nr_key_opts == MAX_SECRETS) {
+		uq_err("more than %d --key-secret/--key-file options", MAX_SECRETS);
 		return -EINVAL;
 	}
-	if (ret < 0)
-		uq_err("out of memory");
+	s = &key_opts[nr_key_opts];
+	if (opt == UQ_OPT_KEY_FILE) {
+		ret = read_secret_file(arg, s);
+	} else {
+		ret = set_data(s, arg);
+		if (ret < 0)
+			uq_err("out of memory");
+	}
+	if (!ret)
+		nr_key_opts++;
 	return ret;
 }
 
 bool uq_no_backing;
 
-const char *uq_key_get(size_t *len)
+unsigned int uq_keys_get(const struct qcow2_key **keys)
 {
-	const struct secret *s = key_opt.data ? &key_opt : nr_secrets == 1 ? &secrets[0] : NULL;
+	static struct qcow2_key list[MAX_SECRETS];
+	const struct secret *from = nr_key_opts ? key_opts : secrets;
+	unsigned int i, n = nr_key_opts ? nr_key_opts : nr_secrets;
 
-	*len = s ? s->len : 0;
-	return s ? s->data : NULL;
+	for (i = 0; i < n; i++)
+		list[i] = (struct qcow2_key){ .data = from[i].data, .len = from[i].len };
+	*keys = list;
+	return n;
 }
 
 const char *uq_secret_lookup(const char *id, size_t *len)

@@ -141,17 +141,20 @@ enum {
 
 #define UQ_KEY_HELP \
 	"  --object secret,id=ID,data=PW|file=PATH  a secret (qemu-img style)\n" \
-	"  --key-secret PW  passphrase of an encrypted image\n" \
-	"  --key-file PATH  read the passphrase from PATH\n"
+	"  --key-secret PW  passphrase of an encrypted image (repeatable: each\n" \
+	"                   encrypted image of a chain takes the first that opens it)\n" \
+	"  --key-file PATH  read a passphrase from PATH (repeatable, likewise)\n"
 
 /* Take one of the options above. 0, or -errno with one error line printed. */
 int uq_key_option(int opt, const char *arg);
 
 /*
- * The passphrase images are opened with: --key-secret/--key-file, else the
- * only secret object. NULL if none.
+ * The passphrases images are opened with, in the order given: every
+ * --key-secret/--key-file, else every secret object. Each encrypted LUKS
+ * image of a chain takes the first that opens it (legacy AES: the first).
+ * Returns how many, *@keys pointing at them (valid until the next call).
  */
-const char *uq_key_get(size_t *len);
+unsigned int uq_keys_get(const struct qcow2_key **keys);
 
 /* The secret object @id (encrypt.key-secret=ID), or NULL. */
 const char *uq_secret_lookup(const char *id, size_t *len);

@@ -297,8 +297,8 @@ static int tq_open(struct tq *t, struct ublk_tgt *tgt, const struct ublk_dev_cfg
 		.direct = true,
 		.l2_cache_bytes = o ? o->cache_bytes : 0,
 		.snapshot = o ? o->snapshot : NULL,
-		.key = o ? o->key : NULL,
-		.key_len = o ? o->key_len : 0,
+		.keys = o ? o->keys : NULL,
+		.nr_keys = o ? o->nr_keys : 0,
 		.max_backing = o ? o->max_backing : 0,
 	};
 	int ret;

@@ -14,8 +14,8 @@
 struct uq_qcow2_opts {
 	uint64_t cache_bytes;		/* L2 cache size, 0: the engine's default */
 	const char *snapshot;		/* internal snapshot to serve (read-only), or NULL */
-	const void *key;		/* passphrase of an encrypted image, or NULL */
-	size_t key_len;
+	const struct qcow2_key *keys;	/* passphrases to try (qcow2_opts) */
+	unsigned int nr_keys;
 	/* Every write, discard and write-zeroes is followed by a flush before
 	 * it completes: metadata the engine caches is lost with a killed
 	 * daemon, and a recovered device must not lose what it acknowledged. */

@@ -53,8 +53,8 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		.l2_cache_bytes = opts->l2_cache_bytes,
 		.refcount_cache_bytes = opts->refcount_cache_bytes,
 		.slice_bytes = opts->slice_bytes,
-		.key = opts->key,	/* an encrypted backing file: the same passphrase */
-		.key_len = opts->key_len,
+		.keys = opts->keys,	/* an encrypted backing file tries the same ones */
+		.nr_keys = opts->nr_keys,
 		.no_key = opts->no_key,
 		.format = img->backing_fmt ? img->backing_fmt : "probe",
 		/* One level fewer below the backing file; at the last allowed, none. */

@@ -3,8 +3,10 @@
  * Encrypted images: the LUKS1 header QEMU keeps in the clusters the crypto
  * header extension points at (parse, validate, unlock with a passphrase,
  * create), legacy AES-CBC (crypt_method 1, read-only), and the per-sector
- * encryption of data clusters. Knows nothing of where the requests come from;
- * request.c and write.c call in at the few points where data meets the file.
+ * encryption of data clusters: AES and CAST5 through OpenSSL, serpent and
+ * twofish (which OpenSSL lacks) through nettle (cipher_nettle.c). Knows
+ * nothing of where the requests come from; request.c and write.c call in at
+ * the few points where data meets the file.
  *
  * Facts (QEMU crypto/block-luks.c, block-qcow.c, afsplit.c, ivgen-*.c):
  * sectors are 512 bytes and each is encrypted on its own with an IV from the
@@ -55,7 +57,10 @@ enum {
 
 static const uint8_t luks_magic[LUKS_MAGIC_LEN] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };
 
-enum crypt_mode { MODE_ECB, MODE_CBC, MODE_XTS, MODE_CTR };
+enum crypt_mode {
+	MODE_ECB = QCOW2_CIPHER_ECB, MODE_CBC = QCOW2_CIPHER_CBC,
+	MODE_XTS = QCOW2_CIPHER_XTS, MODE_CTR = QCOW2_CIPHER_CTR,
+};
 enum crypt_ivgen { IV_NONE, IV_PLAIN, IV_PLAIN64, IV_ESSIV };
 
 static inline void put_le32(void *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
@@ -72,8 +77,9 @@ struct crypt_spec {
 	enum crypt_ivgen ivgen;
 	char ivhash_name[LUKS_NAME_LEN + 1];
 	char hash_name[LUKS_NAME_LEN + 1];
-	const EVP_CIPHER *cipher;
+	const EVP_CIPHER *cipher;		/* NULL for the nettle ciphers */
 	const EVP_CIPHER *essiv_cipher;
+	bool nettle;				/* serpent, twofish: cipher_nettle.c */
 	const EVP_MD *ivhash;
 	const EVP_MD *hash;			/* PBKDF2 and the AF splitter */
 };
@@ -82,6 +88,7 @@ struct crypt_spec {
 struct crypt_ctx {
 	const struct crypt_spec *spec;
 	EVP_CIPHER_CTX *enc, *dec, *essiv;
+	struct qcow2_nettle *nettle, *nettle_essiv;	/* instead, for spec->nettle */
 };
 
 struct luks_slot {
@@ -209,13 +216,15 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 	}
 	s->mode = m;
 	s->ivgen = g;
-	if (strcmp(s->cipher_name, "aes") && strcmp(s->cipher_name, "cast5")) {
-		snprintf(why, whylen, "unsupported cipher '%s' (only aes and cast5 are)",
+	s->nettle = !strcmp(s->cipher_name, "serpent") || !strcmp(s->cipher_name, "twofish");
+	if (strcmp(s->cipher_name, "aes") && strcmp(s->cipher_name, "cast5") && !s->nettle) {
+		snprintf(why, whylen,
+			 "unsupported cipher '%s' (only aes, cast5, serpent and twofish are)",
 			 s->cipher_name);
 		return -ENOTSUP;
 	}
 	s->cipher = cipher_lookup(s->cipher_name, s->mode, s->key_bytes);
-	if (!s->cipher) {
+	if (s->nettle ? !qcow2_nettle_has(s->cipher_name, m, s->key_bytes) : !s->cipher) {
 		snprintf(why, whylen, "unsupported key size %u or mode for %s-%s", s->key_bytes,
 			 s->cipher_name, mode_names[s->mode]);
 		return -ENOTSUP;
@@ -238,7 +247,8 @@ static int spec_resolve(struct crypt_spec *s, const char *mode_spec, char *why, 
 		s->ivhash = ivhash ? hash_lookup(ivhash) : NULL;
 		dlen = s->ivhash ? EVP_MD_get_size(s->ivhash) : 0;
 		s->essiv_cipher = cipher_lookup(s->cipher_name, MODE_ECB, dlen);
-		if (!s->essiv_cipher) {
+		if (s->nettle ? !dlen || !qcow2_nettle_has(s->cipher_name, QCOW2_CIPHER_ECB, dlen) :
+				!s->essiv_cipher) {
 			snprintf(why, whylen, "unsupported ESSIV hash '%s'", ivhash ? ivhash : "");
 			return -ENOTSUP;
 		}
@@ -255,7 +265,32 @@ static void ctx_free(struct crypt_ctx *c)
 	EVP_CIPHER_CTX_free(c->enc);
 	EVP_CIPHER_CTX_free(c->dec);
 	EVP_CIPHER_CTX_free(c->essiv);
+	qcow2_nettle_free(c->nettle);
+	qcow2_nettle_free(c->nettle_essiv);
 	c->enc = c->dec = c->essiv = NULL;
+	c->nettle = c->nettle_essiv = NULL;
+}
+
+/* ctx_init for serpent and twofish: the same steps through cipher_nettle.c. */
+static int ctx_init_nettle(struct crypt_ctx *c, const struct crypt_spec *spec,
+			   const uint8_t *key)
+{
+	uint8_t salt[EVP_MAX_MD_SIZE];
+	unsigned int slen;
+	int ret;
+
+	c->spec = spec;
+	ret = qcow2_nettle_new(&c->nettle, spec->cipher_name, (enum qcow2_cipher_mode)spec->mode,
+			       key, spec->key_bytes);
+	if (!ret && spec->ivgen == IV_ESSIV) {
+		ret = EVP_Digest(key, spec->key_bytes, salt, &slen, spec->ivhash, NULL) ?
+		      qcow2_nettle_new(&c->nettle_essiv, spec->cipher_name, QCOW2_CIPHER_ECB, salt,
+				       slen) : -EINVAL;
+		OPENSSL_cleanse(salt, sizeof(salt));
+	}
+	if (ret < 0)
+		ctx_free(c);
+	return ret;
 }
 
 /* Key @c with @key (spec->key_bytes). 0 or -ENOMEM/-EINVAL. */
@@ -264,6 +299,8 @@ static int ctx_init(struct crypt_ctx *c, const struct crypt_spec *spec, const ui
 	uint8_t salt[EVP_MAX_MD_SIZE];
 	unsigned int slen;
 
+	if (spec->nettle)
+		return ctx_init_nettle(c, spec, key);
 	c->spec = spec;
 	c->enc = EVP_CIPHER_CTX_new();
 	c->dec = EVP_CIPHER_CTX_new();
@@ -314,18 +351,31 @@ static int ctx_run(struct crypt_ctx *c, uint64_t sector, uint8_t *buf, size_t le
 			put_le64(iv, sector);
 			break;
 		case IV_ESSIV:
-			/* One block of the ESSIV cipher: 16 bytes for AES, 8 for CAST5. */
+			/*
+			 * One block of the ESSIV cipher: 16 bytes for AES,
+			 * serpent and twofish, 8 for CAST5.
+			 */
 			memset(blk, 0, sizeof(blk));
 			put_le64(blk, sector);
-			if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
-					       EVP_CIPHER_CTX_get_block_size(c->essiv)))
+			if (c->nettle_essiv) {
+				if (qcow2_nettle_crypt(c->nettle_essiv, blk, blk, 16, true) < 0)
+					return -EIO;
+				memcpy(iv, blk, sizeof(iv));
+			} else if (!EVP_EncryptUpdate(c->essiv, iv, &outl, blk,
+						      EVP_CIPHER_CTX_get_block_size(c->essiv))) {
 				return -EIO;
+			}
 			break;
 		}
-		if (c->spec->ivgen != IV_NONE && !EVP_CipherInit_ex(x, NULL, NULL, NULL, iv, -1))
+		if (c->nettle) {
+			if (qcow2_nettle_crypt(c->nettle, iv, buf, n, enc) < 0)
+				return -EIO;
+		} else if (c->spec->ivgen != IV_NONE &&
+			   !EVP_CipherInit_ex(x, NULL, NULL, NULL, iv, -1)) {
 			return -EIO;
-		if (!EVP_CipherUpdate(x, buf, &outl, buf, n) || (size_t)outl != n)
+		} else if (!EVP_CipherUpdate(x, buf, &outl, buf, n) || (size_t)outl != n) {
 			return -EIO;
+		}
 		buf += n;
 		len -= n;
 		sector++;
@@ -517,6 +567,7 @@ static int luks_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow
 {
 	uint64_t len = img->crypt_hdr_len, rlen = (len + 4095) & ~4095ull;
 	uint8_t mk[LUKS_MAX_KEY_BYTES];
+	unsigned int k;
 	uint8_t *h;
 	int i, ret;
 
@@ -529,18 +580,26 @@ static int luks_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow
 		goto out;
 	}
 	ret = luks_parse(img, c, h, len);
-	if (ret < 0 || !opts->key)
+	if (ret < 0 || !opts->nr_keys)
 		goto out;
-	for (i = 0, ret = 0; i < LUKS_SLOTS && !ret; i++)
-		if (c->slots[i].active == LUKS_SLOT_ENABLED)
-			ret = luks_try_slot(c, &c->slots[i], h, opts->key, opts->key_len, mk);
+	/* The first key that opens a slot: each layer of a chain may have its own. */
+	for (k = 0, ret = 0; k < opts->nr_keys && !ret; k++)
+		for (i = 0; i < LUKS_SLOTS && !ret; i++)
+			if (c->slots[i].active == LUKS_SLOT_ENABLED)
+				ret = luks_try_slot(c, &c->slots[i], h, opts->keys[k].data,
+						    opts->keys[k].len, mk);
 	if (ret < 0) {
 		ret = qcow2_error(img, ret, "cannot unlock the encryption key: %s", strerror(-ret));
 		goto out;
 	}
-	if (!ret) {
+	if (!ret && opts->nr_keys == 1) {
 		ret = qcow2_error(img, -EACCES,
 				  "invalid password: no LUKS key slot opens with the given key");
+		goto out;
+	}
+	if (!ret) {
+		ret = qcow2_error(img, -EACCES, "invalid password: no LUKS key slot opens with "
+				  "any of the %u given keys", opts->nr_keys);
 		goto out;
 	}
 	ret = ctx_init(&c->data, &c->spec, mk);
@@ -551,7 +610,10 @@ out:
 	return ret;
 }
 
-/* Legacy AES: the passphrase's first 16 bytes, zero-padded, key AES-128-CBC. */
+/*
+ * Legacy AES: the passphrase's first 16 bytes, zero-padded, key AES-128-CBC.
+ * Nothing tells a wrong key from a right one: the first key given is it.
+ */
 static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2_opts *opts)
 {
 	uint8_t key[16] = { 0 };
@@ -565,9 +627,9 @@ static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2
 	snprintf(c->spec.hash_name, sizeof(c->spec.hash_name), "sha256");
 	c->spec.key_bytes = 16;
 	ret = spec_resolve(&c->spec, "cbc-plain64", why, sizeof(why));
-	if (ret < 0 || !opts->key)
+	if (ret < 0 || !opts->nr_keys)
 		return ret;
-	memcpy(key, opts->key, opts->key_len < 16 ? opts->key_len : 16);
+	memcpy(key, opts->keys[0].data, opts->keys[0].len < 16 ? opts->keys[0].len : 16);
 	ret = ctx_init(&c->data, &c->spec, key);
 	c->unlocked = !ret;
 	OPENSSL_cleanse(key, sizeof(key));
@@ -578,7 +640,8 @@ static int aes_open(struct qcow2 *img, struct qcow2_crypt *c, const struct qcow2
  * qcow2_crypt_open - set up the encryption of a freshly parsed image
  *
  * Nothing to do for an unencrypted image. Otherwise parses the encryption
- * header and, with opts->key, unlocks the master key; without a key the
+ * header and, with opts->keys, unlocks the master key with the first key
+ * that opens a key slot (legacy AES: the first key); without a key the
  * image opens only with opts->no_key (metadata only: data I/O then fails).
  *
  * Returns 0, -EACCES (wrong key), -ENOKEY (no key given), -EROFS (legacy AES
@@ -591,7 +654,7 @@ int qcow2_crypt_open(struct qcow2 *img, const struct qcow2_opts *opts)
 
 	if (!img->h.crypt_method)
 		return 0;
-	if (!opts->key && !opts->no_key)
+	if (!opts->nr_keys && !opts->no_key)
 		return qcow2_error(img, -ENOKEY,
 				   "image is encrypted: a key is needed (--key-file/--key-secret)");
 	if (img->h.size % CRYPT_SECTOR)
@@ -828,14 +891,22 @@ static int spec_from_opts(struct crypt_spec *s, const struct qcow2_encrypt_opts 
 	if (!strcmp(alg, "cast5-128")) {
 		bits = 128;
 		snprintf(s->cipher_name, sizeof(s->cipher_name), "cast5");
-	} else if (sscanf(alg, "aes-%u", &bits) == 1 &&
+	} else if ((sscanf(alg, "aes-%u", &bits) == 1 || sscanf(alg, "serpent-%u", &bits) == 1 ||
+		    sscanf(alg, "twofish-%u", &bits) == 1) &&
 		   (bits == 128 || bits == 192 || bits == 256)) {
-		snprintf(s->cipher_name, sizeof(s->cipher_name), "aes");
+		snprintf(s->cipher_name, sizeof(s->cipher_name), "%.*s",
+			 (int)(strchr(alg, '-') - alg), alg);
 	} else {
 		snprintf(why, whylen, "unsupported cipher algorithm '%s'", alg);
 		return -ENOTSUP;
 	}
 	s->key_bytes = bits / 8 * (!strcmp(mode, "xts") ? 2 : 1);
+	/* QEMU (7.2) asserts on key material that ends inside a sector: 24 x 4000 bytes. */
+	if (s->key_bytes * LUKS_STRIPES % CRYPT_SECTOR) {
+		snprintf(why, whylen, "cipher %s in mode %s: QEMU cannot open it (its key "
+			 "material is not whole sectors); use xts or another key size", alg, mode);
+		return -ENOTSUP;
+	}
 	snprintf(s->hash_name, sizeof(s->hash_name), "%s", o->hash_alg ? o->hash_alg : "sha256");
 	if (!strcmp(ivgen, "essiv") && !ivhash)
 		ivhash = "sha256";

@@ -759,4 +759,16 @@ static inline void qcow2_overlap_reset(struct qcow2 *img)
 int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, size_t len,
 			 uint64_t off);
 
+/* ---- Serpent and twofish (cipher_nettle.c) ------------------------------------ */
+
+enum qcow2_cipher_mode { QCOW2_CIPHER_ECB, QCOW2_CIPHER_CBC, QCOW2_CIPHER_XTS, QCOW2_CIPHER_CTR };
+struct qcow2_nettle;
+bool qcow2_nettle_has(const char *name, enum qcow2_cipher_mode mode, uint32_t key_bytes);
+int qcow2_nettle_new(struct qcow2_nettle **out, const char *name, enum qcow2_cipher_mode mode,
+		     const uint8_t *key, uint32_t key_bytes);
+size_t qcow2_nettle_block_size(const struct qcow2_nettle *n);
+int qcow2_nettle_crypt(struct qcow2_nettle *n, const uint8_t *iv, uint8_t *buf, size_t len,
+		       bool enc);
+void qcow2_nettle_free(struct qcow2_nettle *n);
+
 #endif

@@ -50,6 +50,12 @@ void qcow2_uring_free(struct qcow2_io *io);
 
 struct qcow2;
 
+/* A passphrase (bytes as given, not NUL-terminated). */
+struct qcow2_key {
+	const void *data;
+	size_t len;
+};
+
 struct qcow2_opts {
 	bool read_only;
 	bool direct;			/* O_DIRECT on the image file */
@@ -60,8 +66,10 @@ struct qcow2_opts {
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
 	const char *snapshot;		/* read this internal snapshot (id or name): read-only */
-	const void *key;		/* passphrase of an encrypted image, or NULL */
-	size_t key_len;
+	const struct qcow2_key *keys;	/* passphrases, tried in order on every LUKS
+					 * image of the chain (legacy AES takes the
+					 * first: it cannot tell a wrong key) */
+	unsigned int nr_keys;
 	bool no_key;			/* encrypted without a key: metadata only (info, check) */
 	int max_backing;		/* backing levels allowed below this image: 0 the
 					 * default (up to 64), -1 none: an image naming a

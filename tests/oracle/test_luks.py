@@ -387,8 +387,8 @@ def case_bad_header(d):
             return "no crypto header extension in a qemu-img LUKS image"
         off += 8 + (n + 7) // 8 * 8
     cases = [
-        ("unknown cipher", luks + 8, b"serpent\0", ["unsupported cipher", "serpent"]),
-        ("twofish", luks + 8, b"twofish\0", ["unsupported cipher", "twofish"]),
+        ("unknown cipher", luks + 8, b"camellia\0", ["unsupported cipher", "camellia"]),
+        ("sm4", luks + 8, b"sm4\0", ["unsupported cipher", "sm4"]),
         ("bad mode", luks + 40, b"gcm-plain64\0", ["cipher mode"]),
         ("bad hash", luks + 72, b"whirlpool\0", ["hash"]),
         ("key bytes", luks + 108, (1000).to_bytes(4, "big"), ["key size"]),

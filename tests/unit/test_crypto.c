@@ -35,7 +35,8 @@ static void img_init(struct qcow2 *img, uint32_t method, bool ro)
 /* Vectors from `openssl enc -aes-128-cbc -K 616263<zeros> -iv <le64 sector> -nopad`. */
 START_TEST(test_legacy_aes_vectors)
 {
-	struct qcow2_opts o = { .read_only = true, .key = "abc", .key_len = 3 };
+	struct qcow2_key k = { "abc", 3 };
+	struct qcow2_opts o = { .read_only = true, .keys = &k, .nr_keys = 1 };
 	uint8_t buf[512], want[32];
 	struct qcow2 img;
 	int i;
@@ -64,7 +65,8 @@ END_TEST
 
 START_TEST(test_legacy_aes_rw_refused)
 {
-	struct qcow2_opts o = { .key = "abc", .key_len = 3 };
+	struct qcow2_key k = { "abc", 3 };
+	struct qcow2_opts o = { .keys = &k, .nr_keys = 1 };
 	struct qcow2 img;
 
 	img_init(&img, 1, false);
@@ -84,6 +86,9 @@ START_TEST(test_luks_sizes)
 		{ NULL, NULL, 2068480 },		/* aes-256-xts */
 		{ "aes-128", "cbc", 528384 },
 		{ "aes-128", "xts", 1052672 },
+		{ "serpent-256", "xts", 2068480 },	/* nettle's */
+		{ "twofish-192", "xts", 1544192 },
+		{ "twofish-128", "cbc", 528384 },
 	};
 	size_t i;
 
@@ -102,12 +107,18 @@ END_TEST
 START_TEST(test_luks_bad_opts)
 {
 	struct qcow2_encrypt_opts e = { .format = "luks", .key = "k", .key_len = 1,
-					.cipher_alg = "serpent-256" };
+					.cipher_alg = "camellia-256" };
 	uint64_t n;
 	char err[160];
 
 	ck_assert_int_eq(qcow2_luks_header_size(&e, &n, err, sizeof(err)), -ENOTSUP);
-	ck_assert_ptr_nonnull(strstr(err, "serpent"));
+	ck_assert_ptr_nonnull(strstr(err, "camellia"));
+	/* 24-byte keys outside XTS: key material QEMU cannot open. */
+	e.cipher_alg = "serpent-192";
+	e.cipher_mode = "cbc";
+	ck_assert_int_eq(qcow2_luks_header_size(&e, &n, err, sizeof(err)), -ENOTSUP);
+	ck_assert_ptr_nonnull(strstr(err, "QEMU cannot open"));
+	e.cipher_mode = NULL;
 	e.cipher_alg = NULL;
 	e.ivgen_alg = "benbi";
 	ck_assert_int_lt(qcow2_luks_header_size(&e, &n, err, sizeof(err)), 0);
@@ -149,7 +160,8 @@ static void luks_file_write(struct luks_file *f, const uint8_t *area)
 
 static int luks_open(struct luks_file *f, struct qcow2 *img, const char *key, bool no_key)
 {
-	struct qcow2_opts o = { .key = key, .key_len = key ? strlen(key) : 0, .no_key = no_key };
+	struct qcow2_key k = { key, key ? strlen(key) : 0 };
+	struct qcow2_opts o = { .keys = &k, .nr_keys = !!key, .no_key = no_key };
 
 	img_init(img, 2, false);
 	img->fd = f->fd;
@@ -165,6 +177,39 @@ static void luks_file_free(struct luks_file *f)
 	qcow2_uring_free(f->io);
 	free(f->area);
 }
+
+/* Several keys: the first that opens a slot serves (serpent: nettle's cipher). */
+START_TEST(test_luks_keys)
+{
+	struct qcow2_encrypt_opts e = { .format = "luks", .key = "right", .key_len = 5,
+					.cipher_alg = "serpent-256", .iter_time_ms = 1 };
+	struct qcow2_key keys[] = { { "wrong", 5 }, { "right", 5 }, { "other", 5 } };
+	struct qcow2_opts o = { .keys = keys, .nr_keys = 3 };
+	uint8_t a[1024], zero[1024] = { 0 };
+	struct luks_file f;
+	struct qcow2 img;
+
+	luks_file_make(&f, &e);
+	luks_file_write(&f, f.area);
+	ck_assert_int_eq(luks_open(&f, &img, NULL, true), 0);
+	qcow2_crypt_free(&img);
+	ck_assert_int_eq(qcow2_crypt_open(&img, &o), 0);
+	memset(a, 0, sizeof(a));
+	ck_assert_int_eq(qcow2_crypt_buf(&img, 8192, 0, a, 1024, true), 0);
+	ck_assert_mem_ne(a, zero, 512);
+	ck_assert_mem_ne(a, a + 512, 512);
+	ck_assert_int_eq(qcow2_crypt_buf(&img, 8192, 0, a, 1024, false), 0);
+	ck_assert_mem_eq(a, zero, 1024);
+	qcow2_crypt_free(&img);
+
+	/* None opens it: -EACCES, and the message says how many were tried. */
+	keys[1] = keys[2];
+	o.nr_keys = 2;
+	ck_assert_int_eq(qcow2_crypt_open(&img, &o), -EACCES);
+	ck_assert_ptr_nonnull(strstr(img.errmsg, "any of the 2 given keys"));
+	luks_file_free(&f);
+}
+END_TEST
 
 START_TEST(test_luks_unlock)
 {
@@ -296,7 +341,8 @@ START_TEST(test_defer_encrypted)
 	struct qcow2_create_opts copts = { .size = D_SIZE, .cluster_bits = 14,
 					   .backing_file = "base.qcow2", .backing_fmt = "qcow2",
 					   .encrypt = &enc };
-	struct qcow2_opts opts = { .key = "pw", .key_len = 2 };
+	struct qcow2_key k = { "pw", 2 };
+	struct qcow2_opts opts = { .keys = &k, .nr_keys = 1 };
 	struct qcow2_io *io = qcow2_uring_new(32);
 	char dir[] = "/tmp/uq-cdefer-XXXXXX", cmd[1024], path[64], err[256];
 	uint8_t *mirror = malloc(D_SIZE);
@@ -401,6 +447,7 @@ static Suite *crypto_suite(void)
 	tcase_add_test(tc, test_luks_sizes);
 	tcase_add_test(tc, test_luks_bad_opts);
 	tcase_add_test(tc, test_luks_unlock);
+	tcase_add_test(tc, test_luks_keys);
 	tcase_add_test(tc, test_luks_fuzz);
 	tcase_add_test(tc, test_defer_encrypted);
 	tcase_set_timeout(tc, 300);

@@ -170,6 +170,19 @@ if [ "$(md5sum <"$data/luks.qcow2")" != "$luks_sum" ]; then
 	[ "$e" = 0 ] && echo "PASS host: qemu-img check luks.qcow2 (with the secret)" ||
 		{ fail "host: qemu-img check luks.qcow2 exit $e"; echo "$out" | tail -n 5; }
 fi
+if [ -f "$data/luks-ov.qcow2" ]; then
+	# Each layer its own secret: qemu-img needs a json: chain for that.
+	set +e
+	out=$(qemu-img check --object secret,id=a,data=uq-secret --object secret,id=b,data=uq-secret2 \
+		"json:{\"driver\":\"qcow2\",\"encrypt\":{\"key-secret\":\"b\"},
+		\"file\":{\"driver\":\"file\",\"filename\":\"$data/luks-ov.qcow2\"},
+		\"backing\":{\"driver\":\"qcow2\",\"encrypt\":{\"key-secret\":\"a\"},
+		\"file\":{\"driver\":\"file\",\"filename\":\"$data/luks.qcow2\"}}}" 2>&1)
+	e=$?
+	set -e
+	[ "$e" = 0 ] && echo "PASS host: qemu-img check luks-ov.qcow2 (two secrets)" ||
+		{ fail "host: qemu-img check luks-ov.qcow2 exit $e"; echo "$out" | tail -n 5; }
+fi
 check cowfs.qcow2 0
 check del.qcow2 0
 check kill.qcow2 0 3

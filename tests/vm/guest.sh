@@ -161,6 +161,46 @@ getdata_test() {
 
 # fio verify, then ext4 files read back from a second add, on an image of a
 # given kind (extended L2 over a backing file, LUKS); ADD OPTIONS go to add.
+# A LUKS overlay with its own passphrase over luks.qcow2: add takes both keys.
+luks_chain_test() {
+	say "luks: an encrypted overlay with another key over /data/luks.qcow2"
+	base=/data/luks.qcow2 ov=/data/luks-ov.qcow2
+	rm -f "$ov"
+	add --read-only --key-secret uq-secret "$base" || { fail "luks chain: add the base"; return; }
+	want=$(md5sum <"$DEV")
+	"$B" del -n "$ID" || fail "luks chain: del the base"
+	# The new image takes the first key; the base opens with the second.
+	"$B" create -q -o encrypt.format=luks,encrypt.iter-time=10 --key-secret uq-secret2 \
+		--key-secret uq-secret -b luks.qcow2 -F qcow2 "$ov" ||
+		{ fail "luks chain: create the overlay"; return; }
+	sum=$(md5sum <"$base")
+	if add --key-secret uq-secret2 "$ov" 2>/data/luks-ov.err; then
+		fail "luks chain: add without the base's key succeeded"
+		"$B" del -n "$ID"
+	else
+		grep -q "luks.qcow2.*invalid password" /data/luks-ov.err &&
+			pass "luks chain: the base's key missing is refused ($(head -n1 /data/luks-ov.err))" ||
+			fail "luks chain: error without the base's key: $(cat /data/luks-ov.err)"
+	fi
+	add --key-secret uq-secret2 --key-secret uq-secret "$ov" ||
+		{ fail "luks chain: add with both keys"; return; }
+	[ "$(md5sum <"$DEV")" = "$want" ] && pass "luks chain: the overlay reads as its base" ||
+		fail "luks chain: the overlay reads differently from its base"
+	dd if=/dev/urandom of=/data/luks-ov.data bs=64k count=16 status=none
+	dd if=/data/luks-ov.data of="$DEV" bs=64k seek=17 oflag=direct status=none ||
+		fail "luks chain: write"
+	"$B" del -n "$ID" || fail "luks chain: del"
+	add --read-only --key-secret uq-secret2 --key-secret uq-secret "$ov" ||
+		{ fail "luks chain: second add"; return; }
+	got=$(dd if="$DEV" bs=64k skip=17 count=16 status=none | md5sum)
+	[ "$got" = "$(md5sum </data/luks-ov.data)" ] &&
+		pass "luks chain: what was written reads back" ||
+		fail "luks chain: what was written does not read back ($got, $(ls -l /data/luks-ov.data))"
+	"$B" del -n "$ID" || fail "luks chain: second del"
+	[ "$(md5sum <"$base")" = "$sum" ] && pass "luks chain: the base is unchanged" ||
+		fail "luks chain: writes to the overlay changed the base"
+}
+
 img_test() { # NAME IMAGE [ADD OPTIONS...]
 	name=$1 img=$2 mnt=/mnt/$1
 	shift 2
@@ -602,6 +642,7 @@ for t in "$@"; do
 		add /data/luks.qcow2 --key-secret wrong 2>/data/luks.err &&
 			{ fail "luks: add with a wrong key succeeded"; "$B" del -n "$ID"; }
 		grep -q . /data/luks.err && pass "luks: a wrong key is refused ($(head -n1 /data/luks.err))"
+		luks_chain_test
 		;;
 	ro) ro_test ;;
 	discard) discard_test ;;
