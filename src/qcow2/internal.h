@@ -155,7 +155,8 @@ struct qcow2_slice {
 	uint32_t ref;			/* pins held within one step */
 	uint8_t state;
 	bool dirty;
-	bool writing;			/* a flush is writing a copy of it */
+	bool writing;			/* held by a flush until it ends: not evictable */
+	bool flushing;			/* a flush writes its buffer: modifiers wait */
 	struct qcow2_slice *hnext;	/* hash chain */
 	struct qcow2_waitq waiters;
 	struct qcow2_cache *cache;
@@ -184,17 +185,21 @@ void qcow2_cache_destroy(struct qcow2_cache *c);
 
 #define QCOW2_CACHE_NOLOAD	1	/* caller knows the slice is zeros on disk */
 #define QCOW2_CACHE_NOFLUSH	2	/* -ENOBUFS instead of flushing for room */
+#define QCOW2_CACHE_MODIFY	4	/* caller changes the slice: wait out its write */
 
 /*
  * Find the slice at host offset @off, loading it if needed. 0 with the
  * slice pinned in *@out; -EAGAIN with @w parked (called back when worth a
  * retry); or -errno. Release with qcow2_cache_put before returning to the
- * event loop.
+ * event loop. A caller that will change the slice passes QCOW2_CACHE_MODIFY:
+ * a flush writes slices from the cache itself, so it parks while one does.
  */
 int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, int flags,
 		    struct qcow2_wait *w, struct qcow2_slice **out);
 void qcow2_cache_put(struct qcow2_slice *s);
 void qcow2_cache_mark_dirty(struct qcow2_slice *s);
+/* The flush's write of @s is over: its modifiers go on. */
+void qcow2_cache_write_done(struct qcow2_slice *s);
 /* Forget every slice (after check -r rewrote metadata behind the cache). */
 void qcow2_cache_drop(struct qcow2_cache *c);
 

@@ -251,7 +251,7 @@ int qcow2_alloc_link(struct qcow2_req *r)
 	if (ret < 0)
 		return ret;
 	qcow2_l2_locate(img, l2_off, r->a_guest, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	for (i = 0; i < r->a_nr; i++)
@@ -414,7 +414,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	if (inflight_wait(r, cstart, cs))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	e = qcow2_l2_get(s, idx);
@@ -553,7 +553,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	if (inflight_wait(r, cstart, end - cstart))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	e = qcow2_l2_get(s, idx);
@@ -682,7 +682,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	if (inflight_wait(r, r->pos, end - r->pos))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
