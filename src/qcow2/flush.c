@@ -14,7 +14,8 @@
  * a request that means to change it parks in qcow2_cache_get until then
  * (QCOW2_CACHE_MODIFY). A slice pinned at SNAPSHOT (the flush started inside
  * a step holding it, which may still change it) is copied instead. Tables
- * and the header are copied.
+ * and the header are copied: of the L1 and refcount tables only the 512-byte
+ * pieces changed since the last flush, unless a table was replaced whole.
  * Refcounts (and the table that locates them, and the header that locates
  * the table) are durable before any L2 entry that needs them; L2 tables
  * before the L1 entries that point at them. A new refcount block is durable
@@ -183,11 +184,55 @@ static int snap_header(struct qcow2_flush_job *j)
 	return 0;
 }
 
+/*
+ * The pieces of a table marked in @p, as big-endian copies: one write per
+ * run of marked pieces, entries at or past @entries written as zeros. The
+ * marks are cleared.
+ */
+static bool piece_set(const struct qcow2_pieces *p, uint64_t k)
+{
+	return p->bits[k / 64] & (1ull << (k % 64));
+}
+
+static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
+		       const uint64_t *t, uint64_t entries, struct qcow2_pieces *p)
+{
+	uint64_t k = 0, end, i, *be;
+	struct flush_item *it;
+
+	while (p->nr_dirty) {
+		while (!piece_set(p, k))
+			k++;
+		for (end = k + 1; end < p->nr && piece_set(p, end); end++)
+			;
+		it = add_item(j, phase, off + k * QCOW2_PIECE_ENTRIES * 8,
+			      (end - k) * QCOW2_PIECE_ENTRIES * 8, NULL);
+		if (!it)
+			return -ENOMEM;
+		be = it->buf;
+		for (i = k * QCOW2_PIECE_ENTRIES; i < end * QCOW2_PIECE_ENTRIES; i++)
+			*be++ = i < entries ? htobe64(t[i]) : 0;
+		p->nr_dirty -= end - k;
+		for (; k < end; k++)
+			p->bits[k / 64] &= ~(1ull << (k % 64));
+	}
+	return 0;
+}
+
 /* Metadata changes a flush of a corrupt image leaves unwritten. */
 static bool held_back(const struct qcow2 *img)
 {
 	return img->rc_cache.nr_dirty || img->l2_cache.nr_dirty || img->l1_dirty ||
-	       img->reftable_dirty || img->nr_frees;
+	       img->reftable_dirty || img->l1_pieces.nr_dirty || img->rt_pieces.nr_dirty ||
+	       img->nr_frees;
+}
+
+/* Forget the marked pieces of a table written whole. */
+static void pieces_clear(struct qcow2_pieces *p)
+{
+	if (p->nr_dirty)
+		memset(p->bits, 0, (p->nr + 63) / 64 * 8);
+	p->nr_dirty = 0;
 }
 
 /* Copy everything dirty, at one instant. */
@@ -209,14 +254,19 @@ static int snapshot(struct qcow2_flush_job *j)
 		return img->header_dirty ? snap_header(j) : 0;
 	}
 	img->nr_frees_sealed = img->nr_frees;
-	j->had_reftable = img->reftable_dirty;
+	/* A failed flush marks a table whole dirty again, whatever it wrote of it. */
+	j->had_reftable = img->reftable_dirty || img->rt_pieces.nr_dirty;
 	j->had_header = img->header_dirty;
-	j->had_l1 = img->l1_dirty;
+	j->had_l1 = img->l1_dirty || img->l1_pieces.nr_dirty;
 	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
 	if (!ret && img->reftable_dirty) {
 		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
 				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
+		pieces_clear(&img->rt_pieces);
+	} else if (!ret) {
+		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
+				  img->reftable_size, &img->rt_pieces);
 	}
 	if (!ret && img->header_dirty)
 		ret = snap_header(j);
@@ -226,6 +276,10 @@ static int snapshot(struct qcow2_flush_job *j)
 		ret = snap_table(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
 				 ((uint64_t)img->h.l1_size * 8 + 511) & ~511ull);
 		img->l1_dirty = false;
+		pieces_clear(&img->l1_pieces);
+	} else if (!ret) {
+		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
+				  &img->l1_pieces);
 	}
 	return ret;
 }

@@ -205,6 +205,34 @@ void qcow2_cache_drop(struct qcow2_cache *c);
 
 /* ---- The image --------------------------------------------------------- */
 
+/*
+ * The 512-byte pieces (64 entries) of the L1 or refcount table changed since
+ * the last flush, so that a flush copies and writes those, not the whole
+ * table (4 MiB of L1 per TiB of disk with 4 KiB clusters).
+ */
+#define QCOW2_PIECE_ENTRIES	64
+struct qcow2_pieces {
+	uint64_t *bits;
+	uint64_t nr;			/* pieces the bitmap covers */
+	uint64_t nr_dirty;
+};
+
+/*
+ * Entry @i of a table changed: mark its piece, or the whole table (*@whole)
+ * where the bitmap does not reach (a table grown since open).
+ */
+static inline void qcow2_pieces_mark(struct qcow2_pieces *p, bool *whole, uint64_t i)
+{
+	uint64_t k = i / QCOW2_PIECE_ENTRIES;
+
+	if (k >= p->nr) {
+		*whole = true;
+	} else if (!(p->bits[k / 64] & (1ull << (k % 64)))) {
+		p->bits[k / 64] |= 1ull << (k % 64);
+		p->nr_dirty++;
+	}
+}
+
 /* A deferred refcount decrement: applied once the L2 change is durable. */
 struct qcow2_free {
 	uint64_t host_off;
@@ -253,10 +281,12 @@ struct qcow2 {
 
 	uint64_t *l1;			/* host byte order */
 	uint32_t l1_alloc;		/* entries allocated (>= l1_size, whole clusters) */
-	bool l1_dirty;
+	bool l1_dirty;			/* the whole table is to be written */
+	struct qcow2_pieces l1_pieces;	/* or only these parts */
 	uint64_t *reftable;		/* host byte order */
 	uint32_t reftable_size;		/* entries */
-	bool reftable_dirty;
+	bool reftable_dirty;		/* the whole table is to be written */
+	struct qcow2_pieces rt_pieces;	/* or only these parts */
 	bool header_dirty;
 	uint64_t free_hint;		/* cluster index: nothing below is free */
 

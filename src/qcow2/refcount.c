@@ -218,7 +218,7 @@ static int grow_link(struct qcow2_rc_grow *g)
 			return ret;
 		img->reftable[g->rt_idx] = blk << img->h.cluster_bits;
 		qcow2_reftable_note(img, g->rt_idx);
-		img->reftable_dirty = true;
+		qcow2_pieces_mark(&img->rt_pieces, &img->reftable_dirty, g->rt_idx);
 		return 0;
 	}
 	ret = grow_mark(g, g->base, g->nr_new, g->base);

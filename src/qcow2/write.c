@@ -77,7 +77,7 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 			return ret;
 		if (rc == 1) {
 			img->l1[i] |= QCOW2_OFLAG_COPIED;
-			img->l1_dirty = true;
+			qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 			return 0;
 		}
 	}
@@ -142,7 +142,7 @@ int qcow2_l2_table_link(struct qcow2_req *r)
 {
 	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
 	qcow2_l1_note(r->img, r->a_l1);
-	r->img->l1_dirty = true;
+	qcow2_pieces_mark(&r->img->l1_pieces, &r->img->l1_dirty, r->a_l1);
 	r->alloc = ALLOC_NONE;
 	qcow2_inflight_del(r);
 	if (!r->a_old_l2)
