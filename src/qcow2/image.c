@@ -243,7 +243,16 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		slice = img->cluster_size;
 	if (slice < 512 || (slice & (slice - 1)))
 		return qcow2_error(img, -EINVAL, "invalid cache slice size %u", slice);
-	if (!l2_bytes) {
+	if (l2_bytes) {
+		/*
+		 * A size asked for bounds the metadata memory: the L1 and
+		 * refcount tables, held whole, count against it, the rest
+		 * caches L2 slices (at least MIN_SLICES, whatever is left).
+		 */
+		uint64_t tables = ((uint64_t)img->l1_alloc + img->reftable_size) * 8;
+
+		l2_bytes = l2_bytes > tables ? l2_bytes - tables : 0;
+	} else {
 		/* Enough to map the whole disk, at most 32 MiB (QEMU's default). */
 		l2_bytes = ((img->h.size + img->cluster_size - 1) >> img->h.cluster_bits) * 8;
 		if (l2_bytes > DEFAULT_L2_CACHE_MAX)
