@@ -247,11 +247,13 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		/*
 		 * A size asked for bounds the metadata memory: the L1 and
 		 * refcount tables, held whole, count against it, the rest
-		 * caches L2 slices (at least MIN_SLICES, whatever is left).
+		 * caches L2 slices. Never less than a quarter of it, though:
+		 * a few slices would flush for room every few allocations.
 		 */
 		uint64_t tables = ((uint64_t)img->l1_alloc + img->reftable_size) * 8;
 
-		l2_bytes = l2_bytes > tables ? l2_bytes - tables : 0;
+		l2_bytes = l2_bytes - tables > l2_bytes / 4 && tables < l2_bytes ?
+			   l2_bytes - tables : l2_bytes / 4;
 	} else {
 		/* Enough to map the whole disk, at most 32 MiB (QEMU's default). */
 		l2_bytes = ((img->h.size + img->cluster_size - 1) >> img->h.cluster_bits) * 8;
