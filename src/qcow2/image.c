@@ -252,8 +252,7 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		 */
 		uint64_t tables = ((uint64_t)img->l1_alloc + img->reftable_size) * 8;
 
-		l2_bytes = l2_bytes - tables > l2_bytes / 4 && tables < l2_bytes ?
-			   l2_bytes - tables : l2_bytes / 4;
+		l2_bytes = tables + l2_bytes / 4 < l2_bytes ? l2_bytes - tables : l2_bytes / 4;
 	} else {
 		/* Enough to map the whole disk, at most 32 MiB (QEMU's default). */
 		l2_bytes = ((img->h.size + img->cluster_size - 1) >> img->h.cluster_bits) * 8;
