@@ -42,7 +42,7 @@ static void bench_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " bench [-w] [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET]\n"
 		"                        [--pattern=PAT] [--flush-interval=N] [-t CACHE] [-i AIO]\n"
-		"                        [-f FMT] [-q] [--key-secret PW]... IMAGE\n"
+		"                        [-f FMT] [--cache-size BYTES] [-q] [--key-secret PW]... IMAGE\n"
 		"\n"
 		"Run qemu-img bench's workload through the engine: COUNT requests (default\n"
 		"75000) of SIZE bytes (default 4k), DEPTH in flight (default 64), starting at\n"
@@ -54,6 +54,8 @@ static void bench_usage(FILE *f)
 		"  -t CACHE            none or directsync: O_DIRECT (default writeback: buffered)\n"
 		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
 		"  -f FMT              qcow2 or raw (raw: reads only)\n"
+		"  --cache-size BYTES  qcow2 metadata memory, as add's (default: L2 cache\n"
+		"                      enough for the image, up to 32M)\n"
 		"  -q                  no output but errors\n"
 		UQ_KEY_HELP
 		"  -h, --help          show this help\n");
@@ -115,6 +117,7 @@ int cmd_bench(int argc, char **argv)
 		{ "pattern", required_argument, NULL, 'P' },
 		{ "flush-interval", required_argument, NULL, 'I' },
 		{ "no-drain", no_argument, NULL, 'D' },
+		{ "cache-size", required_argument, NULL, 'C' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
@@ -184,6 +187,13 @@ int cmd_bench(int argc, char **argv)
 			break;
 		case 'n':
 		case 'D':
+			break;
+		case 'C':
+			if (uq_parse_size(optarg, &v) < 0) {
+				uq_err("bench: invalid size '%s' for --cache-size", optarg);
+				return 1;
+			}
+			opts.l2_cache_bytes = v;
 			break;
 		case 'f':
 			opts.format = optarg;

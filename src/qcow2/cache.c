@@ -4,7 +4,8 @@
  * over one aligned buffer, a hash by host offset, LRU eviction of clean
  * slices. A miss starts one load that every waiter shares; when no slice can
  * be evicted the request parks (on a flush if slices are dirty) instead of
- * failing. Writing dirty slices back is flush.c's job.
+ * failing. Writing dirty slices back is flush.c's job; it writes them from
+ * here, so a get that means to modify a slice parks while its write is due.
  */
 #include <stdlib.h>
 
@@ -135,7 +136,7 @@ int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, int flags,
 	int ret;
 
 	if (s) {
-		if (s->state == SLICE_LOADING) {
+		if (s->state == SLICE_LOADING || (s->flushing && (flags & QCOW2_CACHE_MODIFY))) {
 			qcow2_waitq_add(&s->waiters, w);
 			return -EAGAIN;
 		}
@@ -197,6 +198,14 @@ void qcow2_cache_mark_dirty(struct qcow2_slice *s)
 		s->dirty = true;
 		s->cache->nr_dirty++;
 	}
+}
+
+void qcow2_cache_write_done(struct qcow2_slice *s)
+{
+	if (!s->flushing)
+		return;
+	s->flushing = false;
+	qcow2_waitq_wake(&s->waiters, 0);
 }
 
 void qcow2_cache_drop(struct qcow2_cache *c)

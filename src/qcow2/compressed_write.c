@@ -106,7 +106,8 @@ static int link_entry(struct qcow2 *img, uint64_t l2_off, uint64_t off, uint64_t
 
 	qcow2_sync_init(&s);
 	qcow2_l2_locate(img, l2_off, off, &slice_off, &idx);
-	ret = QCOW2_SYNC(img, &s, qcow2_cache_get(&img->l2_cache, slice_off, 0, &s.w, &sl));
+	ret = QCOW2_SYNC(img, &s, qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY,
+						  &s.w, &sl));
 	if (ret < 0)
 		return ret;
 	*old = qcow2_l2_get(sl, idx);

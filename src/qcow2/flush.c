@@ -5,9 +5,17 @@
  *   SNAPSHOT ─► REFCOUNTS ─► sync ─► REFTABLE ─► sync ─► HEADER ─► sync ─►
  *               L2 ─► sync ─► L1 ─► sync ─► FREES
  *
- * All dirty slices and tables are copied at one instant (SNAPSHOT), so the
- * copies are mutually consistent whatever requests do meanwhile: every
- * cluster an L2 copy points at has its refcount raised in the refcount copy.
+ * What is dirty is taken at one instant (SNAPSHOT) and written as it was
+ * then, whatever requests do meanwhile, so what is written is mutually
+ * consistent: every cluster a written L2 slice points at has its refcount
+ * raised in the written refcount slices. Slices are written from the cache
+ * itself, not copied (a cache full of dirty slices would otherwise be held
+ * twice): from SNAPSHOT until its write completes a slice is "flushing", and
+ * a request that means to change it parks in qcow2_cache_get until then
+ * (QCOW2_CACHE_MODIFY). A slice pinned at SNAPSHOT (the flush started inside
+ * a step holding it, which may still change it) is copied instead. Tables
+ * and the header are copied: of the L1 and refcount tables only the 512-byte
+ * pieces changed since the last flush, unless a table was replaced whole.
  * Refcounts (and the table that locates them, and the header that locates
  * the table) are durable before any L2 entry that needs them; L2 tables
  * before the L1 entries that point at them. A new refcount block is durable
@@ -22,7 +30,6 @@
  * the image is corrupt a flush writes the header alone, for its corrupt bit.
  */
 #include <stdlib.h>
-#include <sys/mman.h>
 
 #include "internal.h"
 
@@ -42,7 +49,7 @@ struct flush_item {
 	struct qcow2_flush_job *job;
 	struct qcow2_slice *slice;	/* NULL for tables and the header */
 	enum flush_phase phase;
-	void *buf;
+	void *buf;			/* the slice's own data, or a copy we free */
 };
 
 struct qcow2_flush_job {
@@ -54,9 +61,6 @@ struct qcow2_flush_job {
 	int err;
 	struct flush_item *items;
 	size_t nr_items, items_alloc;
-	/* The slices' copies, one mapping per flush: exact pages, given back after. */
-	uint8_t *slab;
-	size_t slab_len, slab_used;
 	struct qcow2_aio sync_aio;
 	struct qcow2_aio data_sync_aio;	/* the external data file's */
 	struct qcow2_wait wait;
@@ -68,12 +72,16 @@ static void flush_run(struct qcow2_flush_job *j);
 
 static void item_release(struct flush_item *it, bool failed)
 {
-	if (it->slice) {
-		it->slice->writing = false;
+	struct qcow2_slice *s = it->slice;
+
+	if (s) {
+		/* A phase never reached: its slices' modifiers go on too. */
+		qcow2_cache_write_done(s);
+		s->writing = false;
 		if (failed)
-			qcow2_cache_mark_dirty(it->slice);
+			qcow2_cache_mark_dirty(s);
 	}
-	if (!it->slice)
+	if (!s || it->buf != s->data)
 		free(it->buf);
 	it->buf = NULL;
 }
@@ -85,20 +93,15 @@ static void release_items(struct qcow2_flush_job *j, bool failed)
 	for (i = 0; i < j->nr_items; i++)
 		item_release(&j->items[i], failed);
 	j->nr_items = 0;
-	if (j->slab)
-		munmap(j->slab, j->slab_len);
-	j->slab = NULL;
-	j->slab_len = j->slab_used = 0;
 	qcow2_waitq_wake(&j->img->l2_cache.full_waiters, 0);
 	qcow2_waitq_wake(&j->img->rc_cache.full_waiters, 0);
 }
 
-/* A write of @len bytes at @off; its buffer from the slab when @slab, else its own. */
+/* A write of @len bytes at @off from @buf, or from a buffer of its own if NULL. */
 static struct flush_item *add_item(struct qcow2_flush_job *j, enum flush_phase phase,
-				   uint64_t off, size_t len, bool slab)
+				   uint64_t off, size_t len, void *buf)
 {
 	struct flush_item *it;
-	void *buf;
 
 	if (j->nr_items == j->items_alloc) {
 		size_t n = j->items_alloc ? 2 * j->items_alloc : 64;
@@ -109,14 +112,8 @@ static struct flush_item *add_item(struct qcow2_flush_job *j, enum flush_phase p
 		j->items = ni;
 		j->items_alloc = n;
 	}
-	if (slab) {
-		if (j->slab_used + len > j->slab_len)
-			return NULL;
-		buf = j->slab + j->slab_used;
-		j->slab_used += len;
-	} else if (posix_memalign(&buf, 4096, len)) {
+	if (!buf && posix_memalign(&buf, 4096, len))
 		return NULL;
-	}
 	it = &j->items[j->nr_items++];
 	memset(it, 0, sizeof(*it));
 	it->job = j;
@@ -140,11 +137,14 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 
 		if (!s->dirty)
 			continue;
-		it = add_item(j, phase, s->off, c->slice_bytes, true);
+		it = add_item(j, phase, s->off, c->slice_bytes, s->ref ? NULL : s->data);
 		if (!it)
 			return -ENOMEM;
-		memcpy(it->buf, s->data, c->slice_bytes);
 		it->slice = s;
+		if (s->ref)
+			memcpy(it->buf, s->data, c->slice_bytes);
+		else
+			s->flushing = true;
 		s->writing = true;
 		s->dirty = false;
 		c->nr_dirty--;
@@ -155,7 +155,7 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
 		      const uint64_t *t, uint64_t entries, uint64_t bytes)
 {
-	struct flush_item *it = add_item(j, phase, off, bytes, false);
+	struct flush_item *it = add_item(j, phase, off, bytes, NULL);
 	uint64_t *be, i;
 
 	if (!it)
@@ -170,7 +170,7 @@ static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_
 static int snap_header(struct qcow2_flush_job *j)
 {
 	struct qcow2 *img = j->img;
-	struct flush_item *it = add_item(j, PH_HEADER, 0, img->cluster_size, false);
+	struct flush_item *it = add_item(j, PH_HEADER, 0, img->cluster_size, NULL);
 	int ret;
 
 	if (!it)
@@ -184,11 +184,55 @@ static int snap_header(struct qcow2_flush_job *j)
 	return 0;
 }
 
+/*
+ * The pieces of a table marked in @p, as big-endian copies: one write per
+ * run of marked pieces, entries at or past @entries written as zeros. The
+ * marks are cleared.
+ */
+static bool piece_set(const struct qcow2_pieces *p, uint64_t k)
+{
+	return p->bits[k / 64] & (1ull << (k % 64));
+}
+
+static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
+		       const uint64_t *t, uint64_t entries, struct qcow2_pieces *p)
+{
+	uint64_t k = 0, end, i, *be;
+	struct flush_item *it;
+
+	while (p->nr_dirty) {
+		while (!piece_set(p, k))
+			k++;
+		for (end = k + 1; end < p->nr && piece_set(p, end); end++)
+			;
+		it = add_item(j, phase, off + k * QCOW2_PIECE_ENTRIES * 8,
+			      (end - k) * QCOW2_PIECE_ENTRIES * 8, NULL);
+		if (!it)
+			return -ENOMEM;
+		be = it->buf;
+		for (i = k * QCOW2_PIECE_ENTRIES; i < end * QCOW2_PIECE_ENTRIES; i++)
+			*be++ = i < entries ? htobe64(t[i]) : 0;
+		p->nr_dirty -= end - k;
+		for (; k < end; k++)
+			p->bits[k / 64] &= ~(1ull << (k % 64));
+	}
+	return 0;
+}
+
 /* Metadata changes a flush of a corrupt image leaves unwritten. */
 static bool held_back(const struct qcow2 *img)
 {
 	return img->rc_cache.nr_dirty || img->l2_cache.nr_dirty || img->l1_dirty ||
-	       img->reftable_dirty || img->nr_frees;
+	       img->reftable_dirty || img->l1_pieces.nr_dirty || img->rt_pieces.nr_dirty ||
+	       img->nr_frees;
+}
+
+/* Forget the marked pieces of a table written whole. */
+static void pieces_clear(struct qcow2_pieces *p)
+{
+	if (p->nr_dirty)
+		memset(p->bits, 0, (p->nr + 63) / 64 * 8);
+	p->nr_dirty = 0;
 }
 
 /* Copy everything dirty, at one instant. */
@@ -210,26 +254,19 @@ static int snapshot(struct qcow2_flush_job *j)
 		return img->header_dirty ? snap_header(j) : 0;
 	}
 	img->nr_frees_sealed = img->nr_frees;
-	j->slab_len = (size_t)img->rc_cache.nr_dirty * img->rc_cache.slice_bytes +
-		      (size_t)img->l2_cache.nr_dirty * img->l2_cache.slice_bytes;
-	if (j->slab_len) {
-		void *p = mmap(NULL, j->slab_len, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		if (p == MAP_FAILED) {
-			j->slab_len = 0;
-			return -ENOMEM;
-		}
-		j->slab = p;
-	}
-	j->had_reftable = img->reftable_dirty;
+	/* A failed flush marks a table whole dirty again, whatever it wrote of it. */
+	j->had_reftable = img->reftable_dirty || img->rt_pieces.nr_dirty;
 	j->had_header = img->header_dirty;
-	j->had_l1 = img->l1_dirty;
+	j->had_l1 = img->l1_dirty || img->l1_pieces.nr_dirty;
 	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
 	if (!ret && img->reftable_dirty) {
 		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
 				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
+		pieces_clear(&img->rt_pieces);
+	} else if (!ret) {
+		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
+				  img->reftable_size, &img->rt_pieces);
 	}
 	if (!ret && img->header_dirty)
 		ret = snap_header(j);
@@ -239,6 +276,10 @@ static int snapshot(struct qcow2_flush_job *j)
 		ret = snap_table(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
 				 ((uint64_t)img->h.l1_size * 8 + 511) & ~511ull);
 		img->l1_dirty = false;
+		pieces_clear(&img->l1_pieces);
+	} else if (!ret) {
+		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
+				  &img->l1_pieces);
 	}
 	return ret;
 }
@@ -288,6 +329,12 @@ static void io_done(struct qcow2_aio *aio, int res)
 		j = it->job;
 		if (res >= 0 && (size_t)res != it->iov.iov_len)
 			res = -EIO;
+		/*
+		 * Its write is over: the slice may change again. If it failed
+		 * the flush fails and marks the slice dirty again at its end.
+		 */
+		if (it->slice)
+			qcow2_cache_write_done(it->slice);
 	}
 	if (res < 0 && !j->err) {
 		j->err = res;

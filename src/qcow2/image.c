@@ -159,6 +159,19 @@ static void *alloc_aligned(size_t len)
 	return p;
 }
 
+/* A bitmap of the pieces of a table of @entries: what a flush writes of it. */
+static int pieces_init(struct qcow2_pieces *p, uint64_t entries)
+{
+	p->nr = (entries + QCOW2_PIECE_ENTRIES - 1) / QCOW2_PIECE_ENTRIES;
+	p->nr_dirty = 0;
+	p->bits = calloc((p->nr + 63) / 64 + 1, 8);
+	if (!p->bits) {
+		p->nr = 0;
+		return -ENOMEM;
+	}
+	return 0;
+}
+
 static int load_table(struct qcow2 *img, uint64_t off, uint64_t entries, uint64_t alloc_entries,
 		      uint64_t **out)
 {
@@ -230,7 +243,17 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		slice = img->cluster_size;
 	if (slice < 512 || (slice & (slice - 1)))
 		return qcow2_error(img, -EINVAL, "invalid cache slice size %u", slice);
-	if (!l2_bytes) {
+	if (l2_bytes) {
+		/*
+		 * A size asked for bounds the metadata memory: the L1 and
+		 * refcount tables, held whole, count against it, the rest
+		 * caches L2 slices. Never less than a quarter of it, though:
+		 * a few slices would flush for room every few allocations.
+		 */
+		uint64_t tables = ((uint64_t)img->l1_alloc + img->reftable_size) * 8;
+
+		l2_bytes = tables + l2_bytes / 4 < l2_bytes ? l2_bytes - tables : l2_bytes / 4;
+	} else {
 		/* Enough to map the whole disk, at most 32 MiB (QEMU's default). */
 		l2_bytes = ((img->h.size + img->cluster_size - 1) >> img->h.cluster_bits) * 8;
 		if (l2_bytes > DEFAULT_L2_CACHE_MAX)
@@ -270,6 +293,8 @@ static void image_free(struct qcow2 *img)
 		munmap(img->zero_buf, 1u << QCOW2_MAX_CLUSTER_BITS);
 	free(img->l1);
 	free(img->reftable);
+	free(img->l1_pieces.bits);
+	free(img->rt_pieces.bits);
 	free(img->frees);
 	free(img->backing_file);
 	free(img->backing_fmt);
@@ -463,6 +488,11 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	img->reftable_size = ((uint64_t)img->h.refcount_table_clusters * img->cluster_size) / 8;
 	ret = load_table(img, img->h.refcount_table_offset, img->reftable_size,
 			 img->reftable_size, &img->reftable);
+	if (ret < 0)
+		goto fail;
+	ret = pieces_init(&img->l1_pieces, img->l1_alloc);
+	if (!ret)
+		ret = pieces_init(&img->rt_pieces, img->reftable_size);
 	if (ret < 0)
 		goto fail;
 	ret = init_caches(img, opts);

@@ -155,7 +155,8 @@ struct qcow2_slice {
 	uint32_t ref;			/* pins held within one step */
 	uint8_t state;
 	bool dirty;
-	bool writing;			/* a flush is writing a copy of it */
+	bool writing;			/* held by a flush until it ends: not evictable */
+	bool flushing;			/* a flush writes its buffer: modifiers wait */
 	struct qcow2_slice *hnext;	/* hash chain */
 	struct qcow2_waitq waiters;
 	struct qcow2_cache *cache;
@@ -184,21 +185,53 @@ void qcow2_cache_destroy(struct qcow2_cache *c);
 
 #define QCOW2_CACHE_NOLOAD	1	/* caller knows the slice is zeros on disk */
 #define QCOW2_CACHE_NOFLUSH	2	/* -ENOBUFS instead of flushing for room */
+#define QCOW2_CACHE_MODIFY	4	/* caller changes the slice: wait out its write */
 
 /*
  * Find the slice at host offset @off, loading it if needed. 0 with the
  * slice pinned in *@out; -EAGAIN with @w parked (called back when worth a
  * retry); or -errno. Release with qcow2_cache_put before returning to the
- * event loop.
+ * event loop. A caller that will change the slice passes QCOW2_CACHE_MODIFY:
+ * a flush writes slices from the cache itself, so it parks while one does.
  */
 int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, int flags,
 		    struct qcow2_wait *w, struct qcow2_slice **out);
 void qcow2_cache_put(struct qcow2_slice *s);
 void qcow2_cache_mark_dirty(struct qcow2_slice *s);
+/* The flush's write of @s is over: its modifiers go on. */
+void qcow2_cache_write_done(struct qcow2_slice *s);
 /* Forget every slice (after check -r rewrote metadata behind the cache). */
 void qcow2_cache_drop(struct qcow2_cache *c);
 
 /* ---- The image --------------------------------------------------------- */
+
+/*
+ * The 512-byte pieces (64 entries) of the L1 or refcount table changed since
+ * the last flush, so that a flush copies and writes those, not the whole
+ * table (4 MiB of L1 per TiB of disk with 4 KiB clusters).
+ */
+#define QCOW2_PIECE_ENTRIES	64
+struct qcow2_pieces {
+	uint64_t *bits;
+	uint64_t nr;			/* pieces the bitmap covers */
+	uint64_t nr_dirty;
+};
+
+/*
+ * Entry @i of a table changed: mark its piece, or the whole table (*@whole)
+ * where the bitmap does not reach (a table grown since open).
+ */
+static inline void qcow2_pieces_mark(struct qcow2_pieces *p, bool *whole, uint64_t i)
+{
+	uint64_t k = i / QCOW2_PIECE_ENTRIES;
+
+	if (k >= p->nr) {
+		*whole = true;
+	} else if (!(p->bits[k / 64] & (1ull << (k % 64)))) {
+		p->bits[k / 64] |= 1ull << (k % 64);
+		p->nr_dirty++;
+	}
+}
 
 /* A deferred refcount decrement: applied once the L2 change is durable. */
 struct qcow2_free {
@@ -248,10 +281,12 @@ struct qcow2 {
 
 	uint64_t *l1;			/* host byte order */
 	uint32_t l1_alloc;		/* entries allocated (>= l1_size, whole clusters) */
-	bool l1_dirty;
+	bool l1_dirty;			/* the whole table is to be written */
+	struct qcow2_pieces l1_pieces;	/* or only these parts */
 	uint64_t *reftable;		/* host byte order */
 	uint32_t reftable_size;		/* entries */
-	bool reftable_dirty;
+	bool reftable_dirty;		/* the whole table is to be written */
+	struct qcow2_pieces rt_pieces;	/* or only these parts */
 	bool header_dirty;
 	uint64_t free_hint;		/* cluster index: nothing below is free */
 

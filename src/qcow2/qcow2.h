@@ -62,7 +62,9 @@ struct qcow2_opts {
 	bool no_repair;			/* open a dirty image read-write without repair (check -r) */
 	bool no_backing;		/* do not open the backing file (reads fail there) */
 	const char *format;		/* "qcow2", "raw" or NULL to probe */
-	uint64_t l2_cache_bytes;	/* 0: default (enough for the whole disk, up to 32 MiB) */
+	uint64_t l2_cache_bytes;	/* metadata memory: the L1 and refcount tables, the
+					 * rest L2 slices (a quarter at least); 0: default (L2
+					 * slices enough for the whole disk, up to 32 MiB) */
 	uint64_t refcount_cache_bytes;	/* 0: default (256 KiB) */
 	uint32_t slice_bytes;		/* 0: default (4 KiB, or the cluster size if smaller) */
 	const char *snapshot;		/* read this internal snapshot (id or name): read-only */

@@ -192,7 +192,8 @@ static int grow_mark(struct qcow2_rc_grow *g, uint64_t base, uint64_t nr, uint64
 		int ret;
 
 		/* The block was just zeroed on disk: no need to read it. */
-		ret = qcow2_cache_get(&img->rc_cache, slice_off, QCOW2_CACHE_NOLOAD, &g->wait, &s);
+		ret = qcow2_cache_get(&img->rc_cache, slice_off,
+				      QCOW2_CACHE_NOLOAD | QCOW2_CACHE_MODIFY, &g->wait, &s);
 		if (ret < 0)
 			return ret;
 		for (; g->marked < nr && idx < per_slice; idx++, g->marked++)
@@ -217,7 +218,7 @@ static int grow_link(struct qcow2_rc_grow *g)
 			return ret;
 		img->reftable[g->rt_idx] = blk << img->h.cluster_bits;
 		qcow2_reftable_note(img, g->rt_idx);
-		img->reftable_dirty = true;
+		qcow2_pieces_mark(&img->rt_pieces, &img->reftable_dirty, g->rt_idx);
 		return 0;
 	}
 	ret = grow_mark(g, g->base, g->nr_new, g->base);
@@ -365,7 +366,7 @@ int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
 				return ret;
 			continue;
 		}
-		ret = qcow2_cache_get(&img->rc_cache, slice_off, 0, w, &s);
+		ret = qcow2_cache_get(&img->rc_cache, slice_off, QCOW2_CACHE_MODIFY, w, &s);
 		if (ret < 0)
 			return ret;
 		per_slice = (uint64_t)img->rc_cache.slice_bytes * 8 / img->refcount_bits;
@@ -437,7 +438,8 @@ int qcow2_apply_frees(struct qcow2 *img, struct qcow2_wait *w)
 				       qcow2_corrupt(img, "freeing cluster %llu with no refcount block",
 						     (unsigned long long)cluster);
 			/* The flush applies us: it cannot also flush for room. */
-			ret = qcow2_cache_get(&img->rc_cache, slice_off, QCOW2_CACHE_NOFLUSH, w, &s);
+			ret = qcow2_cache_get(&img->rc_cache, slice_off,
+					      QCOW2_CACHE_NOFLUSH | QCOW2_CACHE_MODIFY, w, &s);
 			if (ret == -ENOBUFS) {
 				img->nr_frees_sealed = 0;	/* the next flush goes on */
 				return 0;
@@ -480,7 +482,7 @@ int qcow2_refcount_add(struct qcow2 *img, uint64_t cluster, int64_t delta, struc
 		return ret < 0 ? ret :
 		       qcow2_error(img, -EIO, "cluster %llu has no refcount block",
 				   (unsigned long long)cluster);
-	ret = qcow2_cache_get(&img->rc_cache, slice_off, 0, w, &s);
+	ret = qcow2_cache_get(&img->rc_cache, slice_off, QCOW2_CACHE_MODIFY, w, &s);
 	if (ret < 0)
 		return ret;
 	v = qcow2_rc_read(s->data, idx, img->h.refcount_order);

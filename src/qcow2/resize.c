@@ -341,8 +341,8 @@ static int clear_range(struct qcow2 *img, uint64_t start, uint64_t end)
 	qcow2_sync_init(&sync);
 	for (pos = start; pos < end; pos += img->cluster_size) {
 		qcow2_l2_locate(img, l2_off, pos, &slice_off, &idx);
-		ret = QCOW2_SYNC(img, &sync, qcow2_cache_get(&img->l2_cache, slice_off, 0,
-							     &sync.w, &s));
+		ret = QCOW2_SYNC(img, &sync, qcow2_cache_get(&img->l2_cache, slice_off,
+							     QCOW2_CACHE_MODIFY, &sync.w, &s));
 		if (ret < 0)
 			return ret;
 		e = qcow2_l2_get(s, idx);
@@ -454,8 +454,8 @@ static int map_raw(struct qcow2 *img, uint64_t old, uint64_t size)
 				return ret;
 		}
 		qcow2_l2_locate(img, l2_off, pos, &slice_off, &idx);
-		ret = QCOW2_SYNC(img, &sync, qcow2_cache_get(&img->l2_cache, slice_off, 0,
-							     &sync.w, &s));
+		ret = QCOW2_SYNC(img, &sync, qcow2_cache_get(&img->l2_cache, slice_off,
+							     QCOW2_CACHE_MODIFY, &sync.w, &s));
 		if (ret < 0)
 			return ret;
 		/* Cluster 0 maps host offset 0: COPIED tells it from unmapped. */

@@ -355,7 +355,7 @@ static int cache_get(struct qcow2 *img, uint64_t off, struct qcow2_slice **s)
 	struct snap_wait sw = { .w.fn = snap_wake };
 	int ret;
 
-	BLOCKING(img, ret, sw, qcow2_cache_get(&img->l2_cache, off, 0, &sw.w, s));
+	BLOCKING(img, ret, sw, qcow2_cache_get(&img->l2_cache, off, QCOW2_CACHE_MODIFY, &sw.w, s));
 	return ret;
 }
 

@@ -77,7 +77,7 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 			return ret;
 		if (rc == 1) {
 			img->l1[i] |= QCOW2_OFLAG_COPIED;
-			img->l1_dirty = true;
+			qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 			return 0;
 		}
 	}
@@ -142,7 +142,7 @@ int qcow2_l2_table_link(struct qcow2_req *r)
 {
 	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
 	qcow2_l1_note(r->img, r->a_l1);
-	r->img->l1_dirty = true;
+	qcow2_pieces_mark(&r->img->l1_pieces, &r->img->l1_dirty, r->a_l1);
 	r->alloc = ALLOC_NONE;
 	qcow2_inflight_del(r);
 	if (!r->a_old_l2)
@@ -251,7 +251,7 @@ int qcow2_alloc_link(struct qcow2_req *r)
 	if (ret < 0)
 		return ret;
 	qcow2_l2_locate(img, l2_off, r->a_guest, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	for (i = 0; i < r->a_nr; i++)
@@ -414,7 +414,7 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 	if (inflight_wait(r, cstart, cs))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	e = qcow2_l2_get(s, idx);
@@ -553,7 +553,7 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 	if (inflight_wait(r, cstart, end - cstart))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	e = qcow2_l2_get(s, idx);
@@ -682,7 +682,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	if (inflight_wait(r, r->pos, end - r->pos))
 		return -EAGAIN;
 	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, 0, &r->wait, &s);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;

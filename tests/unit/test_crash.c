@@ -508,6 +508,9 @@ static const struct scenario scenarios[] = {
 	  1 * MIB, 16, 6, 24 * KIB, false },
 	{ "snapshot-ops", "cluster_size=4096", NULL, PREP_SNAPSHOT, false, true, 4 * KIB,
 	  1 * MIB, 14, 6, 24 * KIB, true },
+	/* An L1 table of 8 pieces: a flush writes the changed ones alone. */
+	{ "l1-pieces-512", "cluster_size=512", NULL, PREP_NONE, false, true, 512,
+	  16 * MIB, 16, 6, 6 * KIB, false },
 };
 
 static const char *only;
