@@ -24,6 +24,13 @@
  * like any request and its data is read from the char device where the
  * target wants it (QUEUE_COPY_IN instead of NEED_GET_DATA); a READ's data is
  * written to the char device (QUEUE_COPY_OUT) before its commit.
+ *
+ * With zero copy (UBLK_F_AUTO_BUF_REG on top of USER_COPY, 6.16+, for a
+ * target that can use it) nothing is copied at all: the driver registers
+ * each READ/WRITE request's pages in the ring's buffer table at index = tag
+ * before it hands the request over (the index rides in the FETCH/COMMIT
+ * SQE's addr) and drops them at the commit; the target's file I/O uses them
+ * with READ_FIXED/WRITE_FIXED, and such requests get no pool buffer.
  */
 #include <errno.h>
 #include <stdlib.h>
