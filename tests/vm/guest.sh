@@ -330,6 +330,39 @@ zc_test() {
 		gone "zc $mode"
 	done
 	rm -f /data/zc.img /data/zc.pat /data/zc.want
+
+	# kill -9 during fio verify and recover: the new daemon's ring gets a
+	# fresh buffer table, the reissued requests their pages in it.
+	say "zc: kill -9 and recover of a raw device during fio verify"
+	case $UQ_KERNEL in 6.1) want=NEED_GET_DATA ;; 6.12) want=USER_COPY ;; *) want=AUTO_BUF_REG ;; esac
+	truncate -s 128M /data/zc.img
+	add -f raw --recovery /data/zc.img || { fail "zc recover: add"; return; }
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	rm -f /data/zcr.rc
+	(fio --name=zcr --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size=48m --verify=crc32c --do_verify=1 \
+		--verify_fatal=1 >/data/zcr.fio 2>&1
+	 echo $? >/data/zcr.rc) &
+	FIO=$!
+	sleep 3
+	[ -e /data/zcr.rc ] && fail "zc recover: fio ended before the kill (raise --size)"
+	kill -9 "$pid"
+	wait_exit "$pid" 30 "zc recover: daemon" || return
+	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
+	rc=$?
+	[ $rc = 0 ] && [ "$out" = "$DEV" ] && pass "zc recover: recover -n $ID" ||
+		fail "zc recover: recover exit $rc: $out"
+	wait_exit "$FIO" 600 "zc recover: fio" || return
+	if [ "$(cat /data/zcr.rc)" = 0 ]; then
+		pass "zc recover: fio verify passed across kill -9 and recover"
+	else
+		fail "zc recover: fio exit $(cat /data/zcr.rc)"; tail -n 20 /data/zcr.fio
+	fi
+	"$B" list -n "$ID" | grep features | grep -qw "$want" ||
+		fail "zc recover: the recovered device does not use $want"
+	"$B" del -n "$ID" || fail "zc recover: del"
+	gone "zc recover"
+	rm -f /data/zc.img
 }
 
 # The null target: everything completes at once.
