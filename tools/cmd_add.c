@@ -44,6 +44,7 @@ struct add_args {
 	bool overlay;			/* serve a throw-away overlay over the image */
 	bool recovery;			/* USER_RECOVERY: the device outlives the daemon */
 	bool no_user_copy;		/* NEED_GET_DATA even where USER_COPY exists */
+	bool no_zero_copy;		/* USER_COPY even where AUTO_BUF_REG exists */
 	bool recover;			/* take over device dev_id (recover) */
 	uint64_t cache_bytes;
 	uint64_t null_size;
@@ -168,8 +169,8 @@ static void add_usage(FILE *f)
 	fprintf(f,
 		"usage: " UQ_PROG " add [-n ID] [-q QUEUES] [-d DEPTH] [-f qcow2|raw] [--read-only]\n"
 		"                      [--overlay] [--snapshot NAME] [--cache-size BYTES]\n"
-		"                      [--recovery] [--no-user-copy] [--foreground] [--no-backing]\n"
-		"                      IMAGE\n"
+		"                      [--recovery] [--no-user-copy] [--no-zero-copy] [--foreground]\n"
+		"                      [--no-backing] IMAGE\n"
 		"       " UQ_PROG " add -t null [--size BYTES] [-n ID] [-q QUEUES] [-d DEPTH]\n"
 		"\n"
 		"Serve IMAGE as /dev/ublkbN (printed) from a daemon.\n"
@@ -194,6 +195,9 @@ static void add_usage(FILE *f)
 		"                     before it completes, so none is lost with the daemon\n"
 		"  --no-user-copy     have the driver copy the data (NEED_GET_DATA) even where it\n"
 		"                     offers UBLK_F_USER_COPY (6.4+), which is the default there\n"
+		"  --no-zero-copy     copy the data through user memory even where the driver\n"
+		"                     offers UBLK_F_AUTO_BUF_REG (6.16+), with which the raw\n"
+		"                     target reads and writes the requests' own pages\n"
 		UQ_KEY_HELP
 		"  --no-backing       refuse an IMAGE that names a backing file (untrusted images)\n"
 		"  -h, --help         show this help\n",
@@ -227,6 +231,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		{ "overlay", no_argument, NULL, 'O' },
 		{ "recovery", no_argument, NULL, 'V' },
 		{ "no-user-copy", no_argument, NULL, 'U' },
+		{ "no-zero-copy", no_argument, NULL, 'Z' },
 		{ "help", no_argument, NULL, 'h' },
 		UQ_KEY_LONGOPTS,
 		UQ_NO_BACKING_LONGOPT,
@@ -293,6 +298,9 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			break;
 		case 'U':
 			a->no_user_copy = true;
+			break;
+		case 'Z':
+			a->no_zero_copy = true;
 			break;
 		case UQ_OPT_NO_BACKING:
 			uq_no_backing = true;
@@ -390,6 +398,7 @@ static int add_serve(struct add_args *a, int report_fd)
 		.read_only = a->read_only,
 		.recovery = a->recovery,
 		.no_user_copy = a->no_user_copy,
+		.no_zero_copy = a->no_zero_copy,
 	};
 	struct ublk_tgt tgt = { .path = a->image };
 	const struct ublksrv_ctrl_dev_info *info;

@@ -106,6 +106,13 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 		/* The data by read/write on the char device: no NEED_GET_DATA round trip. */
 		if ((features & UBLK_F_USER_COPY) && !cfg->no_user_copy)
 			dev->info.flags = (dev->info.flags & ~UBLK_F_NEED_GET_DATA) | UBLK_F_USER_COPY;
+		/*
+		 * Zero copy on top: the target's READ/WRITE I/O uses the
+		 * request's pages; USER_COPY stays for the rest (zero fill).
+		 */
+		if ((features & UBLK_F_AUTO_BUF_REG) && (dev->info.flags & UBLK_F_USER_COPY) &&
+		    tgt->zero_copy && !cfg->no_zero_copy)
+			dev->info.flags |= UBLK_F_AUTO_BUF_REG;
 	} else {
 		/* Before 6.5 there is no GET_FEATURES: 6.0+ has both recovery bits. */
 		features = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
@@ -128,6 +135,7 @@ int ublk_dev_create(struct ublk_dev **out, struct ublk_ctrl *ctrl,
 	/* Newer kernels force ioctl encoding on; 6.1 leaves the bit clear. */
 	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
 	dev->user_copy = dev->info.flags & UBLK_F_USER_COPY;
+	dev->zero_copy = dev->info.flags & UBLK_F_AUTO_BUF_REG;
 
 	params_fill(&params, dev);
 	ret = ublk_ctrl_set_params(ctrl, dev->info.dev_id, &params);
@@ -223,6 +231,14 @@ int ublk_dev_recover(struct ublk_dev **out, struct ublk_ctrl *ctrl, uint32_t dev
 		ret = -EINVAL;
 		goto err_deinit;
 	}
+	/* The flags are the old daemon's: zero copy needs a target that can use it. */
+	if ((dev->info.flags & UBLK_F_AUTO_BUF_REG) && !tgt->zero_copy) {
+		snprintf(tgt->err, sizeof(tgt->err),
+			 "/dev/ublkb%u was added with zero copy, which the %s target cannot serve",
+			 dev_id, tgt->ops->name);
+		ret = -EINVAL;
+		goto err_deinit;
+	}
 	ret = recovery_start(ctrl, dev_id);
 	if (ret)
 		goto err_deinit;
@@ -231,6 +247,7 @@ int ublk_dev_recover(struct ublk_dev **out, struct ublk_ctrl *ctrl, uint32_t dev
 	dev->recovering = true;
 	dev->io_ioctl = dev->info.flags & UBLK_F_CMD_IOCTL_ENCODE;
 	dev->user_copy = dev->info.flags & UBLK_F_USER_COPY;
+	dev->zero_copy = dev->info.flags & UBLK_F_AUTO_BUF_REG;
 	*out = dev;
 	return 0;
 

@@ -106,6 +106,7 @@ struct ublk_dev {
 	int char_fd;
 	bool io_ioctl;			/* IO commands use ioctl encoding */
 	bool user_copy;			/* UBLK_F_USER_COPY: data moves by read/write on char_fd */
+	bool zero_copy;			/* UBLK_F_AUTO_BUF_REG: requests' pages in the rings */
 	struct ublk_queue *queues;
 	unsigned int nr_setup;		/* queues through ublk_queue_setup() */
 	unsigned int nr_threads;	/* queue threads started */

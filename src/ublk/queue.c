@@ -24,6 +24,13 @@
  * like any request and its data is read from the char device where the
  * target wants it (QUEUE_COPY_IN instead of NEED_GET_DATA); a READ's data is
  * written to the char device (QUEUE_COPY_OUT) before its commit.
+ *
+ * With zero copy (UBLK_F_AUTO_BUF_REG on top of USER_COPY, 6.16+, for a
+ * target that can use it) nothing is copied at all: the driver registers
+ * each READ/WRITE request's pages in the ring's buffer table at index = tag
+ * before it hands the request over (the index rides in the FETCH/COMMIT
+ * SQE's addr) and drops them at the commit; the target's file I/O uses them
+ * with READ_FIXED/WRITE_FIXED, and such requests get no pool buffer.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -159,6 +166,11 @@ void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag)
 	return q->pool.base + (size_t)q->tags[tag].buf_first * UBLK_POOL_PAGE;
 }
 
+bool ublk_queue_zero_copy(const struct ublk_queue *q)
+{
+	return q->dev->zero_copy;
+}
+
 /* ---- Buffers ------------------------------------------------------------- */
 
 /* Give @tag the buffer its request needs, if any. false: the pool is short. */
@@ -171,7 +183,8 @@ static bool buf_get(struct ublk_queue *q, unsigned int tag)
 	int first;
 
 	t->buf_pages = 0;
-	if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE)
+	/* Zero copy: the data stays in the request's pages. */
+	if ((op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) || q->dev->zero_copy)
 		return true;
 	/* The driver never sends more than max_io_buf_bytes, the pool's floor. */
 	if (len > q->buf_bytes)
@@ -259,6 +272,29 @@ static uint64_t copy_pos(const struct ublk_queue *q, unsigned int tag)
 	       ((uint64_t)tag << UBLK_TAG_OFF);
 }
 
+int ublk_queue_zero_data(struct ublk_queue *q, unsigned int tag, uint32_t off, uint32_t len)
+{
+	static const uint8_t zeros[4096];
+
+	if (!q->dev->zero_copy) {
+		memset((uint8_t *)ublk_queue_buf(q, tag) + off, 0, len);
+		return 0;
+	}
+	/* The pages are the request's: USER_COPY writes reach them (rare: a file that shrank). */
+	while (len) {
+		size_t n = len < sizeof(zeros) ? len : sizeof(zeros);
+		ssize_t w = pwrite(q->dev->char_fd, zeros, n, (off_t)(copy_pos(q, tag) + off));
+
+		if (w < 0)
+			return -errno;
+		if (w == 0)
+			return -EIO;
+		off += (uint32_t)w;
+		len -= (uint32_t)w;
+	}
+	return 0;
+}
+
 static void queue_prep_copy(struct ublk_queue *q, struct io_uring_sqe *sqe, unsigned int tag,
 			    unsigned int cmd)
 {
@@ -304,6 +340,13 @@ static void queue_issue(struct ublk_queue *q, unsigned int tag, unsigned int cmd
 	io->addr = q->dev->user_copy ? 0 :
 		   (uint64_t)(uintptr_t)(cmd == UBLK_IO_NEED_GET_DATA && t->addr ?
 					 t->addr : ublk_queue_buf(q, tag));
+	/*
+	 * Zero copy: where the driver registers the next request's pages, in
+	 * the SQE's own addr (struct ublk_auto_buf_reg: index in bits 0-15, no
+	 * flags: a failed registration fails the request).
+	 */
+	if (q->dev->zero_copy)
+		sqe->addr = tag;
 	io_uring_sqe_set_data64(sqe, tag);
 	t->state = UBLK_TAG_KERNEL;
 	q->nr_cmds++;
@@ -342,7 +385,8 @@ void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 	if (q->dev->user_copy) {
 		/* No NEED_GET_DATA to owe; a READ's data goes out before its commit. */
 		t->owes_data = false;
-		if (ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_READ && res > 0) {
+		if (ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_READ && res > 0 &&
+		    !q->dev->zero_copy) {
 			queue_issue(q, tag, QUEUE_COPY_OUT);
 			return;
 		}
@@ -461,7 +505,8 @@ static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res)
 	struct ublk_tag *t = &q->tags[tag];
 
 	if (res == UBLK_IO_RES_NEED_GET_DATA ||
-	    (q->dev->user_copy && ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_WRITE)) {
+	    (q->dev->user_copy && !q->dev->zero_copy &&
+	     ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_WRITE)) {
 		t->state = UBLK_TAG_TARGET;
 		q->nr_target++;
 		if (q->tgt->ops->prep_write) {
@@ -577,6 +622,14 @@ void *ublk_queue_thread(void *arg)
 	if (q->pin)
 		(void)pthread_setaffinity_np(pthread_self(), sizeof(q->cpus), &q->cpus);
 	ret = queue_ring_init(q);
+	/* Zero copy: a slot per tag for the driver to put requests' pages in. */
+	if (!ret && dev->zero_copy) {
+		ret = io_uring_register_buffers_sparse(&q->ring, q->depth);
+		if (ret) {
+			ublk_log("queue %u: io_uring buffer table: %s", q->q_id, strerror(-ret));
+			io_uring_queue_exit(&q->ring);
+		}
+	}
 	q->err = ret;
 	sem_post(&dev->ready);
 	if (ret)

@@ -3,6 +3,8 @@
  * The raw target (-f raw): a loop device whose file I/O rides the queue's
  * io_uring. Short transfers are resumed where they stopped; reads past the
  * end of a file that shrank return zeros. FUA writes use RWF_DSYNC.
+ * With zero copy the file I/O reads and writes the request's own pages
+ * (READ_FIXED/WRITE_FIXED on the buffer the driver registered at the tag).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -78,6 +80,7 @@ static int raw_init(struct ublk_tgt *t, const struct ublk_dev_cfg *cfg)
 	t->dev_size = size & ~511ULL;
 	t->volatile_cache = true;
 	t->discard_granularity = 4096;
+	t->zero_copy = true;
 	return 0;
 
 err_msg:
@@ -106,10 +109,19 @@ static void raw_submit(struct ublk_queue *q, unsigned int tag)
 	}
 	switch (ublksrv_get_op(iod)) {
 	case UBLK_IO_OP_READ:
-		io_uring_prep_read(sqe, r->fd, buf, len, off);
+		if (ublk_queue_zero_copy(q))
+			/* The address is the offset in the registered request. */
+			io_uring_prep_read_fixed(sqe, r->fd, (void *)(uintptr_t)rt->done, len, off,
+						 (int)tag);
+		else
+			io_uring_prep_read(sqe, r->fd, buf, len, off);
 		break;
 	case UBLK_IO_OP_WRITE:
-		io_uring_prep_write(sqe, r->fd, buf, len, off);
+		if (ublk_queue_zero_copy(q))
+			io_uring_prep_write_fixed(sqe, r->fd, (const void *)(uintptr_t)rt->done, len,
+						  off, (int)tag);
+		else
+			io_uring_prep_write(sqe, r->fd, buf, len, off);
 		if (ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8))
 			sqe->rw_flags = RWF_DSYNC;
 		break;
@@ -178,7 +190,11 @@ static void raw_io_done(struct ublk_queue *q, uint64_t data, int res)
 			return;
 		}
 		/* Past the end of the file: the rest reads as zeros. */
-		memset((uint8_t *)ublk_queue_buf(q, tag) + rt->done, 0, len - rt->done);
+		res = ublk_queue_zero_data(q, tag, rt->done, len - rt->done);
+		if (res < 0) {
+			ublk_queue_complete(q, tag, res);
+			return;
+		}
 		res = (int)(len - rt->done);
 	}
 	rt->done += res;

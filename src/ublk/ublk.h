@@ -79,6 +79,7 @@ struct ublk_dev_cfg {
 	bool read_only;
 	bool recovery;			/* USER_RECOVERY(+REISSUE): a dead daemon's device waits */
 	bool no_user_copy;		/* NEED_GET_DATA even where the kernel has USER_COPY */
+	bool no_zero_copy;		/* USER_COPY even where the kernel has AUTO_BUF_REG */
 };
 
 struct ublk_tgt_ops {
@@ -114,6 +115,7 @@ struct ublk_tgt {
 	uint64_t dev_size;		/* bytes, set by init */
 	uint32_t discard_granularity;	/* bytes; 0: no discard nor write-zeroes */
 	bool volatile_cache;		/* has a cache: FLUSH and FUA matter */
+	bool zero_copy;			/* set by init: READ/WRITE can use the request's pages */
 	char err[256];			/* init's one-line error */
 };
 
@@ -129,6 +131,21 @@ unsigned int ublk_queue_id(const struct ublk_queue *q);
 unsigned int ublk_queue_depth(const struct ublk_queue *q);
 const struct ublksrv_io_desc *ublk_queue_iod(const struct ublk_queue *q, unsigned int tag);
 void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag);
+
+/*
+ * Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+, for a target that set zero_copy):
+ * true when the data of every READ and WRITE stays in the request's own
+ * pages, which the driver registers in @q's ring at buffer index @tag. The
+ * target then moves it with READ_FIXED/WRITE_FIXED (address = byte offset
+ * in the request, buf_index = tag) and ublk_queue_buf() is no buffer.
+ */
+bool ublk_queue_zero_copy(const struct ublk_queue *q);
+
+/*
+ * Zero bytes [@off, @off + @len) of READ @tag's data, wherever it lives (the
+ * tag's buffer, or with zero copy the request's pages). 0 or -errno.
+ */
+int ublk_queue_zero_data(struct ublk_queue *q, unsigned int tag, uint32_t off, uint32_t len);
 
 /*
  * Finish @tag with @res: the byte count for READ/WRITE, 0 for the others,

@@ -5,7 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
-#                              overlap term del kill recover gpt unit
+#                              overlap term del kill recover gpt unit zc
 #                              (default: all)
 
 B=ublk-qcow2
@@ -319,6 +319,92 @@ raw_test() {
 	gone raw
 }
 
+# Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+: sid): the raw target's file I/O
+# reads and writes the requests' own pages; 6.12 copies with USER_COPY, 6.1
+# with NEED_GET_DATA; --no-zero-copy keeps USER_COPY on sid. Each way: fio
+# verify, data written through the device reads back, and a read past the
+# end of a file that shrank under the device reads zeros (with zero copy, a
+# write of zeros through the char device into the request's pages).
+zc_test() {
+	for mode in zc nozc; do
+		case $UQ_KERNEL:$mode in
+		6.1:*) want=NEED_GET_DATA ;;
+		6.12:* | *:nozc) want=USER_COPY ;;
+		*) want=AUTO_BUF_REG ;;
+		esac
+		opts=''
+		[ $mode = nozc ] && opts=--no-zero-copy
+		say "zc: -f raw $opts, expecting $want"
+		rm -f /data/zc.img
+		truncate -s 128M /data/zc.img
+		add -f raw -q 2 $opts /data/zc.img || { fail "zc $mode: add"; continue; }
+		feat=$("$B" list -n "$ID" | grep features)
+		if echo "$feat" | grep -qw "$want" &&
+			{ [ "$want" = AUTO_BUF_REG ] || ! echo "$feat" | grep -qw AUTO_BUF_REG; }; then
+			pass "zc $mode: the device uses $want"
+		else
+			fail "zc $mode: expected $want: $feat"
+		fi
+		fio --name=zc --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+			--rw=randrw --bsrange=512-128k --size=96m --io_size=16m \
+			--verify=crc32c --verify_fatal=1 >/data/zc.log 2>&1 &&
+			pass "zc $mode: randrw with verify=crc32c" || { fail "zc $mode: fio"; tail -n 20 /data/zc.log; }
+		# 512 KiB across 64M; after the file shrinks to 64M, dd's second
+		# 256 KiB read lands past its end, into the buffer (the request's
+		# pages) that still holds the first read's data: zeros must replace it.
+		dd if=/dev/urandom of=/data/zc.pat bs=256k count=2 2>/dev/null
+		dd if=/data/zc.pat of="$DEV" bs=256k seek=255 oflag=direct 2>/dev/null
+		if dd if="$DEV" bs=256k skip=255 count=2 iflag=direct 2>/dev/null | cmp -s - /data/zc.pat; then
+			pass "zc $mode: data written through the device reads back"
+		else
+			fail "zc $mode: data written at 64M - 256K reads back different"
+		fi
+		truncate -s 64M /data/zc.img
+		{ head -c 262144 /data/zc.pat; head -c 262144 /dev/zero; } >/data/zc.want
+		if dd if="$DEV" bs=256k skip=255 count=2 iflag=direct 2>/dev/null | cmp -s - /data/zc.want; then
+			pass "zc $mode: past the end of a file that shrank reads zeros"
+		else
+			fail "zc $mode: past the end of a file that shrank does not read zeros"
+		fi
+		"$B" del -n "$ID" || fail "zc $mode: del"
+		gone "zc $mode"
+	done
+	rm -f /data/zc.img /data/zc.pat /data/zc.want
+
+	# kill -9 during fio verify and recover: the new daemon's ring gets a
+	# fresh buffer table, the reissued requests their pages in it.
+	say "zc: kill -9 and recover of a raw device during fio verify"
+	case $UQ_KERNEL in 6.1) want=NEED_GET_DATA ;; 6.12) want=USER_COPY ;; *) want=AUTO_BUF_REG ;; esac
+	truncate -s 128M /data/zc.img
+	add -f raw --recovery /data/zc.img || { fail "zc recover: add"; return; }
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	rm -f /data/zcr.rc
+	(fio --name=zcr --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size=48m --verify=crc32c --do_verify=1 \
+		--verify_fatal=1 >/data/zcr.fio 2>&1
+	 echo $? >/data/zcr.rc) &
+	FIO=$!
+	sleep 3
+	[ -e /data/zcr.rc ] && fail "zc recover: fio ended before the kill (raise --size)"
+	kill -9 "$pid"
+	wait_exit "$pid" 30 "zc recover: daemon" || return
+	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
+	rc=$?
+	[ $rc = 0 ] && [ "$out" = "$DEV" ] && pass "zc recover: recover -n $ID" ||
+		fail "zc recover: recover exit $rc: $out"
+	wait_exit "$FIO" 600 "zc recover: fio" || return
+	if [ "$(cat /data/zcr.rc)" = 0 ]; then
+		pass "zc recover: fio verify passed across kill -9 and recover"
+	else
+		fail "zc recover: fio exit $(cat /data/zcr.rc)"; tail -n 20 /data/zcr.fio
+	fi
+	"$B" list -n "$ID" | grep features | grep -qw "$want" ||
+		fail "zc recover: the recovered device does not use $want"
+	"$B" del -n "$ID" || fail "zc recover: del"
+	gone "zc recover"
+	rm -f /data/zc.img
+}
+
 # The null target: everything completes at once.
 null_test() {
 	say "null: -t null"
@@ -626,7 +712,7 @@ unit_test() {
 
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover gpt unit
+	overlap term del kill recover gpt unit zc
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -647,6 +733,7 @@ for t in "$@"; do
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
+	zc) zc_test ;;
 	null) null_test ;;
 	bad) bad_test ;;
 	corrupt) corrupt_test ;;

@@ -1,0 +1,71 @@
+#!/bin/sh
+# SPDX-License-Identifier: MIT
+# The guest half of bench/vm-probe.sh: 4k random reads only (fio as in
+# vm-guest.sh), on a few variants that tell where a qcow2 device's time goes.
+# One line per variant on /data/results: RESULT VARIANT IOPS
+#
+#   vm-probe-guest.sh RUNTIME SIZE_MB VARIANT...
+
+runtime=$1 size=$2
+shift 2
+B=ublk-qcow2
+R=/data/results
+W=/bench
+: >"$R"
+mkdir -p "$W"
+mount -t tmpfs -o size=$((size * 4 + 256))m tmpfs "$W" || exit 1
+
+fio_run() { # DEV: 4k randread IOPS
+	fio --name=probe --filename="$1" --direct=1 --ioengine=libaio \
+		--iodepth=128 --iodepth_batch_submit=16 --iodepth_batch_complete_min=1 \
+		--rw=randread --bs=4k --size="${size}m" --numjobs=2 --offset_increment=$((size / 2))m \
+		--group_reporting --time_based --runtime="$runtime" --ramp_time=1 \
+		--minimal 2>/tmp/fio.err | awk -F';' '{ print $8 }'
+}
+
+ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq workers
+	dev=$("$B" add "$@") || { echo 0; return; }
+	id=${dev#/dev/ublkb}
+	i=0
+	while [ ! -b "$dev" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	pid=$("$B" list -n "$id" --output=json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -n1)
+	iops=$(fio_run "$dev")
+	# io_uring's workers (iou-wrk-*) that served the daemon's punted SQEs
+	wrk=$(cat /proc/"$pid"/task/*/comm 2>/dev/null | grep -c '^iou-wrk')
+	echo "$iops iou-wrk=$wrk"
+	"$B" del -n "$id"
+}
+
+for v in "$@"; do
+	case $v in
+	# pre.qcow2 as vm-guest.sh makes it: data clusters fallocated, never written
+	qcow2-falloc)
+		[ -f "$W/pf.qcow2" ] || qemu-img create -q -f qcow2 -o preallocation=falloc "$W/pf.qcow2" "${size}M"
+		iops=$(ublk -q 1 "$W/pf.qcow2") ;;
+	# the same, every data cluster written (as raw.img is, by dd)
+	qcow2-full)
+		[ -f "$W/pw.qcow2" ] || qemu-img create -q -f qcow2 -o preallocation=full "$W/pw.qcow2" "${size}M"
+		iops=$(ublk -q 1 "$W/pw.qcow2") ;;
+	qcow2-full-q2) iops=$(ublk -q 2 "$W/pw.qcow2") ;;
+	qcow2-full-nzc) iops=$(ublk -q 1 --no-zero-copy "$W/pw.qcow2") ;;
+	qcow2-full-nuc) iops=$(ublk -q 1 --no-user-copy "$W/pw.qcow2") ;;
+	raw-written-nuc) iops=$(ublk -q 1 -f raw --no-user-copy "$W/rw.img") ;;
+	raw-written | loop-written)
+		[ -f "$W/rw.img" ] || dd if=/dev/zero of="$W/rw.img" bs=1M count="$size" status=none
+		if [ "$v" = loop-written ]; then
+			dev=$(losetup --direct-io=on -f --show "$W/rw.img")
+			iops=$(fio_run "$dev")
+			losetup -d "$dev"
+		else
+			iops=$(ublk -q 1 -f raw "$W/rw.img")
+		fi ;;
+	raw-written-nzc) iops=$(ublk -q 1 -f raw --no-zero-copy "$W/rw.img") ;;
+	raw-falloc)
+		[ -f "$W/rf.img" ] || fallocate -l "${size}M" "$W/rf.img"
+		iops=$(ublk -q 1 -f raw "$W/rf.img") ;;
+	*) iops=unknown ;;
+	esac
+	echo "RESULT $v $iops" | tee -a "$R"
+done
+umount "$W"
+exit 0
