@@ -210,9 +210,7 @@ def case_commit_rebase(d, base, top):
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
-    s = os.environ.get("UQ_SEED", "1")
-    seed = random.SystemRandom().randint(1, 1 << 31) if s == "random" else int(s)
-    print(f"seed={seed} (reproduce with UQ_SEED={seed})", flush=True)
+    seed = uqtest.base_seed()
     res = uqtest.Results("test_luks_chain")
     d = uqtest.scratch_dir("luks-chain")
     try:

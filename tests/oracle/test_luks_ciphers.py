@@ -90,9 +90,7 @@ def case_192_refused(d):
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
-    s = os.environ.get("UQ_SEED", "1")
-    base = random.SystemRandom().randint(1, 1 << 31) if s == "random" else int(s)
-    print(f"seed={base} (reproduce with UQ_SEED={base})", flush=True)
+    base = uqtest.base_seed()
     res = uqtest.Results("test_luks_ciphers")
     d = uqtest.scratch_dir("luks-ciphers")
     try:

@@ -163,10 +163,8 @@ def one_config(d, idx, made_by, opts, seed, nr_ops):
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
-    s = os.environ.get("UQ_SEED", "1")
-    base = random.SystemRandom().randint(1, 1 << 31) if s == "random" else int(s)
     nr_ops = int(os.environ.get("UQ_OPS", "3000"))
-    print(f"seed={base} ops={nr_ops} (reproduce with UQ_SEED={base} UQ_OPS={nr_ops})", flush=True)
+    base = uqtest.base_seed(f"UQ_OPS={nr_ops}")
     res = uqtest.Results("test_random_io")
     d = uqtest.scratch_dir("randio")
     try:

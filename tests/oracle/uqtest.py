@@ -12,6 +12,7 @@ Environment:
 
 import hashlib
 import os
+import random
 import resource
 import shlex
 import shutil
@@ -148,6 +149,16 @@ def first_difference(a, b, chunk=4 << 20):
             if not na:
                 return None
             off += na
+
+
+def base_seed(also=""):
+    """UQ_SEED (default 1; "random" picks one), printed with how to reproduce
+    the run (@also: more NAME=VALUE settings to repeat)."""
+    s = os.environ.get("UQ_SEED", "1")
+    seed = random.SystemRandom().randint(1, 1 << 31) if s == "random" else int(s)
+    extra = f" {also}" if also else ""
+    print(f"seed={seed}{extra} (reproduce with UQ_SEED={seed}{extra})", flush=True)
+    return seed
 
 
 def scratch_dir(name):
