@@ -73,15 +73,7 @@ def qemu_create_luks(path, size, enc, cluster, compat="1.1"):
     o = f"encrypt.format=luks,encrypt.key-secret=sec0,{ITER},cluster_size={cluster},compat={compat}"
     if enc:
         o += "," + enc
-    # qemu-img's PBKDF2 benchmark fails now and then on a loaded machine
-    # ("Unable to get accurate CPU usage"): that is not ours to test.
-    for _ in range(5):
-        p = uqtest.qemu_img("create", "-q", *secret(), "-f", "qcow2", "-o", o, path, str(size),
-                            check=False)
-        if p.returncode == 0 or "accurate CPU usage" not in p.stderr:
-            break
-    if p.returncode != 0:
-        raise uqtest.CommandError(f"qemu-img create {o} failed: {p.stderr.strip()}")
+    uqtest.qemu_img_luks("create", "-q", *secret(), "-f", "qcow2", "-o", o, path, str(size))
 
 
 def qemu_io_enc(path, cmds, pw=PW):

@@ -39,14 +39,7 @@ def chain_json(top, base):
 
 def qemu_luks(path, sid, enc, *extra):
     o = f"encrypt.format=luks,encrypt.key-secret={sid},{ITER},{enc}"
-    # qemu-img's PBKDF2 benchmark fails now and then on a loaded machine.
-    for _ in range(5):
-        p = uqtest.qemu_img("create", "-q", *OBJS, "-f", "qcow2", "-o", o, *extra, path,
-                            str(SIZE), check=False)
-        if p.returncode == 0 or "accurate CPU usage" not in p.stderr:
-            break
-    if p.returncode != 0:
-        raise uqtest.CommandError(f"qemu-img create {path} failed: {p.stderr.strip()}")
+    uqtest.qemu_img_luks("create", "-q", *OBJS, "-f", "qcow2", "-o", o, *extra, path, str(SIZE))
 
 
 def qemu_io_json(spec, cmds):

@@ -98,8 +98,8 @@ def one_case(opts, size):
         extra = SECRET if luks else []
         # Relative data file names: the same bytes in both headers.
         uqtest.uq("create", *extra, "-o", opts, "img.qcow2", size, cwd=mine)
-        uqtest.qemu_img("create", "-q", *extra, "-f", "qcow2", "-o", opts, "img.qcow2", size,
-                        cwd=theirs)
+        uqtest.qemu_img_luks("create", "-q", *extra, "-f", "qcow2", "-o", opts, "img.qcow2", size,
+                             cwd=theirs)
         ours, ref = os.path.join(mine, "img.qcow2"), os.path.join(theirs, "img.qcow2")
         err = compare(ours, ref, luks_area(ref) if luks else None)
         if not err and "data_file=" in opts:
