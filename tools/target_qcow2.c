@@ -15,14 +15,15 @@
  * what copy-on-write needs first, then asks for the data at the address
  * where it must land (tq_fetch), which becomes the tag's NEED_GET_DATA.
  *
- * Zero copy (the device has it, the image is not encrypted): a READ goes to
- * the engine with an opaque buffer, the tag's slice of a PROT_NONE
- * reservation (tokens) that stands for the request's registered pages;
- * tq_io_submit turns reads into it into READ_FIXED at buffer index = tag.
- * Where the engine needs the bytes in memory (holes, zeros, backing files,
- * compressed clusters) it ends the request with -EXDEV and the tag goes
- * back to the queue (ublk_queue_copy), which serves it again the copying
- * way with a pool buffer. WRITEs always take that way for now.
+ * Zero copy (the device has it, the image is not encrypted): READs and
+ * WRITEs go to the engine with an opaque buffer, the tag's slice of a
+ * PROT_NONE reservation (tokens) that stands for the request's registered
+ * pages; tq_io_submit turns I/O on it into READ_FIXED/WRITE_FIXED at buffer
+ * index = tag. Where the engine needs the bytes in memory (holes, zeros,
+ * backing files, compressed clusters; for writes anything that allocates)
+ * it ends the request with -EXDEV and the tag goes back to the queue
+ * (ublk_queue_copy), which serves it again the copying way with a pool
+ * buffer (a WRITE then through prep_write).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -78,10 +79,10 @@ static void *tq_token(const struct tq *t, const struct ublk_queue *q, unsigned i
 }
 
 /*
- * @aio reads into a token: READ_FIXED on the registered request, which only
- * the tag's own queue ring has. -EXDEV (the engine then ends the request
- * for copying) where that cannot be: another queue's thread runs the engine
- * (a woken continuation), or not a single plain read.
+ * @aio moves a token's bytes: READ_FIXED/WRITE_FIXED on the registered
+ * request, which only the tag's own queue ring has. -EXDEV (the engine then
+ * ends the request for copying) where that cannot be: another queue's
+ * thread runs the engine (a woken continuation), or more than one iovec.
  */
 static int tq_io_fixed(struct tq *t, struct ublk_queue *q, struct qcow2_aio *aio)
 {
@@ -89,16 +90,21 @@ static int tq_io_fixed(struct tq *t, struct ublk_queue *q, struct qcow2_aio *aio
 	size_t slot = rel / t->tok_stride;
 	struct io_uring_sqe *sqe;
 
-	if (!q || aio->op != QCOW2_AIO_READ || aio->iovcnt != 1 ||
-	    slot / t->depth != ublk_queue_id(q))
+	if (!q || aio->iovcnt != 1 || slot / t->depth != ublk_queue_id(q))
 		return -EXDEV;
 	sqe = ublk_queue_sqe(q);
 	if (!sqe)
 		return -EBUSY;
 	/* The address is the byte offset in the request, the index its tag. */
-	io_uring_prep_read_fixed(sqe, aio->fd, (void *)(uintptr_t)(rel % t->tok_stride),
-				 (unsigned int)aio->iov[0].iov_len, aio->off,
-				 (int)(slot % t->depth));
+	if (aio->op == QCOW2_AIO_READ)
+		io_uring_prep_read_fixed(sqe, aio->fd, (void *)(uintptr_t)(rel % t->tok_stride),
+					 (unsigned int)aio->iov[0].iov_len, aio->off,
+					 (int)(slot % t->depth));
+	else
+		io_uring_prep_write_fixed(sqe, aio->fd,
+					  (const void *)(uintptr_t)(rel % t->tok_stride),
+					  (unsigned int)aio->iov[0].iov_len, aio->off,
+					  (int)(slot % t->depth));
 	ublk_queue_sqe_tgt(q, sqe, (uint64_t)(uintptr_t)aio);
 	return 0;
 }
@@ -284,12 +290,8 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 		tt->opaque = zc;
 		break;
 	case UBLK_IO_OP_WRITE:
-		if (zc) {
-			/* Writes go through a pool buffer (prep_write) for now. */
-			ublk_queue_copy(q, tag);
-			return;
-		}
 		op = QCOW2_OP_WRITE;
+		tt->opaque = zc;
 		tt->fua = t->write_through || (ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8));
 		break;
 	case UBLK_IO_OP_FLUSH:

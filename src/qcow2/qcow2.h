@@ -160,14 +160,17 @@ void qcow2_req_defer_data(struct qcow2_req *req, qcow2_fetch_fn fetch);
 void qcow2_req_data_ready(struct qcow2_req *req, int err);
 
 /*
- * Make the next READ of @req take an opaque buffer: an address range the
- * engine only passes on in its aio iovecs (one iovec each, at the buffer's
- * address plus the byte offset in the request) and never dereferences; the
- * I/O backend knows what it stands for. Where a piece needs the bytes in
- * memory (a hole, zeros, a backing file, a compressed or encrypted cluster,
- * a file that ends early), or the backend's submit refuses such an aio with
- * -EXDEV, the request ends with -EXDEV once its I/O has drained, with some
- * of the range perhaps read: submit it again with a real buffer.
+ * Make the next READ or WRITE of @req take an opaque buffer: an address
+ * range the engine only passes on in its aio iovecs (one iovec each, at the
+ * buffer's address plus the byte offset in the request) and never
+ * dereferences; the I/O backend knows what it stands for. Where a piece
+ * needs the bytes in memory (reads: a hole, zeros, a backing file, a
+ * compressed cluster, a file that ends early; writes: anything but a
+ * rewrite in place of clusters the image owns alone; both: an encrypted
+ * image), or the backend's submit refuses such an aio with -EXDEV, the
+ * request ends with -EXDEV once its I/O has drained, with some of the range
+ * perhaps read or written (with the same bytes): submit it again with a
+ * real buffer. Not with qcow2_req_defer_data().
  */
 void qcow2_req_opaque(struct qcow2_req *req);
 

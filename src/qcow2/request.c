@@ -274,7 +274,7 @@ static int read_piece(struct qcow2_req *r)
 	if (ret < 0)
 		return ret;
 	/* An opaque buffer takes only plain reads of the file. */
-	if (r->opaque && (type != L2_NORMAL || img->crypt))
+	if (r->opaque && type != L2_NORMAL)
 		return -EXDEV;
 	switch (type) {
 	case L2_UNALLOC:
@@ -508,7 +508,7 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	r->fetch = op == QCOW2_OP_WRITE ? r->fetch_next : NULL;
 	r->fetch_next = NULL;
 	r->fetching = false;
-	r->opaque = op == QCOW2_OP_READ && r->opaque_next;
+	r->opaque = (op == QCOW2_OP_READ || op == QCOW2_OP_WRITE) && r->opaque_next;
 	r->opaque_next = false;
 	r->done = done;
 	r->priv = priv;
@@ -531,6 +531,9 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",
 				     (unsigned long long)off, (unsigned long long)len,
 				     (unsigned long long)img->h.size);
+	} else if (r->opaque && img->crypt) {
+		/* Encryption works on the bytes in memory. */
+		r->err = -EXDEV;
 	} else if (img->crypt && op != QCOW2_OP_FLUSH && op != QCOW2_OP_DISCARD &&
 		   ((off | len) & 511)) {
 		r->err = qcow2_error(img, -EINVAL,

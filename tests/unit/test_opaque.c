@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: MIT
 /*
- * Opaque read buffers, the engine half of ublk zero copy (qcow2_req_opaque):
- * the engine must pass the buffer's addresses on in single-iovec aios and
- * never touch them, and end a request with -EXDEV exactly where some byte
- * is not a plain allocated cluster (holes, zeros, backing file, compressed).
- * The buffers here are a PROT_NONE mapping (a touch is a crash); a wrapping
- * backend plays READ_FIXED: it reads such aios into a real buffer at the
- * same offset. Reads that end with -EXDEV are retried with a real buffer,
- * as the target does. Both must match qemu-img's view of the image.
+ * Opaque buffers, the engine half of ublk zero copy (qcow2_req_opaque): the
+ * engine must pass the buffer's addresses on in single-iovec aios and never
+ * touch them, and end a request with -EXDEV exactly where some byte is not
+ * in a plain allocated cluster (holes, zeros, backing file, compressed);
+ * a write there would allocate. The buffers here are a PROT_NONE mapping (a
+ * touch is a crash); a wrapping backend plays READ_FIXED/WRITE_FIXED: it
+ * moves such aios' bytes from or to a real buffer at the same offset.
+ * Requests that end with -EXDEV are retried with a real buffer, as the
+ * target does. Reads must match a mirror that starts as qemu-img's view;
+ * at the end the image must read as the mirror after a reopen and pass
+ * qemu-img check.
  */
 #include <check.h>
 #include <errno.h>
@@ -28,8 +31,12 @@
 struct op {
 	struct qcow2_req *req;
 	uint64_t off, len;
+	bool write;
+	uint8_t pat;
 	uint8_t *buf;			/* what the token stands for */
 	bool done;
+	bool short_io;			/* the backend moved less than asked */
+	bool plain;			/* all plain when submitted (see is_plain) */
 	int res;
 };
 
@@ -64,13 +71,19 @@ static int wrap_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 	if (aio->op == QCOW2_AIO_FSYNC ||
 	    (uintptr_t)aio->iov[0].iov_base - (uintptr_t)w->tokens >= (size_t)BATCH * MAX_LEN)
 		return w->inner->submit(w->inner, aio);
-	ck_assert_int_eq(aio->op, QCOW2_AIO_READ);
 	ck_assert_uint_eq(aio->iovcnt, 1);
 	ck_assert_uint_lt(w->nr_ready, 64);
 	rel = (size_t)((uint8_t *)aio->iov[0].iov_base - w->tokens);
 	ck_assert_uint_le(rel % MAX_LEN + aio->iov[0].iov_len, MAX_LEN);
-	n = pread(aio->fd, w->ops[rel / MAX_LEN].buf + rel % MAX_LEN, aio->iov[0].iov_len,
-		  (off_t)aio->off);
+	if (aio->op == QCOW2_AIO_READ)
+		n = pread(aio->fd, w->ops[rel / MAX_LEN].buf + rel % MAX_LEN,
+			  aio->iov[0].iov_len, (off_t)aio->off);
+	else
+		n = pwrite(aio->fd, w->ops[rel / MAX_LEN].buf + rel % MAX_LEN,
+			   aio->iov[0].iov_len, (off_t)aio->off);
+	/* A cluster at the end of the file may be partly written: it ends early. */
+	if (n >= 0 && (size_t)n < aio->iov[0].iov_len)
+		w->ops[rel / MAX_LEN].short_io = true;
 	w->ready[w->nr_ready] = aio;
 	w->res[w->nr_ready++] = n < 0 ? -errno : (int)n;
 	w->nr_fixed++;
@@ -104,6 +117,30 @@ static void op_done(struct qcow2_req *req, int res, void *priv)
 	o->done = true;
 }
 
+static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
+			return true;
+	return false;
+}
+
+/*
+ * Whether @o can go straight to the file: every sector it reads, every
+ * cluster it writes (in place, no allocation) is plain allocated. A write
+ * also takes [*first, *end), its clusters.
+ */
+static bool is_plain(const uint8_t *plain, const struct op *o, uint64_t *first, uint64_t *end)
+{
+	uint64_t unit = o->write ? 65536 : 512;
+
+	*first = o->off / unit * unit;
+	*end = (o->off + o->len + unit - 1) / unit * unit;
+	return memchr(plain + *first / 512, 0, (*end - *first) / 512) == NULL;
+}
+
 static void wait_all(struct wrap *w, struct op *ops, int n)
 {
 	for (;;) {
@@ -125,7 +162,7 @@ static void run_one(bool direct)
 	struct wrap w = { .io = { .submit = wrap_submit, .wait = wrap_wait } };
 	struct op ops[BATCH];
 	uint8_t *mirror, *plain;
-	unsigned int round, exdev = 0, whole = 0;
+	unsigned int round, exdev = 0, whole = 0, wexdev = 0, wwhole = 0, shorts = 0;
 	char path[128], err[256];
 	struct qcow2 *img;
 	size_t len;
@@ -179,52 +216,97 @@ static void run_one(bool direct)
 			struct op *o = &ops[i];
 
 			/* 512-byte aligned, as ublk sends; a third inside one cluster. */
-			o->len = (1 + rnd() % (rnd() % 3 ? MAX_LEN / 512 : 128)) * 512;
-			o->off = (rnd() % ((DISK_SIZE - o->len) / 512 + 1)) * 512;
-			memset(o->buf, 0xee, MAX_LEN);
+			do {
+				o->len = (1 + rnd() % (rnd() % 3 ? MAX_LEN / 512 : 128)) * 512;
+				o->off = (rnd() % ((DISK_SIZE - o->len) / 512 + 1)) * 512;
+			} while (overlaps(ops, i, o->off, o->len));
+			o->write = rnd() % 4 == 0;
+			o->pat = (uint8_t)(rnd() % 255) + 1;
+			memset(o->buf, o->write ? o->pat : 0xee, MAX_LEN);
 			o->done = false;
-			qcow2_req_opaque(o->req);
-			qcow2_req_submit(o->req, QCOW2_OP_READ, o->off, o->len,
-					 w.tokens + (size_t)i * MAX_LEN, op_done, o);
+			o->short_io = false;
+		}
+		for (i = 0; i < BATCH; i++) {
+			uint64_t first, end;
+
+			ops[i].plain = is_plain(plain, &ops[i], &first, &end);
+			qcow2_req_opaque(ops[i].req);
+			qcow2_req_submit(ops[i].req, ops[i].write ? QCOW2_OP_WRITE : QCOW2_OP_READ,
+					 ops[i].off, ops[i].len, w.tokens + (size_t)i * MAX_LEN,
+					 op_done, &ops[i]);
 		}
 		wait_all(&w, ops, BATCH);
+		/* Whichever way a write goes, its clusters are plain after. */
+		for (i = 0; i < BATCH; i++) {
+			uint64_t first, end;
+
+			if (!ops[i].write)
+				continue;
+			is_plain(plain, &ops[i], &first, &end);
+			memset(plain + first / 512, 1, (end - first) / 512);
+			memset(mirror + ops[i].off, ops[i].pat, ops[i].len);
+		}
+		/*
+		 * Straight to the file where it was all plain before, back with
+		 * -EXDEV where it was not all plain after; in between (a write of
+		 * the same batch allocated the cluster meanwhile) either.
+		 */
 		for (i = 0; i < BATCH; i++) {
 			struct op *o = &ops[i];
-			bool all_plain = memchr(plain + o->off / 512, 0, o->len / 512) == NULL;
+			uint64_t first, end;
+			bool after = is_plain(plain, o, &first, &end);
 
-			if (all_plain) {
-				ck_assert_msg(o->res == 0, "opaque read [%llu, +%llu) of plain clusters: %d",
-					      (unsigned long long)o->off, (unsigned long long)o->len, o->res);
-				ck_assert_msg(memcmp(o->buf, mirror + o->off, o->len) == 0,
+			if (o->plain && !o->short_io)
+				ck_assert_msg(o->res == 0, "opaque %s [%llu, +%llu) of plain clusters: %d",
+					      o->write ? "write" : "read", (unsigned long long)o->off,
+					      (unsigned long long)o->len, o->res);
+			else if (!after)
+				ck_assert_msg(o->res == -EXDEV, "opaque %s [%llu, +%llu) past plain clusters: %d",
+					      o->write ? "write" : "read", (unsigned long long)o->off,
+					      (unsigned long long)o->len, o->res);
+			else
+				ck_assert(o->res == 0 || o->res == -EXDEV);
+			if (o->res == 0) {
+				ck_assert_msg(o->write || memcmp(o->buf, mirror + o->off, o->len) == 0,
 					      "opaque read at %llu differs", (unsigned long long)o->off);
-				whole++;
-				o->done = true;
+				*(o->write ? &wwhole : &whole) += 1;
 				continue;
 			}
-			ck_assert_msg(o->res == -EXDEV, "opaque read [%llu, +%llu) past plain clusters: %d",
-				      (unsigned long long)o->off, (unsigned long long)o->len, o->res);
-			exdev++;
+			*(o->write ? &wexdev : &exdev) += 1;
+			shorts += o->short_io;
 			/* The target's way back: a real buffer. */
 			o->done = false;
-			qcow2_req_submit(o->req, QCOW2_OP_READ, o->off, o->len, o->buf, op_done, o);
+			qcow2_req_submit(o->req, o->write ? QCOW2_OP_WRITE : QCOW2_OP_READ, o->off,
+					 o->len, o->buf, op_done, o);
 		}
 		wait_all(&w, ops, BATCH);
 		for (i = 0; i < BATCH; i++) {
-			ck_assert_int_eq(ops[i].res, 0);
-			ck_assert_msg(memcmp(ops[i].buf, mirror + ops[i].off, ops[i].len) == 0,
+			ck_assert_msg(ops[i].res == 0, "%s: %d %s", ops[i].write ? "write" : "read",
+				      ops[i].res, qcow2_errmsg(img));
+			ck_assert_msg(ops[i].write ||
+				      memcmp(ops[i].buf, mirror + ops[i].off, ops[i].len) == 0,
 				      "read at %llu differs", (unsigned long long)ops[i].off);
 		}
 	}
 	/* Both ways taken, and the engine's errors were not set by -EXDEV. */
 	ck_assert_uint_gt(whole, 50);
 	ck_assert_uint_gt(exdev, 50);
-	ck_assert_uint_gt(w.nr_fixed, whole);
+	ck_assert_uint_gt(wwhole, 20);
+	ck_assert_uint_gt(wexdev, 20);
+	ck_assert_uint_gt(w.nr_fixed, whole + wwhole);
 	ck_assert_str_eq(qcow2_errmsg(img), "");
+	printf("opaque %s: reads %u whole, %u -EXDEV (%u short); writes %u in place, %u -EXDEV\n",
+	       direct ? "direct" : "buffered", whole, exdev, shorts, wwhole, wexdev);
 	for (i = 0; i < BATCH; i++) {
 		qcow2_req_free(ops[i].req);
 		free(ops[i].buf);
 	}
 	ck_assert_int_eq(qcow2_close(img), 0);
+	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
+	ck_assert_msg(qcow2_open(&img, path, &opts, &w.io, err, sizeof(err)) == 0, "%s", err);
+	tu_verify_image(img, mirror, DISK_SIZE);
+	ck_assert_int_eq(qcow2_close(img), 0);
+	tu_sh("qemu-img check -q %s", path);
 	munmap(w.tokens, (size_t)BATCH * MAX_LEN);
 	qcow2_uring_free(w.inner);
 	free(mirror);
