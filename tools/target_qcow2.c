@@ -221,6 +221,7 @@ static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 	}
 	if (res == 0 && tt->fua) {
 		tt->fua = false;
+		tt->opaque = false;
 		qcow2_req_submit(req, QCOW2_OP_FLUSH, 0, 0, NULL, tq_req_done, tt);
 		return;
 	}

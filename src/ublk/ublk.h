@@ -146,8 +146,8 @@ bool ublk_queue_zero_copy(const struct ublk_queue *q);
  * that needs its bytes in memory. The target lets go of @tag; the queue
  * gives it a buffer and hands it back as without zero copy (prep_write for
  * a WRITE when the target has it, queue_io otherwise), its data moving by
- * USER_COPY. On @q's thread only, and not from within a target op that the
- * caller must return from first (the queue loop redispatches the tag).
+ * USER_COPY. On @q's thread only; callable from within the target's ops
+ * (the queue loop dispatches the tag again once they returned).
  */
 void ublk_queue_copy(struct ublk_queue *q, unsigned int tag);
 
