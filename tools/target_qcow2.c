@@ -14,12 +14,23 @@
  * Writes are two-phase (prep_write): the engine maps, allocates and reads
  * what copy-on-write needs first, then asks for the data at the address
  * where it must land (tq_fetch), which becomes the tag's NEED_GET_DATA.
+ *
+ * Zero copy (the device has it, the image is not encrypted): READs and
+ * WRITEs go to the engine with an opaque buffer, the tag's slice of a
+ * PROT_NONE reservation (tokens) that stands for the request's registered
+ * pages; tq_io_submit turns I/O on it into READ_FIXED/WRITE_FIXED at buffer
+ * index = tag. Where the engine needs the bytes in memory (holes, zeros,
+ * backing files, compressed clusters; for writes anything that allocates)
+ * it ends the request with -EXDEV and the tag goes back to the queue
+ * (ublk_queue_copy), which serves it again the copying way with a pool
+ * buffer (a WRITE then through prep_write).
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "qcow2.h"
 #include "target_qcow2.h"
@@ -32,6 +43,8 @@ struct tq_tag {
 	int res;			/* committed result */
 	bool fua;			/* a FLUSH must follow the WRITE */
 	bool fetch;			/* mailbox: send NEED_GET_DATA to dst, not commit */
+	bool copy;			/* mailbox: hand back for copying (ublk_queue_copy) */
+	bool opaque;			/* the engine has the tag's token, not a buffer */
 	void *dst;
 	struct tq_tag *next;		/* mailbox link */
 };
@@ -54,7 +67,47 @@ struct tq {
 	struct tq_tag *tags;		/* nr_queues * depth */
 	unsigned int nr_errors;		/* failed requests logged so far */
 	bool write_through;		/* flush after every change (uq_qcow2_opts) */
+	/* Zero copy: tag i of queue q stands at tokens + (q * depth + i) * tok_stride. */
+	uint8_t *tokens;		/* PROT_NONE, never touched; NULL: no zero copy */
+	size_t tok_stride;		/* the largest request */
+	size_t tok_len;
 };
+
+static void *tq_token(const struct tq *t, const struct ublk_queue *q, unsigned int tag)
+{
+	return t->tokens + ((size_t)ublk_queue_id(q) * t->depth + tag) * t->tok_stride;
+}
+
+/*
+ * @aio moves a token's bytes: READ_FIXED/WRITE_FIXED on the registered
+ * request, which only the tag's own queue ring has. -EXDEV (the engine then
+ * ends the request for copying) where that cannot be: another queue's
+ * thread runs the engine (a woken continuation), or more than one iovec.
+ */
+static int tq_io_fixed(struct tq *t, struct ublk_queue *q, struct qcow2_aio *aio)
+{
+	size_t rel = (size_t)((uint8_t *)aio->iov[0].iov_base - t->tokens);
+	size_t slot = rel / t->tok_stride;
+	struct io_uring_sqe *sqe;
+
+	if (!q || aio->iovcnt != 1 || slot / t->depth != ublk_queue_id(q))
+		return -EXDEV;
+	sqe = ublk_queue_sqe(q);
+	if (!sqe)
+		return -EBUSY;
+	/* The address is the byte offset in the request, the index its tag. */
+	if (aio->op == QCOW2_AIO_READ)
+		io_uring_prep_read_fixed(sqe, aio->fd, (void *)(uintptr_t)(rel % t->tok_stride),
+					 (unsigned int)aio->iov[0].iov_len, aio->off,
+					 (int)(slot % t->depth));
+	else
+		io_uring_prep_write_fixed(sqe, aio->fd,
+					  (const void *)(uintptr_t)(rel % t->tok_stride),
+					  (unsigned int)aio->iov[0].iov_len, aio->off,
+					  (int)(slot % t->depth));
+	ublk_queue_sqe_tgt(q, sqe, (uint64_t)(uintptr_t)aio);
+	return 0;
+}
 
 /* ---- The engine's I/O backend -------------------------------------------- */
 
@@ -64,6 +117,9 @@ static int tq_io_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 	struct ublk_queue *q = ublk_queue_self();
 	struct io_uring_sqe *sqe;
 
+	if (t->tokens && aio->op != QCOW2_AIO_FSYNC &&
+	    (uintptr_t)aio->iov[0].iov_base - (uintptr_t)t->tokens < t->tok_len)
+		return tq_io_fixed(t, q, aio);
 	if (!q)
 		return t->boot_io->submit(t->boot_io, aio);
 	sqe = ublk_queue_sqe(q);
@@ -152,8 +208,20 @@ static void tq_req_done(struct qcow2_req *req, int res, void *priv)
 	struct tq_tag *tt = priv;
 	struct tq *t = ublk_queue_tgt(tt->q)->priv;
 
+	if (res == -EXDEV && tt->opaque) {
+		/* The bytes must pass through memory: serve it the copying way. */
+		tt->opaque = false;
+		if (tt->q == ublk_queue_self()) {
+			ublk_queue_copy(tt->q, tt->tag);
+			return;
+		}
+		tt->copy = true;
+		tq_post(t, tt);
+		return;
+	}
 	if (res == 0 && tt->fua) {
 		tt->fua = false;
+		tt->opaque = false;
 		qcow2_req_submit(req, QCOW2_OP_FLUSH, 0, 0, NULL, tq_req_done, tt);
 		return;
 	}
@@ -189,6 +257,9 @@ static void tq_wake(struct ublk_queue *q)
 		if (tt->fetch) {
 			tt->fetch = false;
 			ublk_queue_get_data(q, tt->tag, tt->dst);
+		} else if (tt->copy) {
+			tt->copy = false;
+			ublk_queue_copy(q, tt->tag);
 		} else {
 			ublk_queue_complete(q, tt->tag, tt->res);
 		}
@@ -205,18 +276,23 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 	const struct ublksrv_io_desc *iod = ublk_queue_iod(q, tag);
 	uint64_t off = iod->start_sector << 9;
 	uint64_t len = (uint64_t)iod->nr_sectors << 9;
+	bool zc = ublk_queue_tag_zero_copy(q, tag);
 	enum qcow2_op op;
 
 	tt->q = q;
 	tt->tag = tag;
 	tt->fua = false;
 	tt->fetch = false;
+	tt->copy = false;
+	tt->opaque = false;
 	switch (ublksrv_get_op(iod)) {
 	case UBLK_IO_OP_READ:
 		op = QCOW2_OP_READ;
+		tt->opaque = zc;
 		break;
 	case UBLK_IO_OP_WRITE:
 		op = QCOW2_OP_WRITE;
+		tt->opaque = zc;
 		tt->fua = t->write_through || (ublksrv_get_flags(iod) & (UBLK_IO_F_FUA >> 8));
 		break;
 	case UBLK_IO_OP_FLUSH:
@@ -238,7 +314,10 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 	pthread_mutex_lock(&t->img_lock);
 	if (deferred)
 		qcow2_req_defer_data(tt->req, tq_fetch);
-	qcow2_req_submit(tt->req, op, off, len, ublk_queue_buf(q, tag), tq_req_done, tt);
+	if (tt->opaque)
+		qcow2_req_opaque(tt->req);
+	qcow2_req_submit(tt->req, op, off, len,
+			 tt->opaque ? tq_token(t, q, tag) : ublk_queue_buf(q, tag), tq_req_done, tt);
 	pthread_mutex_unlock(&t->img_lock);
 }
 
@@ -284,6 +363,8 @@ static void tq_free(struct tq *t)
 			pthread_mutex_destroy(&t->boxes[i].lock);
 	free(t->tags);
 	free(t->boxes);
+	if (t->tokens)
+		munmap(t->tokens, t->tok_len);
 	pthread_mutex_destroy(&t->img_lock);
 	qcow2_uring_free(t->boot_io);
 	free(t);
@@ -353,10 +434,20 @@ static int tq_init(struct ublk_tgt *tgt, const struct ublk_dev_cfg *cfg)
 	}
 
 	qcow2_get_info(t->img, &info);
+	if (!info.encrypted) {
+		/* Address space only; without it the device simply copies. */
+		t->tok_stride = cfg->max_io_bytes;
+		t->tok_len = (size_t)t->nr_queues * t->depth * t->tok_stride;
+		t->tokens = mmap(NULL, t->tok_len, PROT_NONE,
+				 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (t->tokens == MAP_FAILED)
+			t->tokens = NULL;
+	}
 	tgt->priv = t;
 	tgt->dev_size = info.virtual_size;
 	tgt->volatile_cache = true;
 	tgt->discard_granularity = 1u << info.cluster_bits;
+	tgt->zero_copy = t->tokens != NULL;
 	return 0;
 
 err_close:

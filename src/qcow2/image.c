@@ -592,4 +592,5 @@ void qcow2_get_info(const struct qcow2 *img, struct qcow2_info *info)
 	info->raw = img->raw;
 	info->filename = img->path;
 	info->backing = img->backing;
+	info->encrypted = img->crypt != NULL;
 }

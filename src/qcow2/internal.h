@@ -494,6 +494,8 @@ struct qcow2_req {
 	qcow2_fetch_fn fetch;		/* deferred data: ask for it when needed */
 	qcow2_fetch_fn fetch_next;	/* set by qcow2_req_defer_data for the next submit */
 	bool fetching;			/* asked, not yet ready */
+	bool opaque;			/* buf is opaque (qcow2_req_opaque): never touch it */
+	bool opaque_next;		/* set by qcow2_req_opaque for the next submit */
 	qcow2_done_fn done;
 	void *priv;
 	unsigned int pending;

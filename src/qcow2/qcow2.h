@@ -113,6 +113,7 @@ struct qcow2_info {
 	bool raw;			/* a raw image (format "raw") */
 	const char *filename;
 	const struct qcow2 *backing;	/* the opened backing image, or NULL */
+	bool encrypted;			/* the data is encrypted */
 };
 
 void qcow2_get_info(const struct qcow2 *img, struct qcow2_info *info);
@@ -157,6 +158,21 @@ void qcow2_req_submit(struct qcow2_req *req, enum qcow2_op op, uint64_t off,
 typedef void (*qcow2_fetch_fn)(struct qcow2_req *req, void *dst, void *priv);
 void qcow2_req_defer_data(struct qcow2_req *req, qcow2_fetch_fn fetch);
 void qcow2_req_data_ready(struct qcow2_req *req, int err);
+
+/*
+ * Make the next READ or WRITE of @req take an opaque buffer: an address
+ * range the engine only passes on in its aio iovecs (one iovec each, at the
+ * buffer's address plus the byte offset in the request) and never
+ * dereferences; the I/O backend knows what it stands for. Where a piece
+ * needs the bytes in memory (reads: a hole, zeros, a backing file, a
+ * compressed cluster, a file that ends early; writes: anything but a
+ * rewrite in place of clusters the image owns alone; both: an encrypted
+ * image), or the backend's submit refuses such an aio with -EXDEV, the
+ * request ends with -EXDEV once its I/O has drained, with some of the range
+ * perhaps read or written (with the same bytes): submit it again with a
+ * real buffer. Not with qcow2_req_defer_data().
+ */
+void qcow2_req_opaque(struct qcow2_req *req);
 
 /* True while a request or a flush of @img is in flight. */
 bool qcow2_busy(const struct qcow2 *img);

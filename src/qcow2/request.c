@@ -18,7 +18,10 @@ static void aio_done(struct qcow2_aio *aio, int res)
 	struct qcow2_req *r = a->req;
 
 	if (res >= 0 && (size_t)res < a->len) {
-		if (aio->op == QCOW2_AIO_READ && a->aio.iovcnt == 1) {
+		if (r->opaque) {
+			/* The zeros past the end of the file need real memory. */
+			res = -EXDEV;
+		} else if (aio->op == QCOW2_AIO_READ && a->aio.iovcnt == 1) {
 			/* Past the end of the file reads as zeros. */
 			memset((uint8_t *)a->iov[0].iov_base + res, 0, a->len - res);
 			res = a->len;
@@ -26,7 +29,10 @@ static void aio_done(struct qcow2_aio *aio, int res)
 			res = -EIO;
 		}
 	}
-	if (res < 0 && !r->err) {
+	if (res == -EXDEV && r->opaque) {
+		if (!r->err)
+			r->err = res;
+	} else if (res < 0 && !r->err) {
 		r->err = res;
 		qcow2_error(r->img, res, "%s at 0x%llx failed: %s",
 			    aio->op == QCOW2_AIO_READ ? "read" : "write",
@@ -267,6 +273,9 @@ static int read_piece(struct qcow2_req *r)
 	ret = qcow2_lookup_run(img, r->pos, end, &r->wait, &type, &host, &run);
 	if (ret < 0)
 		return ret;
+	/* An opaque buffer takes only plain reads of the file. */
+	if (r->opaque && type != L2_NORMAL)
+		return -EXDEV;
 	switch (type) {
 	case L2_UNALLOC:
 		ret = qcow2_backing_read(r, dst, r->pos, run);
@@ -499,6 +508,8 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	r->fetch = op == QCOW2_OP_WRITE ? r->fetch_next : NULL;
 	r->fetch_next = NULL;
 	r->fetching = false;
+	r->opaque = (op == QCOW2_OP_READ || op == QCOW2_OP_WRITE) && r->opaque_next;
+	r->opaque_next = false;
 	r->done = done;
 	r->priv = priv;
 	r->pending = 0;
@@ -520,6 +531,9 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",
 				     (unsigned long long)off, (unsigned long long)len,
 				     (unsigned long long)img->h.size);
+	} else if (r->opaque && img->crypt) {
+		/* Encryption works on the bytes in memory. */
+		r->err = -EXDEV;
 	} else if (img->crypt && op != QCOW2_OP_FLUSH && op != QCOW2_OP_DISCARD &&
 		   ((off | len) & 511)) {
 		r->err = qcow2_error(img, -EINVAL,
@@ -540,6 +554,11 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 void qcow2_req_defer_data(struct qcow2_req *r, qcow2_fetch_fn fetch)
 {
 	r->fetch_next = fetch;
+}
+
+void qcow2_req_opaque(struct qcow2_req *r)
+{
+	r->opaque_next = true;
 }
 
 /*

@@ -462,6 +462,9 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 		goto out;
 	}
 	qcow2_cache_put(s);
+	/* Copy-on-write or a new cluster: the bytes must pass through memory. */
+	if (r->opaque)
+		return -EXDEV;
 
 	/* The partial subclusters at either end: which need old bytes, and whence. */
 	ws = r->pos & ~(unit - 1);
@@ -600,6 +603,11 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
 		if (!ret)
 			r->pos = run_end;
+		goto out;
+	}
+	/* Allocating: the bytes must pass through memory (zero fill, COW). */
+	if (r->opaque) {
+		ret = -EXDEV;
 		goto out;
 	}
 	/* Compressed or shared clusters: copy out into a fresh one. */

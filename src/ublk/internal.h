@@ -58,6 +58,7 @@ struct ublk_tag {
 	void *addr;		/* where NEED_GET_DATA copies to (NULL: the tag's buffer) */
 	uint32_t buf_first;	/* the tag's buffer: pool pages [first, first + pages) */
 	uint32_t buf_pages;	/* 0: holds no buffer */
+	bool copy;		/* zero copy device, but this request copies (ublk_queue_copy) */
 };
 
 struct ublk_queue {

@@ -30,7 +30,9 @@
  * each READ/WRITE request's pages in the ring's buffer table at index = tag
  * before it hands the request over (the index rides in the FETCH/COMMIT
  * SQE's addr) and drops them at the commit; the target's file I/O uses them
- * with READ_FIXED/WRITE_FIXED, and such requests get no pool buffer.
+ * with READ_FIXED/WRITE_FIXED, and such requests get no pool buffer. A
+ * target that needs some request's bytes in memory sends it back
+ * (ublk_queue_copy): it then gets a buffer and is served as with USER_COPY.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -171,6 +173,11 @@ bool ublk_queue_zero_copy(const struct ublk_queue *q)
 	return q->dev->zero_copy;
 }
 
+bool ublk_queue_tag_zero_copy(const struct ublk_queue *q, unsigned int tag)
+{
+	return q->dev->zero_copy && !q->tags[tag].copy;
+}
+
 /* ---- Buffers ------------------------------------------------------------- */
 
 /* Give @tag the buffer its request needs, if any. false: the pool is short. */
@@ -184,7 +191,7 @@ static bool buf_get(struct ublk_queue *q, unsigned int tag)
 
 	t->buf_pages = 0;
 	/* Zero copy: the data stays in the request's pages. */
-	if ((op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) || q->dev->zero_copy)
+	if ((op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) || ublk_queue_tag_zero_copy(q, tag))
 		return true;
 	/* The driver never sends more than max_io_buf_bytes, the pool's floor. */
 	if (len > q->buf_bytes)
@@ -276,7 +283,7 @@ int ublk_queue_zero_data(struct ublk_queue *q, unsigned int tag, uint32_t off, u
 {
 	static const uint8_t zeros[4096];
 
-	if (!q->dev->zero_copy) {
+	if (!ublk_queue_tag_zero_copy(q, tag)) {
 		memset((uint8_t *)ublk_queue_buf(q, tag) + off, 0, len);
 		return 0;
 	}
@@ -386,7 +393,7 @@ void ublk_queue_complete(struct ublk_queue *q, unsigned int tag, int res)
 		/* No NEED_GET_DATA to owe; a READ's data goes out before its commit. */
 		t->owes_data = false;
 		if (ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_READ && res > 0 &&
-		    !q->dev->zero_copy) {
+		    !ublk_queue_tag_zero_copy(q, tag)) {
 			queue_issue(q, tag, QUEUE_COPY_OUT);
 			return;
 		}
@@ -437,6 +444,24 @@ static void queue_arm_wake(struct ublk_queue *q)
 
 static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res);
 
+/* Back of the buffer queue: the loop's queue_bufwait_retry() dispatches it. */
+static void queue_bufwait_add(struct ublk_queue *q, unsigned int tag, int res)
+{
+	struct ublk_tag *t = &q->tags[tag];
+
+	t->state = UBLK_TAG_BUFWAIT;
+	t->res = res;
+	q->bufwait[(q->bufwait_head + q->nr_bufwait) % q->depth] = (uint16_t)tag;
+	q->nr_bufwait++;
+}
+
+void ublk_queue_copy(struct ublk_queue *q, unsigned int tag)
+{
+	q->nr_target--;
+	q->tags[tag].copy = true;
+	queue_bufwait_add(q, tag, UBLK_IO_RES_OK);
+}
+
 static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 {
 	struct ublk_tag *t = &q->tags[tag];
@@ -469,11 +494,9 @@ static void queue_cmd_done(struct ublk_queue *q, unsigned int tag, int res)
 		}
 		buf_put(q, tag);
 	} else if (res == UBLK_IO_RES_NEED_GET_DATA || res == UBLK_IO_RES_OK) {
+		t->copy = false;
 		if (!buf_get(q, tag)) {
-			t->state = UBLK_TAG_BUFWAIT;
-			t->res = res;
-			q->bufwait[(q->bufwait_head + q->nr_bufwait) % q->depth] = (uint16_t)tag;
-			q->nr_bufwait++;
+			queue_bufwait_add(q, tag, res);
 			return;
 		}
 		queue_dispatch(q, tag, res);
@@ -505,7 +528,7 @@ static void queue_dispatch(struct ublk_queue *q, unsigned int tag, int res)
 	struct ublk_tag *t = &q->tags[tag];
 
 	if (res == UBLK_IO_RES_NEED_GET_DATA ||
-	    (q->dev->user_copy && !q->dev->zero_copy &&
+	    (q->dev->user_copy && !ublk_queue_tag_zero_copy(q, tag) &&
 	     ublksrv_get_op(&q->iods[tag]) == UBLK_IO_OP_WRITE)) {
 		t->state = UBLK_TAG_TARGET;
 		q->nr_target++;

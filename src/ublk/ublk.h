@@ -142,6 +142,19 @@ void *ublk_queue_buf(const struct ublk_queue *q, unsigned int tag);
 bool ublk_queue_zero_copy(const struct ublk_queue *q);
 
 /*
+ * With zero copy: serve request @tag the copying way instead, for a target
+ * that needs its bytes in memory. The target lets go of @tag; the queue
+ * gives it a buffer and hands it back as without zero copy (prep_write for
+ * a WRITE when the target has it, queue_io otherwise), its data moving by
+ * USER_COPY. On @q's thread only; callable from within the target's ops
+ * (the queue loop dispatches the tag again once they returned).
+ */
+void ublk_queue_copy(struct ublk_queue *q, unsigned int tag);
+
+/* True when @tag's data is in the request's pages only: zero copy, no ublk_queue_copy(). */
+bool ublk_queue_tag_zero_copy(const struct ublk_queue *q, unsigned int tag);
+
+/*
  * Zero bytes [@off, @off + @len) of READ @tag's data, wherever it lives (the
  * tag's buffer, or with zero copy the request's pages). 0 or -errno.
  */

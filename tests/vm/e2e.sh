@@ -120,6 +120,21 @@ PY
 # an image naming a backing file, for add --no-backing
 qemu-img create -q -f qcow2 "$data/nbbase.qcow2" 64M
 qemu-img create -q -f qcow2 -b nbbase.qcow2 -F qcow2 "$data/nb.qcow2"
+# zero copy (zcq): data, zero, compressed, unallocated clusters over a
+# shorter backing file (96M of 128M), partial clusters too
+qemu-img create -q -f qcow2 "$data/zcqbase.qcow2" 96M
+qemu-io -f qcow2 -c "write -P 0xb1 0 96M" "$data/zcqbase.qcow2" >/dev/null
+truncate -s 128M "$work/zcq.raw"
+qemu-io -f raw -c "write -P 0xc1 32M 16M" -c "write -P 0xc2 100M 3M" "$work/zcq.raw" >/dev/null
+qemu-img convert -c -O qcow2 "$work/zcq.raw" "$data/zcq.qcow2"
+rm -f "$work/zcq.raw"
+qemu-img rebase -u -b zcqbase.qcow2 -F qcow2 "$data/zcq.qcow2"
+qemu-io -f qcow2 -c "write -P 0xa1 0 16M" -c "write -z 16M 8M" -c "write -P 0xa2 60M 100k" \
+	-c "write -P 0xa3 90M 12M" -c "write -z 110M 1M" "$data/zcq.qcow2" >/dev/null
+qemu-img convert -O raw "$data/zcq.qcow2" "$work/zcq.raw"
+md5sum <"$work/zcq.raw" | cut -d' ' -f1 >"$data/zcq-init.md5"
+rm -f "$work/zcq.raw"
+zcqbase_sum=$(md5sum <"$data/zcqbase.qcow2")
 # qcow2 version 99: the engine must refuse it
 qemu-img create -q -f qcow2 "$data/bad.qcow2" 64M
 printf '\000\000\000\143' | dd of="$data/bad.qcow2" bs=1 seek=4 conv=notrunc 2>/dev/null
@@ -206,6 +221,10 @@ same_as_guest fio.qcow2
 same_as_guest recover.qcow2
 same_as_guest cow.qcow2
 same_as_guest gdcow.qcow2
+check zcq.qcow2 0
+same_as_guest zcq.qcow2
+[ "$(md5sum <"$data/zcqbase.qcow2")" = "$zcqbase_sum" ] &&
+	echo "PASS host: zcq's base is unchanged" || fail "host: zcq's base was modified"
 [ "$(md5sum <"$data/cowbase.qcow2")" = "$cowbase_sum" ] &&
 	echo "PASS host: the overlay's base is unchanged" || fail "host: the overlay's base was modified"
 if grep -q '^PASS discard' "$data/results" 2>/dev/null; then

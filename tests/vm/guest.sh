@@ -5,7 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
-#                              overlap term del kill recover gpt unit zc
+#                              overlap term del kill recover gpt unit zc zcq
 #                              (default: all)
 
 B=ublk-qcow2
@@ -405,6 +405,52 @@ zc_test() {
 	rm -f /data/zc.img
 }
 
+# Zero copy for qcow2 (sid): READs of plain allocated clusters go straight
+# into the request's pages; holes, zeros, the backing file, compressed
+# clusters and every WRITE fall back to a pool buffer. zcq.qcow2 (made on
+# the host) has all of those; the first read must match qemu-img's view
+# (zcq-init.md5). Then fio verify with zero copy, the same reads with
+# --no-zero-copy and fio again, and a last zero-copy read for the host to
+# compare (zcq.md5).
+zcq_test() {
+	case $UQ_KERNEL in 6.1) want=NEED_GET_DATA ;; 6.12) want=USER_COPY ;; *) want=AUTO_BUF_REG ;; esac
+	say "zcq: qcow2 with zero copy, expecting $want"
+	add -q 2 /data/zcq.qcow2 || { fail "zcq: add"; return; }
+	"$B" list -n "$ID" | grep features | grep -qw "$want" && pass "zcq: the device uses $want" ||
+		fail "zcq: expected $want: $("$B" list -n "$ID" | grep features)"
+	sum=$(md5sum <"$DEV" | cut -d' ' -f1)
+	[ "$sum" = "$(cat /data/zcq-init.md5)" ] &&
+		pass "zcq: data, holes, zeros, compressed and backing clusters read as qemu-img reads them" ||
+		fail "zcq: the first read differs from qemu-img's view"
+	fio --name=zcq --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randrw --bsrange=512-128k --size=128m --io_size=16m \
+		--verify=crc32c --verify_fatal=1 >/data/zcq.log 2>&1 &&
+		pass "zcq: randrw with verify=crc32c" || { fail "zcq: fio"; tail -n 20 /data/zcq.log; }
+	sum=$(md5sum <"$DEV" | cut -d' ' -f1)
+	"$B" del -n "$ID" || fail "zcq: del"
+	gone zcq || return
+
+	add -q 2 --no-zero-copy /data/zcq.qcow2 || { fail "zcq nozc: add"; return; }
+	"$B" list -n "$ID" | grep features | grep -qw AUTO_BUF_REG &&
+		fail "zcq nozc: --no-zero-copy device uses AUTO_BUF_REG"
+	[ "$(md5sum <"$DEV" | cut -d' ' -f1)" = "$sum" ] &&
+		pass "zcq nozc: reads what zero copy read" || fail "zcq nozc: reads differ from zero copy's"
+	fio --name=zcq --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randrw --bsrange=512-128k --size=128m --io_size=8m \
+		--verify=crc32c --verify_fatal=1 >/data/zcq.log 2>&1 &&
+		pass "zcq nozc: randrw with verify=crc32c" || { fail "zcq nozc: fio"; tail -n 20 /data/zcq.log; }
+	sum=$(md5sum <"$DEV" | cut -d' ' -f1)
+	"$B" del -n "$ID" || fail "zcq nozc: del"
+	gone "zcq nozc" || return
+
+	add /data/zcq.qcow2 || { fail "zcq again: add"; return; }
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/zcq.md5
+	[ "$(cat /data/zcq.md5)" = "$sum" ] && pass "zcq again: zero copy reads what --no-zero-copy read" ||
+		fail "zcq again: zero copy reads differ from --no-zero-copy's"
+	"$B" del -n "$ID" || fail "zcq again: del"
+	gone "zcq again"
+}
+
 # The null target: everything completes at once.
 null_test() {
 	say "null: -t null"
@@ -712,7 +758,7 @@ unit_test() {
 
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover gpt unit zc
+	overlap term del kill recover gpt unit zc zcq
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -734,6 +780,7 @@ for t in "$@"; do
 	discard) discard_test ;;
 	raw) raw_test ;;
 	zc) zc_test ;;
+	zcq) zcq_test ;;
 	null) null_test ;;
 	bad) bad_test ;;
 	corrupt) corrupt_test ;;
