@@ -35,6 +35,19 @@ gone() {
 	return 0
 }
 
+# wait_writes DEV SECS: until DEV has completed some writes (so a kill lands
+# while fio writes, however fast the device), 1 if none came in SECS.
+wait_writes() {
+	i=0
+	while [ $i -lt $(($2 * 10)) ]; do
+		set -- "$1" "$2" $(cat "/sys/block/${1#/dev/}/stat" 2>/dev/null)
+		[ "${7:-0}" -gt 0 ] && return 0
+		sleep 0.1
+		i=$((i + 1))
+	done
+	return 1
+}
+
 # wait_exit PID SECS NAME: wait for a process (child or not) without hanging.
 wait_exit() {
 	i=0
@@ -380,11 +393,11 @@ zc_test() {
 	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
 	rm -f /data/zcr.rc
 	(fio --name=zcr --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=4k-64k --size=48m --verify=crc32c --do_verify=1 \
+		--rw=randwrite --bsrange=4k-64k --size=96m --verify=crc32c --do_verify=1 \
 		--verify_fatal=1 >/data/zcr.fio 2>&1
 	 echo $? >/data/zcr.rc) &
 	FIO=$!
-	sleep 3
+	wait_writes "$DEV" 60 || fail "zc recover: no write reached the device"
 	[ -e /data/zcr.rc ] && fail "zc recover: fio ended before the kill (raise --size)"
 	kill -9 "$pid"
 	wait_exit "$pid" 30 "zc recover: daemon" || return
