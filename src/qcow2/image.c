@@ -7,8 +7,10 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -305,6 +307,23 @@ static void image_free(struct qcow2 *img)
 }
 
 /*
+ * tmpfs files lack FMODE_NOWAIT, so io_uring would hand every read and write
+ * on them to a worker thread; O_NONBLOCK makes it try them inline, where they
+ * are a memory copy (the rare one that would block is still punted).
+ */
+static void nowait_on_tmpfs(int fd)
+{
+	struct statfs sf;
+	int fl;
+
+	if (fstatfs(fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC) {
+		fl = fcntl(fd, F_GETFL);
+		if (fl >= 0)
+			(void)fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+	}
+}
+
+/*
  * The external data file: its name as QEMU takes it (relative to the current
  * directory), else relative to the image's directory (a daemon that left its
  * working directory, an image opened from elsewhere).
@@ -317,8 +336,10 @@ static int open_data_file(struct qcow2 *img, int flags)
 	if (img->h.nb_snapshots)
 		return qcow2_error(img, -EINVAL, "internal snapshots in an image with a data file");
 	img->data_fd = open(img->data_file, flags);
-	if (img->data_fd >= 0)
+	if (img->data_fd >= 0) {
+		nowait_on_tmpfs(img->data_fd);
 		return 0;
+	}
 	err = -errno;
 	if (img->data_file[0] != '/' && err == -ENOENT) {
 		path = qcow2_relative_path(img->path, img->data_file);
@@ -327,8 +348,10 @@ static int open_data_file(struct qcow2 *img, int flags)
 		img->data_fd = open(path, flags);
 		err = img->data_fd >= 0 ? 0 : -errno;
 		free(path);
-		if (!err)
+		if (!err) {
+			nowait_on_tmpfs(img->data_fd);
 			return 0;
+		}
 	}
 	return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
 			   strerror(-err));
@@ -422,6 +445,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		ret = qcow2_error(img, -errno, "cannot stat: %s", strerror(errno));
 		goto fail;
 	}
+	nowait_on_tmpfs(img->fd);
 	img->file_size = st.st_size;
 	img->file_end = st.st_size;
 	ret = chain_add(img, chain, &st);

@@ -12,8 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/magic.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -33,11 +35,19 @@ static int raw_open(const char *path, bool read_only)
 {
 	int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
 	int fd = open(path, flags | O_DIRECT);
+	struct statfs sf;
+	int fl;
 
 	/* Some file systems (tmpfs before 6.6) refuse O_DIRECT. */
 	if (fd < 0 && errno == EINVAL)
 		fd = open(path, flags);
-	return fd < 0 ? -errno : fd;
+	if (fd < 0)
+		return -errno;
+	/* tmpfs lacks FMODE_NOWAIT: without this io_uring punts all its I/O to workers. */
+	fl = fcntl(fd, F_GETFL);
+	if (fstatfs(fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC && fl >= 0)
+		(void)fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+	return fd;
 }
 
 static int raw_init(struct ublk_tgt *t, const struct ublk_dev_cfg *cfg)
