@@ -13,14 +13,22 @@ R=/data/results
 W=/bench
 : >"$R"
 mkdir -p "$W"
-mount -t tmpfs -o size=$((size * 4 + 256))m tmpfs "$W" || exit 1
+# FS=tmpfs (default) or brd: ext4 on a RAM disk. tmpfs files lack
+# FMODE_NOWAIT, so io_uring hands every read and write on them to a worker
+# thread; ext4 on brd completes them inline, as ext4 or xfs on a disk would.
+case ${FS:-tmpfs} in
+brd)
+	insmod "/lib/modules/$(uname -r)/brd.ko" rd_nr=1 rd_size=$(((size * 4 + 256) * 1024)) || exit 1
+	mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 "$W" || exit 1 ;;
+*) mount -t tmpfs -o size=$((size * 4 + 256))m tmpfs "$W" || exit 1 ;;
+esac
 
-fio_run() { # DEV: 4k randread IOPS
+fio_run() { # DEV: 4k IOPS (random reads, or RW's pattern)
 	fio --name=probe --filename="$1" --direct=1 --ioengine=libaio \
 		--iodepth=128 --iodepth_batch_submit=16 --iodepth_batch_complete_min=1 \
-		--rw=randread --bs=4k --size="${size}m" --numjobs=2 --offset_increment=$((size / 2))m \
+		--rw="${RW:-randread}" --bs=4k --size="${size}m" --numjobs=2 --offset_increment=$((size / 2))m \
 		--group_reporting --time_based --runtime="$runtime" --ramp_time=1 \
-		--minimal 2>/tmp/fio.err | awk -F';' '{ print $8 }'
+		--minimal 2>/tmp/fio.err | awk -F';' '{ print $8 + $49 }'
 }
 
 ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq workers
@@ -30,9 +38,16 @@ ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq worker
 	while [ ! -b "$dev" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 	pid=$("$B" list -n "$id" --output=json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -n1)
 	iops=$(fio_run "$dev")
-	# io_uring's workers (iou-wrk-*) that served the daemon's punted SQEs
-	wrk=$(cat /proc/"$pid"/task/*/comm 2>/dev/null | grep -c '^iou-wrk')
-	echo "$iops iou-wrk=$wrk"
+	# io_uring's workers (iou-wrk-*) that served the daemon's punted SQEs,
+	# and how often they switched in, per read (a punted read costs 1 or more)
+	wrk=0 sw=0
+	for t in /proc/"$pid"/task/*; do
+		case $(cat "$t/comm" 2>/dev/null) in iou-wrk*) ;; *) continue ;; esac
+		wrk=$((wrk + 1))
+		sw=$((sw + $(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "$t/status")))
+	done
+	echo "$iops iou-wrk=$wrk switches/read=$(awk -v s="$sw" -v n="$iops" -v t="$runtime" \
+		'BEGIN { printf "%.3f", s / (n * (t + 1) + 1) }')"
 	"$B" del -n "$id"
 }
 

@@ -12,6 +12,8 @@
 # raw-written, raw-written-nzc, raw-written-nuc,
 # raw-falloc, loop-written. UQ_ICOUNT=N: qemu's -icount shift=N (guest time
 # counts instructions: results stop depending on the host's load).
+# UQ_PROBE_FS=brd: the files on ext4 over a RAM disk instead of tmpfs.
+# UQ_PROBE_RW=randwrite (or randrw): fio's --rw instead of randread.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +35,7 @@ if [ -n "${UQ_ICOUNT:-}" ]; then
 fi
 "$top/kernel/vm-run.sh" --kernel "$k" --cpus 2 --mem 3072 --timeout $(($# * (runtime * 20 + 60) + 300)) \
 	--bin "$bin" --data "$work/data" --data-size 64M \
-	-- "$top/bench/vm-probe-guest.sh" "$runtime" 512 "$@" >"$work/vm.log" 2>&1 || {
+	-e FS="${UQ_PROBE_FS:-tmpfs}" -e RW="${UQ_PROBE_RW:-randread}" -- "$top/bench/vm-probe-guest.sh" "$runtime" 512 "$@" >"$work/vm.log" 2>&1 || {
 	tail -n 40 "$work/vm.log" >&2
 	echo "bench/vm-probe.sh: the VM run failed" >&2
 	exit 1

@@ -46,6 +46,8 @@ out=${out:-$odir/initramfs.cpio}
 # modules wanted (must load) and optional ones (loaded when present)
 want_mods=(virtio_pci virtio_blk loop nbd ext4 xfs ublk_drv)
 opt_mods=(crc32c_generic crc32c-intel)
+# copied but not loaded at boot: the benchmarks load brd with their own size
+lazy_mods=(brd)
 # host programs, copied to the same path with their libraries
 progs=(
 	/usr/bin/dash /usr/bin/bash
@@ -60,7 +62,7 @@ fi
 
 # ---- cache key of the base archive (a re-fetch rewrites kver) ----
 key=$( {
-	echo "$kver" "${want_mods[@]}" "${opt_mods[@]}" "${progs[@]}"
+	echo "$kver" "${want_mods[@]}" "${opt_mods[@]}" "${lazy_mods[@]}" "${progs[@]}"
 	stat -Lc '%s %Y' "$kdir/kver" "$busybox"
 	cat "$0" "$kit/lib.sh"
 	for p in "${progs[@]}"; do stat -Lc '%s %Y' "$p" 2>/dev/null || echo missing; done
@@ -107,7 +109,7 @@ if [ ! -s "$base" ] || [ "$(cat "$odir/base.key" 2>/dev/null)" != "$key" ]; then
 		for d in $(modinfo -F depends "$f" | tr ',' ' '); do visit "$d" 1; done
 		order+=("$n")
 	}
-	for m in "${opt_mods[@]}"; do visit "$m" 0; done
+	for m in "${opt_mods[@]}" "${lazy_mods[@]}"; do visit "$m" 0; done
 	for m in "${want_mods[@]}"; do visit "$m" 1; done
 	[ -n "${modpath[ublk_drv]:-}" ] || die "$k: no ublk_drv module in $mods (run kernel/fetch.sh --update $k)"
 
@@ -159,7 +161,7 @@ if [ ! -s "$base" ] || [ "$(cat "$odir/base.key" 2>/dev/null)" != "$key" ]; then
 		deps=$(modinfo -F depends "$f" | tr ',' '\n' | sed '/^$/d; s/-/_/g; s/$/.ko/' | tr '\n' ' ')
 		echo "$n.ko: $deps" >>"$mdir/modules.dep" # for busybox modprobe
 	done
-	printf '%s\n' "${order[@]}" >"$mdir/load-order"
+	printf '%s\n' "${order[@]}" | grep -vxF -f <(printf '%s\n' "${lazy_mods[@]}") >"$mdir/load-order"
 	touch "$mdir/modules.alias" "$mdir/modules.symbols"
 
 	cat >"$root/etc/passwd" <<-'EOF'
