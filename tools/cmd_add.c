@@ -244,7 +244,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	a->dev_id = -1;
 	a->nr_queues = DEF_QUEUES;
 	a->depth = DEF_DEPTH;
-	while ((opt = getopt_long(argc, argv, ":n:q:d:f:t:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":n:q:d:f:t:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
 			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
@@ -302,15 +302,8 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'Z':
 			a->no_zero_copy = true;
 			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			add_usage(stdout);
 			return -1;
@@ -1086,7 +1079,7 @@ int cmd_recover(int argc, char **argv)
 	int opt, ret;
 
 	memset(&a, 0, sizeof(a));
-	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":n:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
 			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
@@ -1096,12 +1089,8 @@ int cmd_recover(int argc, char **argv)
 		case 'F':
 			a.foreground = true;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			recover_usage(stdout);
 			return 0;

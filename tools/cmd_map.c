@@ -95,7 +95,7 @@ int cmd_map(int argc, char **argv)
 	int opt, ret;
 	char err[512];
 
-	while ((opt = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:h", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -107,15 +107,8 @@ int cmd_map(int argc, char **argv)
 			}
 			json = !strcmp(optarg, "json");
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			map_usage();
 			return 0;
