@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "run.h"
 
 #define CS		65536u
 #define NR_CLUSTERS	7
@@ -378,11 +379,5 @@ static Suite *check_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(check_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(check_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

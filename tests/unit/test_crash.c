@@ -32,6 +32,7 @@
 #include "files.h"
 #include "tio.h"
 #include "wl.h"
+#include "run.h"
 
 enum prep { PREP_NONE, PREP_FILL, PREP_COMPRESSED, PREP_SNAPSHOT };
 
@@ -533,7 +534,6 @@ int main(void)
 {
 	Suite *s = suite_create("crash");
 	TCase *tc = tcase_create("replay");
-	SRunner *sr;
 	int failed;
 
 	qemu_every = env_uint("UQ_CRASH_QEMU_EVERY", qemu_every);
@@ -549,10 +549,7 @@ int main(void)
 	tcase_set_timeout(tc, 600);
 	tcase_add_loop_test(tc, test_crash_points, 0, sizeof(scenarios) / sizeof(scenarios[0]));
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = tu_suite_run(s);
 	printf("crash points checked: %llu (qemu-img check on %llu of them), corruptions: %s\n",
 	       (unsigned long long)total_points, (unsigned long long)total_qemu_checks,
 	       failed ? "FOUND" : "0");

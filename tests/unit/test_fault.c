@@ -31,6 +31,7 @@
 #include "files.h"
 #include "tio.h"
 #include "wl.h"
+#include "run.h"
 
 #define R (1u << QCOW2_AIO_READ)
 #define W (1u << QCOW2_AIO_WRITE)
@@ -482,7 +483,6 @@ int main(void)
 {
 	Suite *s = suite_create("fault");
 	TCase *tc = tcase_create("inject");
-	SRunner *sr;
 	int failed;
 
 	if (!mkdtemp(dir)) {
@@ -496,10 +496,7 @@ int main(void)
 	tcase_add_loop_test(tc, test_fault_close, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_open, 0, NR_SCENARIOS);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = tu_suite_run(s);
 	printf("faults injected: %llu in %llu runs (qemu-img check after %llu), corruptions: %s\n",
 	       (unsigned long long)total_faults, (unsigned long long)total_runs,
 	       (unsigned long long)total_qemu_checks,

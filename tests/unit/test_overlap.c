@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "run.h"
 
 /* Where a fresh image of ours puts things: header, reftable, refblock, L1, L2, data. */
 #define RT	0x10000ull
@@ -169,11 +170,5 @@ static Suite *overlap_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(overlap_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(overlap_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
