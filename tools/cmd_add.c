@@ -863,11 +863,8 @@ int cmd_list(int argc, char **argv)
 			one = true;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("list: --output must be human or json");
+			if (uq_parse_output("list", optarg, &json))
 				return 1;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'h':
 			list_usage(stdout);

@@ -135,11 +135,8 @@ int cmd_check(int argc, char **argv)
 			}
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("check: --output must be human or json");
+			if (uq_parse_output("check", optarg, &json))
 				return CHECK_FAILED;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'q':
 			quiet = true;

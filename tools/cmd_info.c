@@ -253,11 +253,8 @@ int cmd_info(int argc, char **argv)
 			fmt = optarg;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("info: --output must be human or json");
+			if (uq_parse_output("info", optarg, &json))
 				return 1;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'B':
 			chain = true;

@@ -101,11 +101,8 @@ int cmd_map(int argc, char **argv)
 			fmt = optarg;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("map: --output must be human or json");
+			if (uq_parse_output("map", optarg, &json))
 				return 1;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case UQ_OPT_FAILED:
 			return 1;
