@@ -8,12 +8,8 @@
 
 runtime=$1 size=$2
 shift 2
-B=ublk-qcow2
-R=/data/results
-W=/bench
-: >"$R"
-mkdir -p "$W"
-mount -t tmpfs -o size=$((size * 4 + 256))m tmpfs "$W" || exit 1
+TMPFS_MB=$((size * 4 + 256))
+. ./vm-guest-lib.sh
 
 fio_run() { # DEV: 4k randread IOPS
 	fio --name=probe --filename="$1" --direct=1 --ioengine=libaio \
@@ -24,16 +20,12 @@ fio_run() { # DEV: 4k randread IOPS
 }
 
 ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq workers
-	dev=$("$B" add "$@") || { echo 0; return; }
-	id=${dev#/dev/ublkb}
-	i=0
-	while [ ! -b "$dev" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-	pid=$("$B" list -n "$id" --output=json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -n1)
-	iops=$(fio_run "$dev")
+	ublk_up "$@" || { echo 0; return; }
+	iops=$(fio_run "$DEV")
 	# io_uring's workers (iou-wrk-*) that served the daemon's punted SQEs
-	wrk=$(cat /proc/"$pid"/task/*/comm 2>/dev/null | grep -c '^iou-wrk')
+	wrk=$(cat /proc/"$PID"/task/*/comm 2>/dev/null | grep -c '^iou-wrk')
 	echo "$iops iou-wrk=$wrk"
-	"$B" del -n "$id"
+	"$B" del -n "$ID"
 }
 
 for v in "$@"; do

@@ -31,6 +31,7 @@ if [ -n "${UQ_ICOUNT:-}" ]; then
 	chmod +x "$work/bin/qemu-system-x86_64"
 	PATH=$work/bin:$PATH
 fi
+cp "$top/bench/vm-guest-lib.sh" "$work/data/"
 "$top/kernel/vm-run.sh" --kernel "$k" --cpus 2 --mem 3072 --timeout $(($# * (runtime * 20 + 60) + 300)) \
 	--bin "$bin" --data "$work/data" --data-size 64M \
 	-- "$top/bench/vm-probe-guest.sh" "$runtime" 512 "$@" >"$work/vm.log" 2>&1 || {
