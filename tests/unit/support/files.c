@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 #include <check.h>
+#include <endian.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -57,4 +58,15 @@ void tu_verify_image(struct qcow2 *img, const uint8_t *mirror, uint64_t size)
 		}
 	}
 	free(buf);
+}
+
+uint64_t tu_pread_be64(const char *path, uint64_t off)
+{
+	uint64_t be;
+	int fd = open(path, O_RDONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, &be, 8, off), 8);
+	close(fd);
+	return be64toh(be);
 }

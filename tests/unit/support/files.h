@@ -18,4 +18,7 @@ uint8_t *tu_slurp(const char *path, size_t *len);
  * first differing guest offset). */
 void tu_verify_image(struct qcow2 *img, const uint8_t *mirror, uint64_t size);
 
+/* The big-endian 64-bit number at byte @off of the file at @path. */
+uint64_t tu_pread_be64(const char *path, uint64_t off);
+
 #endif
