@@ -220,6 +220,12 @@ static int parse_uint(const char *what, const char *s, unsigned int lo, unsigned
 	return 0;
 }
 
+/* -n of add, del, list and recover. 0, or -EINVAL with one error line printed. */
+static int parse_dev_id(const char *s, unsigned int *id)
+{
+	return parse_uint("the device id", s, 0, 1u << 20, id);
+}
+
 static int add_parse(struct add_args *a, int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -247,7 +253,7 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	while ((opt = uq_getopt(argc, argv, ":n:q:d:f:t:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			a->dev_id = (int)id;
 			break;
@@ -706,7 +712,7 @@ int cmd_del(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:ah", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -858,7 +864,7 @@ int cmd_list(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -1079,7 +1085,7 @@ int cmd_recover(int argc, char **argv)
 	while ((opt = uq_getopt(argc, argv, ":n:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
