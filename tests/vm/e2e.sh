@@ -71,7 +71,7 @@ done
 luks_sum=$(md5sum <"$data/luks.qcow2")
 qemu-img create -q -f qcow2 "$data/del.qcow2" 256M
 qemu-img create -q -f qcow2 "$data/kill.qcow2" 256M
-qemu-img create -q -f qcow2 "$data/recover.qcow2" 64M
+qemu-img create -q -f qcow2 "$data/recover.qcow2" 256M
 # read-only: data, zero clusters, a partial cluster and the last cluster
 qemu-img create -q -f qcow2 -o cluster_size=65536 "$data/ro.qcow2" 64M
 qemu-io -f qcow2 -c "write -P 0xab 0 1M" -c "write -P 0x5c 3M 100k" \
@@ -150,10 +150,14 @@ case $rc in
 esac
 
 fails=0
-fail() { echo "FAIL $*"; fails=$((fails + 1)); }
+failed=
+fail() { echo "FAIL $*"; fails=$((fails + 1)); failed+="FAIL $*"$'\n'; }
 [ -s "$data/results" ] || fail "no results from the guest (script exit $rc)"
 cat "$data/results" 2>/dev/null || true
-grep -q '^FAIL' "$data/results" 2>/dev/null && fails=$((fails + 1))
+if grep -q '^FAIL' "$data/results" 2>/dev/null; then
+	fails=$((fails + 1))
+	failed+=$(grep '^FAIL' "$data/results")$'\n'
+fi
 
 # Host checks: images the guest wrote must be clean; kill -9 may leak clusters.
 check() { # IMAGE ALLOWED_EXIT...
@@ -286,7 +290,8 @@ fi
 
 [ "$rc" = 0 ] || [ "$fails" -gt 0 ] || fail "guest script exit $rc"
 if [ "$fails" -gt 0 ]; then
-	echo "e2e $k: FAILED"
+	# Repeated last: CI logs keep only the tail of a long console.
+	printf 'e2e %s: FAILED\n%s' "$k" "$failed"
 	exit 1
 fi
 echo "e2e $k: passed"

@@ -35,13 +35,19 @@ gone() {
 	return 0
 }
 
-# wait_writes DEV SECS: until DEV has completed some writes (so a kill lands
-# while fio writes, however fast the device), 1 if none came in SECS.
+# writes_done DEV: how many writes DEV has completed.
+writes_done() {
+	set -- $(cat "/sys/block/${1#/dev/}/stat" 2>/dev/null)
+	echo "${5:-0}"
+}
+
+# wait_writes DEV SECS [COUNT]: until DEV has completed more than COUNT
+# (default 0) writes, so a kill lands while fio writes however fast the
+# device is; 1 if that did not happen in SECS.
 wait_writes() {
 	i=0
 	while [ $i -lt $(($2 * 10)) ]; do
-		set -- "$1" "$2" $(cat "/sys/block/${1#/dev/}/stat" 2>/dev/null)
-		[ "${7:-0}" -gt 0 ] && return 0
+		[ "$(writes_done "$1")" -gt "${3:-0}" ] && return 0
 		sleep 0.1
 		i=$((i + 1))
 	done
@@ -563,7 +569,7 @@ fio_bg() { # NAME
 		--rw=randwrite --bs=4k --size=256m --time_based --runtime=120 \
 		>"/data/$1.fio" 2>&1 &
 	FIO=$!
-	sleep 5
+	wait_writes "$DEV" 60 || fail "$1: no write reached the device"
 }
 
 del_test() {
@@ -628,7 +634,7 @@ recover_test() {
 		fail "recover: list shows no USER_RECOVERY_REISSUE"
 	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
 	refused recover "live daemon" "$B" recover -n "$ID"
-	kill_under_fio recover recover 48m || return
+	kill_under_fio recover recover 192m || return
 	if state_wait QUIESCED 30; then
 		pass "recover: device QUIESCED after kill -9"
 	else
@@ -648,7 +654,9 @@ recover_test() {
 		fail "recover: not LIVE with a new daemon (pid $pid -> ${npid:-none})"
 	# Again at once, without waiting for QUIESCED (6.1 notices a dead
 	# daemon only every 5 s): recover waits for the kernel by itself.
-	sleep 2
+	# Killed once the new daemon has completed writes of its own.
+	wait_writes "$DEV" 60 "$(writes_done "$DEV")" ||
+		fail "recover: no write completed after the recover"
 	kill -9 "$npid"
 	wait_exit "$npid" 30 "recover: second daemon" || return
 	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
