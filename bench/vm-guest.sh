@@ -12,27 +12,13 @@
 #   vm-guest.sh RUNTIME ROUNDS SIZE_MB
 
 runtime=${1:-5} rounds=${2:-1} size=${3:-512}
-B=ublk-qcow2
-R=/data/results
-W=/bench
-: >"$R"
-
-mkdir -p "$W"
-mount -t tmpfs -o size=$((size * 3 + 256))m tmpfs "$W" || exit 1
+TMPFS_MB=$((size * 3 + 256))
+. ./vm-guest-lib.sh
 qemu-img create -q -f qcow2 -o preallocation=falloc "$W/pre.qcow2" "${size}M" || exit 1
 fallocate -l "${size}M" "$W/raw.img" 2>/dev/null || truncate -s "${size}M" "$W/raw.img"
 dd if=/dev/zero of="$W/raw.img" bs=1M count="$size" conv=notrunc status=none
 
-DEV='' ID='' PID='' NBD=0
-
-ublk_up() { # ARGS...: serve with ublk-qcow2; sets DEV, ID, PID
-	DEV=$("$B" add "$@") || return 1
-	ID=${DEV#/dev/ublkb}
-	i=0
-	while [ ! -b "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-	PID=$("$B" list -n "$ID" --output=json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -n1)
-	[ -b "$DEV" ]
-}
+NBD=0
 
 # up TARGET: bring TARGET's device up (fresh empty images for the *-empty ones)
 up() {

@@ -1,6 +1,6 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
-# The guest half of bench/vm-probe.sh: 4k random reads only (fio as in
+# The guest half of bench/vm-probe.sh: 4k random reads (or RW) only (fio as in
 # vm-guest.sh), on a few variants that tell where a qcow2 device's time goes.
 # One line per variant on /data/results: RESULT VARIANT IOPS
 #
@@ -8,20 +8,8 @@
 
 runtime=$1 size=$2
 shift 2
-B=ublk-qcow2
-R=/data/results
-W=/bench
-: >"$R"
-mkdir -p "$W"
-# FS=tmpfs (default) or brd: ext4 on a RAM disk. tmpfs files lack
-# FMODE_NOWAIT, so io_uring hands every read and write on them to a worker
-# thread; ext4 on brd completes them inline, as ext4 or xfs on a disk would.
-case ${FS:-tmpfs} in
-brd)
-	insmod "/lib/modules/$(uname -r)/brd.ko" rd_nr=1 rd_size=$(((size * 4 + 256) * 1024)) || exit 1
-	mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 "$W" || exit 1 ;;
-*) mount -t tmpfs -o size=$((size * 4 + 256))m tmpfs "$W" || exit 1 ;;
-esac
+TMPFS_MB=$((size * 4 + 256))
+. ./vm-guest-lib.sh
 
 fio_run() { # DEV: 4k IOPS (random reads, or RW's pattern)
 	fio --name=probe --filename="$1" --direct=1 --ioengine=libaio \
@@ -32,23 +20,19 @@ fio_run() { # DEV: 4k IOPS (random reads, or RW's pattern)
 }
 
 ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq workers
-	dev=$("$B" add "$@") || { echo 0; return; }
-	id=${dev#/dev/ublkb}
-	i=0
-	while [ ! -b "$dev" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-	pid=$("$B" list -n "$id" --output=json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -n1)
-	iops=$(fio_run "$dev")
+	ublk_up "$@" || { echo 0; return; }
+	iops=$(fio_run "$DEV")
 	# io_uring's workers (iou-wrk-*) that served the daemon's punted SQEs,
 	# and how often they switched in, per read (a punted read costs 1 or more)
 	wrk=0 sw=0
-	for t in /proc/"$pid"/task/*; do
+	for t in /proc/"$PID"/task/*; do
 		case $(cat "$t/comm" 2>/dev/null) in iou-wrk*) ;; *) continue ;; esac
 		wrk=$((wrk + 1))
 		sw=$((sw + $(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "$t/status")))
 	done
 	echo "$iops iou-wrk=$wrk switches/read=$(awk -v s="$sw" -v n="$iops" -v t="$runtime" \
 		'BEGIN { printf "%.3f", s / (n * (t + 1) + 1) }')"
-	"$B" del -n "$id"
+	"$B" del -n "$ID"
 }
 
 for v in "$@"; do

@@ -33,6 +33,7 @@ if [ -n "${UQ_ICOUNT:-}" ]; then
 	chmod +x "$work/bin/qemu-system-x86_64"
 	PATH=$work/bin:$PATH
 fi
+cp "$top/bench/vm-guest-lib.sh" "$work/data/"
 "$top/kernel/vm-run.sh" --kernel "$k" --cpus 2 --mem 3072 --timeout $(($# * (runtime * 20 + 60) + 300)) \
 	--bin "$bin" --data "$work/data" --data-size 64M \
 	-e FS="${UQ_PROBE_FS:-tmpfs}" -e RW="${UQ_PROBE_RW:-randread}" -- "$top/bench/vm-probe-guest.sh" "$runtime" 512 "$@" >"$work/vm.log" 2>&1 || {

@@ -30,6 +30,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/data"
 # each job: ~1 s ramp + RUNTIME + fio's start; 40 jobs a round
 timeout=$((rounds * 40 * (runtime + 6) + 300))
+cp "$top/bench/vm-guest-lib.sh" "$work/data/"
 "$top/kernel/vm-run.sh" --kernel "$k" --cpus 2 --mem 3072 --timeout "$timeout" \
 	--bin "$bin" --data "$work/data" --data-size 256M \
 	-- "$top/bench/vm-guest.sh" "$runtime" "$rounds" "$size_mb" >"$work/vm.log" 2>&1 || {

@@ -220,6 +220,12 @@ static int parse_uint(const char *what, const char *s, unsigned int lo, unsigned
 	return 0;
 }
 
+/* -n of add, del, list and recover. 0, or -EINVAL with one error line printed. */
+static int parse_dev_id(const char *s, unsigned int *id)
+{
+	return parse_uint("the device id", s, 0, 1u << 20, id);
+}
+
 static int add_parse(struct add_args *a, int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -244,10 +250,10 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	a->dev_id = -1;
 	a->nr_queues = DEF_QUEUES;
 	a->depth = DEF_DEPTH;
-	while ((opt = getopt_long(argc, argv, ":n:q:d:f:t:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":n:q:d:f:t:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			a->dev_id = (int)id;
 			break;
@@ -302,15 +308,8 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'Z':
 			a->no_zero_copy = true;
 			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			add_usage(stdout);
 			return -1;
@@ -713,7 +712,7 @@ int cmd_del(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:ah", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -865,16 +864,13 @@ int cmd_list(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("list: --output must be human or json");
+			if (uq_parse_output("list", optarg, &json))
 				return 1;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'h':
 			list_usage(stdout);
@@ -1086,22 +1082,18 @@ int cmd_recover(int argc, char **argv)
 	int opt, ret;
 
 	memset(&a, 0, sizeof(a));
-	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":n:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_uint("the device id", optarg, 0, 1u << 20, &id))
+			if (parse_dev_id(optarg, &id))
 				return 1;
 			one = true;
 			break;
 		case 'F':
 			a.foreground = true;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			recover_usage(stdout);
 			return 0;

@@ -134,7 +134,7 @@ int cmd_bench(int argc, char **argv)
 	int opt, ret, status = 1;
 	uint64_t i;
 
-	while ((opt = getopt_long(argc, argv, ":wc:d:s:S:o:t:i:f:nqh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":wc:d:s:S:o:t:i:f:nqh", longopts)) != -1) {
 		switch (opt) {
 		case 'w':
 			b.op = QCOW2_OP_WRITE;
@@ -201,12 +201,8 @@ int cmd_bench(int argc, char **argv)
 		case 'q':
 			quiet = true;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			bench_usage(stdout);
 			return 0;

@@ -119,7 +119,7 @@ int cmd_check(int argc, char **argv)
 	int opt, ret, fix = 0;
 	char err[512];
 
-	while ((opt = getopt_long(argc, argv, ":f:r:qph", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:r:qph", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -135,11 +135,8 @@ int cmd_check(int argc, char **argv)
 			}
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("check: --output must be human or json");
+			if (uq_parse_output("check", optarg, &json))
 				return CHECK_FAILED;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'q':
 			quiet = true;
@@ -147,12 +144,8 @@ int cmd_check(int argc, char **argv)
 		case 'p':
 			uq_progress_init(&progress, true);
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			check_usage();
 			return 0;

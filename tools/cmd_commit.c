@@ -219,7 +219,7 @@ int cmd_commit(int argc, char **argv)
 	bool quiet = false;
 	int opt;
 
-	while ((opt = getopt_long(argc, argv, ":f:db:pqh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:db:pqh", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			if (strcmp(optarg, "qcow2")) {
@@ -241,12 +241,8 @@ int cmd_commit(int argc, char **argv)
 			c.base_arg = optarg;
 			c.keep = true;		/* as qemu-img: the images between go stale */
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			commit_usage();
 			return 0;

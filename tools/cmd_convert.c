@@ -355,7 +355,7 @@ int cmd_convert(int argc, char **argv)
 	int nr_lists = 0, i, opt, ret, status = 1;
 	struct stat sb;
 
-	while ((opt = getopt_long(argc, argv, ":f:O:o:l:s:cpqh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:O:o:l:s:cpqh", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			src_fmt = optarg;
@@ -392,15 +392,8 @@ int cmd_convert(int argc, char **argv)
 		case 'q':
 			cv.progress.on = false;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			convert_usage();
 			return 0;

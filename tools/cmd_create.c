@@ -404,7 +404,7 @@ int cmd_create(int argc, char **argv)
 	int nr_lists = 0, i, opt, ret;
 	bool unsafe = false;
 
-	while ((opt = getopt_long(argc, argv, ":f:b:F:uo:qh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:b:F:uo:qh", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -427,12 +427,8 @@ int cmd_create(int argc, char **argv)
 			}
 			lists[nr_lists++] = optarg;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			create_usage();
 			return 0;

@@ -247,27 +247,20 @@ int cmd_info(int argc, char **argv)
 	char err[512];
 	int opt, ret, status = 0;
 
-	while ((opt = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:h", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("info: --output must be human or json");
+			if (uq_parse_output("info", optarg, &json))
 				return 1;
-			}
-			json = !strcmp(optarg, "json");
 			break;
 		case 'B':
 			chain = true;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			info_usage();
 			return 0;

@@ -306,7 +306,7 @@ int cmd_io(int argc, char **argv)
 		uq_err("io: out of memory");
 		return 1;
 	}
-	while ((opt = getopt_long(argc, argv, ":c:C:f:rh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":c:C:f:rh", longopts)) != -1) {
 		switch (opt) {
 		case 'c':
 		case 'C':
@@ -322,15 +322,8 @@ int cmd_io(int argc, char **argv)
 		case 'O':
 			overlay = true;
 			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			io_usage();
 			status = 0;

@@ -95,27 +95,17 @@ int cmd_map(int argc, char **argv)
 	int opt, ret;
 	char err[512];
 
-	while ((opt = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:h", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
 			break;
 		case 'O':
-			if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-				uq_err("map: --output must be human or json");
-				return 1;
-			}
-			json = !strcmp(optarg, "json");
-			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
+			if (uq_parse_output("map", optarg, &json))
 				return 1;
 			break;
-		case UQ_OPT_NO_BACKING:
-			uq_no_backing = true;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			map_usage();
 			return 0;

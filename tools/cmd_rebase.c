@@ -237,7 +237,7 @@ int cmd_rebase(int argc, char **argv)
 	enum uq_fmt f;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, ":f:ub:F:pqh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:ub:F:pqh", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			if (strcmp(optarg, "qcow2")) {
@@ -266,12 +266,8 @@ int cmd_rebase(int argc, char **argv)
 			}
 			r.fmt = optarg;
 			break;
-		case UQ_OPT_OBJECT:
-		case UQ_OPT_KEY_SECRET:
-		case UQ_OPT_KEY_FILE:
-			if (uq_key_option(opt, optarg) < 0)
-				return 1;
-			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			rebase_usage();
 			return 0;

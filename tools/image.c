@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -698,15 +699,12 @@ out:
 	return ret;
 }
 
-int uq_key_option(int opt, const char *arg)
+/* Take --key-secret or --key-file. 0, or -errno with one error line printed. */
+static int key_option(int opt, const char *arg)
 {
 	struct secret *s;
 	int ret;
 
-	if (opt == UQ_OPT_OBJECT)
-		return add_object(arg);
-	if (opt != UQ_OPT_KEY_SECRET && opt != UQ_OPT_KEY_FILE)
-		return -EINVAL;
 	if (nr_key_opts == MAX_SECRETS) {
 		uq_err("more than %d --key-secret/--key-file options", MAX_SECRETS);
 		return -EINVAL;
@@ -725,6 +723,32 @@ int uq_key_option(int opt, const char *arg)
 }
 
 bool uq_no_backing;
+
+int uq_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts)
+{
+	int opt, ret;
+
+	for (;;) {
+		opt = getopt_long(argc, argv, shortopts, longopts, NULL);
+		switch (opt) {
+		case UQ_OPT_OBJECT:
+			ret = add_object(optarg);
+			break;
+		case UQ_OPT_KEY_SECRET:
+		case UQ_OPT_KEY_FILE:
+			ret = key_option(opt, optarg);
+			break;
+		case UQ_OPT_NO_BACKING:
+			uq_no_backing = true;
+			ret = 0;
+			break;
+		default:
+			return opt;
+		}
+		if (ret < 0)
+			return UQ_OPT_FAILED;
+	}
+}
 
 unsigned int uq_keys_get(const struct qcow2_key **keys)
 {

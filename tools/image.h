@@ -132,6 +132,7 @@ enum {
 	UQ_OPT_KEY_SECRET,
 	UQ_OPT_KEY_FILE,
 	UQ_OPT_NO_BACKING,
+	UQ_OPT_FAILED,		/* uq_getopt(): a shared option was bad */
 };
 
 #define UQ_KEY_LONGOPTS \
@@ -145,8 +146,15 @@ enum {
 	"                   encrypted image of a chain takes the first that opens it)\n" \
 	"  --key-file PATH  read a passphrase from PATH (repeatable, likewise)\n"
 
-/* Take one of the options above. 0, or -errno with one error line printed. */
-int uq_key_option(int opt, const char *arg);
+struct option;
+
+/*
+ * getopt_long() for the subcommands: takes the options above and
+ * --no-backing (below) itself, so each command parses only its own.
+ * Returns the next other option as getopt_long() does, -1 at the end, or
+ * UQ_OPT_FAILED when a shared option was bad (its error line printed).
+ */
+int uq_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts);
 
 /*
  * The passphrases images are opened with, in the order given: every

@@ -273,6 +273,16 @@ int uq_usage_args(const char *cmd, const char *expected)
 	return 1;
 }
 
+int uq_parse_output(const char *cmd, const char *arg, bool *json)
+{
+	if (strcmp(arg, "json") && strcmp(arg, "human")) {
+		uq_err("%s: --output must be human or json", cmd);
+		return -EINVAL;
+	}
+	*json = !strcmp(arg, "json");
+	return 0;
+}
+
 char *uq_backing_path(const char *image, const char *backing)
 {
 	const char *slash = strrchr(image, '/');

@@ -88,6 +88,12 @@ int uq_usage_error(const char *cmd, char **argv, int c);
 int uq_usage_args(const char *cmd, const char *expected);
 
 /*
+ * --output human|json of subcommand @cmd: sets *@json. 0, or -EINVAL with
+ * one error line printed.
+ */
+int uq_parse_output(const char *cmd, const char *arg, bool *json);
+
+/*
  * A relative backing file name is relative to the directory of the image
  * naming it, as in QEMU. Returns a malloc'ed path, or NULL on ENOMEM.
  */

@@ -120,15 +120,7 @@ def qemu_raw(d, img, out):
 
 
 def check_clean(img):
-    p = uqtest.qemu_img("check", "--output=json", img, check=False, input="")
-    try:
-        r = json.loads(p.stdout)
-    except ValueError:
-        return f"qemu-img check {img}: exit {p.returncode}: {p.stderr.strip()}"
-    bad = {k: r.get(k, 0) for k in ("corruptions", "leaks", "check-errors") if r.get(k, 0)}
-    if p.returncode or bad:
-        return f"qemu-img check {img}: exit {p.returncode}, {bad}"
-    return None
+    return uqtest.qemu_check_clean(img, img)
 
 
 def same_content(a, b, d, what):

@@ -16,7 +16,6 @@ cluster-aligned: qcow2 ignores partial-cluster discards, so a raw mirror
   UQ_KEEP=1       keep the scratch directory: ops-N.txt hold each batch
 """
 
-import json
 import os
 import random
 import sys
@@ -96,18 +95,6 @@ def gen_ops(rng, n, cluster):
     return ops
 
 
-def qemu_check_clean(img, when):
-    p = uqtest.qemu_img("check", "--output=json", img, check=False)
-    try:
-        r = json.loads(p.stdout)
-    except ValueError:
-        return f"qemu-img check {when}: exit {p.returncode}, no JSON: {p.stderr.strip()}"
-    bad = {k: r.get(k, 0) for k in ("corruptions", "leaks", "check-errors") if r.get(k, 0)}
-    if p.returncode != 0 or bad:
-        return f"qemu-img check {when}: exit {p.returncode}, {bad or r}\n{p.stderr.strip()}"
-    return None
-
-
 def one_config(d, idx, made_by, opts, seed, nr_ops):
     img = os.path.join(d, f"img{idx}.qcow2")
     mirror = os.path.join(d, f"mirror{idx}.raw")
@@ -120,7 +107,7 @@ def one_config(d, idx, made_by, opts, seed, nr_ops):
         if opts:
             args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
         uqtest.uq(*args, img, str(SIZE))
-        err = qemu_check_clean(img, "after ublk-qcow2 create")
+        err = uqtest.qemu_check_clean("after ublk-qcow2 create", img)
         if err:
             return err
     cluster = opts.get("cluster_size", 65536)
@@ -140,7 +127,7 @@ def one_config(d, idx, made_by, opts, seed, nr_ops):
         mirror_cmds = [m for _, m in batch if m]
         for i in range(0, len(mirror_cmds), 500):
             uqtest.qemu_io("raw", mirror, mirror_cmds[i:i + 500])
-        err = qemu_check_clean(img, f"after batch {b}")
+        err = uqtest.qemu_check_clean(f"after batch {b}", img)
         if err:
             return err
 

@@ -11,6 +11,7 @@ Environment:
 """
 
 import hashlib
+import json
 import os
 import random
 import resource
@@ -106,6 +107,20 @@ def qemu_img_luks(*args, cwd=None):
     if p.returncode != 0:
         raise CommandError(f"qemu-img {' '.join(args)} failed: {p.stderr.strip()}")
     return p
+
+
+def qemu_check_clean(when, *args):
+    """qemu-img check --output=json @args: None when it exits 0 and finds no
+    corruptions, leaks or check errors, else one message naming @when."""
+    p = qemu_img("check", "--output=json", *args, check=False, input="")
+    try:
+        r = json.loads(p.stdout)
+    except ValueError:
+        return f"qemu-img check {when}: exit {p.returncode}, no JSON: {p.stderr.strip()}"
+    bad = {k: r.get(k, 0) for k in ("corruptions", "leaks", "check-errors") if r.get(k, 0)}
+    if p.returncode != 0 or bad:
+        return f"qemu-img check {when}: exit {p.returncode}, {bad or r}\n{p.stderr.strip()}"
+    return None
 
 
 def qemu_io(fmt, image, cmds, extra=(), **kw):

@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "internal.h"
+#include "run.h"
 
 #define CS		65536u
 #define NR_CLUSTERS	7
@@ -32,17 +34,6 @@ static void pwrite_at(const void *buf, size_t len, uint64_t off)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(pwrite(fd, buf, len, off), (ssize_t)len);
 	close(fd);
-}
-
-static uint64_t pread_u64(uint64_t off)
-{
-	uint8_t b[8];
-	int fd = open(path, O_RDONLY);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(pread(fd, b, 8, off), 8);
-	close(fd);
-	return get_be64(b);
 }
 
 static void set_u64(uint64_t off, uint64_t v)
@@ -230,7 +221,7 @@ START_TEST(test_refcount_zero_rebuild)
 	ck_assert_uint_eq(res.corruptions, 0);
 	ck_assert_uint_eq(res.leaks, 0);
 	/* The new structure went to the end of the file; the old one is free. */
-	ck_assert_uint_ge(pread_u64(48), NR_CLUSTERS * CS);
+	ck_assert_uint_ge(tu_pread_be64(path, 48), NR_CLUSTERS * CS);
 	assert_clean();
 	assert_data();
 }
@@ -303,7 +294,7 @@ START_TEST(test_zero_alloc_misaligned_fixed)
 	ck_assert_int_eq(run_check(QCOW2_FIX_LEAKS | QCOW2_FIX_ERRORS, &res), 0);
 	ck_assert_uint_eq(res.corruptions_fixed, 1);
 	ck_assert_uint_eq(res.leaks_fixed, 1);
-	ck_assert_uint_eq(pread_u64(C_L2 * CS + 8), L2E_ZERO);
+	ck_assert_uint_eq(tu_pread_be64(path, C_L2 * CS + 8), L2E_ZERO);
 	assert_clean();
 }
 END_TEST
@@ -321,8 +312,8 @@ START_TEST(test_copied_flag_fixed)
 
 	ck_assert_int_eq(run_check(QCOW2_FIX_LEAKS | QCOW2_FIX_ERRORS, &res), 0);
 	ck_assert_uint_eq(res.corruptions_fixed, 2);
-	ck_assert_uint_eq(pread_u64(C_L1 * CS), C_L2 * CS | COPIED);
-	ck_assert_uint_eq(pread_u64(C_L2 * CS + 8), C_D1 * CS | COPIED);
+	ck_assert_uint_eq(tu_pread_be64(path, C_L1 * CS), C_L2 * CS | COPIED);
+	ck_assert_uint_eq(tu_pread_be64(path, C_L2 * CS + 8), C_D1 * CS | COPIED);
 	assert_clean();
 }
 END_TEST
@@ -378,11 +369,5 @@ static Suite *check_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(check_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(check_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -12,7 +12,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "batch.h"
 #include "files.h"
+#include "run.h"
 #include "qcow2.h"
 
 #define DISK_SIZE	(48ull << 20)
@@ -20,43 +22,12 @@
 #define MAX_LEN		(192u << 10)
 
 struct op {
-	struct qcow2_req *req;
+	struct tu_op t;
 	enum qcow2_op op;
-	uint64_t off, len;
-	uint8_t *buf;
-	int res;
-	bool done;
 };
 
 static char dir[] = "/tmp/uq-conc-XXXXXX";
 static uint64_t rng = 88172645463325252ull;
-
-static uint64_t rnd(void)
-{
-	rng ^= rng << 13;
-	rng ^= rng >> 7;
-	rng ^= rng << 17;
-	return rng;
-}
-
-static void op_done(struct qcow2_req *req, int res, void *priv)
-{
-	struct op *o = priv;
-
-	(void)req;
-	o->res = res;
-	o->done = true;
-}
-
-static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
-			return true;
-	return false;
-}
 
 static void run_one(const char *create_opts)
 {
@@ -76,65 +47,51 @@ static void run_one(const char *create_opts)
 		 create_opts, path, (unsigned long long)DISK_SIZE);
 	ck_assert_int_eq(system(cmd), 0);
 	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	for (i = 0; i < BATCH; i++) {
-		ops[i].req = qcow2_req_new(img);
-		ops[i].buf = malloc(MAX_LEN);
-		ck_assert_ptr_nonnull(ops[i].req);
-		ck_assert_ptr_nonnull(ops[i].buf);
-	}
+	tu_ops_alloc(img, ops, sizeof(ops[0]), BATCH, MAX_LEN, 0);
 	for (round = 0; round < 40; round++) {
 		for (n = 0; n < BATCH; n++) {
 			struct op *o = &ops[n];
-			uint64_t kind = rnd() % 16;
+			uint64_t kind = tu_rnd(&rng) % 16;
 
 			do {
-				o->len = 1 + rnd() % MAX_LEN;
-				o->off = rnd() % (DISK_SIZE - o->len);
+				o->t.len = 1 + tu_rnd(&rng) % MAX_LEN;
+				o->t.off = tu_rnd(&rng) % (DISK_SIZE - o->t.len);
 				if (kind >= 13) {	/* discard: whole 64k-aligned units */
-					o->off &= ~0xffffull;
-					o->len = (o->len + 0xffff) & ~0xffffull;
-					if (o->off + o->len > DISK_SIZE)
-						o->len = DISK_SIZE - o->off;
+					o->t.off &= ~0xffffull;
+					o->t.len = (o->t.len + 0xffff) & ~0xffffull;
+					if (o->t.off + o->t.len > DISK_SIZE)
+						o->t.len = DISK_SIZE - o->t.off;
 				}
-			} while (overlaps(ops, n, o->off, o->len));
+			} while (tu_ops_overlap(ops, sizeof(ops[0]), n, o->t.off, o->t.len));
 			o->op = kind < 10 ? QCOW2_OP_WRITE : kind < 13 ? QCOW2_OP_WRITE_ZEROES :
 				kind < 15 ? QCOW2_OP_DISCARD : QCOW2_OP_FLUSH;
 			if (o->op == QCOW2_OP_WRITE)
-				memset(o->buf, (int)(rnd() % 255) + 1, o->len);
-			o->done = false;
+				memset(o->t.buf, (int)(tu_rnd(&rng) % 255) + 1, o->t.len);
+			o->t.done = false;
 		}
 		for (i = 0; i < n; i++)
-			qcow2_req_submit(ops[i].req, ops[i].op, ops[i].op == QCOW2_OP_FLUSH ? 0 : ops[i].off,
-					 ops[i].op == QCOW2_OP_FLUSH ? 0 : ops[i].len, ops[i].buf,
-					 op_done, &ops[i]);
+			qcow2_req_submit(ops[i].t.req, ops[i].op, ops[i].op == QCOW2_OP_FLUSH ? 0 : ops[i].t.off,
+					 ops[i].op == QCOW2_OP_FLUSH ? 0 : ops[i].t.len, ops[i].t.buf,
+					 tu_op_done, &ops[i]);
 		ck_assert_int_eq(qcow2_drain(img), 0);
 		for (i = 0; i < n; i++) {
 			struct op *o = &ops[i];
 
-			ck_assert(o->done);
-			ck_assert_msg(o->res == 0, "op %d failed: %d %s", o->op, o->res,
+			ck_assert(o->t.done);
+			ck_assert_msg(o->t.res == 0, "op %d failed: %d %s", o->op, o->t.res,
 				      qcow2_errmsg(img));
 			if (o->op == QCOW2_OP_WRITE)
-				memcpy(mirror + o->off, o->buf, o->len);
+				memcpy(mirror + o->t.off, o->t.buf, o->t.len);
 			else if (o->op == QCOW2_OP_WRITE_ZEROES)
-				memset(mirror + o->off, 0, o->len);
+				memset(mirror + o->t.off, 0, o->t.len);
 			else if (o->op == QCOW2_OP_DISCARD)
-				memset(mirror + o->off, 0, o->len);
+				memset(mirror + o->t.off, 0, o->t.len);
 		}
 		if (round % 10 == 9)
 			tu_verify_image(img, mirror, DISK_SIZE);
 	}
-	for (i = 0; i < BATCH; i++) {
-		qcow2_req_free(ops[i].req);
-		free(ops[i].buf);
-	}
-	ck_assert_int_eq(qcow2_close(img), 0);
-
-	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	tu_verify_image(img, mirror, DISK_SIZE);
-	ck_assert_int_eq(qcow2_close(img), 0);
-	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", path);
-	ck_assert_int_eq(system(cmd), 0);
+	tu_ops_free(ops, sizeof(ops[0]), BATCH);
+	tu_reopen_verify(img, path, &opts, io, mirror, DISK_SIZE);
 	unlink(path);
 	qcow2_uring_free(io);
 	free(mirror);
@@ -152,25 +109,9 @@ END_TEST
 
 int main(void)
 {
-	Suite *s = suite_create("concurrency");
-	TCase *tc = tcase_create("batches");
-	SRunner *sr;
-	int failed;
+	const TTest *const tests[] = {
+		test_conc_64k, test_conc_4k_rc1, test_conc_512_rc64, test_conc_v2,
+	};
 
-	if (!mkdtemp(dir)) {
-		perror("mkdtemp");
-		return EXIT_FAILURE;
-	}
-	tcase_set_timeout(tc, 240);
-	tcase_add_test(tc, test_conc_64k);
-	tcase_add_test(tc, test_conc_4k_rc1);
-	tcase_add_test(tc, test_conc_512_rc64);
-	tcase_add_test(tc, test_conc_v2);
-	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	rmdir(dir);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_run_tests("concurrency", "batches", 240, dir, tests, sizeof(tests) / sizeof(tests[0]));
 }

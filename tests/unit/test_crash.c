@@ -32,6 +32,7 @@
 #include "files.h"
 #include "tio.h"
 #include "wl.h"
+#include "run.h"
 
 enum prep { PREP_NONE, PREP_FILL, PREP_COMPRESSED, PREP_SNAPSHOT };
 
@@ -83,47 +84,6 @@ static uint64_t rnd(struct crash_run *c)
 	return c->rng;
 }
 
-/* Compressible bytes, so that convert-style compressed writes compress. */
-static void fill_soft(uint8_t *buf, uint64_t off, uint64_t len, unsigned int salt)
-{
-	uint64_t i;
-
-	for (i = 0; i < len; i++)
-		buf[i] = (uint8_t)(((off + i) >> 7) * 13 + salt);
-}
-
-/* Fill @path's guest range with data through the engine (not logged). */
-static void prep_image(const char *path, enum prep prep, uint64_t disk, uint32_t cs,
-		       unsigned int salt)
-{
-	struct qcow2_io *io = qcow2_uring_new(32);
-	uint8_t *buf = malloc(cs);
-	struct qcow2 *img;
-	char err[256];
-	uint64_t off;
-
-	ck_assert_ptr_nonnull(io);
-	ck_assert_ptr_nonnull(buf);
-	ck_assert_msg(qcow2_open(&img, path, NULL, io, err, sizeof(err)) == 0, "%s", err);
-	for (off = 0; off < disk; off += cs) {
-		/* Leave every fourth cluster unallocated: a mix of both kinds. */
-		if ((off / cs) % 4 == 3)
-			continue;
-		fill_soft(buf, off, cs, salt);
-		if (prep == PREP_COMPRESSED)
-			ck_assert_int_ge(qcow2_pwrite_compressed(img, buf, cs, off), 0);
-		else
-			ck_assert_int_eq(qcow2_pwrite(img, buf, cs, off), 0);
-	}
-	if (prep == PREP_COMPRESSED)
-		ck_assert_int_eq(qcow2_pwrite_compressed(img, NULL, 0, 0), 0);
-	if (prep == PREP_SNAPSHOT)
-		ck_assert_msg(qcow2_snapshot_create(img, "before") == 0, "%s", qcow2_errmsg(img));
-	ck_assert_int_eq(qcow2_close(img), 0);
-	free(buf);
-	qcow2_uring_free(io);
-}
-
 static void setup(struct crash_run *c)
 {
 	const struct scenario *sc = c->sc;
@@ -135,7 +95,7 @@ static void setup(struct crash_run *c)
 	if (sc->base_opts) {
 		tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
 		   (unsigned long long)sc->disk);
-		prep_image(c->base, PREP_FILL, sc->disk, sc->cluster, 5);
+		tu_image_fill(c->base, sc->disk, sc->cluster, 13, 5, false, NULL);
 		snprintf(extra, sizeof(extra), "-b %s -F qcow2", c->base);
 	}
 	if (sc->data_file)
@@ -143,7 +103,8 @@ static void setup(struct crash_run *c)
 	tu_sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
 	   (unsigned long long)sc->disk);
 	if (sc->prep != PREP_NONE)
-		prep_image(c->img, sc->prep, sc->disk, sc->cluster, 9);
+		tu_image_fill(c->img, sc->disk, sc->cluster, 13, 9, sc->prep == PREP_COMPRESSED,
+			      sc->prep == PREP_SNAPSHOT ? "before" : NULL);
 }
 
 /* The workload, logged. */
@@ -533,7 +494,6 @@ int main(void)
 {
 	Suite *s = suite_create("crash");
 	TCase *tc = tcase_create("replay");
-	SRunner *sr;
 	int failed;
 
 	qemu_every = env_uint("UQ_CRASH_QEMU_EVERY", qemu_every);
@@ -549,10 +509,7 @@ int main(void)
 	tcase_set_timeout(tc, 600);
 	tcase_add_loop_test(tc, test_crash_points, 0, sizeof(scenarios) / sizeof(scenarios[0]));
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = tu_suite_run(s);
 	printf("crash points checked: %llu (qemu-img check on %llu of them), corruptions: %s\n",
 	       (unsigned long long)total_points, (unsigned long long)total_qemu_checks,
 	       failed ? "FOUND" : "0");

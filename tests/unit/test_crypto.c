@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "run.h"
 
 static void hex(const char *s, uint8_t *out)
 {
@@ -457,11 +458,5 @@ static Suite *crypto_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(crypto_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return tu_suite_run(crypto_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -18,7 +18,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "batch.h"
 #include "files.h"
+#include "run.h"
 #include "internal.h"
 
 #define DISK_SIZE	(8ull << 20)
@@ -26,26 +28,15 @@
 #define MAX_LEN		(160u << 10)
 
 struct op {
-	struct qcow2_req *req;
-	uint64_t off, len;
-	uint8_t *buf;
+	struct tu_op t;
 	uint8_t *dst;			/* where the engine asked the data to land */
 	uint8_t pat;
-	bool asked, fail, done;
-	int res;
+	bool asked, fail;
 };
 
 static char dir[] = "/tmp/uq-defer-XXXXXX";
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static unsigned int landed_elsewhere;	/* fetches that did not target the buffer */
-
-static uint64_t rnd(void)
-{
-	rng ^= rng << 13;
-	rng ^= rng >> 7;
-	rng ^= rng << 17;
-	return rng;
-}
 
 static void op_fetch(struct qcow2_req *req, void *dst, void *priv)
 {
@@ -55,27 +46,8 @@ static void op_fetch(struct qcow2_req *req, void *dst, void *priv)
 	ck_assert(!o->asked);
 	o->asked = true;
 	o->dst = dst;
-	if (dst != o->buf)
+	if (dst != o->t.buf)
 		landed_elsewhere++;
-}
-
-static void op_done(struct qcow2_req *req, int res, void *priv)
-{
-	struct op *o = priv;
-
-	(void)req;
-	o->res = res;
-	o->done = true;
-}
-
-static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
-			return true;
-	return false;
 }
 
 /* Hand the data over to some of the requests that asked (all, if @all). */
@@ -86,19 +58,19 @@ static int deliver(struct op *ops, int n, bool all)
 	for (i = 0; i < n; i++) {
 		struct op *o = &ops[i];
 
-		if (!o->asked || o->done || (!all && rnd() % 2))
+		if (!o->asked || o->t.done || (!all && tu_rnd(&rng) % 2))
 			continue;
 		o->asked = false;
 		given++;
 		if (o->fail) {
-			qcow2_req_data_ready(o->req, -EIO);
+			qcow2_req_data_ready(o->t.req, -EIO);
 			continue;
 		}
-		memcpy(o->dst, o->buf, o->len);
+		memcpy(o->dst, o->t.buf, o->t.len);
 		/* The engine must not read the submitted buffer when the data landed elsewhere. */
-		if (o->dst != o->buf)
-			memset(o->buf, 0xee, o->len);
-		qcow2_req_data_ready(o->req, 0);
+		if (o->dst != o->t.buf)
+			memset(o->t.buf, 0xee, o->t.len);
+		qcow2_req_data_ready(o->t.req, 0);
 	}
 	return given;
 }
@@ -132,12 +104,7 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 	fclose(f);
 
 	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	for (i = 0; i < BATCH; i++) {
-		ops[i].req = qcow2_req_new(img);
-		ck_assert_int_eq(posix_memalign((void **)&ops[i].buf, 4096, MAX_LEN), 0);
-		ck_assert_ptr_nonnull(ops[i].req);
-		ck_assert_ptr_nonnull(ops[i].buf);
-	}
+	tu_ops_alloc(img, ops, sizeof(ops[0]), BATCH, MAX_LEN, 4096);
 	landed_elsewhere = 0;
 	for (round = 0; round < 30; round++) {
 		for (n = 0; n < BATCH; n++) {
@@ -145,30 +112,24 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 
 			do {
 				/* Mostly small writes inside one or two clusters. */
-				o->len = 1 + rnd() % (rnd() % 4 ? 8192 : MAX_LEN);
-				o->off = rnd() % (DISK_SIZE - o->len);
+				o->t.len = 1 + tu_rnd(&rng) % (tu_rnd(&rng) % 4 ? 8192 : MAX_LEN);
+				o->t.off = tu_rnd(&rng) % (DISK_SIZE - o->t.len);
 				if (direct) {
-					o->off &= ~511ull;
-					o->len = (o->len + 511) & ~511ull;
+					o->t.off &= ~511ull;
+					o->t.len = (o->t.len + 511) & ~511ull;
 				}
-			} while (overlaps(ops, n, o->off, o->len));
-			o->pat = (uint8_t)(rnd() % 255) + 1;
-			memset(o->buf, o->pat, o->len);
-			o->fail = rnd() % 10 == 0;
-			o->asked = o->done = false;
+			} while (tu_ops_overlap(ops, sizeof(ops[0]), n, o->t.off, o->t.len));
+			o->pat = (uint8_t)(tu_rnd(&rng) % 255) + 1;
+			memset(o->t.buf, o->pat, o->t.len);
+			o->fail = tu_rnd(&rng) % 10 == 0;
+			o->asked = o->t.done = false;
 		}
 		for (i = 0; i < n; i++) {
-			qcow2_req_defer_data(ops[i].req, op_fetch);
-			qcow2_req_submit(ops[i].req, QCOW2_OP_WRITE, ops[i].off, ops[i].len,
-					 ops[i].buf, op_done, &ops[i]);
+			qcow2_req_defer_data(ops[i].t.req, op_fetch);
+			qcow2_req_submit(ops[i].t.req, QCOW2_OP_WRITE, ops[i].t.off, ops[i].t.len,
+					 ops[i].t.buf, tu_op_done, &ops[i]);
 		}
-		for (;;) {
-			bool all_done = true;
-
-			for (i = 0; i < n; i++)
-				all_done &= ops[i].done;
-			if (all_done)
-				break;
+		while (!tu_ops_done(ops, sizeof(ops[0]), n)) {
 			if (!deliver(ops, n, false) && io->wait(io) == -EAGAIN)
 				ck_assert_msg(deliver(ops, n, true) > 0, "stalled: nothing to deliver");
 		}
@@ -176,12 +137,12 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 			struct op *o = &ops[i];
 
 			if (o->fail) {
-				ck_assert_int_eq(o->res, -EIO);
+				ck_assert_int_eq(o->t.res, -EIO);
 				failed++;
 				continue;
 			}
-			ck_assert_msg(o->res == 0, "write failed: %d %s", o->res, qcow2_errmsg(img));
-			memset(mirror + o->off, o->pat, o->len);
+			ck_assert_msg(o->t.res == 0, "write failed: %d %s", o->t.res, qcow2_errmsg(img));
+			memset(mirror + o->t.off, o->pat, o->t.len);
 		}
 		ck_assert_uint_le(img->scratch_bytes, QCOW2_SCRATCH_KEEP);
 		if (round % 10 == 9)
@@ -190,17 +151,8 @@ static void run_one(const char *setup, bool expect_cow, bool direct)
 	ck_assert_int_gt(failed, 0);
 	if (expect_cow)
 		ck_assert_msg(landed_elsewhere > 0, "no fetch landed in a COW buffer");
-	for (i = 0; i < BATCH; i++) {
-		qcow2_req_free(ops[i].req);
-		free(ops[i].buf);
-	}
-	ck_assert_int_eq(qcow2_close(img), 0);
-
-	ck_assert_msg(qcow2_open(&img, path, &opts, io, err, sizeof(err)) == 0, "%s", err);
-	tu_verify_image(img, mirror, DISK_SIZE);
-	ck_assert_int_eq(qcow2_close(img), 0);
-	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", path);
-	ck_assert_int_eq(system(cmd), 0);
+	tu_ops_free(ops, sizeof(ops[0]), BATCH);
+	tu_reopen_verify(img, path, &opts, io, mirror, DISK_SIZE);
 	snprintf(cmd, sizeof(cmd), "rm -f %s/*", dir);
 	ck_assert_int_eq(system(cmd), 0);
 	qcow2_uring_free(io);
@@ -242,30 +194,13 @@ END_TEST
 
 int main(void)
 {
-	Suite *s = suite_create("defer");
-	TCase *tc = tcase_create("deferred data");
-	SRunner *sr;
-	int failed;
+	const TTest *const tests[] = {
+		test_defer_backing, test_defer_big_clusters, test_defer_compressed,
+		test_defer_snapshot, test_defer_empty, test_defer_direct_backing,
+		test_defer_direct_compressed, test_defer_direct_zstd_backing,
+		test_defer_direct_snapshot,
+	};
 
-	if (!mkdtemp(dir)) {
-		perror("mkdtemp");
-		return EXIT_FAILURE;
-	}
-	tcase_set_timeout(tc, 240);
-	tcase_add_test(tc, test_defer_backing);
-	tcase_add_test(tc, test_defer_big_clusters);
-	tcase_add_test(tc, test_defer_compressed);
-	tcase_add_test(tc, test_defer_snapshot);
-	tcase_add_test(tc, test_defer_empty);
-	tcase_add_test(tc, test_defer_direct_backing);
-	tcase_add_test(tc, test_defer_direct_compressed);
-	tcase_add_test(tc, test_defer_direct_zstd_backing);
-	tcase_add_test(tc, test_defer_direct_snapshot);
-	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	rmdir(dir);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_run_tests("defer", "deferred data", 240, dir, tests,
+			    sizeof(tests) / sizeof(tests[0]));
 }

@@ -31,6 +31,7 @@
 #include "files.h"
 #include "tio.h"
 #include "wl.h"
+#include "run.h"
 
 #define R (1u << QCOW2_AIO_READ)
 #define W (1u << QCOW2_AIO_WRITE)
@@ -70,36 +71,6 @@ static void spill(const char *path, const uint8_t *buf, size_t len)
 	close(fd);
 }
 
-static void prep(const char *path, uint64_t disk, uint32_t cs, bool compressed, bool snap)
-{
-	struct qcow2_io *io = qcow2_uring_new(32);
-	uint8_t *buf = malloc(cs);
-	struct qcow2 *img;
-	char err[256];
-	uint64_t off, i;
-
-	ck_assert_ptr_nonnull(io);
-	ck_assert_ptr_nonnull(buf);
-	ck_assert_msg(qcow2_open(&img, path, NULL, io, err, sizeof(err)) == 0, "%s", err);
-	for (off = 0; off < disk; off += cs) {
-		if ((off / cs) % 4 == 3)
-			continue;
-		for (i = 0; i < cs; i++)
-			buf[i] = (uint8_t)(((off + i) >> 7) * 11 + 3);
-		if (compressed)
-			ck_assert_int_ge(qcow2_pwrite_compressed(img, buf, cs, off), 0);
-		else
-			ck_assert_int_eq(qcow2_pwrite(img, buf, cs, off), 0);
-	}
-	if (compressed)
-		ck_assert_int_eq(qcow2_pwrite_compressed(img, NULL, 0, 0), 0);
-	if (snap)
-		ck_assert_int_eq(qcow2_snapshot_create(img, "s"), 0);
-	ck_assert_int_eq(qcow2_close(img), 0);
-	free(buf);
-	qcow2_uring_free(io);
-}
-
 static void setup(struct fault_ctx *c)
 {
 	const struct scenario *sc = c->sc;
@@ -113,7 +84,7 @@ static void setup(struct fault_ctx *c)
 	if (sc->base_opts) {
 		tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", sc->base_opts, c->base,
 		   (unsigned long long)sc->disk);
-		prep(c->base, sc->disk, sc->cluster, false, false);
+		tu_image_fill(c->base, sc->disk, sc->cluster, 11, 3, false, NULL);
 		snprintf(extra, sizeof(extra), "-b %s -F qcow2", c->base);
 	}
 	if (sc->data_file)
@@ -121,7 +92,8 @@ static void setup(struct fault_ctx *c)
 	tu_sh("qemu-img create -q -f qcow2 -o %s %s %s %llu", sc->opts, extra, c->img,
 	   (unsigned long long)sc->disk);
 	if (sc->compressed || sc->snapshot)
-		prep(c->img, sc->disk, sc->cluster, sc->compressed, sc->snapshot);
+		tu_image_fill(c->img, sc->disk, sc->cluster, 11, 3, sc->compressed,
+			      sc->snapshot ? "s" : NULL);
 	c->tmpl[0] = tu_slurp(c->img, &c->tmpl_len[0]);
 	if (sc->data_file)
 		c->tmpl[1] = tu_slurp(c->data, &c->tmpl_len[1]);
@@ -482,7 +454,6 @@ int main(void)
 {
 	Suite *s = suite_create("fault");
 	TCase *tc = tcase_create("inject");
-	SRunner *sr;
 	int failed;
 
 	if (!mkdtemp(dir)) {
@@ -496,10 +467,7 @@ int main(void)
 	tcase_add_loop_test(tc, test_fault_close, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_open, 0, NR_SCENARIOS);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = tu_suite_run(s);
 	printf("faults injected: %llu in %llu runs (qemu-img check after %llu), corruptions: %s\n",
 	       (unsigned long long)total_faults, (unsigned long long)total_runs,
 	       (unsigned long long)total_qemu_checks,

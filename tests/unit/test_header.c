@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "run.h"
 
 #define CLUSTER		65536u
 #define FILE_SIZE	(4ull * CLUSTER)
@@ -238,11 +239,5 @@ static Suite *header_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(header_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(header_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

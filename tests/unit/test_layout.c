@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "run.h"
 
 /* Round trip every width: neighbours must survive each write. */
 START_TEST(test_rc_roundtrip)
@@ -148,11 +149,5 @@ static Suite *layout_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(layout_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(layout_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

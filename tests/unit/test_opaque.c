@@ -20,7 +20,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "batch.h"
 #include "files.h"
+#include "run.h"
 #include "internal.h"
 
 #define DISK_SIZE	(16ull << 20)
@@ -29,15 +31,11 @@
 #define SECTORS		(DISK_SIZE / 512)
 
 struct op {
-	struct qcow2_req *req;
-	uint64_t off, len;
+	struct tu_op t;			/* t.buf: what the token stands for */
 	bool write;
 	uint8_t pat;
-	uint8_t *buf;			/* what the token stands for */
-	bool done;
 	bool short_io;			/* the backend moved less than asked */
 	bool plain;			/* all plain when submitted (see is_plain) */
-	int res;
 };
 
 /* The backend: qcow2_uring, with reads into tokens served by pread. */
@@ -55,14 +53,6 @@ static char dir[] = "/tmp/uq-opaque-XXXXXX";
 static uint64_t unit_bytes;		/* what a write allocates: cluster or subcluster */
 static uint64_t rng = 0x2545f4914f6cdd1dull;
 
-static uint64_t rnd(void)
-{
-	rng ^= rng << 13;
-	rng ^= rng >> 7;
-	rng ^= rng << 17;
-	return rng;
-}
-
 static int wrap_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 {
 	struct wrap *w = (struct wrap *)io;
@@ -77,10 +67,10 @@ static int wrap_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 	rel = (size_t)((uint8_t *)aio->iov[0].iov_base - w->tokens);
 	ck_assert_uint_le(rel % MAX_LEN + aio->iov[0].iov_len, MAX_LEN);
 	if (aio->op == QCOW2_AIO_READ)
-		n = pread(aio->fd, w->ops[rel / MAX_LEN].buf + rel % MAX_LEN,
+		n = pread(aio->fd, w->ops[rel / MAX_LEN].t.buf + rel % MAX_LEN,
 			  aio->iov[0].iov_len, (off_t)aio->off);
 	else
-		n = pwrite(aio->fd, w->ops[rel / MAX_LEN].buf + rel % MAX_LEN,
+		n = pwrite(aio->fd, w->ops[rel / MAX_LEN].t.buf + rel % MAX_LEN,
 			   aio->iov[0].iov_len, (off_t)aio->off);
 	/* A cluster at the end of the file may be partly written: it ends early. */
 	if (n >= 0 && (size_t)n < aio->iov[0].iov_len)
@@ -109,25 +99,6 @@ static int wrap_wait(struct qcow2_io *io)
 	return 0;
 }
 
-static void op_done(struct qcow2_req *req, int res, void *priv)
-{
-	struct op *o = priv;
-
-	(void)req;
-	o->res = res;
-	o->done = true;
-}
-
-static bool overlaps(const struct op *ops, int n, uint64_t off, uint64_t len)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		if (off < ops[i].off + ops[i].len && ops[i].off < off + len)
-			return true;
-	return false;
-}
-
 /*
  * Whether @o can go straight to the file: every sector it reads, every
  * cluster it writes (in place, no allocation) is plain allocated. A write
@@ -137,23 +108,15 @@ static bool is_plain(const uint8_t *plain, const struct op *o, uint64_t *first, 
 {
 	uint64_t unit = o->write ? unit_bytes : 512;
 
-	*first = o->off / unit * unit;
-	*end = (o->off + o->len + unit - 1) / unit * unit;
+	*first = o->t.off / unit * unit;
+	*end = (o->t.off + o->t.len + unit - 1) / unit * unit;
 	return memchr(plain + *first / 512, 0, (*end - *first) / 512) == NULL;
 }
 
 static void wait_all(struct wrap *w, struct op *ops, int n)
 {
-	for (;;) {
-		bool all_done = true;
-		int i;
-
-		for (i = 0; i < n; i++)
-			all_done &= ops[i].done;
-		if (all_done)
-			return;
+	while (!tu_ops_done(ops, sizeof(ops[0]), n))
 		ck_assert_int_eq(w->io.wait(&w->io), 0);
-	}
 }
 
 /*
@@ -214,34 +177,30 @@ static void run_one(bool direct, bool ext)
 	w.ops = ops;
 	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
 	ck_assert_msg(qcow2_open(&img, path, &opts, &w.io, err, sizeof(err)) == 0, "%s", err);
-	for (i = 0; i < BATCH; i++) {
-		ops[i].req = qcow2_req_new(img);
-		ck_assert_ptr_nonnull(ops[i].req);
-		ck_assert_int_eq(posix_memalign((void **)&ops[i].buf, 4096, MAX_LEN), 0);
-	}
+	tu_ops_alloc(img, ops, sizeof(ops[0]), BATCH, MAX_LEN, 4096);
 	for (round = 0; round < 60; round++) {
 		for (i = 0; i < BATCH; i++) {
 			struct op *o = &ops[i];
 
 			/* 512-byte aligned, as ublk sends; a third inside one cluster. */
 			do {
-				o->len = (1 + rnd() % (rnd() % 3 ? MAX_LEN / 512 : 128)) * 512;
-				o->off = (rnd() % ((DISK_SIZE - o->len) / 512 + 1)) * 512;
-			} while (overlaps(ops, i, o->off, o->len));
-			o->write = rnd() % 4 == 0;
-			o->pat = (uint8_t)(rnd() % 255) + 1;
-			memset(o->buf, o->write ? o->pat : 0xee, MAX_LEN);
-			o->done = false;
+				o->t.len = (1 + tu_rnd(&rng) % (tu_rnd(&rng) % 3 ? MAX_LEN / 512 : 128)) * 512;
+				o->t.off = (tu_rnd(&rng) % ((DISK_SIZE - o->t.len) / 512 + 1)) * 512;
+			} while (tu_ops_overlap(ops, sizeof(ops[0]), i, o->t.off, o->t.len));
+			o->write = tu_rnd(&rng) % 4 == 0;
+			o->pat = (uint8_t)(tu_rnd(&rng) % 255) + 1;
+			memset(o->t.buf, o->write ? o->pat : 0xee, MAX_LEN);
+			o->t.done = false;
 			o->short_io = false;
 		}
 		for (i = 0; i < BATCH; i++) {
 			uint64_t first, end;
 
 			ops[i].plain = is_plain(plain, &ops[i], &first, &end);
-			qcow2_req_opaque(ops[i].req);
-			qcow2_req_submit(ops[i].req, ops[i].write ? QCOW2_OP_WRITE : QCOW2_OP_READ,
-					 ops[i].off, ops[i].len, w.tokens + (size_t)i * MAX_LEN,
-					 op_done, &ops[i]);
+			qcow2_req_opaque(ops[i].t.req);
+			qcow2_req_submit(ops[i].t.req, ops[i].write ? QCOW2_OP_WRITE : QCOW2_OP_READ,
+					 ops[i].t.off, ops[i].t.len, w.tokens + (size_t)i * MAX_LEN,
+					 tu_op_done, &ops[i]);
 		}
 		wait_all(&w, ops, BATCH);
 		/* Whichever way a write goes, its clusters are plain after. */
@@ -252,7 +211,7 @@ static void run_one(bool direct, bool ext)
 				continue;
 			is_plain(plain, &ops[i], &first, &end);
 			memset(plain + first / 512, 1, (end - first) / 512);
-			memset(mirror + ops[i].off, ops[i].pat, ops[i].len);
+			memset(mirror + ops[i].t.off, ops[i].pat, ops[i].t.len);
 		}
 		/*
 		 * Straight to the file where it was all plain before, back with
@@ -265,35 +224,35 @@ static void run_one(bool direct, bool ext)
 			bool after = is_plain(plain, o, &first, &end);
 
 			if (o->plain && !o->short_io)
-				ck_assert_msg(o->res == 0, "opaque %s [%llu, +%llu) of plain clusters: %d",
-					      o->write ? "write" : "read", (unsigned long long)o->off,
-					      (unsigned long long)o->len, o->res);
+				ck_assert_msg(o->t.res == 0, "opaque %s [%llu, +%llu) of plain clusters: %d",
+					      o->write ? "write" : "read", (unsigned long long)o->t.off,
+					      (unsigned long long)o->t.len, o->t.res);
 			else if (!after && !ext)
-				ck_assert_msg(o->res == -EXDEV, "opaque %s [%llu, +%llu) past plain clusters: %d",
-					      o->write ? "write" : "read", (unsigned long long)o->off,
-					      (unsigned long long)o->len, o->res);
+				ck_assert_msg(o->t.res == -EXDEV, "opaque %s [%llu, +%llu) past plain clusters: %d",
+					      o->write ? "write" : "read", (unsigned long long)o->t.off,
+					      (unsigned long long)o->t.len, o->t.res);
 			else
-				ck_assert(o->res == 0 || o->res == -EXDEV);
-			if (o->res == 0) {
-				ck_assert_msg(o->write || memcmp(o->buf, mirror + o->off, o->len) == 0,
-					      "opaque read at %llu differs", (unsigned long long)o->off);
+				ck_assert(o->t.res == 0 || o->t.res == -EXDEV);
+			if (o->t.res == 0) {
+				ck_assert_msg(o->write || memcmp(o->t.buf, mirror + o->t.off, o->t.len) == 0,
+					      "opaque read at %llu differs", (unsigned long long)o->t.off);
 				*(o->write ? &wwhole : &whole) += 1;
 				continue;
 			}
 			*(o->write ? &wexdev : &exdev) += 1;
 			shorts += o->short_io;
 			/* The target's way back: a real buffer. */
-			o->done = false;
-			qcow2_req_submit(o->req, o->write ? QCOW2_OP_WRITE : QCOW2_OP_READ, o->off,
-					 o->len, o->buf, op_done, o);
+			o->t.done = false;
+			qcow2_req_submit(o->t.req, o->write ? QCOW2_OP_WRITE : QCOW2_OP_READ, o->t.off,
+					 o->t.len, o->t.buf, tu_op_done, o);
 		}
 		wait_all(&w, ops, BATCH);
 		for (i = 0; i < BATCH; i++) {
-			ck_assert_msg(ops[i].res == 0, "%s: %d %s", ops[i].write ? "write" : "read",
-				      ops[i].res, qcow2_errmsg(img));
+			ck_assert_msg(ops[i].t.res == 0, "%s: %d %s", ops[i].write ? "write" : "read",
+				      ops[i].t.res, qcow2_errmsg(img));
 			ck_assert_msg(ops[i].write ||
-				      memcmp(ops[i].buf, mirror + ops[i].off, ops[i].len) == 0,
-				      "read at %llu differs", (unsigned long long)ops[i].off);
+				      memcmp(ops[i].t.buf, mirror + ops[i].t.off, ops[i].t.len) == 0,
+				      "read at %llu differs", (unsigned long long)ops[i].t.off);
 		}
 	}
 	/* Both ways taken, and the engine's errors were not set by -EXDEV. */
@@ -305,16 +264,8 @@ static void run_one(bool direct, bool ext)
 	ck_assert_str_eq(qcow2_errmsg(img), "");
 	printf("opaque %s%s: reads %u whole, %u -EXDEV (%u short); writes %u in place, %u -EXDEV\n",
 	       direct ? "direct" : "buffered", ext ? " extended L2" : "", whole, exdev, shorts, wwhole, wexdev);
-	for (i = 0; i < BATCH; i++) {
-		qcow2_req_free(ops[i].req);
-		free(ops[i].buf);
-	}
-	ck_assert_int_eq(qcow2_close(img), 0);
-	snprintf(path, sizeof(path), "%s/d.qcow2", dir);
-	ck_assert_msg(qcow2_open(&img, path, &opts, &w.io, err, sizeof(err)) == 0, "%s", err);
-	tu_verify_image(img, mirror, DISK_SIZE);
-	ck_assert_int_eq(qcow2_close(img), 0);
-	tu_sh("qemu-img check -q %s", path);
+	tu_ops_free(ops, sizeof(ops[0]), BATCH);
+	tu_reopen_verify(img, path, &opts, &w.io, mirror, DISK_SIZE);
 	munmap(w.tokens, (size_t)BATCH * MAX_LEN);
 	qcow2_uring_free(w.inner);
 	free(mirror);
@@ -331,24 +282,10 @@ END_TEST
 
 int main(void)
 {
-	Suite *s = suite_create("opaque");
-	TCase *tc = tcase_create("opaque read buffers");
-	SRunner *sr;
-	int failed;
+	const TTest *const tests[] = {
+		test_opaque_buffered, test_opaque_direct, test_opaque_extl2,
+	};
 
-	if (!mkdtemp(dir)) {
-		perror("mkdtemp");
-		return EXIT_FAILURE;
-	}
-	tcase_set_timeout(tc, 120);
-	tcase_add_test(tc, test_opaque_buffered);
-	tcase_add_test(tc, test_opaque_direct);
-	tcase_add_test(tc, test_opaque_extl2);
-	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	rmdir(dir);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_run_tests("opaque", "opaque read buffers", 120, dir, tests,
+			    sizeof(tests) / sizeof(tests[0]));
 }

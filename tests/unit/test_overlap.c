@@ -13,7 +13,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "internal.h"
+#include "run.h"
 
 /* Where a fresh image of ours puts things: header, reftable, refblock, L1, L2, data. */
 #define RT	0x10000ull
@@ -37,17 +39,6 @@ static struct qcow2 *open_image(bool writable)
 	return img;
 }
 
-static uint64_t pread_u64(uint64_t off)
-{
-	uint8_t b[8];
-	int fd = open(path, O_RDONLY);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(pread(fd, b, 8, off), 8);
-	close(fd);
-	return get_be64(b);
-}
-
 static void setup(void)
 {
 	struct qcow2_create_opts o = { .size = 4ull << 30 };	/* 8 L1 entries */
@@ -68,11 +59,11 @@ static void setup(void)
 	ck_assert_int_eq(qcow2_pwrite(img, buf, sizeof(buf), 0), 0);
 	ck_assert_int_eq(qcow2_close(img), 0);
 	/* The layout the cases below rely on. */
-	ck_assert_uint_eq(pread_u64(48), RT);
-	ck_assert_uint_eq(pread_u64(40), L1);
-	ck_assert_uint_eq(pread_u64(RT), RB);
-	ck_assert_uint_eq(pread_u64(L1) & L1E_OFFSET_MASK, L2);
-	ck_assert_uint_eq(pread_u64(L2) & L2E_OFFSET_MASK, DATA);
+	ck_assert_uint_eq(tu_pread_be64(path, 48), RT);
+	ck_assert_uint_eq(tu_pread_be64(path, 40), L1);
+	ck_assert_uint_eq(tu_pread_be64(path, RT), RB);
+	ck_assert_uint_eq(tu_pread_be64(path, L1) & L1E_OFFSET_MASK, L2);
+	ck_assert_uint_eq(tu_pread_be64(path, L2) & L2E_OFFSET_MASK, DATA);
 }
 
 static void teardown(void)
@@ -148,9 +139,9 @@ START_TEST(test_flush_refuses_l2_slice_over_reftable)
 	/* Further writes are refused; close writes only the header (metadata held back). */
 	ck_assert_int_eq(qcow2_pwrite(img, img->zero_buf, 4096, 1 << 20), -EIO);
 	ck_assert_int_eq(qcow2_close(img), -EIO);
-	ck_assert_uint_eq(pread_u64(RT), RB);
-	ck_assert_uint_eq(pread_u64(L1) & L1E_OFFSET_MASK, L2);
-	ck_assert_uint_eq(pread_u64(72) & QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_CORRUPT);
+	ck_assert_uint_eq(tu_pread_be64(path, RT), RB);
+	ck_assert_uint_eq(tu_pread_be64(path, L1) & L1E_OFFSET_MASK, L2);
+	ck_assert_uint_eq(tu_pread_be64(path, 72) & QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_CORRUPT);
 }
 END_TEST
 
@@ -169,11 +160,5 @@ static Suite *overlap_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(overlap_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(overlap_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

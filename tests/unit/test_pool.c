@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "../../src/ublk/internal.h"
+#include "run.h"
 
 #define NPAGES 300	/* not a multiple of 64: the last bitmap word is partial */
 
@@ -88,14 +89,8 @@ int main(void)
 {
 	Suite *s = suite_create("pool");
 	TCase *tc = tcase_create("pool");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_pool_model);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return tu_suite_run(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

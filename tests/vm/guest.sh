@@ -69,6 +69,79 @@ wait_exit() {
 	return 1
 }
 
+# fio_verify TAG JOB LOG FIO-OPTIONS...: fio writes $DEV with verify=crc32c
+# (direct, libaio; the options say the rest); one PASS line for TAG, or a
+# FAIL and the tail of LOG.
+fio_verify() {
+	tag=$1 job=$2 log=$3
+	shift 3
+	fio --name="$job" --filename="$DEV" --direct=1 --ioengine=libaio "$@" \
+		--verify=crc32c --verify_fatal=1 >"$log" 2>&1
+	rc=$?
+	grep -E 'IOPS|err' "$log"
+	if [ $rc = 0 ]; then
+		pass "$tag: $(echo "$*" | sed -n 's/.*--rw=\([a-z]*\).*/\1/p') with verify=crc32c"
+	else
+		fail "$tag: fio exit $rc"; tail -n 30 "$log"
+	fi
+}
+
+# kill_under_fio TAG JOB SIZE: fio randwrite with verify=crc32c of SIZE on
+# $DEV in the background (FIO its pid, /data/JOB.fio its log, /data/JOB.rc
+# its exit status), and kill -9 of the daemon $pid once the device has
+# completed writes, so the kill lands while fio writes however fast the
+# device is. Nonzero if the daemon hung.
+kill_under_fio() {
+	rm -f "/data/$2.rc"
+	(fio --name="$2" --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size="$3" --verify=crc32c --do_verify=1 \
+		--verify_fatal=1 >"/data/$2.fio" 2>&1
+	 echo $? >"/data/$2.rc") &
+	FIO=$!
+	wait_writes "$DEV" 60 || fail "$1: no write reached the device"
+	[ -e "/data/$2.rc" ] && fail "$1: fio ended before the kill (raise --size)"
+	kill -9 "$pid"
+	wait_exit "$pid" 30 "$1: daemon"
+}
+
+# fio_bg_result TAG JOB: wait for kill_under_fio's fio; PASS when it exited
+# 0 with no error, after every block it wrote, before and after the kill,
+# was verified.
+fio_bg_result() {
+	wait_exit "$FIO" 600 "$1: fio" || return 1
+	rc=$(cat "/data/$2.rc" 2>/dev/null)
+	grep -E 'IOPS|err|verify' "/data/$2.fio"
+	if [ "$rc" = 0 ] && grep -q 'err= 0' "/data/$2.fio"; then
+		pass "$1: fio randwrite + verify=crc32c passed across kill -9 and recover"
+	else
+		fail "$1: fio exit ${rc:-none}"; tail -n 30 "/data/$2.fio"
+	fi
+}
+
+# write_refused NAME WHAT DD-OPTIONS...: a direct write of zeros to $DEV
+# (WHAT, for the messages) must fail, and must not hang.
+write_refused() {
+	name=$1 what=$2
+	shift 2
+	timeout 60 dd if=/dev/zero of="$DEV" oflag=direct "$@" 2>/dev/null
+	case $? in
+	0) fail "$name: $what succeeded" ;;
+	124) fail "$name: $what hung" ;;
+	esac
+}
+
+# ro_md5 NAME IMAGE: del the device, serve IMAGE read-only and write its
+# checksum to /data/NAME.md5 (the host compares it with qemu-img's), del
+# again. Nonzero when something failed.
+ro_md5() {
+	"$B" del -n "$ID" || fail "$1: del"
+	gone "$1" || return 1
+	add --read-only "$2" || { fail "$1: read-only add"; return 1; }
+	md5sum <"$DEV" | cut -d' ' -f1 >"/data/$1.md5"
+	"$B" del -n "$ID" || fail "$1: read-only del"
+	gone "$1"
+}
+
 # A file system on a qcow2 image: files written, read back from a second add.
 fs_test() { # NAME FSTYPE IMAGE
 	name=$1 fs=$2 img=$3 mnt=/mnt/$1
@@ -109,19 +182,9 @@ fio_test() {
 	add -q 2 /data/fio.qcow2 || { fail "fio: add"; return; }
 	"$B" list -n "$ID"
 	"$B" list -n "$ID" --output=json | grep -q '"queues": 2' || fail "fio: list shows no 2 queues"
-	fio --name=verify --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=4k-128k --numjobs=2 --size=512m --offset_increment=512m \
-		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 --group_reporting \
-		>/data/fio.log 2>&1
-	rc=$?
-	grep -E 'IOPS|err' /data/fio.log
-	[ $rc = 0 ] && pass "fio: randwrite with verify=crc32c" || { fail "fio: fio exit $rc"; tail -n 30 /data/fio.log; }
-	"$B" del -n "$ID" || fail "fio: del"
-	gone fio || return
-	add --read-only /data/fio.qcow2 || { fail "fio: read-only add"; return; }
-	md5sum <"$DEV" | cut -d' ' -f1 >/data/fio.md5
-	"$B" del -n "$ID" || fail "fio: read-only del"
-	gone fio
+	fio_verify fio verify /data/fio.log --iodepth=16 --rw=randwrite --bsrange=4k-128k \
+		--numjobs=2 --size=512m --offset_increment=512m --io_size="${FIO_MB}m" --group_reporting
+	ro_md5 fio /data/fio.qcow2
 }
 
 # Writes through an overlay over a zstd-compressed base: unaligned writes
@@ -132,18 +195,9 @@ cow_test() {
 	say "cow: fio verify on an overlay over a zstd-compressed base, then ext4"
 	add /data/cow.qcow2 || { fail "cow: add"; return; }
 	copy_mode cow USER_COPY
-	fio --name=cow --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=512-64k --size=120m \
-		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/cow.log 2>&1
-	rc=$?
-	grep -E 'IOPS|err' /data/cow.log
-	[ $rc = 0 ] && pass "cow: randwrite with verify=crc32c" || { fail "cow: fio exit $rc"; tail -n 30 /data/cow.log; }
-	"$B" del -n "$ID" || fail "cow: del"
-	gone cow || return
-	add --read-only /data/cow.qcow2 || { fail "cow: read-only add"; return; }
-	md5sum <"$DEV" | cut -d' ' -f1 >/data/cow.md5
-	"$B" del -n "$ID" || fail "cow: read-only del"
-	gone cow || return
+	fio_verify cow cow /data/cow.log --iodepth=16 --rw=randwrite --bsrange=512-64k --size=120m \
+		--io_size="${FIO_MB}m"
+	ro_md5 cow /data/cow.qcow2 || return
 	cp /data/cow.qcow2 /data/cowfs.qcow2
 	fs_test cowfs ext4 /data/cowfs.qcow2
 }
@@ -167,12 +221,8 @@ getdata_test() {
 	say "getdata: fio verify on an overlay, add --no-user-copy"
 	add --no-user-copy -q 2 /data/gdcow.qcow2 || { fail "getdata: add"; return; }
 	copy_mode getdata NEED_GET_DATA
-	fio --name=gd --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=512-64k --size=120m --numjobs=2 --group_reporting \
-		--io_size="${FIO_MB}m" --verify=crc32c --verify_fatal=1 >/data/gd.log 2>&1
-	rc=$?
-	grep -E 'IOPS|err' /data/gd.log
-	[ $rc = 0 ] && pass "getdata: randwrite with verify=crc32c" || { fail "getdata: fio exit $rc"; tail -n 30 /data/gd.log; }
+	fio_verify getdata gd /data/gd.log --iodepth=16 --rw=randwrite --bsrange=512-64k \
+		--size=120m --numjobs=2 --group_reporting --io_size="${FIO_MB}m"
 	md5sum <"$DEV" | cut -d' ' -f1 >/data/gdcow.md5
 	"$B" del -n "$ID" || fail "getdata: del"
 	gone getdata
@@ -225,11 +275,8 @@ img_test() { # NAME IMAGE [ADD OPTIONS...]
 	shift 2
 	say "$name: fio verify, then ext4, on $img"
 	add "$@" "$img" || { fail "$name: add"; return; }
-	fio --name="$name" --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=512-64k --size=96m --io_size="${FIO_MB}m" \
-		--verify=crc32c --verify_fatal=1 >"/data/$name.log" 2>&1 &&
-		pass "$name: randwrite with verify=crc32c" ||
-		{ fail "$name: fio"; tail -n 20 "/data/$name.log"; }
+	fio_verify "$name" "$name" "/data/$name.log" --iodepth=16 --rw=randwrite \
+		--bsrange=512-64k --size=96m --io_size="${FIO_MB}m"
 	mkdir -p "$mnt"
 	if ! mkfs.ext4 -q -F "$DEV" || ! mount -t ext4 "$DEV" "$mnt"; then
 		fail "$name: mkfs.ext4 or mount"
@@ -298,10 +345,8 @@ overlay_test() {
 	while [ ! -b "$DEV" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 	cmp "$DEV" /data/ro.raw && pass "overlay: reads as the image" ||
 		fail "overlay: content differs from the image"
-	fio --name=ovl --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=512-64k --size=64m --io_size=16m \
-		--verify=crc32c --verify_fatal=1 >/data/ovl.log 2>&1 &&
-		pass "overlay: randwrite with verify=crc32c" || { fail "overlay: fio"; tail -n 20 /data/ovl.log; }
+	fio_verify overlay ovl /data/ovl.log --iodepth=16 --rw=randwrite --bsrange=512-64k \
+		--size=64m --io_size=16m
 	[ -z "$(ls -A /tmp/ovl)" ] && pass "overlay: no file in TMPDIR" || fail "overlay: files in TMPDIR"
 	"$B" del -n "$ID" || fail "overlay: del"
 	gone overlay
@@ -327,10 +372,8 @@ discard_test() {
 raw_test() {
 	say "raw: -f raw -q 2 -d 1024"
 	add -f raw -q 2 -d 1024 /data/raw.img || { fail "raw: add"; return; }
-	fio --name=raw --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=64 \
-		--rw=randwrite --bsrange=4k-64k --size=128m --io_size=16m \
-		--verify=crc32c --verify_fatal=1 >/data/raw.log 2>&1 &&
-		pass "raw: randwrite with verify=crc32c" || { fail "raw: fio"; tail -n 20 /data/raw.log; }
+	fio_verify raw raw /data/raw.log --iodepth=64 --rw=randwrite --bsrange=4k-64k --size=128m \
+		--io_size=16m
 	blkdiscard -z -o 1M -l 1M "$DEV" || fail "raw: blkdiscard -z"
 	dd if="$DEV" bs=1M skip=1 count=1 2>/dev/null | cmp - /dev/zero -n 1048576 ||
 		fail "raw: zeroed range does not read as zeros"
@@ -364,10 +407,8 @@ zc_test() {
 		else
 			fail "zc $mode: expected $want: $feat"
 		fi
-		fio --name=zc --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
-			--rw=randrw --bsrange=512-128k --size=96m --io_size=16m \
-			--verify=crc32c --verify_fatal=1 >/data/zc.log 2>&1 &&
-			pass "zc $mode: randrw with verify=crc32c" || { fail "zc $mode: fio"; tail -n 20 /data/zc.log; }
+		fio_verify "zc $mode" zc /data/zc.log --iodepth=32 --rw=randrw --bsrange=512-128k \
+			--size=96m --io_size=16m
 		# 512 KiB across 64M; after the file shrinks to 64M, dd's second
 		# 256 KiB read lands past its end, into the buffer (the request's
 		# pages) that still holds the first read's data: zeros must replace it.
@@ -397,26 +438,12 @@ zc_test() {
 	truncate -s 128M /data/zc.img
 	add -f raw --recovery /data/zc.img || { fail "zc recover: add"; return; }
 	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
-	rm -f /data/zcr.rc
-	(fio --name=zcr --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=4k-64k --size=96m --verify=crc32c --do_verify=1 \
-		--verify_fatal=1 >/data/zcr.fio 2>&1
-	 echo $? >/data/zcr.rc) &
-	FIO=$!
-	wait_writes "$DEV" 60 || fail "zc recover: no write reached the device"
-	[ -e /data/zcr.rc ] && fail "zc recover: fio ended before the kill (raise --size)"
-	kill -9 "$pid"
-	wait_exit "$pid" 30 "zc recover: daemon" || return
+	kill_under_fio "zc recover" zcr 96m || return
 	out=$(timeout 120 "$B" recover -n "$ID" 2>&1)
 	rc=$?
 	[ $rc = 0 ] && [ "$out" = "$DEV" ] && pass "zc recover: recover -n $ID" ||
 		fail "zc recover: recover exit $rc: $out"
-	wait_exit "$FIO" 600 "zc recover: fio" || return
-	if [ "$(cat /data/zcr.rc)" = 0 ]; then
-		pass "zc recover: fio verify passed across kill -9 and recover"
-	else
-		fail "zc recover: fio exit $(cat /data/zcr.rc)"; tail -n 20 /data/zcr.fio
-	fi
+	fio_bg_result "zc recover" zcr || return
 	"$B" list -n "$ID" | grep features | grep -qw "$want" ||
 		fail "zc recover: the recovered device does not use $want"
 	"$B" del -n "$ID" || fail "zc recover: del"
@@ -441,10 +468,8 @@ zcq_test() {
 	[ "$sum" = "$(cat /data/zcq-init.md5)" ] &&
 		pass "zcq: data, holes, zeros, compressed and backing clusters read as qemu-img reads them" ||
 		fail "zcq: the first read differs from qemu-img's view"
-	fio --name=zcq --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
-		--rw=randrw --bsrange=512-128k --size=128m --io_size=16m \
-		--verify=crc32c --verify_fatal=1 >/data/zcq.log 2>&1 &&
-		pass "zcq: randrw with verify=crc32c" || { fail "zcq: fio"; tail -n 20 /data/zcq.log; }
+	fio_verify zcq zcq /data/zcq.log --iodepth=32 --rw=randrw --bsrange=512-128k --size=128m \
+		--io_size=16m
 	sum=$(md5sum <"$DEV" | cut -d' ' -f1)
 	"$B" del -n "$ID" || fail "zcq: del"
 	gone zcq || return
@@ -454,10 +479,8 @@ zcq_test() {
 		fail "zcq nozc: --no-zero-copy device uses AUTO_BUF_REG"
 	[ "$(md5sum <"$DEV" | cut -d' ' -f1)" = "$sum" ] &&
 		pass "zcq nozc: reads what zero copy read" || fail "zcq nozc: reads differ from zero copy's"
-	fio --name=zcq --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
-		--rw=randrw --bsrange=512-128k --size=128m --io_size=8m \
-		--verify=crc32c --verify_fatal=1 >/data/zcq.log 2>&1 &&
-		pass "zcq nozc: randrw with verify=crc32c" || { fail "zcq nozc: fio"; tail -n 20 /data/zcq.log; }
+	fio_verify "zcq nozc" zcq /data/zcq.log --iodepth=32 --rw=randrw --bsrange=512-128k \
+		--size=128m --io_size=8m
 	sum=$(md5sum <"$DEV" | cut -d' ' -f1)
 	"$B" del -n "$ID" || fail "zcq nozc: del"
 	gone "zcq nozc" || return
@@ -503,11 +526,7 @@ corrupt_test() {
 	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
 		fail "corrupt: a read elsewhere failed"
 	# Writes now fail before they ask for their data: each must still end.
-	timeout 60 dd if=/dev/zero of="$DEV" bs=4k count=40 seek=100 oflag=direct 2>/dev/null
-	case $? in
-	0) fail "corrupt: a write to a corrupt image succeeded" ;;
-	124) fail "corrupt: a refused write hung" ;;
-	esac
+	write_refused corrupt "a write to a corrupt image" bs=4k count=40 seek=100
 	dd if="$DEV" of=/dev/null bs=64k count=1 skip=16 iflag=direct 2>/dev/null ||
 		fail "corrupt: a read after refused writes failed"
 	"$B" list -n "$ID" | grep -q LIVE || fail "corrupt: the daemon did not survive"
@@ -521,11 +540,7 @@ corrupt_test() {
 overlap_test() {
 	say "overlap: a write that would overwrite the L1 table"
 	add /data/overlap.qcow2 || { fail "overlap: add"; return; }
-	timeout 60 dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct 2>/dev/null
-	case $? in
-	0) fail "overlap: the write onto the L1 table succeeded" ;;
-	124) fail "overlap: the refused write hung" ;;
-	esac
+	write_refused overlap "the write onto the L1 table" bs=4k count=1
 	dd if="$DEV" of=/dev/null bs=64k count=1 skip=1 iflag=direct 2>/dev/null ||
 		fail "overlap: a read elsewhere failed"
 	"$B" list -n "$ID" | grep -q LIVE || fail "overlap: the daemon did not survive"
@@ -619,15 +634,7 @@ recover_test() {
 		fail "recover: list shows no USER_RECOVERY_REISSUE"
 	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
 	refused recover "live daemon" "$B" recover -n "$ID"
-	(fio --name=recover --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
-		--rw=randwrite --bsrange=4k-64k --size=192m --verify=crc32c --do_verify=1 \
-		--verify_fatal=1 >/data/recover.fio 2>&1
-	 echo $? >/data/recover.rc) &
-	FIO=$!
-	wait_writes "$DEV" 60 || fail "recover: no write reached the device"
-	[ -e /data/recover.rc ] && fail "recover: fio ended before the kill (too fast: raise --size)"
-	kill -9 "$pid"
-	wait_exit "$pid" 30 "recover: daemon" || return
+	kill_under_fio recover recover 192m || return
 	if state_wait QUIESCED 30; then
 		pass "recover: device QUIESCED after kill -9"
 	else
@@ -657,14 +664,7 @@ recover_test() {
 	[ $rc = 0 ] && [ "$out" = "$DEV" ] && pass "recover: second kill -9 and recover at once" ||
 		fail "recover: second recover exit $rc: $out"
 	[ -e /data/recover.rc ] && fail "recover: fio ended before the second kill (raise --size)"
-	wait_exit "$FIO" 600 "recover: fio" || return
-	rc=$(cat /data/recover.rc 2>/dev/null)
-	grep -E 'IOPS|err|verify' /data/recover.fio
-	if [ "$rc" = 0 ] && grep -q 'err= 0' /data/recover.fio; then
-		pass "recover: fio randwrite + verify=crc32c passed across kill -9 and recover"
-	else
-		fail "recover: fio exit ${rc:-none}"; tail -n 30 /data/recover.fio
-	fi
+	fio_bg_result recover recover || return
 	md5sum <"$DEV" | cut -d' ' -f1 >/data/recover.md5
 	"$B" del -n "$ID" || fail "recover: del"
 	gone recover

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 #include <check.h>
+#include <endian.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -57,4 +58,46 @@ void tu_verify_image(struct qcow2 *img, const uint8_t *mirror, uint64_t size)
 		}
 	}
 	free(buf);
+}
+
+uint64_t tu_pread_be64(const char *path, uint64_t off)
+{
+	uint64_t be;
+	int fd = open(path, O_RDONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, &be, 8, off), 8);
+	close(fd);
+	return be64toh(be);
+}
+
+void tu_image_fill(const char *path, uint64_t disk, uint32_t cs, unsigned int mul,
+		   unsigned int salt, bool compressed, const char *snap)
+{
+	struct qcow2_io *io = qcow2_uring_new(32);
+	uint8_t *buf = malloc(cs);
+	struct qcow2 *img;
+	char err[256];
+	uint64_t off, i;
+
+	ck_assert_ptr_nonnull(io);
+	ck_assert_ptr_nonnull(buf);
+	ck_assert_msg(qcow2_open(&img, path, NULL, io, err, sizeof(err)) == 0, "%s", err);
+	for (off = 0; off < disk; off += cs) {
+		if ((off / cs) % 4 == 3)
+			continue;
+		for (i = 0; i < cs; i++)
+			buf[i] = (uint8_t)(((off + i) >> 7) * mul + salt);
+		if (compressed)
+			ck_assert_int_ge(qcow2_pwrite_compressed(img, buf, cs, off), 0);
+		else
+			ck_assert_int_eq(qcow2_pwrite(img, buf, cs, off), 0);
+	}
+	if (compressed)
+		ck_assert_int_eq(qcow2_pwrite_compressed(img, NULL, 0, 0), 0);
+	if (snap)
+		ck_assert_msg(qcow2_snapshot_create(img, snap) == 0, "%s", qcow2_errmsg(img));
+	ck_assert_int_eq(qcow2_close(img), 0);
+	free(buf);
+	qcow2_uring_free(io);
 }
