@@ -381,6 +381,40 @@ raw_test() {
 	gone raw
 }
 
+# Images on tmpfs: their files are opened O_NONBLOCK (tmpfs lacks
+# FMODE_NOWAIT; io_uring then tries their I/O inline instead of punting it
+# to a worker). A qcow2 overlay over a base, both on tmpfs, and a raw file:
+# fio verify, then the device reads as qemu-img reads the image.
+tmpfs_test() {
+	say "tmpfs: qcow2 overlay and raw on tmpfs"
+	t=/tmp/uq-tmpfs
+	mkdir -p "$t"
+	mount -t tmpfs -o size=400m tmpfs "$t" || { fail "tmpfs: mount"; return; }
+	qemu-img create -q -f qcow2 "$t/base.qcow2" 128M &&
+		qemu-io -f qcow2 -c "write -P 0x5a 0 32M" "$t/base.qcow2" >/dev/null &&
+		qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$t/ov.qcow2" &&
+		truncate -s 128M "$t/raw.img" || { fail "tmpfs: images"; umount "$t"; return; }
+	add -q 2 "$t/ov.qcow2" || { fail "tmpfs: add"; umount "$t"; return; }
+	fio_verify "tmpfs qcow2" tmpfs /data/tmpfs.log --iodepth=32 --rw=randrw --bsrange=4k-64k \
+		--size=48m --io_size=24m --numjobs=2 --offset_increment=48m --group_reporting
+	dev_sum=$(md5sum <"$DEV" | cut -d' ' -f1)
+	"$B" del -n "$ID" || fail "tmpfs: del"
+	qemu-img check -q "$t/ov.qcow2" || fail "tmpfs: qemu-img check"
+	qemu-img convert -O raw "$t/ov.qcow2" "$t/ov.raw" || fail "tmpfs: qemu-img convert"
+	[ "$(md5sum <"$t/ov.raw" | cut -d' ' -f1)" = "$dev_sum" ] &&
+		pass "tmpfs qcow2: the image reads as the device did" ||
+		fail "tmpfs qcow2: the image differs from what the device read"
+	add -f raw "$t/raw.img" || { fail "tmpfs: raw add"; umount "$t"; return; }
+	fio_verify "tmpfs raw" tmpfsraw /data/tmpfs.log --iodepth=32 --rw=randwrite --bsrange=4k-64k \
+		--size=128m --io_size=32m
+	dev_sum=$(md5sum <"$DEV" | cut -d' ' -f1)
+	"$B" del -n "$ID" || fail "tmpfs: raw del"
+	[ "$(md5sum <"$t/raw.img" | cut -d' ' -f1)" = "$dev_sum" ] &&
+		pass "tmpfs raw: the file reads as the device did" ||
+		fail "tmpfs raw: the file differs from what the device read"
+	umount "$t"
+}
+
 # Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+: sid): the raw target's file I/O
 # reads and writes the requests' own pages; 6.12 copies with USER_COPY, 6.1
 # with NEED_GET_DATA; --no-zero-copy keeps USER_COPY on sid. Each way: fio
@@ -779,7 +813,7 @@ unit_test() {
 
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover gpt unit zc zcq
+	overlap term del kill recover gpt unit zc zcq tmpfs
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -802,6 +836,7 @@ for t in "$@"; do
 	raw) raw_test ;;
 	zc) zc_test ;;
 	zcq) zcq_test ;;
+	tmpfs) tmpfs_test ;;
 	null) null_test ;;
 	bad) bad_test ;;
 	corrupt) corrupt_test ;;
