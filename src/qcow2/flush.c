@@ -152,18 +152,18 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 	return 0;
 }
 
+/*
+ * A whole table of @bytes (a multiple of 512) as big-endian copies; entries
+ * past the table's end written as zeros.
+ */
 static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
-		      const uint64_t *t, uint64_t entries, uint64_t bytes)
+		      const struct qcow2_table *t, uint64_t bytes)
 {
 	struct flush_item *it = add_item(j, phase, off, bytes, NULL);
-	uint64_t *be, i;
 
 	if (!it)
 		return -ENOMEM;
-	be = it->buf;
-	memset(be, 0, bytes);
-	for (i = 0; i < entries; i++)
-		be[i] = htobe64(t[i]);
+	qcow2_table_read_be(t, 0, bytes / 8, it->buf);
 	return 0;
 }
 
@@ -195,9 +195,9 @@ static bool piece_set(const struct qcow2_pieces *p, uint64_t k)
 }
 
 static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
-		       const uint64_t *t, uint64_t entries, struct qcow2_pieces *p)
+		       const struct qcow2_table *t, struct qcow2_pieces *p)
 {
-	uint64_t k = 0, end, i, *be;
+	uint64_t k = 0, end;
 	struct flush_item *it;
 
 	while (p->nr_dirty) {
@@ -209,9 +209,8 @@ static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64
 			      (end - k) * QCOW2_PIECE_ENTRIES * 8, NULL);
 		if (!it)
 			return -ENOMEM;
-		be = it->buf;
-		for (i = k * QCOW2_PIECE_ENTRIES; i < end * QCOW2_PIECE_ENTRIES; i++)
-			*be++ = i < entries ? htobe64(t[i]) : 0;
+		qcow2_table_read_be(t, k * QCOW2_PIECE_ENTRIES, (end - k) * QCOW2_PIECE_ENTRIES,
+				    it->buf);
 		p->nr_dirty -= end - k;
 		for (; k < end; k++)
 			p->bits[k / 64] &= ~(1ull << (k % 64));
@@ -260,26 +259,25 @@ static int snapshot(struct qcow2_flush_job *j)
 	j->had_l1 = img->l1_dirty || img->l1_pieces.nr_dirty;
 	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
 	if (!ret && img->reftable_dirty) {
-		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
-				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
+		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, &img->reftable,
+				 (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
 		pieces_clear(&img->rt_pieces);
 	} else if (!ret) {
-		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
-				  img->reftable_size, &img->rt_pieces);
+		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, &img->reftable,
+				  &img->rt_pieces);
 	}
 	if (!ret && img->header_dirty)
 		ret = snap_header(j);
 	if (!ret)
 		ret = snap_cache(j, &img->l2_cache, PH_L2);
 	if (!ret && img->l1_dirty) {
-		ret = snap_table(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
+		ret = snap_table(j, PH_L1, img->h.l1_table_offset, &img->l1,
 				 ((uint64_t)img->h.l1_size * 8 + 511) & ~511ull);
 		img->l1_dirty = false;
 		pieces_clear(&img->l1_pieces);
 	} else if (!ret) {
-		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
-				  &img->l1_pieces);
+		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, &img->l1, &img->l1_pieces);
 	}
 	return ret;
 }

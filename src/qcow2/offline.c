@@ -100,7 +100,9 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 			return qcow2_error(img, -ENOTSUP,
 					   "L2 table at 0x%llx is shared with a snapshot",
 					   (unsigned long long)*l2_off);
-		img->l1[i] |= QCOW2_OFLAG_COPIED;
+		ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
+		if (ret < 0)
+			return ret;
 		img->l1_dirty = true;
 		return 0;
 	}
@@ -112,7 +114,11 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		qcow2_free_clusters(img, host, 1);
 		return ret;
 	}
-	img->l1[i] = host | QCOW2_OFLAG_COPIED;
+	ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
+	if (ret < 0) {
+		qcow2_free_clusters(img, host, 1);
+		return ret;
+	}
 	qcow2_l1_note(img, i);
 	img->l1_dirty = true;
 	*l2_off = host;

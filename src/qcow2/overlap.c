@@ -34,42 +34,44 @@ static bool overlaps(uint64_t off, uint64_t len, uint64_t moff, uint64_t mlen)
 /*
  * Does any entry of @t (its cluster, under @mask) fall in the clusters
  * [@lo, @lo + @span)? Only up to the table's last nonzero entry (the marks
- * below), and without an early exit so the compiler may vectorize it: this
- * runs for every data write.
+ * below), skipping absent chunks (all zeros), and without an early exit
+ * inside a chunk so the compiler may vectorize it: this runs for every
+ * data write.
  */
-static bool table_hits(const uint64_t *t, uint64_t n, uint64_t mask, uint64_t lo, uint64_t span)
+static bool table_hits(const struct qcow2_table *t, uint64_t n, uint64_t mask, uint64_t lo,
+		       uint64_t span)
 {
 	unsigned int hit = 0;
-	uint64_t i;
+	uint64_t base, i, m;
 
-	for (i = 0; i < n; i++) {
-		uint64_t e = t[i] & mask;
+	for (base = 0; base < n && !hit; base += QCOW2_TABLE_CHUNK) {
+		const uint64_t *c = t->chunks[base >> QCOW2_TABLE_CHUNK_BITS];
 
-		hit |= (e != 0) & (e - lo < span);
+		if (!c)
+			continue;
+		m = n - base < QCOW2_TABLE_CHUNK ? n - base : QCOW2_TABLE_CHUNK;
+		for (i = 0; i < m; i++) {
+			uint64_t e = c[i] & mask;
+
+			hit |= (e != 0) & (e - lo < span);
+		}
 	}
 	return hit;
-}
-
-/* Entries up to the last nonzero one of @t (@n entries). */
-static uint64_t table_hi(const uint64_t *t, uint64_t n)
-{
-	while (n && !t[n - 1])
-		n--;
-	return n;
 }
 
 /* Recompute the scan marks of a table that was replaced or resized. */
 static void overlap_marks(struct qcow2 *img)
 {
-	if (img->ol_l1 != img->l1 || img->ol_l1_size != img->h.l1_size) {
-		img->ol_l1 = img->l1;
-		img->ol_l1_size = img->h.l1_size;
-		img->ol_l1_hi = img->l1 ? table_hi(img->l1, img->h.l1_size) : 0;
+	if (img->ol_l1 != img->l1.chunks || img->ol_l1_size != img->l1.nr) {
+		img->ol_l1 = img->l1.chunks;
+		img->ol_l1_size = img->l1.nr;
+		img->ol_l1_hi = img->l1.chunks ? qcow2_table_hi(&img->l1, img->l1.nr) : 0;
 	}
-	if (img->ol_rt != img->reftable || img->ol_rt_size != img->reftable_size) {
-		img->ol_rt = img->reftable;
-		img->ol_rt_size = img->reftable_size;
-		img->ol_rt_hi = img->reftable ? table_hi(img->reftable, img->reftable_size) : 0;
+	if (img->ol_rt != img->reftable.chunks || img->ol_rt_size != img->reftable.nr) {
+		img->ol_rt = img->reftable.chunks;
+		img->ol_rt_size = img->reftable.nr;
+		img->ol_rt_hi = img->reftable.chunks ? qcow2_table_hi(&img->reftable,
+								    img->reftable.nr) : 0;
 	}
 }
 
@@ -102,11 +104,11 @@ static unsigned int overlap_find(struct qcow2 *img, unsigned int chk, uint64_t o
 	    overlaps(lo, hi - lo, img->crypt_hdr_off, img->crypt_hdr_len))
 		return QCOW2_OL_CRYPT_HEADER;
 	overlap_marks(img);
-	if ((chk & QCOW2_OL_ACTIVE_L2) && img->l1 &&
-	    table_hits(img->l1, img->ol_l1_hi, L1E_OFFSET_MASK & cmask, lo, hi - lo))
+	if ((chk & QCOW2_OL_ACTIVE_L2) && img->l1.chunks &&
+	    table_hits(&img->l1, img->ol_l1_hi, L1E_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_ACTIVE_L2;
-	if ((chk & QCOW2_OL_REFCOUNT_BLOCK) && img->reftable &&
-	    table_hits(img->reftable, img->ol_rt_hi, RTE_OFFSET_MASK & cmask, lo, hi - lo))
+	if ((chk & QCOW2_OL_REFCOUNT_BLOCK) && img->reftable.chunks &&
+	    table_hits(&img->reftable, img->ol_rt_hi, RTE_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_REFCOUNT_BLOCK;
 	return 0;
 }
