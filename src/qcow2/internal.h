@@ -208,14 +208,17 @@ void qcow2_cache_drop(struct qcow2_cache *c);
 /*
  * A table of 64-bit entries (host byte order) held in chunks of
  * QCOW2_TABLE_CHUNK entries (4 KiB), a chunk allocated only once an entry
- * in it becomes nonzero: a NULL chunk reads as zeros. The L1 table of a
+ * in it becomes nonzero. Absent chunks point at one shared chunk of zeros
+ * (never written), so that a read needs no test: the L1 lookup and the
+ * overlap scan run for every I/O. The L1 table of a
  * fresh 4 TiB image with 4 KiB clusters is 16 MiB of zeros; held this way
  * it costs its pointer array (32 KiB) plus the chunks in use.
  */
 #define QCOW2_TABLE_CHUNK_BITS	9
 #define QCOW2_TABLE_CHUNK	(1u << QCOW2_TABLE_CHUNK_BITS)
+extern const uint64_t qcow2_table_zero[QCOW2_TABLE_CHUNK];
 struct qcow2_table {
-	uint64_t **chunks;
+	uint64_t **chunks;		/* absent ones: qcow2_table_zero */
 	uint64_t nr;			/* entries it holds (readable, settable) */
 	uint64_t nr_held;		/* chunks allocated */
 };
@@ -226,9 +229,7 @@ int qcow2_table_chunk_alloc(struct qcow2_table *t, uint64_t k);
 /* Entry @i (< t->nr). */
 static inline uint64_t qcow2_table_get(const struct qcow2_table *t, uint64_t i)
 {
-	const uint64_t *c = t->chunks[i >> QCOW2_TABLE_CHUNK_BITS];
-
-	return c ? c[i & (QCOW2_TABLE_CHUNK - 1)] : 0;
+	return t->chunks[i >> QCOW2_TABLE_CHUNK_BITS][i & (QCOW2_TABLE_CHUNK - 1)];
 }
 
 /* Set entry @i (< t->nr) to @v. 0, or -ENOMEM when its chunk cannot be allocated. */
@@ -236,7 +237,7 @@ static inline int qcow2_table_set(struct qcow2_table *t, uint64_t i, uint64_t v)
 {
 	uint64_t k = i >> QCOW2_TABLE_CHUNK_BITS;
 
-	if (!t->chunks[k]) {
+	if (t->chunks[k] == qcow2_table_zero) {
 		int ret;
 
 		if (!v)
@@ -269,12 +270,10 @@ int qcow2_table_load_be(struct qcow2_table *t, uint64_t first, const uint64_t *b
 /* Is the chunk holding entry @i absent (all its entries zero)? */
 static inline bool qcow2_table_hole(const struct qcow2_table *t, uint64_t i)
 {
-	return !t->chunks[i >> QCOW2_TABLE_CHUNK_BITS];
+	return t->chunks[i >> QCOW2_TABLE_CHUNK_BITS] == qcow2_table_zero;
 }
 /* One past the last nonzero entry below @n. */
 uint64_t qcow2_table_hi(const struct qcow2_table *t, uint64_t n);
-/* A plain host-order copy of the first @n entries (*@out, free()). 0 or -ENOMEM. */
-int qcow2_table_to_array(const struct qcow2_table *t, uint64_t n, uint64_t **out);
 /* Memory the table holds: its pointer array and chunks. */
 uint64_t qcow2_table_bytes(const struct qcow2_table *t);
 /* Every entry zero: the chunks go. */

@@ -32,30 +32,42 @@ static bool overlaps(uint64_t off, uint64_t len, uint64_t moff, uint64_t mlen)
 }
 
 /*
- * Does any entry of @t (its cluster, under @mask) fall in the clusters
- * [@lo, @lo + @span)? Only up to the table's last nonzero entry (the marks
- * below), skipping absent chunks (all zeros), and without an early exit
- * inside a chunk so the compiler may vectorize it: this runs for every
- * data write.
+ * Does any of the @n entries at @c (its cluster, under @mask) fall in the
+ * clusters [@lo, @lo + @span)? Without an early exit so the compiler may
+ * vectorize it: this runs for every data write.
  */
-static bool table_hits(const struct qcow2_table *t, uint64_t n, uint64_t mask, uint64_t lo,
-		       uint64_t span)
+static bool chunk_hits(const uint64_t *c, uint64_t n, uint64_t mask, uint64_t lo, uint64_t span)
 {
 	unsigned int hit = 0;
-	uint64_t base, i, m;
+	uint64_t i;
 
-	for (base = 0; base < n && !hit; base += QCOW2_TABLE_CHUNK) {
-		const uint64_t *c = t->chunks[base >> QCOW2_TABLE_CHUNK_BITS];
+	for (i = 0; i < n; i++) {
+		uint64_t e = c[i] & mask;
 
-		if (!c)
-			continue;
-		m = n - base < QCOW2_TABLE_CHUNK ? n - base : QCOW2_TABLE_CHUNK;
-		for (i = 0; i < m; i++) {
-			uint64_t e = c[i] & mask;
-
-			hit |= (e != 0) & (e - lo < span);
-		}
+		hit |= (e != 0) & (e - lo < span);
 	}
+	return hit;
+}
+
+/*
+ * The same over table @t, up to its entry @n (the last nonzero one: the
+ * marks below), skipping absent chunks (all zeros). Written for the common
+ * case of a table whose entries in use fit in its first chunk: one pointer
+ * load more than a flat array's scan; inlined, as that scan was (a call
+ * costs more than the scan of a few entries).
+ */
+static inline __attribute__((always_inline)) bool
+table_hits(const struct qcow2_table *t, uint64_t n, uint64_t mask, uint64_t lo, uint64_t span)
+{
+	uint64_t *const *cp = t->chunks;
+	bool hit = false;
+
+	for (; n > QCOW2_TABLE_CHUNK; n -= QCOW2_TABLE_CHUNK, cp++)
+		if (*cp != qcow2_table_zero)
+			hit |= chunk_hits(*cp, QCOW2_TABLE_CHUNK, mask, lo, span);
+	/* The last one even if absent: the zero chunk hits nothing. */
+	if (n)
+		hit |= chunk_hits(*cp, n, mask, lo, span);
 	return hit;
 }
 
@@ -104,10 +116,11 @@ static unsigned int overlap_find(struct qcow2 *img, unsigned int chk, uint64_t o
 	    overlaps(lo, hi - lo, img->crypt_hdr_off, img->crypt_hdr_len))
 		return QCOW2_OL_CRYPT_HEADER;
 	overlap_marks(img);
-	if ((chk & QCOW2_OL_ACTIVE_L2) && img->l1.chunks &&
+	/* Marks above 0 mean the tables exist. */
+	if ((chk & QCOW2_OL_ACTIVE_L2) &&
 	    table_hits(&img->l1, img->ol_l1_hi, L1E_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_ACTIVE_L2;
-	if ((chk & QCOW2_OL_REFCOUNT_BLOCK) && img->reftable.chunks &&
+	if ((chk & QCOW2_OL_REFCOUNT_BLOCK) &&
 	    table_hits(&img->reftable, img->ol_rt_hi, RTE_OFFSET_MASK & cmask, lo, hi - lo))
 		return QCOW2_OL_REFCOUNT_BLOCK;
 	return 0;

@@ -9,6 +9,20 @@
 
 #include "internal.h"
 
+const uint64_t qcow2_table_zero[QCOW2_TABLE_CHUNK];
+
+/* Point chunks [@first, @end) at the zero chunk. */
+static void chunks_absent(struct qcow2_table *t, uint64_t first, uint64_t end)
+{
+	for (; first < end; first++)
+		t->chunks[first] = (uint64_t *)qcow2_table_zero;
+}
+
+static bool absent(const uint64_t *c)
+{
+	return c == qcow2_table_zero;
+}
+
 static uint64_t nr_chunks(uint64_t nr)
 {
 	return (nr + QCOW2_TABLE_CHUNK - 1) >> QCOW2_TABLE_CHUNK_BITS;
@@ -30,9 +44,10 @@ int qcow2_table_init(struct qcow2_table *t, uint64_t nr)
 	/* One pointer at least: a table of 0 entries still has an array. */
 	uint64_t n = nr_chunks(nr) ? nr_chunks(nr) : 1;
 
-	t->chunks = calloc(n, sizeof(*t->chunks));
+	t->chunks = malloc(n * sizeof(*t->chunks));
 	if (!t->chunks)
 		return -ENOMEM;
+	chunks_absent(t, 0, n);
 	t->nr = nr;
 	t->nr_held = 0;
 	return 0;
@@ -44,7 +59,8 @@ void qcow2_table_free(struct qcow2_table *t)
 
 	if (t->chunks)
 		for (k = 0; k < nr_chunks(t->nr); k++)
-			free(t->chunks[k]);
+			if (!absent(t->chunks[k]))
+				free(t->chunks[k]);
 	free(t->chunks);
 	t->chunks = NULL;
 	t->nr = t->nr_held = 0;
@@ -59,19 +75,19 @@ int qcow2_table_resize(struct qcow2_table *t, uint64_t nr)
 
 		if (!nc)
 			return -ENOMEM;
-		memset(nc + old, 0, (n - old) * sizeof(*nc));
 		t->chunks = nc;
+		chunks_absent(t, old, n);
 	} else {
 		/* The array keeps its size: shrinking it could only fail. */
 		for (k = n; k < old; k++) {
-			if (t->chunks[k]) {
+			if (!absent(t->chunks[k])) {
 				free(t->chunks[k]);
-				t->chunks[k] = NULL;
 				t->nr_held--;
 			}
 		}
+		chunks_absent(t, n, old);
 		/* Entries past @nr in the last chunk read zero if it grows again. */
-		if (n && t->chunks[n - 1])
+		if (n && !absent(t->chunks[n - 1]))
 			for (i = nr; i < n << QCOW2_TABLE_CHUNK_BITS; i++)
 				t->chunks[n - 1][i & (QCOW2_TABLE_CHUNK - 1)] = 0;
 	}
@@ -88,7 +104,7 @@ int qcow2_table_reserve(struct qcow2_table *t, uint64_t first, uint64_t n)
 		return 0;
 	for (k = first >> QCOW2_TABLE_CHUNK_BITS; k <= (first + n - 1) >> QCOW2_TABLE_CHUNK_BITS;
 	     k++) {
-		if (t->chunks[k])
+		if (!absent(t->chunks[k]))
 			continue;
 		ret = qcow2_table_chunk_alloc(t, k);
 		if (ret < 0)
@@ -115,7 +131,7 @@ void qcow2_table_read_be(const struct qcow2_table *t, uint64_t first, uint64_t n
 			stop = end;
 		if (stop > t->nr)
 			stop = t->nr;
-		if (!c) {
+		if (absent(c)) {
 			memset(be, 0, (stop - i) * 8);
 			be += stop - i;
 			i = stop - 1;
@@ -147,7 +163,7 @@ uint64_t qcow2_table_hi(const struct qcow2_table *t, uint64_t n)
 	while (n) {
 		const uint64_t *c = t->chunks[(n - 1) >> QCOW2_TABLE_CHUNK_BITS];
 
-		if (!c) {
+		if (absent(c)) {
 			/* Skip the whole hole. */
 			n = ((n - 1) >> QCOW2_TABLE_CHUNK_BITS) << QCOW2_TABLE_CHUNK_BITS;
 			continue;
@@ -159,26 +175,14 @@ uint64_t qcow2_table_hi(const struct qcow2_table *t, uint64_t n)
 	return n;
 }
 
-int qcow2_table_to_array(const struct qcow2_table *t, uint64_t n, uint64_t **out)
-{
-	uint64_t *a = malloc((n ? n : 1) * 8), i;
-
-	if (!a)
-		return -ENOMEM;
-	for (i = 0; i < n; i++)
-		a[i] = i < t->nr ? qcow2_table_get(t, i) : 0;
-	*out = a;
-	return 0;
-}
-
 void qcow2_table_clear(struct qcow2_table *t)
 {
 	uint64_t k;
 
-	for (k = 0; k < nr_chunks(t->nr); k++) {
-		free(t->chunks[k]);
-		t->chunks[k] = NULL;
-	}
+	for (k = 0; k < nr_chunks(t->nr); k++)
+		if (!absent(t->chunks[k]))
+			free(t->chunks[k]);
+	chunks_absent(t, 0, nr_chunks(t->nr));
 	t->nr_held = 0;
 }
 

@@ -65,7 +65,7 @@ END_TEST
 
 START_TEST(test_every_entry_set)
 {
-	uint64_t n = 3 * QCOW2_TABLE_CHUNK + 17, i, *be, *arr;
+	uint64_t n = 3 * QCOW2_TABLE_CHUNK + 17, i, *be;
 	struct qcow2_table t;
 
 	ck_assert_int_eq(qcow2_table_init(&t, n), 0);
@@ -81,10 +81,6 @@ START_TEST(test_every_entry_set)
 	qcow2_table_read_be(&t, 0, n + 100, be);
 	for (i = 0; i < n + 100; i++)
 		ck_assert_uint_eq(be64toh(be[i]), i < n ? (i + 1) << 16 : 0);
-	ck_assert_int_eq(qcow2_table_to_array(&t, n, &arr), 0);
-	for (i = 0; i < n; i++)
-		ck_assert_uint_eq(arr[i], (i + 1) << 16);
-	free(arr);
 	/* Load of the copy into a fresh table gives the same table. */
 	{
 		struct qcow2_table u;
