@@ -62,7 +62,7 @@ table_hits(const struct qcow2_table *t, uint64_t n, uint64_t mask, uint64_t lo, 
 	uint64_t *const *cp = t->chunks;
 	bool hit = false;
 
-	for (; n > QCOW2_TABLE_CHUNK; n -= QCOW2_TABLE_CHUNK, cp++)
+	for (; __builtin_expect(n > QCOW2_TABLE_CHUNK, 0); n -= QCOW2_TABLE_CHUNK, cp++)
 		if (*cp != qcow2_table_zero)
 			hit |= chunk_hits(*cp, QCOW2_TABLE_CHUNK, mask, lo, span);
 	/* The last one even if absent: the zero chunk hits nothing. */
@@ -71,20 +71,23 @@ table_hits(const struct qcow2_table *t, uint64_t n, uint64_t mask, uint64_t lo, 
 	return hit;
 }
 
-/* Recompute the scan marks of a table that was replaced or resized. */
+/* Recompute the scan marks of a table that was replaced or resized (rare: out of line). */
+static __attribute__((cold, noinline)) void overlap_marks_compute(struct qcow2 *img)
+{
+	img->ol_l1 = img->l1.chunks;
+	img->ol_l1_size = img->l1.nr;
+	img->ol_l1_hi = img->l1.chunks ? qcow2_table_hi(&img->l1, img->l1.nr) : 0;
+	img->ol_rt = img->reftable.chunks;
+	img->ol_rt_size = img->reftable.nr;
+	img->ol_rt_hi = img->reftable.chunks ? qcow2_table_hi(&img->reftable, img->reftable.nr) : 0;
+}
+
 static void overlap_marks(struct qcow2 *img)
 {
-	if (img->ol_l1 != img->l1.chunks || img->ol_l1_size != img->l1.nr) {
-		img->ol_l1 = img->l1.chunks;
-		img->ol_l1_size = img->l1.nr;
-		img->ol_l1_hi = img->l1.chunks ? qcow2_table_hi(&img->l1, img->l1.nr) : 0;
-	}
-	if (img->ol_rt != img->reftable.chunks || img->ol_rt_size != img->reftable.nr) {
-		img->ol_rt = img->reftable.chunks;
-		img->ol_rt_size = img->reftable.nr;
-		img->ol_rt_hi = img->reftable.chunks ? qcow2_table_hi(&img->reftable,
-								    img->reftable.nr) : 0;
-	}
+	if (__builtin_expect(img->ol_l1 != img->l1.chunks || img->ol_l1_size != img->l1.nr ||
+			     img->ol_rt != img->reftable.chunks ||
+			     img->ol_rt_size != img->reftable.nr, 0))
+		overlap_marks_compute(img);
 }
 
 static unsigned int overlap_find(struct qcow2 *img, unsigned int chk, uint64_t off,
