@@ -103,7 +103,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
 		if (ret < 0)
 			return ret;
-		img->l1_dirty = true;
+		qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 		return 0;
 	}
 	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
@@ -120,7 +120,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		return ret;
 	}
 	qcow2_l1_note(img, i);
-	img->l1_dirty = true;
+	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 	*l2_off = host;
 	return 0;
 }
