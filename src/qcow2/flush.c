@@ -49,7 +49,7 @@ struct flush_item {
 	struct qcow2_flush_job *job;
 	struct qcow2_slice *slice;	/* NULL for tables and the header */
 	enum flush_phase phase;
-	void *buf;			/* the slice's own data, or a copy we free */
+	void *buf;			/* the slice's own data, img->zero_buf, or a copy we free */
 };
 
 struct qcow2_flush_job {
@@ -81,7 +81,7 @@ static void item_release(struct flush_item *it, bool failed)
 		if (failed)
 			qcow2_cache_mark_dirty(s);
 	}
-	if (!s || it->buf != s->data)
+	if ((!s || it->buf != s->data) && it->buf != it->job->img->zero_buf)
 		free(it->buf);
 	it->buf = NULL;
 }
@@ -152,18 +152,38 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 	return 0;
 }
 
+/* Is entry @i of @t zero as far as its chunk tells (past the end: yes)? */
+static bool in_hole(const struct qcow2_table *t, uint64_t i)
+{
+	return i >= t->nr || qcow2_table_hole(t, i);
+}
+
 /*
- * A whole table of @bytes (a multiple of 512) as big-endian copies; entries
- * past the table's end written as zeros.
+ * A whole table of @bytes (a multiple of 512) as big-endian copies of its
+ * chunks in use; runs of absent chunks and what lies past the table's end
+ * written from the zero buffer, so that a 16 MiB L1 table of a fresh 4 TiB
+ * image is not copied whole.
  */
 static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
 		      const struct qcow2_table *t, uint64_t bytes)
 {
-	struct flush_item *it = add_item(j, phase, off, bytes, NULL);
+	uint64_t n = bytes / 8, zmax = (1ull << QCOW2_MAX_CLUSTER_BITS) / 8, i, end;
+	struct flush_item *it;
+	bool hole;
 
-	if (!it)
-		return -ENOMEM;
-	qcow2_table_read_be(t, 0, bytes / 8, it->buf);
+	for (i = 0; i < n; i = end) {
+		hole = in_hole(t, i);
+		end = (i | (QCOW2_TABLE_CHUNK - 1)) + 1;
+		while (end < n && in_hole(t, end) == hole && (!hole || end - i < zmax))
+			end += QCOW2_TABLE_CHUNK;
+		if (end > n)
+			end = n;
+		it = add_item(j, phase, off + i * 8, (end - i) * 8, hole ? j->img->zero_buf : NULL);
+		if (!it)
+			return -ENOMEM;
+		if (!hole)
+			qcow2_table_read_be(t, i, end - i, it->buf);
+	}
 	return 0;
 }
 
