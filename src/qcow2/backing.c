@@ -156,7 +156,7 @@ int qcow2_make_empty(struct qcow2 *img)
 	 * applies queued refcount decrements) then frees them, keeping
 	 * everything internal snapshots still use.
 	 */
-	memset(img->l1, 0, (size_t)img->h.l1_size * 8);
+	qcow2_table_clear(&img->l1);
 	img->l1_dirty = true;
 	ret = qcow2_flush(img);
 	if (ret < 0)

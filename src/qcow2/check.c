@@ -1185,8 +1185,12 @@ static int check_oflag_copied(struct check *c, int fix)
 					res->check_errors++;
 					goto out;
 				}
-				if (img->l1 && i < img->l1_alloc) {
-					img->l1[i] = e;
+				if (img->l1.chunks && i < img->l1.nr) {
+					ret = qcow2_table_set(&img->l1, i, e);
+					if (ret < 0) {
+						res->check_errors++;
+						goto out;
+					}
 					qcow2_l1_note(img, i);
 				}
 				res->corruptions--;
@@ -1432,26 +1436,23 @@ out:
 int qcow2_reload_refcounts(struct qcow2 *img)
 {
 	uint64_t bytes = (uint64_t)img->h.refcount_table_clusters << img->h.cluster_bits;
-	uint64_t *rt, i;
+	struct qcow2_table rt = { 0 };
 	int ret;
 
 	if (!bytes || bytes > QCOW2_MAX_REFTABLE_BYTES ||
 	    !qcow2_aligned(img, img->h.refcount_table_offset))
 		return qcow2_error(img, -EINVAL, "invalid refcount table after repair");
-	if (posix_memalign((void **)&rt, BUF_ALIGN, bytes))
-		return qcow2_error(img, -ENOMEM, "out of memory");
-	ret = qcow2_io_pread(img->io, img->fd, rt, bytes, img->h.refcount_table_offset);
+	ret = qcow2_table_load(img, img->h.refcount_table_offset, bytes / 8, &rt);
 	if (ret < 0) {
-		free(rt);
-		return qcow2_error(img, ret, "cannot read the refcount table: %s", strerror(-ret));
+		qcow2_table_free(&rt);
+		if (ret == -ENOMEM)
+			return qcow2_error(img, ret, "out of memory");
+		return ret;
 	}
-	for (i = 0; i < bytes / 8; i++)
-		rt[i] = be64toh(rt[i]);
 	qcow2_cache_drop(&img->rc_cache);
 	qcow2_cache_drop(&img->l2_cache);
-	free(img->reftable);
-	img->reftable = rt;
-	img->reftable_size = bytes / 8;
+	qcow2_table_swap(&img->reftable, &rt);
+	qcow2_table_free(&rt);
 	qcow2_overlap_reset(img);
 	img->reftable_dirty = false;
 	img->free_hint = 0;

@@ -101,7 +101,7 @@ int qcow2_l1_lookup(struct qcow2 *img, uint64_t pos, uint64_t *l2_off, uint64_t 
 	if (i >= img->h.l1_size)
 		return qcow2_corrupt(img, "guest offset %llu beyond the L1 table",
 				     (unsigned long long)pos);
-	*l1e = img->l1[i];
+	*l1e = qcow2_table_get(&img->l1, i);
 	*l2_off = *l1e & L1E_OFFSET_MASK;
 	if (*l2_off & (img->cluster_size - 1))
 		return qcow2_corrupt(img, "L2 table offset 0x%llx (L1 index %llu) not aligned",

@@ -49,7 +49,7 @@ struct flush_item {
 	struct qcow2_flush_job *job;
 	struct qcow2_slice *slice;	/* NULL for tables and the header */
 	enum flush_phase phase;
-	void *buf;			/* the slice's own data, or a copy we free */
+	void *buf;			/* the slice's own data, img->zero_buf, or a copy we free */
 };
 
 struct qcow2_flush_job {
@@ -81,7 +81,7 @@ static void item_release(struct flush_item *it, bool failed)
 		if (failed)
 			qcow2_cache_mark_dirty(s);
 	}
-	if (!s || it->buf != s->data)
+	if ((!s || it->buf != s->data) && it->buf != it->job->img->zero_buf)
 		free(it->buf);
 	it->buf = NULL;
 }
@@ -152,18 +152,38 @@ static int snap_cache(struct qcow2_flush_job *j, struct qcow2_cache *c, enum flu
 	return 0;
 }
 
-static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
-		      const uint64_t *t, uint64_t entries, uint64_t bytes)
+/* Is entry @i of @t zero as far as its chunk tells (past the end: yes)? */
+static bool in_hole(const struct qcow2_table *t, uint64_t i)
 {
-	struct flush_item *it = add_item(j, phase, off, bytes, NULL);
-	uint64_t *be, i;
+	return i >= t->nr || qcow2_table_hole(t, i);
+}
 
-	if (!it)
-		return -ENOMEM;
-	be = it->buf;
-	memset(be, 0, bytes);
-	for (i = 0; i < entries; i++)
-		be[i] = htobe64(t[i]);
+/*
+ * A whole table of @bytes (a multiple of 512) as big-endian copies of its
+ * chunks in use; runs of absent chunks and what lies past the table's end
+ * written from the zero buffer, so that a 16 MiB L1 table of a fresh 4 TiB
+ * image is not copied whole.
+ */
+static int snap_table(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
+		      const struct qcow2_table *t, uint64_t bytes)
+{
+	uint64_t n = bytes / 8, zmax = (1ull << QCOW2_MAX_CLUSTER_BITS) / 8, i, end;
+	struct flush_item *it;
+	bool hole;
+
+	for (i = 0; i < n; i = end) {
+		hole = in_hole(t, i);
+		end = (i | (QCOW2_TABLE_CHUNK - 1)) + 1;
+		while (end < n && in_hole(t, end) == hole && (!hole || end - i < zmax))
+			end += QCOW2_TABLE_CHUNK;
+		if (end > n)
+			end = n;
+		it = add_item(j, phase, off + i * 8, (end - i) * 8, hole ? j->img->zero_buf : NULL);
+		if (!it)
+			return -ENOMEM;
+		if (!hole)
+			qcow2_table_read_be(t, i, end - i, it->buf);
+	}
 	return 0;
 }
 
@@ -195,9 +215,9 @@ static bool piece_set(const struct qcow2_pieces *p, uint64_t k)
 }
 
 static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64_t off,
-		       const uint64_t *t, uint64_t entries, struct qcow2_pieces *p)
+		       const struct qcow2_table *t, struct qcow2_pieces *p)
 {
-	uint64_t k = 0, end, i, *be;
+	uint64_t k = 0, end;
 	struct flush_item *it;
 
 	while (p->nr_dirty) {
@@ -209,9 +229,8 @@ static int snap_pieces(struct qcow2_flush_job *j, enum flush_phase phase, uint64
 			      (end - k) * QCOW2_PIECE_ENTRIES * 8, NULL);
 		if (!it)
 			return -ENOMEM;
-		be = it->buf;
-		for (i = k * QCOW2_PIECE_ENTRIES; i < end * QCOW2_PIECE_ENTRIES; i++)
-			*be++ = i < entries ? htobe64(t[i]) : 0;
+		qcow2_table_read_be(t, k * QCOW2_PIECE_ENTRIES, (end - k) * QCOW2_PIECE_ENTRIES,
+				    it->buf);
 		p->nr_dirty -= end - k;
 		for (; k < end; k++)
 			p->bits[k / 64] &= ~(1ull << (k % 64));
@@ -260,26 +279,25 @@ static int snapshot(struct qcow2_flush_job *j)
 	j->had_l1 = img->l1_dirty || img->l1_pieces.nr_dirty;
 	ret = snap_cache(j, &img->rc_cache, PH_REFCOUNTS);
 	if (!ret && img->reftable_dirty) {
-		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
-				 img->reftable_size, (uint64_t)img->h.refcount_table_clusters * cs);
+		ret = snap_table(j, PH_REFTABLE, img->h.refcount_table_offset, &img->reftable,
+				 (uint64_t)img->h.refcount_table_clusters * cs);
 		img->reftable_dirty = false;
 		pieces_clear(&img->rt_pieces);
 	} else if (!ret) {
-		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, img->reftable,
-				  img->reftable_size, &img->rt_pieces);
+		ret = snap_pieces(j, PH_REFTABLE, img->h.refcount_table_offset, &img->reftable,
+				  &img->rt_pieces);
 	}
 	if (!ret && img->header_dirty)
 		ret = snap_header(j);
 	if (!ret)
 		ret = snap_cache(j, &img->l2_cache, PH_L2);
 	if (!ret && img->l1_dirty) {
-		ret = snap_table(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
+		ret = snap_table(j, PH_L1, img->h.l1_table_offset, &img->l1,
 				 ((uint64_t)img->h.l1_size * 8 + 511) & ~511ull);
 		img->l1_dirty = false;
 		pieces_clear(&img->l1_pieces);
 	} else if (!ret) {
-		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, img->l1, img->h.l1_size,
-				  &img->l1_pieces);
+		ret = snap_pieces(j, PH_L1, img->h.l1_table_offset, &img->l1, &img->l1_pieces);
 	}
 	return ret;
 }

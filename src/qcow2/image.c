@@ -174,31 +174,36 @@ static int pieces_init(struct qcow2_pieces *p, uint64_t entries)
 	return 0;
 }
 
-static int load_table(struct qcow2 *img, uint64_t off, uint64_t entries, uint64_t alloc_entries,
-		      uint64_t **out)
+/* Only the table's nonzero chunks take memory, whatever its size on disk. */
+#define LOAD_BUF_BYTES	(64u << 10)
+int qcow2_table_load(struct qcow2 *img, uint64_t off, uint64_t entries, struct qcow2_table *t)
 {
-	uint64_t align = img->cluster_size > 4096 ? img->cluster_size : 4096;
-	uint64_t bytes = (alloc_entries * 8 + align - 1) & ~(align - 1);
-	uint64_t *t = alloc_aligned(bytes);
-	uint64_t i;
+	uint64_t *buf, done, n;
 	int ret;
 
-	if (!t)
+	ret = qcow2_table_init(t, entries);
+	if (ret < 0)
+		return ret;
+	if (!entries)
+		return 0;
+	buf = alloc_aligned(LOAD_BUF_BYTES);
+	if (!buf)
 		return -ENOMEM;
-	if (entries) {
-		ret = qcow2_io_pread(img->io, img->fd, t, (entries * 8 + 4095) & ~4095ull, off);
+	for (done = 0; done < entries; done += n) {
+		n = entries - done < LOAD_BUF_BYTES / 8 ? entries - done : LOAD_BUF_BYTES / 8;
+		ret = qcow2_io_pread(img->io, img->fd, buf, (n * 8 + 4095) & ~4095ull,
+				     off + done * 8);
 		if (ret < 0) {
-			free(t);
-			return qcow2_error(img, ret, "cannot read table at 0x%llx: %s",
-					   (unsigned long long)off, strerror(-ret));
+			ret = qcow2_error(img, ret, "cannot read table at 0x%llx: %s",
+					  (unsigned long long)off, strerror(-ret));
+			break;
 		}
-		/* Entries past @entries in the last sector are not ours. */
-		memset(t + entries, 0, bytes - entries * 8);
+		ret = qcow2_table_load_be(t, done, buf, n);
+		if (ret < 0)
+			break;
 	}
-	for (i = 0; i < entries; i++)
-		t[i] = be64toh(t[i]);
-	*out = t;
-	return 0;
+	free(buf);
+	return ret;
 }
 
 /* Write the header cluster's used part and fdatasync. */
@@ -247,12 +252,13 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		return qcow2_error(img, -EINVAL, "invalid cache slice size %u", slice);
 	if (l2_bytes) {
 		/*
-		 * A size asked for bounds the metadata memory: the L1 and
-		 * refcount tables, held whole, count against it, the rest
-		 * caches L2 slices. Never less than a quarter of it, though:
-		 * a few slices would flush for room every few allocations.
+		 * A size asked for bounds the metadata memory: what the L1
+		 * and refcount tables hold at open (their nonzero chunks)
+		 * counts against it, the rest caches L2 slices. Never less
+		 * than a quarter of it, though: a few slices would flush for
+		 * room every few allocations.
 		 */
-		uint64_t tables = ((uint64_t)img->l1_alloc + img->reftable_size) * 8;
+		uint64_t tables = qcow2_table_bytes(&img->l1) + qcow2_table_bytes(&img->reftable);
 
 		l2_bytes = tables + l2_bytes / 4 < l2_bytes ? l2_bytes - tables : l2_bytes / 4;
 	} else {
@@ -293,8 +299,8 @@ static void image_free(struct qcow2 *img)
 	qcow2_overlap_free(img);
 	if (img->zero_buf)
 		munmap(img->zero_buf, 1u << QCOW2_MAX_CLUSTER_BITS);
-	free(img->l1);
-	free(img->reftable);
+	qcow2_table_free(&img->l1);
+	qcow2_table_free(&img->reftable);
 	free(img->l1_pieces.bits);
 	free(img->rt_pieces.bits);
 	free(img->frees);
@@ -505,18 +511,17 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 			goto fail;
 	}
 
-	img->l1_alloc = img->h.l1_size;
-	ret = load_table(img, img->h.l1_table_offset, img->h.l1_size, img->l1_alloc, &img->l1);
+	ret = qcow2_table_load(img, img->h.l1_table_offset, img->h.l1_size, &img->l1);
 	if (ret < 0)
 		goto fail;
-	img->reftable_size = ((uint64_t)img->h.refcount_table_clusters * img->cluster_size) / 8;
-	ret = load_table(img, img->h.refcount_table_offset, img->reftable_size,
-			 img->reftable_size, &img->reftable);
+	ret = qcow2_table_load(img, img->h.refcount_table_offset,
+			 ((uint64_t)img->h.refcount_table_clusters * img->cluster_size) / 8,
+			 &img->reftable);
 	if (ret < 0)
 		goto fail;
-	ret = pieces_init(&img->l1_pieces, img->l1_alloc);
+	ret = pieces_init(&img->l1_pieces, img->l1.nr);
 	if (!ret)
-		ret = pieces_init(&img->rt_pieces, img->reftable_size);
+		ret = pieces_init(&img->rt_pieces, img->reftable.nr);
 	if (ret < 0)
 		goto fail;
 	ret = init_caches(img, opts);

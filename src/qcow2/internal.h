@@ -203,6 +203,90 @@ void qcow2_cache_write_done(struct qcow2_slice *s);
 /* Forget every slice (after check -r rewrote metadata behind the cache). */
 void qcow2_cache_drop(struct qcow2_cache *c);
 
+/* ---- Sparse L1 / refcount tables (table.c) ------------------------------------ */
+
+/*
+ * A table of 64-bit entries (host byte order) held in chunks of
+ * QCOW2_TABLE_CHUNK entries (4 KiB), a chunk allocated only once an entry
+ * in it becomes nonzero. Absent chunks point at one shared chunk of zeros
+ * (never written), so that a read needs no test: the L1 lookup and the
+ * overlap scan run for every I/O. The L1 table of a
+ * fresh 4 TiB image with 4 KiB clusters is 16 MiB of zeros; held this way
+ * it costs its pointer array (32 KiB) plus the chunks in use.
+ */
+#define QCOW2_TABLE_CHUNK_BITS	9
+#define QCOW2_TABLE_CHUNK	(1u << QCOW2_TABLE_CHUNK_BITS)
+extern const uint64_t qcow2_table_zero[QCOW2_TABLE_CHUNK];
+struct qcow2_table {
+	uint64_t **chunks;		/* absent ones: qcow2_table_zero */
+	uint64_t nr;			/* entries it holds (readable, settable) */
+	uint64_t nr_held;		/* chunks allocated */
+};
+
+/* Allocate chunk @k (zeroed). 0 or -ENOMEM. */
+int qcow2_table_chunk_alloc(struct qcow2_table *t, uint64_t k);
+
+/* Entry @i (< t->nr). */
+static inline uint64_t qcow2_table_get(const struct qcow2_table *t, uint64_t i)
+{
+	return t->chunks[i >> QCOW2_TABLE_CHUNK_BITS][i & (QCOW2_TABLE_CHUNK - 1)];
+}
+
+/* Set entry @i (< t->nr) to @v. 0, or -ENOMEM when its chunk cannot be allocated. */
+static inline int qcow2_table_set(struct qcow2_table *t, uint64_t i, uint64_t v)
+{
+	uint64_t k = i >> QCOW2_TABLE_CHUNK_BITS;
+
+	if (t->chunks[k] == qcow2_table_zero) {
+		int ret;
+
+		if (!v)
+			return 0;
+		ret = qcow2_table_chunk_alloc(t, k);
+		if (ret < 0)
+			return ret;
+	}
+	t->chunks[k][i & (QCOW2_TABLE_CHUNK - 1)] = v;
+	return 0;
+}
+
+/* An empty table of @nr entries (all zero). 0 or -ENOMEM. */
+int qcow2_table_init(struct qcow2_table *t, uint64_t nr);
+void qcow2_table_free(struct qcow2_table *t);
+/*
+ * Make @t hold @nr entries: new ones read zero, entries past a smaller @nr
+ * are dropped. 0, or -ENOMEM with @t unchanged.
+ */
+int qcow2_table_resize(struct qcow2_table *t, uint64_t nr);
+/* Allocate the chunks of entries [@first, @first + @n), so that setting them cannot fail. */
+int qcow2_table_reserve(struct qcow2_table *t, uint64_t first, uint64_t n);
+/* Entries [@first, @first + @n) big-endian into @be; those past t->nr are zeros. */
+void qcow2_table_read_be(const struct qcow2_table *t, uint64_t first, uint64_t n, uint64_t *be);
+/*
+ * Set entries [@first, @first + @n) from big-endian @be; zero entries of
+ * NULL chunks allocate nothing. 0 or -ENOMEM (some entries set).
+ */
+int qcow2_table_load_be(struct qcow2_table *t, uint64_t first, const uint64_t *be, uint64_t n);
+/* Is the chunk holding entry @i absent (all its entries zero)? */
+static inline bool qcow2_table_hole(const struct qcow2_table *t, uint64_t i)
+{
+	return t->chunks[i >> QCOW2_TABLE_CHUNK_BITS] == qcow2_table_zero;
+}
+/* One past the last nonzero entry below @n. */
+uint64_t qcow2_table_hi(const struct qcow2_table *t, uint64_t n);
+/* Memory the table holds: its pointer array and chunks. */
+uint64_t qcow2_table_bytes(const struct qcow2_table *t);
+/* Every entry zero: the chunks go. */
+void qcow2_table_clear(struct qcow2_table *t);
+/*
+ * Read the table of @entries at @off of @img's file into @t (initialized
+ * here; free it even on failure) through a bounded buffer. 0 or -errno.
+ */
+int qcow2_table_load(struct qcow2 *img, uint64_t off, uint64_t entries, struct qcow2_table *t);
+/* Exchange the contents of @a and @b. */
+void qcow2_table_swap(struct qcow2_table *a, struct qcow2_table *b);
+
+
 /* ---- The image --------------------------------------------------------- */
 
 /*
@@ -279,12 +363,10 @@ struct qcow2 {
 	uint8_t *unknown_exts;		/* extensions we keep verbatim */
 	uint32_t unknown_exts_len;
 
-	uint64_t *l1;			/* host byte order */
-	uint32_t l1_alloc;		/* entries allocated (>= l1_size, whole clusters) */
+	struct qcow2_table l1;		/* l1.nr == h.l1_size */
 	bool l1_dirty;			/* the whole table is to be written */
 	struct qcow2_pieces l1_pieces;	/* or only these parts */
-	uint64_t *reftable;		/* host byte order */
-	uint32_t reftable_size;		/* entries */
+	struct qcow2_table reftable;	/* reftable.nr: entries of its clusters */
 	bool reftable_dirty;		/* the whole table is to be written */
 	struct qcow2_pieces rt_pieces;	/* or only these parts */
 	bool header_dirty;
@@ -322,7 +404,7 @@ struct qcow2 {
 	 * replaced or resized. Whoever sets an entry in place calls
 	 * qcow2_l1_note() / qcow2_reftable_note().
 	 */
-	const uint64_t *ol_l1, *ol_rt;	/* the tables the marks were computed for */
+	const void *ol_l1, *ol_rt;	/* the tables' chunk arrays the marks were computed for */
 	uint64_t ol_l1_size, ol_rt_size;
 	uint64_t ol_l1_hi, ol_rt_hi;
 };
@@ -807,5 +889,6 @@ size_t qcow2_nettle_block_size(const struct qcow2_nettle *n);
 int qcow2_nettle_crypt(struct qcow2_nettle *n, const uint8_t *iv, uint8_t *buf, size_t len,
 		       bool enc);
 void qcow2_nettle_free(struct qcow2_nettle *n);
+
 
 #endif

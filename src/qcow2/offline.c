@@ -100,8 +100,10 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 			return qcow2_error(img, -ENOTSUP,
 					   "L2 table at 0x%llx is shared with a snapshot",
 					   (unsigned long long)*l2_off);
-		img->l1[i] |= QCOW2_OFLAG_COPIED;
-		img->l1_dirty = true;
+		ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
+		if (ret < 0)
+			return ret;
+		qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 		return 0;
 	}
 	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
@@ -112,9 +114,13 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		qcow2_free_clusters(img, host, 1);
 		return ret;
 	}
-	img->l1[i] = host | QCOW2_OFLAG_COPIED;
+	ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
+	if (ret < 0) {
+		qcow2_free_clusters(img, host, 1);
+		return ret;
+	}
 	qcow2_l1_note(img, i);
-	img->l1_dirty = true;
+	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 	*l2_off = host;
 	return 0;
 }

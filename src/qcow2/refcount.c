@@ -55,9 +55,9 @@ static int rc_locate(struct qcow2 *img, uint64_t cluster, uint64_t *slice_off, u
 {
 	uint64_t rt_idx = cluster >> img->rb_bits, blk, entry, per_slice;
 
-	if (rt_idx >= img->reftable_size)
+	if (rt_idx >= img->reftable.nr)
 		return 1;
-	blk = img->reftable[rt_idx];
+	blk = qcow2_table_get(&img->reftable, rt_idx);
 	if (!blk)
 		return 1;
 	if ((blk & RTE_RESERVED_MASK) || (blk & (img->cluster_size - 1)) ||
@@ -207,16 +207,22 @@ static int grow_mark(struct qcow2_rc_grow *g, uint64_t base, uint64_t nr, uint64
 static int grow_link(struct qcow2_rc_grow *g)
 {
 	struct qcow2 *img = g->img;
-	uint64_t *nt, j, old_off, old_clusters;
+	uint64_t j, old_off, old_clusters, old_size = img->reftable.nr;
 	int ret;
 
 	if (!g->grow_table) {
 		uint64_t blk = g->rt_idx << img->rb_bits;
 
+		/* Before anything changes: the entry's set cannot fail then. */
+		ret = qcow2_table_reserve(&img->reftable, g->rt_idx, 1);
+		if (ret < 0)
+			return ret;
 		ret = grow_mark(g, blk, 1, blk);
 		if (ret < 0)
 			return ret;
-		img->reftable[g->rt_idx] = blk << img->h.cluster_bits;
+		ret = qcow2_table_set(&img->reftable, g->rt_idx, blk << img->h.cluster_bits);
+		if (ret < 0)
+			return ret;
 		qcow2_reftable_note(img, g->rt_idx);
 		qcow2_pieces_mark(&img->rt_pieces, &img->reftable_dirty, g->rt_idx);
 		return 0;
@@ -224,17 +230,25 @@ static int grow_link(struct qcow2_rc_grow *g)
 	ret = grow_mark(g, g->base, g->nr_new, g->base);
 	if (ret < 0)
 		return ret;
-	nt = calloc(1, g->new_size * 8 > img->cluster_size ? g->new_size * 8 : img->cluster_size);
-	if (!nt)
-		return -ENOMEM;
-	memcpy(nt, img->reftable, (size_t)img->reftable_size * 8);
-	for (j = 0; j < g->nr_blocks; j++)
-		nt[g->rt_idx + j] = (g->base + j) << img->h.cluster_bits;
+	/*
+	 * The table grows in place (its chunks stay), the chunks of the new
+	 * entries allocated first: past this point nothing can fail.
+	 */
+	ret = qcow2_table_resize(&img->reftable, g->new_size);
+	if (!ret)
+		ret = qcow2_table_reserve(&img->reftable, g->rt_idx, g->nr_blocks);
+	if (ret < 0) {
+		qcow2_table_resize(&img->reftable, old_size);
+		return ret;
+	}
+	for (j = 0; j < g->nr_blocks; j++) {
+		ret = qcow2_table_set(&img->reftable, g->rt_idx + j,
+				      (g->base + j) << img->h.cluster_bits);
+		if (ret < 0)
+			return ret;
+	}
 	old_off = img->h.refcount_table_offset;
 	old_clusters = img->h.refcount_table_clusters;
-	free(img->reftable);
-	img->reftable = nt;
-	img->reftable_size = g->new_size;
 	img->h.refcount_table_offset = (g->base + g->nr_blocks) << img->h.cluster_bits;
 	img->h.refcount_table_clusters = g->nr_new - g->nr_blocks;
 	img->reftable_dirty = true;
@@ -260,7 +274,7 @@ static void grow_step(struct qcow2_rc_grow *g)
 static int grow_plan_table(struct qcow2 *img, struct qcow2_rc_grow *g, uint64_t rt_idx)
 {
 	uint64_t per_cluster = img->cluster_size / 8, cpb = 1ull << img->rb_bits;
-	uint64_t new_size = img->reftable_size + img->reftable_size / 2, t, k;
+	uint64_t new_size = img->reftable.nr + img->reftable.nr / 2, t, k;
 
 	if (new_size < rt_idx + 1)
 		new_size = rt_idx + 1;
@@ -308,7 +322,7 @@ static int rc_block_create(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait
 	g->grow_table = false;
 	g->rt_idx = rt_idx;
 	g->marked = 0;
-	if (rt_idx >= img->reftable_size) {
+	if (rt_idx >= img->reftable.nr) {
 		ret = grow_plan_table(img, g, rt_idx);
 		if (ret < 0)
 			return ret;
@@ -326,7 +340,7 @@ static int rc_block_create(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait
 
 int qcow2_reftable_reserve(struct qcow2 *img, uint64_t rt_idx, struct qcow2_wait *w)
 {
-	if (rt_idx < img->reftable_size)
+	if (rt_idx < img->reftable.nr)
 		return 0;
 	/*
 	 * One growth, its clusters in the range after @rt_idx's (what the

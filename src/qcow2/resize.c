@@ -67,7 +67,7 @@ static uint64_t missing_blocks(struct qcow2 *img, uint64_t first, uint64_t end)
 	uint64_t k, m = 0;
 
 	for (k = first >> img->rb_bits; k <= (end - 1) >> img->rb_bits; k++)
-		if (k >= img->reftable_size || !img->reftable[k])
+		if (k >= img->reftable.nr || !qcow2_table_get(&img->reftable, k))
 			m++;
 	return m;
 }
@@ -104,7 +104,7 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 			continue;
 		}
 		k = (q + m + n - 1) >> img->rb_bits;
-		if (k < img->reftable_size)
+		if (k < img->reftable.nr)
 			break;
 		/*
 		 * The table cannot point at every block: grow it first, placed
@@ -126,10 +126,16 @@ static int alloc_long(struct qcow2 *img, uint64_t n, uint64_t *out)
 	ret = qcow2_io_fsync(img->io, img->fd);
 	if (ret < 0)
 		return qcow2_error(img, ret, "cannot sync: %s", strerror(-ret));
+	ret = qcow2_table_reserve(&img->reftable, q >> img->rb_bits,
+				  ((q + m + n - 1) >> img->rb_bits) - (q >> img->rb_bits) + 1);
+	if (ret < 0)
+		return ret;
 	j = 0;
 	for (k = q >> img->rb_bits; k <= (q + m + n - 1) >> img->rb_bits; k++) {
-		if (!img->reftable[k]) {
-			img->reftable[k] = (q + j++) << img->h.cluster_bits;
+		if (!qcow2_table_get(&img->reftable, k)) {
+			ret = qcow2_table_set(&img->reftable, k, (q + j++) << img->h.cluster_bits);
+			if (ret < 0)
+				return ret;
 			qcow2_reftable_note(img, k);
 			img->reftable_dirty = true;
 		}
@@ -148,20 +154,20 @@ static uint64_t l1_clusters(const struct qcow2 *img, uint64_t entries)
 	return (entries * 8 + img->cluster_size - 1) >> img->h.cluster_bits;
 }
 
-/* Exchange the L1 table in memory (*@t, *@alloc entries) and what the header says of it. */
-static void swap_l1(struct qcow2 *img, uint64_t **t, uint32_t *alloc, uint64_t entries,
-		    uint64_t off, uint64_t size)
+/*
+ * Resize the L1 table in memory to @entries and set what the header says of
+ * it. 0, or -ENOMEM with nothing changed.
+ */
+static int set_l1(struct qcow2 *img, uint64_t entries, uint64_t off, uint64_t size)
 {
-	uint64_t *old = img->l1;
-	uint32_t old_alloc = img->l1_alloc;
+	int ret = qcow2_table_resize(&img->l1, entries);
 
-	img->l1 = *t;
-	img->l1_alloc = *alloc;
-	*t = old;
-	*alloc = old_alloc;
+	if (ret < 0)
+		return ret;
 	img->h.l1_size = entries;
 	img->h.l1_table_offset = off;
 	img->h.size = size;
+	return 0;
 }
 
 /*
@@ -172,9 +178,8 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 {
 	uint64_t old_clusters = l1_clusters(img, img->h.l1_size);
 	uint64_t nr = l1_clusters(img, new_l1), bytes = nr << img->h.cluster_bits;
-	uint64_t old_off = img->h.l1_table_offset, off = old_off, *t, *be, i;
+	uint64_t old_off = img->h.l1_table_offset, off = old_off, *be;
 	uint64_t old_l1 = img->h.l1_size, old_size = img->h.size;
-	uint32_t t_alloc;
 	bool moved = !old_off || nr > old_clusters;
 	int ret;
 
@@ -182,17 +187,9 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 		img->h.size = size;
 		return qcow2_header_write(img);
 	}
-	if (posix_memalign((void **)&t, 4096, bytes))
+	if (posix_memalign((void **)&be, 4096, bytes))
 		return -ENOMEM;
-	if (posix_memalign((void **)&be, 4096, bytes)) {
-		free(t);
-		return -ENOMEM;
-	}
-	memset(t, 0, bytes);
-	memset(be, 0, bytes);
-	memcpy(t, img->l1, (size_t)img->h.l1_size * 8);
-	for (i = 0; i < new_l1; i++)
-		be[i] = htobe64(t[i]);
+	qcow2_table_read_be(&img->l1, 0, bytes / 8, be);
 	if (moved) {
 		if (nr < (1ull << img->rb_bits))
 			ret = alloc_contig(img, nr, &off);
@@ -218,17 +215,20 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 		goto out;
 	}
 	/* The header and the table in memory change together (the overlap check reads both). */
-	t_alloc = (uint32_t)(bytes / 8);
-	swap_l1(img, &t, &t_alloc, new_l1, off, size);
+	ret = set_l1(img, new_l1, off, size);
+	if (ret < 0) {
+		if (moved)
+			qcow2_free_clusters(img, off, nr);
+		goto out;
+	}
 	ret = qcow2_header_write(img);
 	if (ret < 0) {
-		swap_l1(img, &t, &t_alloc, old_l1, old_off, old_size);
+		set_l1(img, old_l1, old_off, old_size);
 		goto out;
 	}
 	if (moved && old_off)
 		ret = qcow2_free_clusters(img, old_off, old_clusters);
 out:
-	free(t);
 	free(be);
 	return ret;
 }
@@ -268,8 +268,12 @@ static int drop_unused_blocks(struct qcow2 *img)
 	int ret;
 
 	qcow2_sync_init(&s);
-	for (k = 0; k < img->reftable_size; k++) {
-		blk = img->reftable[k];
+	for (k = 0; k < img->reftable.nr; k++) {
+		if (qcow2_table_hole(&img->reftable, k)) {
+			k |= QCOW2_TABLE_CHUNK - 1;
+			continue;
+		}
+		blk = qcow2_table_get(&img->reftable, k);
 		if (!blk)
 			continue;
 		first = k << img->rb_bits;
@@ -283,7 +287,10 @@ static int drop_unused_blocks(struct qcow2 *img)
 		}
 		if (c < first + (1ull << img->rb_bits))
 			continue;
-		img->reftable[k] = 0;
+		/* A nonzero entry: its chunk exists, clearing it cannot fail. */
+		ret = qcow2_table_set(&img->reftable, k, 0);
+		if (ret < 0)
+			return ret;
 		img->reftable_dirty = true;
 		/* A block inside its own range goes with its reference. */
 		if ((own >> img->rb_bits) != k) {
@@ -384,7 +391,9 @@ static int shrink(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 		ret = drop_table(img, l2_off);
 		if (ret < 0)
 			return ret;
-		img->l1[i] = 0;
+		ret = qcow2_table_set(&img->l1, i, 0);
+		if (ret < 0)
+			return ret;
 		img->l1_dirty = true;
 	}
 	/* Freed tables may be reused: no stale copy may stay cached. */

@@ -417,7 +417,13 @@ static int refs_add(struct qcow2 *img, struct refs *r, uint64_t off, uint64_t nr
 	return 0;
 }
 
-/* Count one reference to every L2 table and cluster that @l1 reaches. */
+/* Entry @i of @l1, or of the active L1 table if @l1 is NULL. */
+static uint64_t l1_entry(const struct qcow2 *img, const uint64_t *l1, uint64_t i)
+{
+	return l1 ? l1[i] : qcow2_table_get(&img->l1, i);
+}
+
+/* Count one reference to every L2 table and cluster that @l1 (NULL: the active one) reaches. */
 static int refs_collect(struct qcow2 *img, struct refs *r, const uint64_t *l1, uint32_t l1_size)
 {
 	uint32_t slice = img->l2_cache.slice_bytes, per_slice = slice / img->l2_entry_bytes, i, j;
@@ -425,7 +431,7 @@ static int refs_collect(struct qcow2 *img, struct refs *r, const uint64_t *l1, u
 	int ret;
 
 	for (i = 0; i < l1_size; i++) {
-		uint64_t l2 = l1[i] & L1E_OFFSET_MASK;
+		uint64_t l2 = l1_entry(img, l1, i) & L1E_OFFSET_MASK;
 
 		if (!l2)
 			continue;
@@ -579,8 +585,8 @@ static int shadow_counts(struct qcow2 *img, struct shadow *sh)
 	sh->rb = alloc_io((sh->nr_rb ? sh->nr_rb : 1) << img->h.cluster_bits);
 	if (!sh->rb)
 		return qcow2_error(img, -ENOMEM, "out of memory");
-	for (i = 0; i < sh->nr_rb && i < img->reftable_size; i++) {
-		uint64_t off = img->reftable[i] & RTE_OFFSET_MASK;
+	for (i = 0; i < sh->nr_rb && i < img->reftable.nr; i++) {
+		uint64_t off = qcow2_table_get(&img->reftable, i) & RTE_OFFSET_MASK;
 
 		if (!off)
 			continue;
@@ -651,7 +657,8 @@ static int shadow_l2(struct qcow2 *img, struct shadow *sh, uint64_t l2, uint8_t 
 }
 
 /*
- * Make @l1 (host order, flags ignored; h.l1_size entries) the active L1
+ * Make @l1 (host order, flags ignored; h.l1_size entries; NULL: the active
+ * one as it is) the active L1
  * table and @t the snapshot table, with sh->add and sh->drop applied to the
  * refcounts, in one header write (see above). The caller has flushed
  * everything and counted the references of the L1 tables; this adds the
@@ -666,6 +673,7 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 	uint64_t tb = table_bytes(t), l1_off = 0, t_off = 0, rb_off, rt_off, rb = 0, rt = 0;
 	uint64_t first_new = sh->add.nr, c, i;
 	struct qcow2_header old = img->h;
+	struct qcow2_table nl1 = { 0 };
 	uint64_t *new_l1 = NULL, *rtab = NULL;
 	uint8_t *buf = NULL, *nrb = NULL;
 	int ret;
@@ -682,9 +690,10 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 	if (!ret)
 		ret = refs_add(img, &sh->drop, img->h.refcount_table_offset,
 			       img->h.refcount_table_clusters);
-	for (i = 0; !ret && i < img->reftable_size; i++)
-		if (img->reftable[i] & RTE_OFFSET_MASK)
-			ret = refs_add(img, &sh->drop, img->reftable[i] & RTE_OFFSET_MASK, 1);
+	for (i = 0; !ret && i < img->reftable.nr; i++)
+		if (qcow2_table_get(&img->reftable, i) & RTE_OFFSET_MASK)
+			ret = refs_add(img, &sh->drop,
+				       qcow2_table_get(&img->reftable, i) & RTE_OFFSET_MASK, 1);
 	if (!ret)
 		ret = shadow_counts(img, sh);
 	if (ret < 0)
@@ -697,7 +706,7 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 		goto out;
 	}
 	for (i = 0; i < img->h.l1_size; i++) {
-		uint64_t l2 = l1[i] & L1E_OFFSET_MASK, e = 0;
+		uint64_t l2 = l1_entry(img, l1, i) & L1E_OFFSET_MASK, e = 0;
 
 		ret = l2 ? shadow_l2(img, sh, l2, buf, &e) : 0;
 		if (ret < 0)
@@ -763,6 +772,14 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 		ret = qcow2_error(img, ret, "cannot write the new metadata: %s", strerror(-ret));
 		goto out;
 	}
+	/* The new L1 table in memory, ready before the switch (which cannot be undone). */
+	ret = qcow2_table_init(&nl1, img->h.l1_size);
+	if (!ret)
+		ret = qcow2_table_load_be(&nl1, 0, new_l1, img->h.l1_size);
+	if (ret < 0) {
+		ret = qcow2_error(img, ret, "out of memory");
+		goto out;
+	}
 
 	/* The switch: one header write. */
 	img->h.l1_table_offset = l1_off;
@@ -775,8 +792,8 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 		img->h = old;
 		goto out;
 	}
-	for (i = 0; i < img->h.l1_size; i++)
-		img->l1[i] = be64toh(new_l1[i]);
+	qcow2_table_swap(&img->l1, &nl1);
+	qcow2_overlap_reset(img);
 	img->l1_dirty = false;
 	if (sh->end << img->h.cluster_bits > img->file_end)
 		img->file_end = sh->end << img->h.cluster_bits;
@@ -784,6 +801,7 @@ static int shadow_commit(struct qcow2 *img, struct shadow *sh, const uint64_t *l
 	if (!ret)
 		ret = qcow2_overlap_set_snapshots(img, t);
 out:
+	qcow2_table_free(&nl1);
 	free(rtab);
 	free(nrb);
 	free(new_l1);
@@ -871,7 +889,7 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 		return op_end(&t, &sh, qcow2_error(img, -EFBIG, "too many snapshots (at most %u)",
 						   SN_MAX));
 	/* The snapshot's L1 table reaches everything the active one does: one more reference. */
-	ret = refs_collect(img, &sh.add, img->l1, img->h.l1_size);
+	ret = refs_collect(img, &sh.add, NULL, img->h.l1_size);
 	if (!ret)
 		ret = refs_check(img, &sh.add, 1);
 	if (ret < 0)
@@ -910,14 +928,14 @@ int qcow2_snapshot_create(struct qcow2 *img, const char *name)
 		if (!l1)
 			return op_end(&t, &sh, qcow2_error(img, -ENOMEM, "out of memory"));
 		for (i = 0; i < img->h.l1_size; i++)
-			l1[i] = htobe64(img->l1[i] & ~QCOW2_OFLAG_COPIED);
+			l1[i] = htobe64(qcow2_table_get(&img->l1, i) & ~QCOW2_OFLAG_COPIED);
 		sn->l1_off = shadow_alloc(img, &sh, l1_bytes >> img->h.cluster_bits);
 		ret = write_clusters(img, 0, sn->l1_off, l1, l1_bytes);
 		free(l1);
 		if (ret < 0)
 			return op_end(&t, &sh, ret);
 	}
-	return op_end(&t, &sh, shadow_commit(img, &sh, img->l1, &t));
+	return op_end(&t, &sh, shadow_commit(img, &sh, NULL, &t));
 }
 
 int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
@@ -961,7 +979,7 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 	ret = refs_collect(img, &sh.add, l1, sn->l1_size < img->h.l1_size ? sn->l1_size :
 					     img->h.l1_size);
 	if (!ret)
-		ret = refs_collect(img, &sh.drop, img->l1, img->h.l1_size);
+		ret = refs_collect(img, &sh.drop, NULL, img->h.l1_size);
 	if (!ret)
 		ret = refs_check(img, &sh.add, 1);
 	if (!ret)
@@ -1005,7 +1023,7 @@ int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id)
 	sn = t.s[k];
 	memmove(&t.s[k], &t.s[k + 1], (t.nr - k - 1) * sizeof(*t.s));
 	t.nr--;
-	ret = shadow_commit(img, &sh, img->l1, &t);
+	ret = shadow_commit(img, &sh, NULL, &t);
 	t.s[t.nr] = sn;		/* freed with the table */
 	t.nr++;
 	return op_end(&t, &sh, ret);

@@ -76,7 +76,10 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 		if (ret < 0)
 			return ret;
 		if (rc == 1) {
-			img->l1[i] |= QCOW2_OFLAG_COPIED;
+			/* A nonzero entry: its chunk exists, the set cannot fail. */
+			ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
+			if (ret < 0)
+				return ret;
 			qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 			return 0;
 		}
@@ -96,6 +99,10 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 		if (ret < 0)
 			return ret;
 	}
+	/* The L1 chunk the new entry goes in, so that linking it cannot fail. */
+	ret = qcow2_table_reserve(&img->l1, i, 1);
+	if (ret < 0)
+		return ret;
 	ret = qcow2_alloc_clusters(img, 1, &r->wait, &host, &got);
 	if (ret < 0)
 		return ret;
@@ -140,7 +147,11 @@ int qcow2_l2_table_copy(struct qcow2_req *r, struct req_aio *a)
 
 int qcow2_l2_table_link(struct qcow2_req *r)
 {
-	r->img->l1[r->a_l1] = r->a_host | QCOW2_OFLAG_COPIED;
+	/* The chunk was reserved when the table was allocated: this cannot fail. */
+	int ret = qcow2_table_set(&r->img->l1, r->a_l1, r->a_host | QCOW2_OFLAG_COPIED);
+
+	if (ret < 0)
+		return ret;
 	qcow2_l1_note(r->img, r->a_l1);
 	qcow2_pieces_mark(&r->img->l1_pieces, &r->img->l1_dirty, r->a_l1);
 	r->alloc = ALLOC_NONE;

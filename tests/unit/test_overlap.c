@@ -117,7 +117,7 @@ START_TEST(test_marks_follow_new_l1_entries)
 
 	ck_assert_int_eq(qcow2_overlap_check(img, 0, DATA + 65536, 4096), 0);
 	/* An L1 entry set in place, past the last one the scan looked at. */
-	img->l1[5] = (DATA + 65536) | QCOW2_OFLAG_COPIED;
+	ck_assert_int_eq(qcow2_table_set(&img->l1, 5, (DATA + 65536) | QCOW2_OFLAG_COPIED), 0);
 	qcow2_l1_note(img, 5);
 	ck_assert_int_eq(qcow2_overlap_check(img, 0, DATA + 65536, 4096), -EIO);
 	ck_assert_ptr_nonnull(strstr(qcow2_errmsg(img), "active L2 table"));
@@ -131,7 +131,7 @@ START_TEST(test_flush_refuses_l2_slice_over_reftable)
 
 	/* L1 entry 0 names the refcount table as its L2 table: a discard of
 	 * guest cluster 0 changes "L2 entry" 0, i.e. the refcount table. */
-	img->l1[0] = RT | QCOW2_OFLAG_COPIED;
+	ck_assert_int_eq(qcow2_table_set(&img->l1, 0, RT | QCOW2_OFLAG_COPIED), 0);
 	ck_assert_int_eq(qcow2_discard(img, 65536, 0), 0);
 	ck_assert_int_eq(qcow2_flush(img), -EIO);
 	ck_assert(img->corrupt);
