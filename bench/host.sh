@@ -6,7 +6,8 @@
 # prints the median of the per-round IOPS ratios. Plus fio on a raw file on
 # the same tmpfs, with the same workload: the ceiling for reads.
 #
-#   bench/host.sh [ROUNDS]        (default 5; UQ_BIN: the binary, default build/)
+#   bench/host.sh [ROUNDS]        (default 5; UQ_BIN: the binary, default build/;
+#                                  UQ_BENCH_DIR: where the images go, default /dev/shm)
 #
 # Workloads: 4k and 64k, reads and writes, QD 1 and 32, on a preallocated
 # (falloc) 1 GiB image; allocating writes on an empty image (a fresh one per
@@ -21,7 +22,7 @@ for t in qemu-img fio python3; do
 	command -v "$t" >/dev/null || { echo "bench/host.sh: $t not found" >&2; exit 1; }
 done
 [ -x "$bin" ] || { echo "bench/host.sh: no binary at $bin (build first)" >&2; exit 1; }
-dir=$(mktemp -d /dev/shm/uq-bench.XXXXXX)
+dir=$(mktemp -d "${UQ_BENCH_DIR:-/dev/shm}/uq-bench.XXXXXX")
 trap 'rm -rf "$dir"' EXIT
 size=1G
 
