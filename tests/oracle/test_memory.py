@@ -55,10 +55,7 @@ def case(d, size, cache):
                   flush=True)
             if not uqtest.SANITIZED and rss > limit:
                 return f"bench {what}: peak RSS {rss / MiB:.1f} MiB > {limit / MiB:.0f} MiB"
-        p = uqtest.qemu_img("check", img, check=False)
-        if p.returncode != 0:
-            return f"qemu-img check exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
-        return None
+        return uqtest.qemu_check_clean(img, img)
     finally:
         if os.path.exists(img):
             os.unlink(img)
@@ -104,10 +101,7 @@ def spread(d):
         want = sorted((off, n) for off, n, _ in SPREAD)
         if got != want:
             return f"qemu-img map: data at {got}, written {want}"
-        p = uqtest.qemu_img("check", img, check=False)
-        if p.returncode != 0:
-            return f"qemu-img check exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
-        return None
+        return uqtest.qemu_check_clean(img, img)
     finally:
         if os.path.exists(img):
             os.unlink(img)
@@ -140,9 +134,9 @@ def commit(d):
         for img in (base, top):
             uqtest.qemu_io("qcow2", img, [f"read -P {pat:#x} {off} {n}"
                                           for off, n, pat in SPREAD], extra=["-r"])
-            p = uqtest.qemu_img("check", img, check=False)
-            if p.returncode != 0:
-                return f"qemu-img check {img} exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
+            bad = uqtest.qemu_check_clean(img, img)
+            if bad:
+                return bad
         p = uqtest.qemu_img("map", "--output=json", top)
         own = [e for e in json.loads(p.stdout) if e["data"] and e["depth"] == 0]
         if own:
