@@ -164,6 +164,8 @@ static int check_write(struct check *c, const void *buf, uint64_t len, uint64_t 
 
 	c->wrote = true;
 	ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
+	if (off + len > img->file_end)
+		img->file_end = off + len;
 	if (ret < 0)
 		return qcow2_error(img, ret, "check: cannot write at %#" PRIx64 ": %s", off,
 				   strerror(-ret));

@@ -317,12 +317,18 @@ static void image_free(struct qcow2 *img)
  * on them to a worker thread; O_NONBLOCK makes it try them inline, where they
  * are a memory copy (the rare one that would block is still punted).
  */
-static void nowait_on_tmpfs(int fd)
+static bool on_tmpfs(int fd)
 {
 	struct statfs sf;
+
+	return fstatfs(fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+}
+
+static void nowait_on_tmpfs(int fd)
+{
 	int fl;
 
-	if (fstatfs(fd, &sf) == 0 && sf.f_type == TMPFS_MAGIC) {
+	if (on_tmpfs(fd)) {
 		fl = fcntl(fd, F_GETFL);
 		if (fl >= 0)
 			(void)fcntl(fd, F_SETFL, fl | O_NONBLOCK);
@@ -452,6 +458,11 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 		goto fail;
 	}
 	nowait_on_tmpfs(img->fd);
+	/*
+	 * Growing the file ahead (refcount.c) helps O_DIRECT writes; on tmpfs
+	 * fallocate takes memory and saves nothing.
+	 */
+	img->grow_ok = opts->direct && !img->read_only && !on_tmpfs(img->fd);
 	img->file_size = st.st_size;
 	img->file_end = st.st_size;
 	ret = chain_add(img, chain, &st);
@@ -592,6 +603,10 @@ int qcow2_close(struct qcow2 *img)
 			if (!img->rc_cache.nr_dirty && !img->nr_frees && !img->header_dirty)
 				break;
 		}
+		/* Give back what grow_ahead() (refcount.c) reserved and nothing used. */
+		if (img->grow_end > img->file_end && ftruncate(img->fd, (off_t)img->file_end) < 0 &&
+		    !ret)
+			ret = -errno;
 	}
 	image_free(img);
 	return ret;

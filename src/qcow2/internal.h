@@ -354,6 +354,8 @@ struct qcow2 {
 	uint32_t rb_bits;		/* log2 of refcount entries per block */
 	uint64_t file_size;		/* at open; allocation may grow past it */
 	uint64_t file_end;		/* past every byte written: beyond is holes */
+	bool grow_ok;			/* refcount.c may fallocate ahead */
+	uint64_t grow_end;		/* the file's length after its last fallocate */
 
 	char *backing_file;
 	char *backing_fmt;

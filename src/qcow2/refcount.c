@@ -14,6 +14,7 @@
  *  3. A range with no refcount block has refcount 0 everywhere, so its first
  *     cluster is free to hold the block that will describe it.
  */
+#include <fcntl.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -357,6 +358,33 @@ void qcow2_refcount_free(struct qcow2 *img)
 
 /* ---- Allocation ---------------------------------------------------------- */
 
+/*
+ * Clusters allocated past the end of the file would be written there by
+ * extending O_DIRECT writes, which a file system like ext4 cannot do without
+ * blocking (io_uring punts each to a worker) and serializes under the inode
+ * lock. Reserving the file ahead, an eighth of its size at a time (1 to 32
+ * MiB), makes those writes land inside it; qcow2_close() truncates what was
+ * not used. Best effort: a file system that refuses stops the growing.
+ */
+static void grow_ahead(struct qcow2 *img, uint64_t end)
+{
+	uint64_t from = img->grow_end > img->file_end ? img->grow_end : img->file_end;
+	uint64_t step = end >> 3;
+
+	if (!img->grow_ok || end <= from)
+		return;
+	if (step < (1u << 20))
+		step = 1u << 20;
+	if (step > (32u << 20))
+		step = 32u << 20;
+	step = (end - from + step + img->cluster_size - 1) & ~((uint64_t)img->cluster_size - 1);
+	if (fallocate(img->fd, 0, (off_t)from, (off_t)step) < 0) {
+		img->grow_ok = false;
+		return;
+	}
+	img->grow_end = from + step;
+}
+
 int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
 			 uint64_t *host_off, uint64_t *got)
 {
@@ -401,6 +429,7 @@ int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
 		if (n) {
 			*host_off = start << img->h.cluster_bits;
 			*got = n;
+			grow_ahead(img, (start + n) << img->h.cluster_bits);
 			if (img->free_hint == start || img->free_hint < start)
 				img->free_hint = start + n;
 			return 0;

@@ -82,15 +82,7 @@ static int read_bytes(struct qcow2 *img, uint64_t off, void *buf, size_t len)
 static int write_clusters(struct qcow2 *img, unsigned int ign, uint64_t off, const void *buf,
 			  size_t len)
 {
-	int ret = qcow2_overlap_check(img, ign, off, len);
-
-	if (ret < 0)
-		return ret;
-	ret = qcow2_io_pwrite(img->io, img->fd, buf, len, off);
-	if (ret < 0)
-		return qcow2_error(img, ret, "cannot write at 0x%llx: %s", (unsigned long long)off,
-				   strerror(-ret));
-	return 0;
+	return qcow2_sync_pwrite_ol(img, ign, buf, len, off);
 }
 
 /* ---- The snapshot table ---------------------------------------------------- */

@@ -38,6 +38,42 @@ def case_write(d, extra, c):
                 os.unlink(p)
 
 
+def case_grow(base):
+    """O_DIRECT allocating writes on a disk-backed file system: the engine
+    reserves the file ahead with fallocate (tmpfs is left alone) and gives
+    back what it did not use at close, so the file ends in the image's last
+    cluster as qemu-img check sees it, and the data is qemu-img bench's."""
+    import json
+    import tempfile
+    d = tempfile.mkdtemp(prefix="uq-grow-", dir=base)
+    img = os.path.join(d, "g.qcow2")
+    ref = os.path.join(d, "gref.qcow2")
+    try:
+        for p in (img, ref):
+            uqtest.qemu_create(p, 64 * MiB)
+        args = ["-w", "--pattern=77", "-c", "900", "-d", "32", "-s", "4k", "-S", "68k"]
+        uqtest.uq("bench", "-t", "none", *args, img)
+        uqtest.qemu_img("bench", "-f", "qcow2", "-t", "none", *args, ref)
+        p = uqtest.qemu_img("compare", img, ref, check=False)
+        if p.returncode != 0:
+            return f"differs from qemu-img bench's result: {(p.stdout + p.stderr).strip()}"
+        bad = uqtest.qemu_check_clean("after bench -t none", img)
+        if bad:
+            return bad
+        end = json.loads(uqtest.qemu_img("check", "--output=json", img).stdout)["image-end-offset"]
+        size = os.path.getsize(img)
+        # The last cluster may be written only up to its data (the rest reads
+        # as zeros past the end of the file), as without growing ahead.
+        if not end - 65536 < size <= end:
+            return f"file is {size} bytes, the image ends at {end}: reserved space left behind"
+        return None
+    finally:
+        for p in (img, ref):
+            if os.path.exists(p):
+                os.unlink(p)
+        os.rmdir(d)
+
+
 def case_read(d, fmt):
     img = os.path.join(d, "r." + fmt)
     uqtest.qemu_img("create", "-q", "-f", fmt, img, str(8 * MiB))
@@ -71,6 +107,8 @@ def main():
         res.case("write pattern, step, wrap (64k clusters)", case_write, d, [], 65536)
         res.case("write with --flush-interval=9 (4k clusters)", case_write, d,
                  ["--flush-interval=9"], 4096)
+        res.case("write -t none on a disk-backed file system (the file grown ahead)",
+                 case_grow, "/var/tmp")
         res.case("read qcow2", case_read, d, "qcow2")
         res.case("read raw", case_read, d, "raw")
         res.case("bad options", case_bad, d)
