@@ -348,25 +348,20 @@ static int open_data_file(struct qcow2 *img, int flags)
 	if (img->h.nb_snapshots)
 		return qcow2_error(img, -EINVAL, "internal snapshots in an image with a data file");
 	img->data_fd = open(img->data_file, flags);
-	if (img->data_fd >= 0) {
-		nowait_on_tmpfs(img->data_fd);
-		return 0;
-	}
-	err = -errno;
-	if (img->data_file[0] != '/' && err == -ENOENT) {
+	err = img->data_fd >= 0 ? 0 : -errno;
+	if (err == -ENOENT && img->data_file[0] != '/') {
 		path = qcow2_relative_path(img->path, img->data_file);
 		if (!path)
 			return -ENOMEM;
 		img->data_fd = open(path, flags);
 		err = img->data_fd >= 0 ? 0 : -errno;
 		free(path);
-		if (!err) {
-			nowait_on_tmpfs(img->data_fd);
-			return 0;
-		}
 	}
-	return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
-			   strerror(-err));
+	if (err)
+		return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
+				   strerror(-err));
+	nowait_on_tmpfs(img->data_fd);
+	return 0;
 }
 
 /* Clear what we cannot keep consistent, repair a dirty image. */
