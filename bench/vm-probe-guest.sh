@@ -48,6 +48,16 @@ for v in "$@"; do
 	qcow2-full-q2) iops=$(ublk -q 2 "$W/pw.qcow2") ;;
 	qcow2-full-nzc) iops=$(ublk -q 1 --no-zero-copy "$W/pw.qcow2") ;;
 	qcow2-full-nuc) iops=$(ublk -q 1 --no-user-copy "$W/pw.qcow2") ;;
+	# a fresh empty image of 4 KiB clusters: every 4k write of the first
+	# seconds allocates a whole cluster (with UQ_PROBE_RW=randwrite)
+	qcow2-e4k | qcow2-e4k-nzc)
+		rm -f "$W/e4k.qcow2"
+		qemu-img create -q -f qcow2 -o cluster_size=4096 "$W/e4k.qcow2" "${size}M"
+		if [ "$v" = qcow2-e4k ]; then
+			iops=$(ublk -q 1 "$W/e4k.qcow2")
+		else
+			iops=$(ublk -q 1 --no-zero-copy "$W/e4k.qcow2")
+		fi ;;
 	raw-written-nuc) iops=$(ublk -q 1 -f raw --no-user-copy "$W/rw.img") ;;
 	raw-written | loop-written)
 		[ -f "$W/rw.img" ] || dd if=/dev/zero of="$W/rw.img" bs=1M count="$size" status=none

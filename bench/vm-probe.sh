@@ -10,7 +10,8 @@
 # clusters fallocated, never written), qcow2-full (every cluster written),
 # qcow2-full-q2, qcow2-full-nzc (--no-zero-copy), qcow2-full-nuc (--no-user-copy),
 # raw-written, raw-written-nzc, raw-written-nuc,
-# raw-falloc, loop-written. UQ_ICOUNT=N: qemu's -icount shift=N (guest time
+# raw-falloc, loop-written, qcow2-e4k (a fresh empty image, 4 KiB clusters),
+# qcow2-e4k-nzc. UQ_ICOUNT=N: qemu's -icount shift=N (guest time
 # counts instructions: results stop depending on the host's load).
 # UQ_PROBE_FS=brd: the files on ext4 over a RAM disk instead of tmpfs.
 # UQ_PROBE_RW=randwrite (or randrw): fio's --rw instead of randread.

@@ -231,6 +231,9 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 					    .iov_len = r->a_end - r->pos };
 		return qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE,
 					    r->a_host + (r->pos - r->a_guest), 1, true);
+	} else if (r->opaque && (head || tail)) {
+		/* Zeros around an opaque buffer: only memory can join them. */
+		return -EXDEV;
 	} else {
 		if (head)
 			a->iov[n++] = (struct iovec){ .iov_base = r->a_cow ? r->cow + ws :
@@ -387,7 +390,13 @@ static int cow_start(struct qcow2_req *r, struct req_aio *a, enum l2_type type,
 static int alloc_fill(struct qcow2_req *r, struct req_aio *a, bool cow, enum l2_type type,
 		      uint64_t old_e, uint64_t old_host)
 {
-	int ret = cow ? cow_start(r, a, type, old_e, old_host) : qcow2_alloc_write(r, a);
+	int ret;
+
+	/* Copy-on-write needs the bytes in memory: an opaque buffer goes back. */
+	if (cow && r->opaque)
+		ret = -EXDEV;
+	else
+		ret = cow ? cow_start(r, a, type, old_e, old_host) : qcow2_alloc_write(r, a);
 
 	if (ret < 0)
 		qcow2_alloc_abort(r);
@@ -473,9 +482,6 @@ static int write_piece_ext(struct qcow2_req *r, uint64_t end, struct req_aio *a,
 		goto out;
 	}
 	qcow2_cache_put(s);
-	/* Copy-on-write or a new cluster: the bytes must pass through memory. */
-	if (r->opaque)
-		return -EXDEV;
 
 	/* The partial subclusters at either end: which need old bytes, and whence. */
 	ws = r->pos & ~(unit - 1);
@@ -614,11 +620,6 @@ int qcow2_write_piece(struct qcow2_req *r, uint64_t end)
 		ret = qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE, host + (r->pos - cstart), 1, false);
 		if (!ret)
 			r->pos = run_end;
-		goto out;
-	}
-	/* Allocating: the bytes must pass through memory (zero fill, COW). */
-	if (r->opaque) {
-		ret = -EXDEV;
 		goto out;
 	}
 	/* Compressed or shared clusters: copy out into a fresh one. */

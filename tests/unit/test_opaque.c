@@ -3,8 +3,9 @@
  * Opaque buffers, the engine half of ublk zero copy (qcow2_req_opaque): the
  * engine must pass the buffer's addresses on in single-iovec aios and never
  * touch them, and end a request with -EXDEV exactly where some byte is not
- * in a plain allocated cluster (holes, zeros, backing file, compressed);
- * a write there would allocate. The buffers here are a PROT_NONE mapping (a
+ * in a plain allocated cluster (holes, zeros, backing file, compressed),
+ * and for a write that allocates, exactly where the new clusters need bytes
+ * besides the request's (zeros around it, copy-on-write). The buffers here are a PROT_NONE mapping (a
  * touch is a crash); a wrapping backend plays READ_FIXED/WRITE_FIXED: it
  * moves such aios' bytes from or to a real buffer at the same offset.
  * Requests that end with -EXDEV are retried with a real buffer, as the
@@ -132,7 +133,7 @@ static void run_one(bool direct, bool ext)
 	struct wrap w = { .io = { .submit = wrap_submit, .wait = wrap_wait } };
 	struct op ops[BATCH];
 	uint8_t *mirror, *plain;
-	unsigned int round, exdev = 0, whole = 0, wexdev = 0, wwhole = 0, shorts = 0;
+	unsigned int round, exdev = 0, whole = 0, wexdev = 0, wwhole = 0, walloc = 0, shorts = 0;
 	char path[128], err[256];
 	struct qcow2 *img;
 	size_t len;
@@ -237,6 +238,7 @@ static void run_one(bool direct, bool ext)
 				ck_assert_msg(o->write || memcmp(o->t.buf, mirror + o->t.off, o->t.len) == 0,
 					      "opaque read at %llu differs", (unsigned long long)o->t.off);
 				*(o->write ? &wwhole : &whole) += 1;
+				walloc += o->write && !o->plain;
 				continue;
 			}
 			*(o->write ? &wexdev : &exdev) += 1;
@@ -260,10 +262,13 @@ static void run_one(bool direct, bool ext)
 	ck_assert_uint_gt(exdev, 50);
 	ck_assert_uint_gt(wwhole, 20);
 	ck_assert_uint_gt(wexdev, 20);
+	/* Allocating writes into fresh clusters need no bytes but theirs. */
+	ck_assert_uint_gt(walloc, 5);
 	ck_assert_uint_gt(w.nr_fixed, whole + wwhole);
 	ck_assert_str_eq(qcow2_errmsg(img), "");
-	printf("opaque %s%s: reads %u whole, %u -EXDEV (%u short); writes %u in place, %u -EXDEV\n",
-	       direct ? "direct" : "buffered", ext ? " extended L2" : "", whole, exdev, shorts, wwhole, wexdev);
+	printf("opaque %s%s: reads %u whole, %u -EXDEV (%u short); writes %u whole (%u allocating), %u -EXDEV\n",
+	       direct ? "direct" : "buffered", ext ? " extended L2" : "", whole, exdev, shorts, wwhole,
+	       walloc, wexdev);
 	tu_ops_free(ops, sizeof(ops[0]), BATCH);
 	tu_reopen_verify(img, path, &opts, &w.io, mirror, DISK_SIZE);
 	munmap(w.tokens, (size_t)BATCH * MAX_LEN);

@@ -135,6 +135,7 @@ qemu-img convert -O raw "$data/zcq.qcow2" "$work/zcq.raw"
 md5sum <"$work/zcq.raw" | cut -d' ' -f1 >"$data/zcq-init.md5"
 rm -f "$work/zcq.raw"
 zcqbase_sum=$(md5sum <"$data/zcqbase.qcow2")
+qemu-img create -q -f qcow2 "$data/zcqe.qcow2" 64M
 # qcow2 version 99: the engine must refuse it
 qemu-img create -q -f qcow2 "$data/bad.qcow2" 64M
 printf '\000\000\000\143' | dd of="$data/bad.qcow2" bs=1 seek=4 conv=notrunc 2>/dev/null
@@ -227,6 +228,8 @@ same_as_guest cow.qcow2
 same_as_guest gdcow.qcow2
 check zcq.qcow2 0
 same_as_guest zcq.qcow2
+check zcqe.qcow2 0
+same_as_guest zcqe.qcow2
 [ "$(md5sum <"$data/zcqbase.qcow2")" = "$zcqbase_sum" ] &&
 	echo "PASS host: zcq's base is unchanged" || fail "host: zcq's base was modified"
 [ "$(md5sum <"$data/cowbase.qcow2")" = "$cowbase_sum" ] &&

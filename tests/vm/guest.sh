@@ -487,8 +487,9 @@ zc_test() {
 
 # Zero copy for qcow2 (sid): READs of plain allocated clusters go straight
 # into the request's pages; holes, zeros, the backing file, compressed
-# clusters and every WRITE fall back to a pool buffer. zcq.qcow2 (made on
-# the host) has all of those; the first read must match qemu-img's view
+# clusters and WRITEs that need other bytes in their new clusters fall back
+# to a pool buffer. zcq.qcow2 (made on the host) has all of those; the
+# first read must match qemu-img's view
 # (zcq-init.md5). Then fio verify with zero copy, the same reads with
 # --no-zero-copy and fio again, and a last zero-copy read for the host to
 # compare (zcq.md5).
@@ -524,7 +525,18 @@ zcq_test() {
 	[ "$(cat /data/zcq.md5)" = "$sum" ] && pass "zcq again: zero copy reads what --no-zero-copy read" ||
 		fail "zcq again: zero copy reads differ from --no-zero-copy's"
 	"$B" del -n "$ID" || fail "zcq again: del"
-	gone "zcq again"
+	gone "zcq again" || return
+
+	# An empty image: writes into fresh clusters (whole ones, or past the
+	# end of the file) need no bytes but the request's, so with zero copy
+	# they go from the request's pages too; the rest falls back.
+	add -q 2 /data/zcqe.qcow2 || { fail "zcq empty: add"; return; }
+	fio_verify "zcq empty" zcqe /data/zcqe.log --iodepth=32 --rw=write --bs=64k --size=32m
+	fio_verify "zcq empty" zcqe /data/zcqe.log --iodepth=32 --rw=randwrite --bsrange=4k-256k \
+		--size=64m --io_size=12m
+	md5sum <"$DEV" | cut -d' ' -f1 >/data/zcqe.md5
+	"$B" del -n "$ID" || fail "zcq empty: del"
+	gone "zcq empty"
 }
 
 # The null target: everything completes at once.
