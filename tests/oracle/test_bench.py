@@ -5,8 +5,14 @@
 (step, wrap-around, flush interval), the image checks clean, and a read run
 of a raw and a qcow2 image completes; bad options get one error line."""
 
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 
 import uqtest
 
@@ -38,81 +44,68 @@ def case_write(d, extra, c):
                 os.unlink(p)
 
 
-def case_grow(base):
+def on_disk(base, fn):
+    """fn(img, ref) on two fresh 64 MiB images in a scratch directory on
+    @base (a disk-backed file system: on tmpfs nothing is grown ahead)."""
+    d = tempfile.mkdtemp(prefix="uq-grow-", dir=base)
+    try:
+        img, ref = os.path.join(d, "g.qcow2"), os.path.join(d, "ref.qcow2")
+        for p in (img, ref):
+            uqtest.qemu_create(p, 64 * MiB)
+        return fn(img, ref)
+    finally:
+        shutil.rmtree(d)
+
+
+def bench_both(img, ref, args):
+    """Ours on @img and qemu-img bench on @ref, -t none: None if they agree."""
+    uqtest.uq("bench", "-t", "none", *args, img)
+    uqtest.qemu_img("bench", "-f", "qcow2", "-t", "none", *args, ref)
+    p = uqtest.qemu_img("compare", img, ref, check=False)
+    if p.returncode != 0:
+        return f"differs from qemu-img bench's result: {(p.stdout + p.stderr).strip()}"
+    return None
+
+
+def grow(img, ref):
     """O_DIRECT allocating writes on a disk-backed file system: the engine
     reserves the file ahead with fallocate (tmpfs is left alone) and gives
     back what it did not use at close, so the file ends in the image's last
     cluster as qemu-img check sees it, and the data is qemu-img bench's."""
-    import json
-    import tempfile
-    d = tempfile.mkdtemp(prefix="uq-grow-", dir=base)
-    img = os.path.join(d, "g.qcow2")
-    ref = os.path.join(d, "gref.qcow2")
-    try:
-        for p in (img, ref):
-            uqtest.qemu_create(p, 64 * MiB)
-        args = ["-w", "--pattern=77", "-c", "900", "-d", "32", "-s", "4k", "-S", "68k"]
-        uqtest.uq("bench", "-t", "none", *args, img)
-        uqtest.qemu_img("bench", "-f", "qcow2", "-t", "none", *args, ref)
-        p = uqtest.qemu_img("compare", img, ref, check=False)
-        if p.returncode != 0:
-            return f"differs from qemu-img bench's result: {(p.stdout + p.stderr).strip()}"
-        bad = uqtest.qemu_check_clean("after bench -t none", img)
-        if bad:
-            return bad
-        end = json.loads(uqtest.qemu_img("check", "--output=json", img).stdout)["image-end-offset"]
-        size = os.path.getsize(img)
-        # The last cluster may be written only up to its data (the rest reads
-        # as zeros past the end of the file), as without growing ahead.
-        if not end - 65536 < size <= end:
-            return f"file is {size} bytes, the image ends at {end}: reserved space left behind"
-        return None
-    finally:
-        for p in (img, ref):
-            if os.path.exists(p):
-                os.unlink(p)
-        os.rmdir(d)
+    bad = bench_both(img, ref, ["-w", "--pattern=77", "-c", "900", "-d", "32", "-s", "4k",
+                                "-S", "68k"])
+    bad = bad or uqtest.qemu_check_clean("after bench -t none", img)
+    if bad:
+        return bad
+    end = json.loads(uqtest.qemu_img("check", "--output=json", img).stdout)["image-end-offset"]
+    size = os.path.getsize(img)
+    # The last cluster may be written only up to its data (the rest reads
+    # as zeros past the end of the file), as without growing ahead.
+    if not end - 65536 < size <= end:
+        return f"file is {size} bytes, the image ends at {end}: reserved space left behind"
+    return None
 
 
-def case_grow_killed(base):
+def grow_killed(img, ref):
     """A bench killed mid-run while the file is grown ahead leaves the
     reserved tail behind, which must read as nothing: qemu-img check finds no
     corruption, and a second run over every offset on the reopened image
     gives exactly qemu-img bench's result, clean."""
-    import signal
-    import subprocess
-    import tempfile
-    import time
-    d = tempfile.mkdtemp(prefix="uq-grow-", dir=base)
-    img = os.path.join(d, "k.qcow2")
-    ref = os.path.join(d, "kref.qcow2")
-    try:
-        for p in (img, ref):
-            uqtest.qemu_create(p, 64 * MiB)
-        args = ["-w", "-c", "1024", "-d", "32", "-s", "4k", "-S", "64k"]
-        first = subprocess.Popen([uqtest.uq_bin(), "bench", "-t", "none", "--pattern=77",
-                                  "-c", "2000000", "-d", "32", "-s", "4k", "-S", "64k", "-w", img],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)
-        first.send_signal(signal.SIGKILL)
-        _, err = first.communicate()
-        if first.returncode != -signal.SIGKILL:
-            return f"the first bench ended before the kill (exit {first.returncode}): {err!r}"
-        p = uqtest.qemu_img("check", img, check=False)
-        if p.returncode not in (0, 3):
-            return f"after the kill qemu-img check exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
-        uqtest.uq("check", "-r", "leaks", img, check=False)
-        uqtest.uq("bench", "-t", "none", "--pattern=88", *args, img)
-        uqtest.qemu_img("bench", "-f", "qcow2", "-t", "none", "--pattern=88", *args, ref)
-        p = uqtest.qemu_img("compare", img, ref, check=False)
-        if p.returncode != 0:
-            return f"differs from qemu-img bench's result: {(p.stdout + p.stderr).strip()}"
-        return uqtest.qemu_check_clean("after the second bench", img)
-    finally:
-        for p in (img, ref):
-            if os.path.exists(p):
-                os.unlink(p)
-        os.rmdir(d)
+    shape = ["-w", "-d", "32", "-s", "4k", "-S", "64k"]
+    first = subprocess.Popen([uqtest.uq_bin(), "bench", "-t", "none", "--pattern=77",
+                              "-c", "2000000", *shape, img],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    _, err = first.communicate()
+    if first.returncode != -signal.SIGKILL:
+        return f"the first bench ended before the kill (exit {first.returncode}): {err!r}"
+    p = uqtest.qemu_img("check", img, check=False)
+    if p.returncode not in (0, 3):
+        return f"after the kill qemu-img check exits {p.returncode}: {uqtest.tail(p.stdout, 5)}"
+    uqtest.uq("check", "-r", "leaks", img, check=False)
+    return (bench_both(img, ref, ["--pattern=88", "-c", "1024", *shape]) or
+            uqtest.qemu_check_clean("after the second bench", img))
 
 
 def case_read(d, fmt):
@@ -149,9 +142,9 @@ def main():
         res.case("write with --flush-interval=9 (4k clusters)", case_write, d,
                  ["--flush-interval=9"], 4096)
         res.case("write -t none on a disk-backed file system (the file grown ahead)",
-                 case_grow, "/var/tmp")
+                 on_disk, "/var/tmp", grow)
         res.case("bench -t none killed while growing ahead, then run again",
-                 case_grow_killed, "/var/tmp")
+                 on_disk, "/var/tmp", grow_killed)
         res.case("read qcow2", case_read, d, "qcow2")
         res.case("read raw", case_read, d, "raw")
         res.case("bad options", case_bad, d)
