@@ -9,7 +9,10 @@
  * touch is a crash); a wrapping backend plays READ_FIXED/WRITE_FIXED: it
  * moves such aios' bytes from or to a real buffer at the same offset.
  * Requests that end with -EXDEV are retried with a real buffer, as the
- * target does. Reads must match a mirror that starts as qemu-img's view;
+ * target does. The backend may also refuse an aio at submit with -EXDEV,
+ * as the target does when another queue's thread runs the engine: the
+ * request, however far it got, must end with -EXDEV and leave nothing
+ * allocated that the retry does not use. Reads must match a mirror that starts as qemu-img's view;
  * at the end the image must read as the mirror after a reopen and pass
  * qemu-img check.
  */
@@ -36,6 +39,7 @@ struct op {
 	bool write;
 	uint8_t pat;
 	bool short_io;			/* the backend moved less than asked */
+	bool refused;			/* the backend refused one of its aios */
 	bool plain;			/* all plain when submitted (see is_plain) */
 };
 
@@ -48,6 +52,8 @@ struct wrap {
 	struct qcow2_aio *ready[64];	/* token reads done, callbacks not yet run */
 	int res[64];
 	unsigned int nr_ready, nr_fixed;
+	unsigned int refuse;		/* refuse every refuse'th token aio (0: none) */
+	unsigned int nr_token, nr_refused;
 };
 
 static char dir[] = "/tmp/uq-opaque-XXXXXX";
@@ -67,6 +73,11 @@ static int wrap_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 	ck_assert_uint_lt(w->nr_ready, 64);
 	rel = (size_t)((uint8_t *)aio->iov[0].iov_base - w->tokens);
 	ck_assert_uint_le(rel % MAX_LEN + aio->iov[0].iov_len, MAX_LEN);
+	if (w->refuse && ++w->nr_token % w->refuse == 0) {
+		w->ops[rel / MAX_LEN].refused = true;
+		w->nr_refused++;
+		return -EXDEV;
+	}
 	if (aio->op == QCOW2_AIO_READ)
 		n = pread(aio->fd, w->ops[rel / MAX_LEN].t.buf + rel % MAX_LEN,
 			  aio->iov[0].iov_len, (off_t)aio->off);
@@ -126,11 +137,11 @@ static void wait_all(struct wrap *w, struct op *ops, int n)
  * model here does not track, so past the start of a batch it only knows
  * that plain ranges stay plain.
  */
-static void run_one(bool direct, bool ext)
+static void run_one(bool direct, bool ext, unsigned int refuse)
 {
 	struct qcow2_opts opts = { .l2_cache_bytes = 16384, .refcount_cache_bytes = 8192,
 				   .slice_bytes = 4096, .direct = direct };
-	struct wrap w = { .io = { .submit = wrap_submit, .wait = wrap_wait } };
+	struct wrap w = { .io = { .submit = wrap_submit, .wait = wrap_wait }, .refuse = refuse };
 	struct op ops[BATCH];
 	uint8_t *mirror, *plain;
 	unsigned int round, exdev = 0, whole = 0, wexdev = 0, wwhole = 0, walloc = 0, shorts = 0;
@@ -193,6 +204,7 @@ static void run_one(bool direct, bool ext)
 			memset(o->t.buf, o->write ? o->pat : 0xee, MAX_LEN);
 			o->t.done = false;
 			o->short_io = false;
+			o->refused = false;
 		}
 		for (i = 0; i < BATCH; i++) {
 			uint64_t first, end;
@@ -224,7 +236,11 @@ static void run_one(bool direct, bool ext)
 			uint64_t first, end;
 			bool after = is_plain(plain, o, &first, &end);
 
-			if (o->plain && !o->short_io)
+			if (o->refused)
+				ck_assert_msg(o->t.res == -EXDEV, "opaque %s [%llu, +%llu), an aio refused: %d",
+					      o->write ? "write" : "read", (unsigned long long)o->t.off,
+					      (unsigned long long)o->t.len, o->t.res);
+			else if (o->plain && !o->short_io)
 				ck_assert_msg(o->t.res == 0, "opaque %s [%llu, +%llu) of plain clusters: %d",
 					      o->write ? "write" : "read", (unsigned long long)o->t.off,
 					      (unsigned long long)o->t.len, o->t.res);
@@ -265,10 +281,11 @@ static void run_one(bool direct, bool ext)
 	/* Allocating writes into fresh clusters need no bytes but theirs. */
 	ck_assert_uint_gt(walloc, 5);
 	ck_assert_uint_gt(w.nr_fixed, whole + wwhole);
+	ck_assert(!refuse || w.nr_refused > 20);
 	ck_assert_str_eq(qcow2_errmsg(img), "");
-	printf("opaque %s%s: reads %u whole, %u -EXDEV (%u short); writes %u whole (%u allocating), %u -EXDEV\n",
-	       direct ? "direct" : "buffered", ext ? " extended L2" : "", whole, exdev, shorts, wwhole,
-	       walloc, wexdev);
+	printf("opaque %s%s: reads %u whole, %u -EXDEV (%u short); writes %u whole (%u allocating), "
+	       "%u -EXDEV; %u aios refused\n", direct ? "direct" : "buffered", ext ? " extended L2" : "",
+	       whole, exdev, shorts, wwhole, walloc, wexdev, w.nr_refused);
 	tu_ops_free(ops, sizeof(ops[0]), BATCH);
 	tu_reopen_verify(img, path, &opts, &w.io, mirror, DISK_SIZE);
 	munmap(w.tokens, (size_t)BATCH * MAX_LEN);
@@ -278,17 +295,19 @@ static void run_one(bool direct, bool ext)
 	tu_sh("rm -f %s/*", dir);
 }
 
-START_TEST(test_opaque_buffered) { run_one(false, false); }
+START_TEST(test_opaque_buffered) { run_one(false, false, 0); }
 END_TEST
-START_TEST(test_opaque_direct) { run_one(true, false); }
+START_TEST(test_opaque_direct) { run_one(true, false, 0); }
 END_TEST
-START_TEST(test_opaque_extl2) { run_one(true, true); }
+START_TEST(test_opaque_extl2) { run_one(true, true, 0); }
+END_TEST
+START_TEST(test_opaque_refused) { run_one(true, false, 7); }
 END_TEST
 
 int main(void)
 {
 	const TTest *const tests[] = {
-		test_opaque_buffered, test_opaque_direct, test_opaque_extl2,
+		test_opaque_buffered, test_opaque_direct, test_opaque_extl2, test_opaque_refused,
 	};
 
 	return tu_run_tests("opaque", "opaque read buffers", 120, dir, tests,
