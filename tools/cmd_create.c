@@ -464,6 +464,16 @@ int cmd_create(int argc, char **argv)
 		uq_err("%s: a backing format needs a backing file (-b)", path);
 		return 1;
 	}
+	/* qemu-img's test too: the same name, not the same file. */
+	if (c.o.backing_file && !strcmp(c.o.backing_file, path)) {
+		uq_err("%s: the image cannot be its own backing file", path);
+		return 1;
+	}
+	/* As qemu-img: without opening the backing file, its format must be given. */
+	if (c.o.backing_file && unsafe && !c.o.backing_fmt) {
+		uq_err("%s: a backing file not opened (-u) needs its format (-F)", path);
+		return 1;
+	}
 	if (c.o.backing_file && !unsafe && check_backing(path, &c, &fmt_alloc) < 0)
 		goto fail;
 	if (!c.size_set) {

@@ -80,7 +80,8 @@ static int open_raw(struct uq_image *img, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: cannot get the size: %s", img->path, strerror(-ret));
 		return ret;
 	}
-	img->size = end;
+	/* Whole sectors, as QEMU's raw driver: a partial last one reads as zeros. */
+	img->size = ((uint64_t)end + 511) & ~511ull;
 	return 0;
 }
 

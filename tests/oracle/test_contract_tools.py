@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Contract corners of create, info, map, check and convert that a hostile
+tester found disagreeing with qemu-img (each case once failed):
+
+  create-self-backing     `create -b X X`: qemu-img refuses an image that
+                          names itself as backing file; so must we (exit 1,
+                          one line, the existing file untouched).
+  create-unsafe-no-fmt    `create -u -b B IMG SIZE` without -F: qemu-img
+                          refuses (the format cannot be detected); so must we.
+  create-data-file-fails  a data file that cannot be created fails the
+                          create; the existing image stays as it was.
+  raw-partial-sector      a raw file whose size is not a multiple of 512:
+                          virtual size and map as qemu-img's (whole sectors,
+                          the tail reads as zeros).
+  map-data-file           human map of an image with an external data file
+                          names the data file in the File column.
+  convert-onto-source     convert whose target (or -o data_file) is a file
+                          the source chain reads (the source itself, under
+                          another name or a symlink, its backing file, its
+                          data file): qemu-img's locks refuse it; we used to
+                          truncate the source and exit 0.
+"""
+
+import json
+import os
+import sys
+
+import uqtest
+
+
+def one_line_error(p, name, what):
+    lines = p.stderr.strip().splitlines()
+    if p.returncode == 0:
+        return f"{what}: exit 0, expected an error"
+    if len(lines) != 1 or name not in lines[0]:
+        return f"{what}: expected one error line naming {name}, got {p.stderr!r}"
+    return None
+
+
+def refused_untouched(d, args, what):
+    """qemu-img and we must both refuse `create @args` on an existing
+    image, and ours must stay byte for byte as it was."""
+    for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+        img = os.path.join(d, "img.qcow2")
+        uqtest.qemu_create(img, "1M")
+        before = uqtest.sha256(img)
+        p = run("create", "-f", "qcow2", *args, cwd=d, check=False)
+        if who == "qemu-img":
+            if p.returncode == 0:
+                return f"{what}: qemu-img accepts it; the case is wrong"
+            continue
+        err = one_line_error(p, "img.qcow2", what)
+        if err:
+            return err
+        if not os.path.exists(img) or uqtest.sha256(img) != before:
+            return f"{what}: the existing image changed"
+    return None
+
+
+def case_self_backing(d):
+    return (refused_untouched(d, ["-b", "img.qcow2", "img.qcow2"], "-b itself")
+            or refused_untouched(d, ["-o", "backing_file=img.qcow2", "img.qcow2"],
+                                 "-o backing_file=itself"))
+
+
+def case_unsafe_no_fmt(d):
+    uqtest.qemu_create(os.path.join(d, "base.qcow2"), "1M")
+    return refused_untouched(d, ["-u", "-b", "base.qcow2", "img.qcow2", "1M"],
+                             "-u without -F")
+
+
+def case_data_file_fails(d):
+    img = os.path.join(d, "img.qcow2")
+    uqtest.qemu_create(img, "1M")
+    before = uqtest.sha256(img)
+    p = uqtest.uq("create", "-f", "qcow2", "-o", f"data_file={d}/no/such/dir/x.data",
+                  img, "1M", check=False)
+    err = one_line_error(p, img, "unwritable data file")
+    if err:
+        return err
+    if uqtest.sha256(img) != before:
+        return "the existing image changed although the data file could not be made"
+    # And it still works where the data file can be made.
+    uqtest.uq("create", "-f", "qcow2", "-o", f"data_file={d}/x.data", img, "1M")
+    return uqtest.qemu_check_clean("after create with a data file", img)
+
+
+def both_json(d, *args):
+    ours = uqtest.uq(*args, cwd=d)
+    theirs = uqtest.qemu_img(*args, cwd=d)
+    return json.loads(ours.stdout), json.loads(theirs.stdout)
+
+
+def case_raw_partial_sector(d):
+    for size in (5, 513, 4097):
+        name = f"r{size}.img"
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"\x5a" * size)
+        for args in (["info", "--output=json"], ["map", "--output=json"]):
+            ours, theirs = both_json(d, *args, name)
+            if args[0] == "info":
+                ours = {k: ours.get(k) for k in ("virtual-size", "format")}
+                theirs = {k: theirs.get(k) for k in ("virtual-size", "format")}
+            if ours != theirs:
+                return f"{args[0]} of a {size}-byte raw file: {ours} vs qemu-img's {theirs}"
+        # A qcow2 over it takes the rounded size as qemu-img does.
+        ovl = f"o{size}.qcow2"
+        uqtest.uq("create", "-f", "qcow2", "-b", name, "-F", "raw", ovl, cwd=d)
+        ours = json.loads(uqtest.uq("info", "--output=json", ovl, cwd=d).stdout)
+        if ours["virtual-size"] != (size + 511) // 512 * 512:
+            return f"overlay of a {size}-byte raw file: virtual size {ours['virtual-size']}"
+    return None
+
+
+def case_map_data_file(d):
+    img = os.path.join(d, "df.qcow2")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=df.data", "df.qcow2",
+                    "4M", cwd=d)
+    uqtest.qemu_io("qcow2", img, ["write -P 1 0 64k", "write -P 2 1M 128k"], cwd=d)
+    ours = uqtest.uq("map", "df.qcow2", cwd=d).stdout
+    theirs = uqtest.qemu_img("map", "df.qcow2", cwd=d).stdout
+    if "df.data" not in theirs:
+        return f"qemu-img map does not name the data file; the case is wrong:\n{theirs}"
+    if ours != theirs:
+        return f"map:\n{ours}vs qemu-img's:\n{theirs}"
+    return None
+
+
+def case_convert_onto_source(d):
+    q = uqtest.qemu_img
+    q("create", "-q", "-f", "raw", "base.raw", "4M", cwd=d)
+    uqtest.qemu_io("raw", f"{d}/base.raw", ["write -P 7 0 1M"])
+    q("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", cwd=d)
+    uqtest.qemu_io("qcow2", f"{d}/top.qcow2", ["write -P 8 1M 64k"])
+    q("create", "-q", "-f", "qcow2", "-o", "data_file=df.data", "df.qcow2", "4M", cwd=d)
+    uqtest.qemu_io("qcow2", f"{d}/df.qcow2", ["write -P 9 0 64k"], cwd=d)
+    os.symlink("top.qcow2", f"{d}/link.qcow2")
+    files = ("base.raw", "top.qcow2", "df.qcow2", "df.data")
+    sums = {f: uqtest.sha256(f"{d}/{f}") for f in files}
+    for args in (["top.qcow2", "top.qcow2"], ["top.qcow2", "./top.qcow2"],
+                 ["top.qcow2", "link.qcow2"], ["top.qcow2", "base.raw"],
+                 ["-O", "raw", "top.qcow2", "base.raw"], ["df.qcow2", "df.data"],
+                 ["-o", "data_file=base.raw", "top.qcow2", "new.qcow2"]):
+        full = ["convert", "-O", "qcow2"] + args
+        p = uqtest.uq(*full, cwd=d, check=False)
+        err = one_line_error(p, args[-1], " ".join(full))
+        if err:
+            return err
+        for f in files:
+            if uqtest.sha256(f"{d}/{f}") != sums[f]:
+                return f"{' '.join(full)}: {f} changed"
+        if os.path.exists(f"{d}/new.qcow2"):
+            return f"{' '.join(full)}: left new.qcow2 behind"
+    # A target outside the chain still works.
+    uqtest.uq("convert", "-O", "qcow2", "top.qcow2", "out.qcow2", cwd=d)
+    p = q("compare", "top.qcow2", "out.qcow2", cwd=d, check=False)
+    if p.returncode != 0:
+        return f"convert to a fresh file: qemu-img compare says {p.stdout.strip()}"
+    return None
+
+
+def main():
+    uqtest.require_tools("qemu-img", "qemu-io")
+    uqtest.uq_bin()
+    res = uqtest.Results("test_contract_tools")
+    for name, fn in (("create-self-backing", case_self_backing),
+                     ("create-unsafe-no-fmt", case_unsafe_no_fmt),
+                     ("create-data-file-fails", case_data_file_fails),
+                     ("raw-partial-sector", case_raw_partial_sector),
+                     ("map-data-file", case_map_data_file),
+                     ("convert-onto-source", case_convert_onto_source)):
+        d = uqtest.scratch_dir("contract")
+        try:
+            res.case(name, fn, d)
+        finally:
+            uqtest.cleanup(d)
+    res.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
