@@ -20,10 +20,15 @@ tester found disagreeing with qemu-img (each case once failed):
                           another name or a symlink, its backing file, its
                           data file): qemu-img's locks refuse it; we used to
                           truncate the source and exit 0.
+  info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
+                          enabled, disabled, in use) listed by info, human
+                          and JSON, as qemu-img lists them; none listed
+                          where the autoclear bit says they are stale.
 """
 
 import json
 import os
+import struct
 import sys
 
 import uqtest
@@ -160,6 +165,68 @@ def case_convert_onto_source(d):
     return None
 
 
+def info_text(who, args, d):
+    """@who's info output without the lines about disk usage."""
+    out = who("info", *args, cwd=d).stdout
+    return "".join(l + "\n" for l in out.splitlines()
+                   if "disk size" not in l and "actual-size" not in l)
+
+
+def set_bitmap_flag(path, index, flag):
+    """Set @flag in the directory entry @index of @path's bitmaps extension."""
+    with open(path, "r+b") as f:
+        h = f.read(65536)
+        pos = struct.unpack(">I", h[100:104])[0]
+        while True:
+            t, n = struct.unpack(">II", h[pos:pos + 8])
+            if t == 0x23852875:
+                break
+            if t == 0:
+                raise AssertionError(f"{path}: no bitmaps extension")
+            pos += 8 + ((n + 7) & ~7)
+        nb, _, _, off = struct.unpack(">IIQQ", h[pos + 8:pos + 32])
+        for _ in range(index):
+            f.seek(off + 18)
+            name, extra = struct.unpack(">HI", f.read(6))
+            off += (24 + extra + name + 7) & ~7
+        f.seek(off + 12)
+        flags = struct.unpack(">I", f.read(4))[0]
+        f.seek(off + 12)
+        f.write(struct.pack(">I", flags | flag))
+
+
+def case_info_bitmaps(d):
+    q = uqtest.qemu_img
+    q("create", "-q", "-f", "qcow2", "bm.qcow2", "8M", cwd=d)
+    q("bitmap", "--add", "bm.qcow2", "b0", cwd=d)
+    q("bitmap", "--add", "-g", "4096", "--disable", "bm.qcow2", "second one", cwd=d)
+    q("bitmap", "--add", "-g", "1M", "bm.qcow2", "third", cwd=d)
+    set_bitmap_flag(f"{d}/bm.qcow2", 2, 1)          # in use
+    q("create", "-q", "-f", "qcow2", "-b", "bm.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
+    theirs = q("info", "--output=json", "bm.qcow2", cwd=d).stdout
+    if theirs.count("granularity") != 3 or "in-use" not in theirs:
+        return f"qemu-img does not list the three bitmaps; the case is wrong:\n{theirs}"
+    for args in ([], ["--output=json"], ["--backing-chain", "--output=json"],
+                 ["--backing-chain"]):
+        for img in ("bm.qcow2", "top.qcow2"):
+            ours = info_text(uqtest.uq, args + [img], d)
+            theirs = info_text(q, args + [img], d)
+            if ours != theirs:
+                return f"info {' '.join(args)} {img}:\n{ours}vs qemu-img's:\n{theirs}"
+    # Autoclear bit 0 clear: a program without bitmap support wrote the
+    # image; qemu-img lists no bitmaps then.
+    with open(f"{d}/bm.qcow2", "r+b") as f:
+        f.seek(88)
+        ac = struct.unpack(">Q", f.read(8))[0]
+        f.seek(88)
+        f.write(struct.pack(">Q", ac & ~1))
+    ours = info_text(uqtest.uq, ["--output=json", "bm.qcow2"], d)
+    theirs = info_text(q, ["--output=json", "bm.qcow2"], d)
+    if "bitmaps" in theirs or ours != theirs:
+        return f"stale bitmaps: info\n{ours}vs qemu-img's:\n{theirs}"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -169,7 +236,8 @@ def main():
                      ("create-data-file-fails", case_data_file_fails),
                      ("raw-partial-sector", case_raw_partial_sector),
                      ("map-data-file", case_map_data_file),
-                     ("convert-onto-source", case_convert_onto_source)):
+                     ("convert-onto-source", case_convert_onto_source),
+                     ("info-bitmaps", case_info_bitmaps)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
