@@ -20,6 +20,11 @@ tester found disagreeing with qemu-img (each case once failed):
                           another name or a symlink, its backing file, its
                           data file): qemu-img's locks refuse it; we used to
                           truncate the source and exit 0.
+  create-sizes            SIZE spellings as qemu-img takes them: fractions
+                          with a unit ("1.1M", "2.7G": qemu-img drops what
+                          falls below a byte), "1." and "1.k", a leading
+                          '+' or blank; the same refusals ("1.5", "1.5b",
+                          "-1M", "1.e3", "0x1.8M").
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -227,6 +232,30 @@ def case_info_bitmaps(d):
     return None
 
 
+SIZES = ["1M", "1000", "1.1M", "0.3M", "2.7G", "1.0", "1.", "1.k", "+1M", " 1M",
+         "1.0000000001M", "0x10k", "1.5", "1.5b", "0x1.8M", "1.e3", "1.5 M", "- 1M",
+         "+-1M", "1Mx", "64P", "16E"]
+
+
+def case_create_sizes(d):
+    bad = []
+    for size in SIZES:
+        got = []
+        for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+            img = os.path.join(d, f"{who}.qcow2")
+            if os.path.exists(img):
+                os.unlink(img)
+            p = run("create", "-f", "qcow2", img, size, check=False)
+            if p.returncode:
+                got.append(None)
+                continue
+            info = json.loads(uqtest.qemu_img("info", "--output=json", img).stdout)
+            got.append(info["virtual-size"])
+        if got[0] != got[1]:
+            bad.append(f"{size!r}: {got[1]} vs qemu-img's {got[0]} (None: refused)")
+    return "; ".join(bad) if bad else None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -237,7 +266,8 @@ def main():
                      ("raw-partial-sector", case_raw_partial_sector),
                      ("map-data-file", case_map_data_file),
                      ("convert-onto-source", case_convert_onto_source),
-                     ("info-bitmaps", case_info_bitmaps)):
+                     ("info-bitmaps", case_info_bitmaps),
+                     ("create-sizes", case_create_sizes)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
