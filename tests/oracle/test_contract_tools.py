@@ -25,6 +25,9 @@ tester found disagreeing with qemu-img (each case once failed):
                           falls below a byte), "1." and "1.k", a leading
                           '+' or blank; the same refusals ("1.5", "1.5b",
                           "-1M", "1.e3", "0x1.8M").
+  check-backing-gone      check of an image whose backing file is missing:
+                          qemu-img check cannot open it and exits 1; we
+                          used to report a clean image (exit 0).
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -256,6 +259,28 @@ def case_create_sizes(d):
     return "; ".join(bad) if bad else None
 
 
+def case_check_backing_gone(d):
+    q = uqtest.qemu_img
+    q("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "orphan.qcow2",
+      "8M", cwd=d)
+    for args in (["check"], ["check", "--output=json"], ["check", "-r", "all"]):
+        theirs = q(*args, "orphan.qcow2", cwd=d, check=False)
+        ours = uqtest.uq(*args, "orphan.qcow2", cwd=d, check=False)
+        if theirs.returncode != 1:
+            return f"qemu-img {' '.join(args)} exits {theirs.returncode}; the case is wrong"
+        if ours.returncode != 1:
+            return f"{' '.join(args)}: exit {ours.returncode}, qemu-img's 1"
+        err = one_line_error(ours, "gone.qcow2", " ".join(args))
+        if err:
+            return err
+    # With the backing file back, the check passes.
+    q("create", "-q", "-f", "qcow2", "gone.qcow2", "8M", cwd=d)
+    p = uqtest.uq("check", "orphan.qcow2", cwd=d, check=False)
+    if p.returncode != 0:
+        return f"check with the backing file present: exit {p.returncode}: {p.stderr.strip()}"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -267,7 +292,8 @@ def main():
                      ("map-data-file", case_map_data_file),
                      ("convert-onto-source", case_convert_onto_source),
                      ("info-bitmaps", case_info_bitmaps),
-                     ("create-sizes", case_create_sizes)):
+                     ("create-sizes", case_create_sizes),
+                     ("check-backing-gone", case_check_backing_gone)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
