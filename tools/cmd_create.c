@@ -169,6 +169,11 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 
 	if (!strcmp(key, "help"))
 		return 1;
+	if (!*key) {
+		/* qemu-img too: "a=1," and ",a=1" are no option list. */
+		uq_err("%s: invalid option list (an empty option)", x->path);
+		return -EINVAL;
+	}
 	if (!val) {
 		uq_err("%s: option '%s' needs a value", x->path, key);
 		return -EINVAL;
@@ -398,7 +403,7 @@ int cmd_create(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct uq_create c = { .fmt = UQ_FMT_QCOW2 };
-	const char *fmt = "qcow2", *path;
+	const char *fmt = "qcow2", *path, *bfile = NULL, *bfmt = NULL;
 	char *fmt_alloc = NULL;
 	char *lists[16];		/* -o lists: applied once IMAGE is known */
 	int nr_lists = 0, i, opt, ret;
@@ -410,10 +415,10 @@ int cmd_create(int argc, char **argv)
 			fmt = optarg;
 			break;
 		case 'b':
-			c.o.backing_file = optarg;
+			bfile = optarg;
 			break;
 		case 'F':
-			c.o.backing_fmt = optarg;
+			bfmt = optarg;
 			break;
 		case 'u':
 			unsafe = true;
@@ -447,8 +452,17 @@ int cmd_create(int argc, char **argv)
 		if (ret)
 			return ret > 0 ? 0 : 1;
 	}
+	/* -b and -F win over -o backing_file/backing_fmt, as in qemu-img. */
+	if (bfile)
+		c.o.backing_file = bfile;
+	if (bfmt)
+		c.o.backing_fmt = bfmt;
 	if (optind >= argc || argc - optind > 2)
 		return uq_usage_args("create", "IMAGE and an optional SIZE");
+	if (optind + 1 < argc && c.size_set) {
+		uq_err("%s: the image size must be given only once (SIZE or -o size)", path);
+		return 1;
+	}
 	if (optind + 1 < argc) {
 		if (uq_parse_size(argv[optind + 1], &c.o.size) < 0) {
 			uq_err("%s: invalid size '%s'", path, argv[optind + 1]);
@@ -462,6 +476,10 @@ int cmd_create(int argc, char **argv)
 	}
 	if (c.o.backing_fmt && !c.o.backing_file) {
 		uq_err("%s: a backing format needs a backing file (-b)", path);
+		return 1;
+	}
+	if (c.o.backing_file && !*c.o.backing_file) {
+		uq_err("%s: the backing file name is empty", path);
 		return 1;
 	}
 	/* qemu-img's test too: the same name, not the same file. */

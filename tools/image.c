@@ -640,7 +640,9 @@ static int object_pair(void *opaque, const char *key, const char *val)
 {
 	struct object_ctx *o = opaque;
 
-	if (!val && !strcmp(key, "secret")) {
+	if (!val && !*key) {
+		/* "secret,id=x," as qemu-img's --object takes it */
+	} else if (!val && !strcmp(key, "secret")) {
 		o->secret = true;
 	} else if (val && !strcmp(key, "qom-type")) {
 		o->secret = !strcmp(val, "secret");

@@ -140,8 +140,9 @@ int uq_parse_size(const char *s, uint64_t *out)
 int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *val),
 		  void *opaque)
 {
-	while (*s) {
+	for (;;) {
 		char *key = s, *val = NULL, *w = s, *r = s;
+		bool last;
 		int ret;
 
 		/* Copy down over ",," escapes until a single comma ends the pair. */
@@ -153,18 +154,16 @@ int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *
 			}
 			*w++ = *r++;
 		}
-		s = *r ? r + 1 : r;
+		last = !*r;
+		s = r + !last;
 		*w = '\0';
 		val = strchr(key, '=');
 		if (val)
 			*val++ = '\0';
-		if (!*key)
-			continue;
 		ret = fn(opaque, key, val);
-		if (ret)
+		if (ret || last)
 			return ret;
 	}
-	return 0;
 }
 
 int uq_parse_bool(const char *s, bool *out)

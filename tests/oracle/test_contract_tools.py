@@ -28,6 +28,10 @@ tester found disagreeing with qemu-img (each case once failed):
   check-backing-gone      check of an image whose backing file is missing:
                           qemu-img check cannot open it and exits 1; we
                           used to report a clean image (exit 0).
+  create-option-lists     -o lists qemu-img refuses: an empty pair ("a=1,",
+                          ",a=1", "=4k", ""), SIZE given twice (-o size and
+                          SIZE), an empty backing file name; and -b/-F win
+                          over -o backing_file/backing_fmt as in qemu-img.
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -281,6 +285,36 @@ def case_check_backing_gone(d):
     return None
 
 
+def case_create_option_lists(d):
+    uqtest.qemu_create(os.path.join(d, "base.qcow2"), "3M")
+    with open(os.path.join(d, "other.raw"), "wb") as f:
+        f.truncate(5 << 20)
+    for args in (["-o", "cluster_size=64k,", "img.qcow2", "1M"],
+                 ["-o", ",cluster_size=64k", "img.qcow2", "1M"],
+                 ["-o", "=4k", "img.qcow2", "1M"],
+                 ["-o", "", "img.qcow2", "1M"],
+                 ["-o", "size=2M", "img.qcow2", "1M"],
+                 ["-b", "", "img.qcow2", "1M"],
+                 ["-o", "backing_file=", "img.qcow2", "1M"]):
+        err = refused_untouched(d, args, " ".join(repr(a) for a in args))
+        if err:
+            return err
+    # Accepted the same way: the resulting images agree.
+    for args in (["-o", "size=2M", "IMG"],
+                 ["-b", "base.qcow2", "-F", "qcow2", "-o", "backing_file=other.raw", "IMG"],
+                 ["-b", "base.qcow2", "-o", "backing_fmt=raw", "-F", "qcow2", "IMG"]):
+        got = []
+        for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+            img = f"{who}.qcow2"
+            run("create", "-f", "qcow2", *[img if a == "IMG" else a for a in args], cwd=d)
+            info = json.loads(uqtest.qemu_img("info", "--output=json", img, cwd=d).stdout)
+            got.append({k: info.get(k) for k in ("virtual-size", "backing-filename",
+                                                 "backing-filename-format")})
+        if got[0] != got[1]:
+            return f"create {' '.join(args)}: {got[1]} vs qemu-img's {got[0]}"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -293,7 +327,8 @@ def main():
                      ("convert-onto-source", case_convert_onto_source),
                      ("info-bitmaps", case_info_bitmaps),
                      ("create-sizes", case_create_sizes),
-                     ("check-backing-gone", case_check_backing_gone)):
+                     ("check-backing-gone", case_check_backing_gone),
+                     ("create-option-lists", case_create_option_lists)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
