@@ -311,6 +311,21 @@ static int create_raw(const char *path, const struct qcow2_create_opts *o)
 		ret = -errno;
 		uq_err("%s: cannot resize: %s", path, strerror(-ret));
 	}
+	/*
+	 * QEMU's file driver writes the first block of a file it grows from
+	 * empty (for its alignment probe): 4 KiB, or 512 bytes of a smaller
+	 * file. The same blocks in use make the same actual-size.
+	 */
+	if (!ret && o->size && o->prealloc != QCOW2_PREALLOC_FULL) {
+		static const uint8_t zeros[4096];
+		size_t n = o->size < sizeof(zeros) ? 512 : sizeof(zeros);
+		ssize_t w = pwrite(fd, zeros, n, 0);
+
+		if (w != (ssize_t)n) {
+			ret = w < 0 ? -errno : -ENOSPC;
+			uq_err("%s: cannot write: %s", path, strerror(-ret));
+		}
+	}
 	if (!ret && fsync(fd) < 0) {
 		ret = -errno;
 		uq_err("%s: cannot sync: %s", path, strerror(-ret));

@@ -32,6 +32,9 @@ tester found disagreeing with qemu-img (each case once failed):
                           ",a=1", "=4k", ""), SIZE given twice (-o size and
                           SIZE), an empty backing file name; and -b/-F win
                           over -o backing_file/backing_fmt as in qemu-img.
+  raw-actual-size         create -f raw (and convert -O raw) allocate the
+                          first block as qemu-img's file driver does, so
+                          info's actual-size agrees (it was 0 for ours).
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -315,6 +318,28 @@ def case_create_option_lists(d):
     return None
 
 
+def case_raw_actual_size(d):
+    for args in (["1000"], ["1G"], ["0"], ["-o", "preallocation=falloc", "1M"]):
+        got = []
+        for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+            img = f"{who}.raw"
+            run("create", "-f", "raw", img, *args, cwd=d)
+            info = json.loads(uqtest.qemu_img("info", "--output=json", img, cwd=d).stdout)
+            got.append((info["virtual-size"], info["actual-size"]))
+        if got[0] != got[1]:
+            return f"create -f raw {' '.join(args)}: (size, actual-size) {got[1]} vs qemu-img's {got[0]}"
+    uqtest.qemu_create(f"{d}/src.qcow2", "4M")
+    uqtest.qemu_io("qcow2", f"{d}/src.qcow2", ["write -P 1 1M 64k", "write -P 2 3M 4k"])
+    got = []
+    for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+        run("convert", "-O", "raw", "src.qcow2", f"{who}.out", cwd=d)
+        got.append(json.loads(uqtest.qemu_img("info", "--output=json", f"{who}.out",
+                                              cwd=d).stdout)["actual-size"])
+    if got[0] != got[1]:
+        return f"convert -O raw: actual-size {got[1]} vs qemu-img's {got[0]}"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -328,7 +353,8 @@ def main():
                      ("info-bitmaps", case_info_bitmaps),
                      ("create-sizes", case_create_sizes),
                      ("check-backing-gone", case_check_backing_gone),
-                     ("create-option-lists", case_create_option_lists)):
+                     ("create-option-lists", case_create_option_lists),
+                     ("raw-actual-size", case_raw_actual_size)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
