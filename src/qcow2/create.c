@@ -757,6 +757,15 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	if (ret < 0)
 		goto out_free;
 	if (opts->data_file) {
+		struct stat a, b;
+
+		/* Before the data file's O_TRUNC: the image itself would be truncated. */
+		if (fstat(c.fd, &a) == 0 && stat(opts->data_file, &b) == 0 &&
+		    a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+			ret = create_error(&c, -EINVAL, "the data file %s is the image itself",
+					   opts->data_file);
+			goto out_close;
+		}
 		ret = open_data_file(&c, opts->data_file, &data_created);
 		if (ret < 0)
 			goto out_close;

@@ -340,6 +340,26 @@ static void nowait_on_tmpfs(int fd)
  * directory), else relative to the image's directory (a daemon that left its
  * working directory, an image opened from elsewhere).
  */
+/*
+ * A writable data file may not be the image itself: guest writes would
+ * land on the metadata (qemu's locks refuse such an image for writing; it
+ * reads it).
+ */
+static int data_file_ready(struct qcow2 *img, int flags)
+{
+	struct stat a, b;
+
+	if ((flags & O_ACCMODE) != O_RDONLY && fstat(img->fd, &a) == 0 && fstat(img->data_fd, &b) == 0 &&
+	    a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+		close(img->data_fd);
+		img->data_fd = -1;
+		return qcow2_error(img, -EINVAL, "the data file %s is the image itself",
+				   img->data_file);
+	}
+	nowait_on_tmpfs(img->data_fd);
+	return 0;
+}
+
 static int open_data_file(struct qcow2 *img, int flags)
 {
 	char *path;
@@ -348,10 +368,8 @@ static int open_data_file(struct qcow2 *img, int flags)
 	if (img->h.nb_snapshots)
 		return qcow2_error(img, -EINVAL, "internal snapshots in an image with a data file");
 	img->data_fd = open(img->data_file, flags);
-	if (img->data_fd >= 0) {
-		nowait_on_tmpfs(img->data_fd);
-		return 0;
-	}
+	if (img->data_fd >= 0)
+		return data_file_ready(img, flags);
 	err = -errno;
 	if (img->data_file[0] != '/' && err == -ENOENT) {
 		path = qcow2_relative_path(img->path, img->data_file);
@@ -360,10 +378,8 @@ static int open_data_file(struct qcow2 *img, int flags)
 		img->data_fd = open(path, flags);
 		err = img->data_fd >= 0 ? 0 : -errno;
 		free(path);
-		if (!err) {
-			nowait_on_tmpfs(img->data_fd);
-			return 0;
-		}
+		if (!err)
+			return data_file_ready(img, flags);
 	}
 	return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
 			   strerror(-err));

@@ -35,6 +35,11 @@ tester found disagreeing with qemu-img (each case once failed):
   raw-actual-size         create -f raw (and convert -O raw) allocate the
                           first block as qemu-img's file driver does, so
                           info's actual-size agrees (it was 0 for ours).
+  data-file-is-image      create -o data_file=IMG IMG is refused with IMG
+                          untouched (it made an image whose guest writes
+                          overwrite its own metadata); an image whose data
+                          file is itself opens read-only (info, map, check,
+                          convert, as qemu-img) but never for writing.
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -340,6 +345,38 @@ def case_raw_actual_size(d):
     return None
 
 
+def case_data_file_is_image(d):
+    for args in (["-o", "data_file=img.qcow2", "img.qcow2", "1M"],
+                 ["-o", "data_file=./img.qcow2", "img.qcow2", "1M"]):
+        err = refused_untouched(d, args, " ".join(args))
+        if err:
+            return err
+    # A fresh name: refused and nothing left behind.
+    p = uqtest.uq("create", "-o", "data_file=new.qcow2", "new.qcow2", "1M", cwd=d,
+                  check=False)
+    if p.returncode == 0 or os.path.exists(f"{d}/new.qcow2"):
+        return f"create -o data_file=new.qcow2 new.qcow2: exit {p.returncode}"
+    # Made by qemu-img under another name, then renamed to its data file's.
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=self.qcow2", "tmp.qcow2",
+                    "1M", cwd=d)
+    os.rename(f"{d}/tmp.qcow2", f"{d}/self.qcow2")
+    before = uqtest.sha256(f"{d}/self.qcow2")
+    for args in (["info", "self.qcow2"], ["map", "self.qcow2"], ["check", "self.qcow2"],
+                 ["convert", "-O", "raw", "self.qcow2", "out.raw"]):
+        theirs = uqtest.qemu_img(*args, cwd=d, check=False).returncode
+        ours = uqtest.uq(*args, cwd=d, check=False).returncode
+        if ours != theirs:
+            return f"{' '.join(args)} of a self-referencing image: exit {ours}, qemu-img's {theirs}"
+    for args in (["io", "self.qcow2", "-c", "write -P 7 0 64k"], ["check", "-r", "all", "self.qcow2"]):
+        p = uqtest.uq(*args, cwd=d, check=False)
+        err = one_line_error(p, "self.qcow2", " ".join(args))
+        if err:
+            return err
+    if uqtest.sha256(f"{d}/self.qcow2") != before:
+        return "the self-referencing image changed"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -354,7 +391,8 @@ def main():
                      ("create-sizes", case_create_sizes),
                      ("check-backing-gone", case_check_backing_gone),
                      ("create-option-lists", case_create_option_lists),
-                     ("raw-actual-size", case_raw_actual_size)):
+                     ("raw-actual-size", case_raw_actual_size),
+                     ("data-file-is-image", case_data_file_is_image)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
