@@ -381,12 +381,20 @@ static int check_backing(const char *path, struct uq_create *c, char **fmt_out)
 {
 	struct uq_image *b;
 	char *bpath, err[512];
+	struct stat a, s;
 	int ret;
 
 	bpath = uq_backing_path(path, c->o.backing_file);
 	if (!bpath) {
 		uq_err("%s: out of memory", path);
 		return -ENOMEM;
+	}
+	/* Under another name too ("./IMG"): the image would be its own backing file. */
+	if (stat(path, &a) == 0 && stat(bpath, &s) == 0 && a.st_dev == s.st_dev &&
+	    a.st_ino == s.st_ino) {
+		uq_err("%s: the image cannot be its own backing file", path);
+		free(bpath);
+		return -EINVAL;
 	}
 	ret = uq_image_open(&b, bpath, c->o.backing_fmt,
 			    UQ_OPEN_RDONLY | UQ_OPEN_NO_BACKING, err, sizeof(err));

@@ -5,7 +5,9 @@ tester found disagreeing with qemu-img (each case once failed):
 
   create-self-backing     `create -b X X`: qemu-img refuses an image that
                           names itself as backing file; so must we (exit 1,
-                          one line, the existing file untouched).
+                          one line, the existing file untouched), also under
+                          another name (./X, a symlink), where qemu-img -F
+                          writes an image that can never open.
   create-unsafe-no-fmt    `create -u -b B IMG SIZE` without -F: qemu-img
                           refuses (the format cannot be detected); so must we.
   create-data-file-fails  a data file that cannot be created fails the
@@ -84,9 +86,25 @@ def refused_untouched(d, args, what):
 
 
 def case_self_backing(d):
-    return (refused_untouched(d, ["-b", "img.qcow2", "img.qcow2"], "-b itself")
-            or refused_untouched(d, ["-o", "backing_file=img.qcow2", "img.qcow2"],
-                                 "-o backing_file=itself"))
+    err = (refused_untouched(d, ["-b", "img.qcow2", "img.qcow2"], "-b itself")
+           or refused_untouched(d, ["-o", "backing_file=img.qcow2", "img.qcow2"],
+                                "-o backing_file=itself"))
+    if err:
+        return err
+    # Under another name qemu-img (with -F) makes the looping image; we refuse
+    # it as well, and leave the file as it was.
+    uqtest.qemu_create(os.path.join(d, "img.qcow2"), "1M")
+    os.symlink("img.qcow2", os.path.join(d, "link.qcow2"))
+    before = uqtest.sha256(os.path.join(d, "img.qcow2"))
+    for b in ("./img.qcow2", "link.qcow2"):
+        p = uqtest.uq("create", "-f", "qcow2", "-b", b, "-F", "qcow2", "img.qcow2", cwd=d,
+                      check=False)
+        err = one_line_error(p, "img.qcow2", f"-b {b}")
+        if err:
+            return err
+        if uqtest.sha256(os.path.join(d, "img.qcow2")) != before:
+            return f"-b {b}: the existing image changed"
+    return None
 
 
 def case_unsafe_no_fmt(d):
