@@ -77,8 +77,8 @@ static int print_entry(const struct map_entry *e, const char *top_name,
 			file = info.data_file;
 	}
 	if (!st->has_offset) {
-		uq_err("%s: compressed clusters have no place in the human map (use --output=json)",
-		       file);
+		uq_err("%s: encrypted or compressed clusters have no place in the human map "
+		       "(use --output=json)", file);
 		return -EINVAL;
 	}
 	if (!st->zero)

@@ -526,6 +526,13 @@ static int level_status(struct uq_image *img, uint64_t off, uint64_t len, struct
 		st->data = true;
 		break;
 	}
+	/* QEMU gives no host offsets of encrypted images (the file holds ciphertext). */
+	if (st->has_offset) {
+		struct qcow2_info info;
+
+		qcow2_get_info(img->qcow2, &info);
+		st->has_offset = !info.encrypted;
+	}
 	return 0;
 }
 

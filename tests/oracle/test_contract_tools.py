@@ -42,6 +42,9 @@ tester found disagreeing with qemu-img (each case once failed):
                           overwrite its own metadata); an image whose data
                           file is itself opens read-only (info, map, check,
                           convert, as qemu-img) but never for writing.
+  map-encrypted           map of a LUKS image: no "offset" members (QEMU
+                          gives no host offsets of encrypted data) and the
+                          human map refuses, as qemu-img's.
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -395,6 +398,28 @@ def case_data_file_is_image(d):
     return None
 
 
+def case_map_encrypted(d):
+    secret = ["--object", "secret,id=s0,data=pw"]
+    opts = "driver=qcow2,file.filename=lk.qcow2,encrypt.key-secret=s0"
+    uqtest.qemu_img_luks("create", "-q", "-f", "qcow2", *secret, "-o",
+                         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                         "lk.qcow2", "8M", cwd=d)
+    uqtest.run(["qemu-io", *secret, "--image-opts", opts, "-c", "write -P 1 0 128k",
+                "-c", "write -z 1M 64k", "-c", "write -P 2 3M 64k"], cwd=d)
+    theirs = uqtest.qemu_img("map", "--output=json", *secret, "--image-opts", opts, cwd=d)
+    ours = uqtest.uq("map", "--output=json", *secret, "lk.qcow2", cwd=d)
+    a, b = json.loads(ours.stdout), json.loads(theirs.stdout)
+    if not any(e["data"] for e in b):
+        return f"qemu-img map shows no data; the case is wrong: {b}"
+    if a != b:
+        return f"map --output=json: {a} vs qemu-img's {b}"
+    theirs = uqtest.qemu_img("map", *secret, "--image-opts", opts, cwd=d, check=False)
+    ours = uqtest.uq("map", *secret, "lk.qcow2", cwd=d, check=False)
+    if theirs.returncode == 0:
+        return "qemu-img's human map of an encrypted image succeeds; the case is wrong"
+    return one_line_error(ours, "lk.qcow2", "human map of an encrypted image")
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -410,7 +435,8 @@ def main():
                      ("check-backing-gone", case_check_backing_gone),
                      ("create-option-lists", case_create_option_lists),
                      ("raw-actual-size", case_raw_actual_size),
-                     ("data-file-is-image", case_data_file_is_image)):
+                     ("data-file-is-image", case_data_file_is_image),
+                     ("map-encrypted", case_map_encrypted)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
