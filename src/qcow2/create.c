@@ -139,6 +139,10 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	if (o->data_file_raw && o->backing_file)
 		return create_error(c, -EINVAL,
 				    "a backing file and data_file_raw cannot be used together");
+	/* Allocated clusters would hide the backing file's data; subclusters do not. */
+	if (o->backing_file && o->prealloc != QCOW2_PREALLOC_OFF && !o->extended_l2)
+		return create_error(c, -EINVAL,
+				    "a backing file and preallocation need extended_l2=on");
 	return 0;
 }
 

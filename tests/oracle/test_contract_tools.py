@@ -45,6 +45,9 @@ tester found disagreeing with qemu-img (each case once failed):
   map-encrypted           map of a LUKS image: no "offset" members (QEMU
                           gives no host offsets of encrypted data) and the
                           human map refuses, as qemu-img's.
+  create-prealloc-backing preallocation with a backing file and without
+                          extended_l2: qemu-img refuses (allocated clusters
+                          would hide the backing data); so must we.
   info-bitmaps            persistent dirty bitmaps (qemu-img bitmap --add,
                           enabled, disabled, in use) listed by info, human
                           and JSON, as qemu-img lists them; none listed
@@ -420,6 +423,21 @@ def case_map_encrypted(d):
     return one_line_error(ours, "lk.qcow2", "human map of an encrypted image")
 
 
+def case_create_prealloc_backing(d):
+    uqtest.qemu_create(os.path.join(d, "base.qcow2"), "1M")
+    for mode in ("metadata", "falloc", "full"):
+        err = refused_untouched(d, ["-b", "base.qcow2", "-F", "qcow2", "-o",
+                                    f"preallocation={mode}", "img.qcow2"], f"preallocation={mode}")
+        if err:
+            return err
+    # With subclusters it is allowed, and the backing data still shows.
+    uqtest.qemu_io("qcow2", f"{d}/base.qcow2", ["write -P 5 0 64k"])
+    uqtest.uq("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o",
+              "preallocation=metadata,extended_l2=on", "ok.qcow2", cwd=d)
+    uqtest.qemu_io("qcow2", f"{d}/ok.qcow2", ["read -P 5 0 64k"])
+    return uqtest.qemu_check_clean("preallocated extended_l2 overlay", f"{d}/ok.qcow2")
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -436,7 +454,8 @@ def main():
                      ("create-option-lists", case_create_option_lists),
                      ("raw-actual-size", case_raw_actual_size),
                      ("data-file-is-image", case_data_file_is_image),
-                     ("map-encrypted", case_map_encrypted)):
+                     ("map-encrypted", case_map_encrypted),
+                     ("create-prealloc-backing", case_create_prealloc_backing)):
         d = uqtest.scratch_dir("contract")
         try:
             res.case(name, fn, d)
