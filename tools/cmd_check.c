@@ -3,7 +3,9 @@
  * check: runs the engine's consistency check (and repair) and reports the
  * way qemu-img check does: the same sentences, JSON members and exit codes.
  */
+#include <errno.h>
 #include <getopt.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cmds.h"
@@ -36,6 +38,36 @@ static void check_usage(void)
 		"  -p              show progress on stderr (one pass: 0%% and 100%%)\n"
 		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
+}
+
+/*
+ * The check reads metadata only, but qemu-img check opens the backing
+ * chain and fails where it cannot (a backing file gone): so do we.
+ */
+static int backing_opens(struct uq_image *img)
+{
+	struct uq_image *b;
+	struct qcow2_info info;
+	char *path, err[512];
+	int ret;
+
+	qcow2_get_info(img->qcow2, &info);
+	if (!info.backing_file)
+		return 0;
+	path = uq_backing_path(img->path, info.backing_file);
+	if (!path) {
+		uq_err("%s: out of memory", img->path);
+		return -ENOMEM;
+	}
+	ret = uq_image_open(&b, path, info.backing_fmt,
+			    UQ_OPEN_RDONLY | UQ_OPEN_CHAIN | UQ_OPEN_NO_KEY, err, sizeof(err));
+	free(path);
+	if (ret < 0) {
+		uq_err("%s: cannot open backing file: %s", img->path, err);
+		return ret;
+	}
+	uq_image_close(b);
+	return 0;
 }
 
 /* Problems found go to stderr, one per line, as qemu-img prints them. */
@@ -170,6 +202,10 @@ int cmd_check(int argc, char **argv)
 		uq_err("%s: this image format does not support checks", path);
 		uq_image_close(img);
 		return CHECK_UNSUPPORTED;
+	}
+	if (backing_opens(img) < 0) {
+		uq_image_close(img);
+		return CHECK_FAILED;
 	}
 	/* The engine's check is one pass with no progress of its own: 0% and 100%. */
 	uq_progress_update(&progress, 0, 1);

@@ -338,6 +338,46 @@ static int copy_compressed(struct convert *cv)
 	return uq_image_flush(cv->dst);
 }
 
+/* Whether @path is the file @st describes. */
+static bool same_file(const char *path, const struct stat *st)
+{
+	struct stat s;
+
+	return stat(path, &s) == 0 && s.st_dev == st->st_dev && s.st_ino == st->st_ino;
+}
+
+/*
+ * The file of the source chain (an image, a backing file, a data file)
+ * that @path names, or NULL. Creating the target over one of them would
+ * destroy the data being copied; qemu-img's image locks refuse it too.
+ */
+static const char *source_file_at(struct uq_image *src, const char *path)
+{
+	struct uq_image *img;
+	struct stat st;
+
+	for (img = src; img; img = img->backing) {
+		struct qcow2_info info;
+		char *rel;
+		bool hit;
+
+		if (fstat(img->fd, &st) == 0 && same_file(path, &st))
+			return img->path;
+		if (!img->qcow2)
+			continue;
+		qcow2_get_info(img->qcow2, &info);
+		if (!info.data_file || stat(path, &st) < 0)
+			continue;
+		/* The engine's two places for it: the current directory, the image's. */
+		rel = uq_backing_path(img->path, info.data_file);
+		hit = same_file(info.data_file, &st) || (rel && same_file(rel, &st));
+		free(rel);
+		if (hit)
+			return info.data_file;
+	}
+	return NULL;
+}
+
 int cmd_convert(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -444,6 +484,14 @@ int cmd_convert(int argc, char **argv)
 	}
 	c.o.size = cv.src->size;
 	c.size_set = true;
+	for (i = 0; i < 2; i++) {
+		const char *t = i ? c.o.data_file : dst_path, *hit = t ? source_file_at(cv.src, t) : NULL;
+
+		if (hit) {
+			uq_err("%s: cannot overwrite %s: the source reads it", dst_path, hit);
+			goto out_src;
+		}
+	}
 	existed = stat(dst_path, &sb) == 0;
 	if (uq_create_image(dst_path, &c) < 0)
 		goto out_src;

@@ -169,6 +169,11 @@ static int apply_opt(void *opaque, const char *key, const char *val)
 
 	if (!strcmp(key, "help"))
 		return 1;
+	if (!*key) {
+		/* qemu-img too: "a=1," and ",a=1" are no option list. */
+		uq_err("%s: invalid option list (an empty option)", x->path);
+		return -EINVAL;
+	}
 	if (!val) {
 		uq_err("%s: option '%s' needs a value", x->path, key);
 		return -EINVAL;
@@ -306,6 +311,21 @@ static int create_raw(const char *path, const struct qcow2_create_opts *o)
 		ret = -errno;
 		uq_err("%s: cannot resize: %s", path, strerror(-ret));
 	}
+	/*
+	 * QEMU's file driver writes the first block of a file it grows from
+	 * empty (for its alignment probe): 4 KiB, or 512 bytes of a smaller
+	 * file. The same blocks in use make the same actual-size.
+	 */
+	if (!ret && o->size && o->prealloc != QCOW2_PREALLOC_FULL) {
+		static const uint8_t zeros[4096];
+		size_t n = o->size < sizeof(zeros) ? 512 : sizeof(zeros);
+		ssize_t w = pwrite(fd, zeros, n, 0);
+
+		if (w != (ssize_t)n) {
+			ret = w < 0 ? -errno : -ENOSPC;
+			uq_err("%s: cannot write: %s", path, strerror(-ret));
+		}
+	}
 	if (!ret && fsync(fd) < 0) {
 		ret = -errno;
 		uq_err("%s: cannot sync: %s", path, strerror(-ret));
@@ -361,12 +381,20 @@ static int check_backing(const char *path, struct uq_create *c, char **fmt_out)
 {
 	struct uq_image *b;
 	char *bpath, err[512];
+	struct stat a, s;
 	int ret;
 
 	bpath = uq_backing_path(path, c->o.backing_file);
 	if (!bpath) {
 		uq_err("%s: out of memory", path);
 		return -ENOMEM;
+	}
+	/* Under another name too ("./IMG"): the image would be its own backing file. */
+	if (stat(path, &a) == 0 && stat(bpath, &s) == 0 && a.st_dev == s.st_dev &&
+	    a.st_ino == s.st_ino) {
+		uq_err("%s: the image cannot be its own backing file", path);
+		free(bpath);
+		return -EINVAL;
 	}
 	ret = uq_image_open(&b, bpath, c->o.backing_fmt,
 			    UQ_OPEN_RDONLY | UQ_OPEN_NO_BACKING, err, sizeof(err));
@@ -398,7 +426,7 @@ int cmd_create(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct uq_create c = { .fmt = UQ_FMT_QCOW2 };
-	const char *fmt = "qcow2", *path;
+	const char *fmt = "qcow2", *path, *bfile = NULL, *bfmt = NULL;
 	char *fmt_alloc = NULL;
 	char *lists[16];		/* -o lists: applied once IMAGE is known */
 	int nr_lists = 0, i, opt, ret;
@@ -410,10 +438,10 @@ int cmd_create(int argc, char **argv)
 			fmt = optarg;
 			break;
 		case 'b':
-			c.o.backing_file = optarg;
+			bfile = optarg;
 			break;
 		case 'F':
-			c.o.backing_fmt = optarg;
+			bfmt = optarg;
 			break;
 		case 'u':
 			unsafe = true;
@@ -447,8 +475,17 @@ int cmd_create(int argc, char **argv)
 		if (ret)
 			return ret > 0 ? 0 : 1;
 	}
+	/* -b and -F win over -o backing_file/backing_fmt, as in qemu-img. */
+	if (bfile)
+		c.o.backing_file = bfile;
+	if (bfmt)
+		c.o.backing_fmt = bfmt;
 	if (optind >= argc || argc - optind > 2)
 		return uq_usage_args("create", "IMAGE and an optional SIZE");
+	if (optind + 1 < argc && c.size_set) {
+		uq_err("%s: the image size must be given only once (SIZE or -o size)", path);
+		return 1;
+	}
 	if (optind + 1 < argc) {
 		if (uq_parse_size(argv[optind + 1], &c.o.size) < 0) {
 			uq_err("%s: invalid size '%s'", path, argv[optind + 1]);
@@ -462,6 +499,20 @@ int cmd_create(int argc, char **argv)
 	}
 	if (c.o.backing_fmt && !c.o.backing_file) {
 		uq_err("%s: a backing format needs a backing file (-b)", path);
+		return 1;
+	}
+	if (c.o.backing_file && !*c.o.backing_file) {
+		uq_err("%s: the backing file name is empty", path);
+		return 1;
+	}
+	/* qemu-img's test too: the same name, not the same file. */
+	if (c.o.backing_file && !strcmp(c.o.backing_file, path)) {
+		uq_err("%s: the image cannot be its own backing file", path);
+		return 1;
+	}
+	/* As qemu-img: without opening the backing file, its format must be given. */
+	if (c.o.backing_file && unsafe && !c.o.backing_fmt) {
+		uq_err("%s: a backing file not opened (-u) needs its format (-F)", path);
 		return 1;
 	}
 	if (c.o.backing_file && !unsafe && check_backing(path, &c, &fmt_alloc) < 0)

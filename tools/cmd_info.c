@@ -4,11 +4,13 @@
  * members in the order QEMU's dictionaries come out), for one image or
  * its whole backing chain.
  */
+#include <endian.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "cmds.h"
 #include "util.h"
@@ -27,6 +29,13 @@ static void info_usage(void)
 		"  -h, --help       show this help\n");
 }
 
+/* One persistent dirty bitmap, as qemu-img info lists it. */
+struct bitmap_info {
+	char *name;
+	uint32_t flags;			/* BME_FLAG_* */
+	uint64_t granularity;
+};
+
 struct level_info {
 	const char *filename;
 	struct uq_image *img;
@@ -37,7 +46,153 @@ struct level_info {
 	char *full_backing;		/* NULL without a backing file */
 	struct qcow2_snapshot_info *snaps;
 	uint32_t nr_snaps;
+	struct bitmap_info *bitmaps;
+	uint32_t nr_bitmaps;
 };
+
+#define EXT_BITMAPS		0x23852875u	/* the bitmaps header extension */
+#define AUTOCLEAR_BITMAPS	1ull		/* its autoclear bit */
+#define MAX_BITMAPS		65535		/* QEMU's limits */
+#define MAX_BITMAP_DIR		(64u << 20)
+#define MAX_BITMAP_NAME		1023
+#define BME_FLAG_IN_USE		1u
+#define BME_FLAG_AUTO		2u
+
+static uint32_t be32_at(const uint8_t *p)
+{
+	uint32_t v;
+
+	memcpy(&v, p, 4);
+	return be32toh(v);
+}
+
+static uint64_t be64_at(const uint8_t *p)
+{
+	uint64_t v;
+
+	memcpy(&v, p, 8);
+	return be64toh(v);
+}
+
+static int read_at(int fd, void *buf, size_t len, uint64_t off)
+{
+	ssize_t n = pread(fd, buf, len, off);
+
+	if (n < 0)
+		return -errno;
+	return (size_t)n == len ? 0 : -EINVAL;
+}
+
+static void bitmaps_free(struct level_info *li)
+{
+	uint32_t i;
+
+	for (i = 0; i < li->nr_bitmaps; i++)
+		free(li->bitmaps[i].name);
+	free(li->bitmaps);
+	li->bitmaps = NULL;
+	li->nr_bitmaps = 0;
+}
+
+/* The bitmap directory at @off, @size bytes, @nr entries; 0 or -errno. */
+static int bitmap_dir_read(struct level_info *li, uint64_t off, uint64_t size, uint32_t nr)
+{
+	uint8_t *dir = malloc(size);
+	uint64_t pos = 0;
+	int ret;
+
+	li->bitmaps = calloc(nr, sizeof(*li->bitmaps));
+	if (!dir || !li->bitmaps) {
+		free(dir);
+		return -ENOMEM;
+	}
+	ret = read_at(li->img->fd, dir, size, off);
+	for (; !ret && li->nr_bitmaps < nr; li->nr_bitmaps++) {
+		struct bitmap_info *b = &li->bitmaps[li->nr_bitmaps];
+		uint32_t extra, name_len, gbits;
+		uint64_t len;
+
+		if (size - pos < 24) {
+			ret = -EINVAL;
+			break;
+		}
+		b->flags = be32_at(dir + pos + 12);
+		gbits = dir[pos + 17];
+		name_len = dir[pos + 18] << 8 | dir[pos + 19];
+		extra = be32_at(dir + pos + 20);
+		len = (24ull + extra + name_len + 7) & ~7ull;
+		if (len > size - pos || !name_len || name_len > MAX_BITMAP_NAME || gbits < 9 ||
+		    gbits > 31 || dir[pos + 16] != 1) {
+			ret = -EINVAL;
+			break;
+		}
+		b->granularity = 1ull << gbits;
+		b->name = strndup((const char *)dir + pos + 24 + extra, name_len);
+		if (!b->name) {
+			ret = -ENOMEM;
+			break;
+		}
+		pos += len;
+	}
+	free(dir);
+	return ret;
+}
+
+/*
+ * The persistent dirty bitmaps qemu-img info lists: those of the bitmaps
+ * extension, where its autoclear bit says a bitmap-aware program wrote
+ * the image last (else QEMU ignores them).
+ */
+static int bitmaps_get(struct level_info *li)
+{
+	const struct qcow2_info *q = &li->q;
+	uint32_t cs = 1u << q->cluster_bits, end, pos, hdr_len;
+	uint8_t *hdr;
+	int ret;
+
+	if (q->version < 3 || !(q->autoclear & AUTOCLEAR_BITMAPS))
+		return 0;
+	hdr = calloc(1, cs);
+	if (!hdr)
+		return -ENOMEM;
+	/* The engine validated the header cluster: lengths are within it. */
+	ret = pread(li->img->fd, hdr, cs, 0) < 104 ? -EINVAL : 0;
+	hdr_len = be32_at(hdr + 100);
+	end = be64_at(hdr + 8) ? (uint32_t)be64_at(hdr + 8) : cs;
+	for (pos = hdr_len; !ret && pos + 8 <= end && pos + 8 <= cs; ) {
+		uint32_t type = be32_at(hdr + pos), len = be32_at(hdr + pos + 4);
+		uint64_t off, size, nr;
+
+		if (type == 0 || (uint64_t)len + 7 > cs - pos - 8)
+			break;
+		if (type != EXT_BITMAPS) {
+			pos += 8 + ((len + 7) & ~7u);
+			continue;
+		}
+		if (len < 24) {
+			ret = -EINVAL;
+			break;
+		}
+		nr = be32_at(hdr + pos + 8);
+		size = be64_at(hdr + pos + 16);
+		off = be64_at(hdr + pos + 24);
+		if (!nr)
+			break;
+		if (nr > MAX_BITMAPS || !size || size > MAX_BITMAP_DIR || off % cs ||
+		    off > q->file_size || size > q->file_size - off)
+			ret = -EINVAL;
+		else
+			ret = bitmap_dir_read(li, off, size, nr);
+		break;
+	}
+	free(hdr);
+	if (ret < 0) {
+		bitmaps_free(li);
+		uq_err("%s: %s", li->img->path, ret == -EINVAL ? "invalid bitmap directory"
+								: strerror(-ret));
+	}
+	return ret;
+}
 
 static int level_get(struct level_info *li, struct uq_image *img, const char *filename)
 {
@@ -56,6 +211,8 @@ static int level_get(struct level_info *li, struct uq_image *img, const char *fi
 		return -EINVAL;
 	}
 	li->encrypted = qcow2_get_crypt_info(img->qcow2, &li->ci) == 0;
+	if (bitmaps_get(li) < 0)
+		return -EINVAL;
 	if (li->q.backing_file) {
 		li->full_backing = uq_backing_path(filename, li->q.backing_file);
 		if (!li->full_backing) {
@@ -140,6 +297,7 @@ static void print_human(const struct level_info *li)
 {
 	const struct qcow2_info *q = &li->q;
 	char vsize[32], asize[32];
+	uint32_t i;
 
 	uq_size_str(li->img->size, vsize, sizeof(vsize));
 	uq_size_str(li->actual_size, asize, sizeof(asize));
@@ -174,6 +332,20 @@ static void print_human(const struct level_info *li)
 		return;
 	}
 	printf("    lazy refcounts: %s\n", q->lazy_refcounts ? "true" : "false");
+	if (li->nr_bitmaps)
+		printf("    bitmaps:\n");
+	for (i = 0; i < li->nr_bitmaps; i++) {
+		const struct bitmap_info *b = &li->bitmaps[i];
+		int n = 0;
+
+		printf("        [%u]:\n            flags:\n", i);
+		if (b->flags & BME_FLAG_IN_USE)
+			printf("                [%d]: in-use\n", n++);
+		if (b->flags & BME_FLAG_AUTO)
+			printf("                [%d]: auto\n", n++);
+		printf("            name: %s\n            granularity: %llu\n", b->name,
+		       (unsigned long long)b->granularity);
+	}
 	printf("    refcount bits: %u\n", q->refcount_bits);
 	print_crypt_human(li);
 	if (q->data_file) {
@@ -188,6 +360,7 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 {
 	const struct qcow2_info *q = &li->q;
 	bool qcow2 = li->img->fmt == UQ_FMT_QCOW2;
+	uint32_t i;
 
 	uq_json_open(j, NULL, '{');
 	if (qcow2 && q->backing_file && q->backing_fmt)
@@ -208,6 +381,24 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 		uq_json_string(j, "compression-type", q->compression_type ? "zstd" : "zlib");
 		if (q->version >= 3)
 			uq_json_bool(j, "lazy-refcounts", q->lazy_refcounts);
+		if (li->nr_bitmaps)
+			uq_json_open(j, "bitmaps", '[');
+		for (i = 0; i < li->nr_bitmaps; i++) {
+			const struct bitmap_info *b = &li->bitmaps[i];
+
+			uq_json_open(j, NULL, '{');
+			uq_json_open(j, "flags", '[');
+			if (b->flags & BME_FLAG_IN_USE)
+				uq_json_string(j, NULL, "in-use");
+			if (b->flags & BME_FLAG_AUTO)
+				uq_json_string(j, NULL, "auto");
+			uq_json_close(j, ']');
+			uq_json_string(j, "name", b->name);
+			uq_json_int(j, "granularity", b->granularity);
+			uq_json_close(j, '}');
+		}
+		if (li->nr_bitmaps)
+			uq_json_close(j, ']');
 		uq_json_int(j, "refcount-bits", q->refcount_bits);
 		print_crypt_json(j, li);
 		if (q->data_file) {
@@ -286,6 +477,7 @@ int cmd_info(int argc, char **argv)
 		/* Backing files go by their resolved path, as in qemu-img. */
 		if (level_get(&li, img, img == top ? argv[optind] : img->path) < 0) {
 			qcow2_snapshot_list_free(li.snaps, li.nr_snaps);
+			bitmaps_free(&li);
 			status = 1;
 			break;
 		}
@@ -297,6 +489,7 @@ int cmd_info(int argc, char **argv)
 			printf("\n");
 		free(li.full_backing);
 		qcow2_snapshot_list_free(li.snaps, li.nr_snaps);
+		bitmaps_free(&li);
 	}
 	if (json && chain && !status)
 		uq_json_close(&j, ']');

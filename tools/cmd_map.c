@@ -68,9 +68,17 @@ static int print_entry(const struct map_entry *e, const char *top_name,
 	if (!st->data)
 		return 0;
 	file = st->img == top ? top_name : st->img->path;
+	/* The data lives in the external data file: qemu-img names that one. */
+	if (st->img->qcow2) {
+		struct qcow2_info info;
+
+		qcow2_get_info(st->img->qcow2, &info);
+		if (info.data_file)
+			file = info.data_file;
+	}
 	if (!st->has_offset) {
-		uq_err("%s: compressed clusters have no place in the human map (use --output=json)",
-		       file);
+		uq_err("%s: encrypted or compressed clusters have no place in the human map "
+		       "(use --output=json)", file);
 		return -EINVAL;
 	}
 	if (!st->zero)

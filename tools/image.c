@@ -80,7 +80,8 @@ static int open_raw(struct uq_image *img, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: cannot get the size: %s", img->path, strerror(-ret));
 		return ret;
 	}
-	img->size = end;
+	/* Whole sectors, as QEMU's raw driver: a partial last one reads as zeros. */
+	img->size = ((uint64_t)end + 511) & ~511ull;
 	return 0;
 }
 
@@ -525,6 +526,13 @@ static int level_status(struct uq_image *img, uint64_t off, uint64_t len, struct
 		st->data = true;
 		break;
 	}
+	/* QEMU gives no host offsets of encrypted images (the file holds ciphertext). */
+	if (st->has_offset) {
+		struct qcow2_info info;
+
+		qcow2_get_info(img->qcow2, &info);
+		st->has_offset = !info.encrypted;
+	}
 	return 0;
 }
 
@@ -639,7 +647,9 @@ static int object_pair(void *opaque, const char *key, const char *val)
 {
 	struct object_ctx *o = opaque;
 
-	if (!val && !strcmp(key, "secret")) {
+	if (!val && !*key) {
+		/* "secret,id=x," as qemu-img's --object takes it */
+	} else if (!val && !strcmp(key, "secret")) {
 		o->secret = true;
 	} else if (val && !strcmp(key, "qom-type")) {
 		o->secret = !strcmp(val, "secret");

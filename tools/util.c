@@ -3,6 +3,7 @@
  * Helpers shared by the subcommands: error lines, sizes, option lists,
  * qemu-img style size strings, JSON strings and backing file paths.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
@@ -92,7 +93,12 @@ int uq_parse_size(const char *s, uint64_t *out)
 	char *end;
 	int shift = 0;
 
-	if (!*s || *s == '-' || *s == '+' || *s == ' ')
+	/* strtoull's leading blanks and '+', as qemu-img takes them; no '-'. */
+	while (isspace((unsigned char)*s))
+		s++;
+	if (*s == '+')
+		s++;
+	if (!*s || *s == '-' || *s == '+' || isspace((unsigned char)*s))
 		return -EINVAL;
 	errno = 0;
 	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
@@ -103,8 +109,15 @@ int uq_parse_size(const char *s, uint64_t *out)
 		whole = strtoull(s, &end, 10);
 		if (end == s)
 			return -EINVAL;
-		if (*end == '.')
-			frac = strtod(end, &end);	/* ".5" */
+		if (*end == '.') {
+			char *f = end;
+
+			frac = strtod(f, &end);		/* ".5" */
+			if (end == f)
+				end = f + 1;		/* "1." and "1.k", as qemu-img */
+			else if (memchr(f, 'e', end - f) || memchr(f, 'E', end - f))
+				return -EINVAL;
+		}
 	}
 	if (errno == ERANGE)
 		return -ERANGE;
@@ -115,13 +128,11 @@ int uq_parse_size(const char *s, uint64_t *out)
 	}
 	if (whole > (UINT64_MAX >> shift) - 1)
 		return -ERANGE;
-	if (frac != 0) {
-		double f = frac * (double)(1ull << shift);
-
-		if (f != (double)(uint64_t)f)
-			return -EINVAL;		/* "1.5" bytes */
-		extra = (uint64_t)f;
-	}
+	/* A fraction needs a unit, and what falls below one byte is dropped (qemu-img). */
+	if (frac != 0 && !shift)
+		return -EINVAL;
+	if (frac != 0)
+		extra = (uint64_t)(frac * (double)(1ull << shift));
 	*out = ((uint64_t)whole << shift) + extra;
 	return 0;
 }
@@ -129,8 +140,9 @@ int uq_parse_size(const char *s, uint64_t *out)
 int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *val),
 		  void *opaque)
 {
-	while (*s) {
+	for (;;) {
 		char *key = s, *val = NULL, *w = s, *r = s;
+		bool last;
 		int ret;
 
 		/* Copy down over ",," escapes until a single comma ends the pair. */
@@ -142,18 +154,16 @@ int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *
 			}
 			*w++ = *r++;
 		}
-		s = *r ? r + 1 : r;
+		last = !*r;
+		s = r + !last;
 		*w = '\0';
 		val = strchr(key, '=');
 		if (val)
 			*val++ = '\0';
-		if (!*key)
-			continue;
 		ret = fn(opaque, key, val);
-		if (ret)
+		if (ret || last)
 			return ret;
 	}
-	return 0;
 }
 
 int uq_parse_bool(const char *s, bool *out)

@@ -45,7 +45,8 @@ int uq_parse_size(const char *s, uint64_t *out);
 
 /*
  * Split an "a=b,c=d" list (",," stands for a literal comma) in place and
- * call @fn for each pair (@val is NULL for a bare "a"). Stops at the first
+ * call @fn for each pair (@val is NULL for a bare "a"; @key is "" for an
+ * empty pair, as ",a" or "a=1," or "=1" give). Stops at the first
  * nonzero return of @fn and returns it; 0 when every pair was accepted.
  */
 int uq_parse_opts(char *s, int (*fn)(void *opaque, const char *key, const char *val),

@@ -139,6 +139,10 @@ static int validate(struct creator *c, const struct qcow2_create_opts *o,
 	if (o->data_file_raw && o->backing_file)
 		return create_error(c, -EINVAL,
 				    "a backing file and data_file_raw cannot be used together");
+	/* Allocated clusters would hide the backing file's data; subclusters do not. */
+	if (o->backing_file && o->prealloc != QCOW2_PREALLOC_OFF && !o->extended_l2)
+		return create_error(c, -EINVAL,
+				    "a backing file and preallocation need extended_l2=on");
 	return 0;
 }
 
@@ -641,9 +645,12 @@ static int prealloc_data(struct creator *c, const struct qcow2_create_opts *o,
  * stored as given and, like qemu-img, taken relative to the current
  * directory.
  */
-static int open_data_file(struct creator *c, const char *name)
+static int open_data_file(struct creator *c, const char *name, bool *created)
 {
-	c->data_fd = open(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	c->data_fd = open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	*created = c->data_fd >= 0;
+	if (c->data_fd < 0 && errno == EEXIST)
+		c->data_fd = open(name, O_RDWR | O_TRUNC | O_CLOEXEC);
 	if (c->data_fd < 0)
 		return create_error(c, -errno, "cannot create data file %s: %s", name,
 				    strerror(errno));
@@ -683,13 +690,16 @@ out:
 	return ret;
 }
 
-/* Open @path for writing, truncating it; *created tells whether it is new. */
+/*
+ * Open @path for writing, not yet truncated (the data file may still fail
+ * to open); *created tells whether it is new.
+ */
 static int open_target(struct creator *c, bool *created)
 {
 	c->fd = open(c->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	*created = c->fd >= 0;
 	if (c->fd < 0 && errno == EEXIST)
-		c->fd = open(c->path, O_RDWR | O_TRUNC | O_CLOEXEC);
+		c->fd = open(c->path, O_RDWR | O_CLOEXEC);
 	if (c->fd < 0)
 		return create_error(c, -errno, "cannot create: %s", strerror(errno));
 	return 0;
@@ -714,7 +724,7 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	struct qcow2_create_opts o = *opts;
 	struct layout l = { 0 };
 	uint32_t version;
-	bool created = false;
+	bool created = false, data_created = false;
 	int ret;
 
 	if (errlen)
@@ -751,9 +761,22 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 	if (ret < 0)
 		goto out_free;
 	if (opts->data_file) {
-		ret = open_data_file(&c, opts->data_file);
+		struct stat a, b;
+
+		/* Before the data file's O_TRUNC: the image itself would be truncated. */
+		if (fstat(c.fd, &a) == 0 && stat(opts->data_file, &b) == 0 &&
+		    a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+			ret = create_error(&c, -EINVAL, "the data file %s is the image itself",
+					   opts->data_file);
+			goto out_close;
+		}
+		ret = open_data_file(&c, opts->data_file, &data_created);
 		if (ret < 0)
 			goto out_close;
+	}
+	if (!created && ftruncate(c.fd, 0) < 0) {
+		ret = create_error(&c, -errno, "cannot truncate: %s", strerror(errno));
+		goto out_close;
 	}
 	ret = l.kind == LAYOUT_SIM ? write_sim(&c, &l, opts->extended_l2) :
 				     write_metadata(&c, &l, opts->extended_l2);
@@ -790,6 +813,8 @@ out_close:
 		ret = create_error(&c, -errno, "cannot close: %s", strerror(errno));
 	if (ret < 0 && created)
 		unlink(path);
+	if (ret < 0 && data_created)
+		unlink(opts->data_file);
 out_free:
 	create_sim_free(l.sim);
 	free(c.buf);

@@ -336,6 +336,26 @@ static void nowait_on_tmpfs(int fd)
 }
 
 /*
+ * A writable data file may not be the image itself: guest writes would
+ * land on the metadata (qemu's locks refuse such an image for writing; it
+ * reads it).
+ */
+static int data_file_ready(struct qcow2 *img, int flags)
+{
+	struct stat a, b;
+
+	if ((flags & O_ACCMODE) != O_RDONLY && fstat(img->fd, &a) == 0 &&
+	    fstat(img->data_fd, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+		close(img->data_fd);
+		img->data_fd = -1;
+		return qcow2_error(img, -EINVAL, "the data file %s is the image itself",
+				   img->data_file);
+	}
+	nowait_on_tmpfs(img->data_fd);
+	return 0;
+}
+
+/*
  * The external data file: its name as QEMU takes it (relative to the current
  * directory), else relative to the image's directory (a daemon that left its
  * working directory, an image opened from elsewhere).
@@ -360,8 +380,7 @@ static int open_data_file(struct qcow2 *img, int flags)
 	if (err)
 		return qcow2_error(img, err, "cannot open data file %s: %s", img->data_file,
 				   strerror(-err));
-	nowait_on_tmpfs(img->data_fd);
-	return 0;
+	return data_file_ready(img, flags);
 }
 
 /* Clear what we cannot keep consistent, repair a dirty image. */
