@@ -16,6 +16,8 @@
 
 #define MAX_WORDS	16
 #define DEFAULT_PATTERN	0xcd		/* qemu-io's write pattern */
+/* qemu-io's limit on one read or write buffer (BDRV_REQUEST_MAX_BYTES). */
+#define MAX_BUF_LEN	2147483136ull
 
 static void io_usage(void)
 {
@@ -237,7 +239,19 @@ static int run_line(struct uq_image *img, char *line)
 		return 0;
 	if (parse_args(words, nr, &a) < 0)
 		return -1;
+	/* Before the buffer is allocated and filled: a huge LEN must not run for minutes. */
+	if (a.off > img->size || a.len > img->size - a.off) {
+		uq_err("%s: request [%llu, +%llu) beyond the virtual size %llu", img->path,
+		       (unsigned long long)a.off, (unsigned long long)a.len,
+		       (unsigned long long)img->size);
+		return -1;
+	}
 	if (!strcmp(a.cmd->name, "read") || (!strcmp(a.cmd->name, "write") && !a.zero)) {
+		if (a.len > MAX_BUF_LEN) {
+			uq_err("io: %s: length cannot exceed %llu, given %llu", a.cmd->name,
+			       (unsigned long long)MAX_BUF_LEN, (unsigned long long)a.len);
+			return -1;
+		}
 		buf = malloc(a.len ? a.len : 1);
 		if (!buf) {
 			uq_err("io: %s: cannot allocate %llu bytes", a.cmd->name,

@@ -127,7 +127,11 @@ int cmd_snapshot(int argc, char **argv)
 		return 1;
 	}
 	if (img->fmt != UQ_FMT_QCOW2) {
-		uq_err("%s: raw images have no snapshots", argv[optind]);
+		/* As qemu-img: an empty list, but no changes. */
+		if (action == 'l')
+			status = 0;
+		else
+			uq_err("%s: raw images have no snapshots", argv[optind]);
 		goto out;
 	}
 	switch (action) {
