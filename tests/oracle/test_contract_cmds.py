@@ -160,6 +160,25 @@ def case_snapshot_raw(d):
     return None
 
 
+def case_snapshot_resized(d, size, new_size):
+    """-a of a snapshot taken before a resize: qemu-img resizes the image back."""
+    ours, ref = os.path.join(d, "sr.qcow2"), os.path.join(d, "sr-ref.qcow2")
+    uqtest.qemu_create(ours, size)
+    uqtest.qemu_io("qcow2", ours, [f"write -P 1 0 {size}"])
+    uqtest.qemu_img("snapshot", "-c", "a", ours)
+    uqtest.qemu_img("resize", "-q", "--shrink", ours, str(new_size))
+    uqtest.qemu_io("qcow2", ours, ["write -P 3 0 64k", f"write -P 4 {new_size - 65536} 64k"])
+    uqtest.run(["cp", ours, ref])
+    uqtest.qemu_img("snapshot", "-a", "a", ref)
+    p = uqtest.uq("snapshot", "-a", "a", ours, check=False)
+    if p.returncode != 0:
+        return f"snapshot -a: exit {p.returncode}: {p.stderr.strip()}"
+    p = uqtest.qemu_img("compare", "-s", ref, ours, check=False)
+    if p.returncode != 0:
+        return f"differs from qemu-img's -a: {(p.stdout + p.stderr).strip()}"
+    return uqtest.qemu_check_clean("after -a", ours)
+
+
 def case_device_args(d):
     img = os.path.join(d, "g.qcow2")
     uqtest.qemu_create(img, MiB)
@@ -223,6 +242,10 @@ def main():
                  case_bench_unaligned_direct)
         res.case("bench: errors name the long option", case_bench_option_names, d)
         res.case("snapshot on a raw image (-l as qemu-img)", case_snapshot_raw, d)
+        res.case("snapshot -a of a smaller snapshot (grown since)", case_snapshot_resized, d,
+                 4 * MiB, 8 * MiB)
+        res.case("snapshot -a of a larger snapshot (shrunk since)", case_snapshot_resized, d,
+                 8 * MiB, 4 * MiB)
         res.case("add/del/list/recover: bad arguments, one line, before the driver",
                  case_device_args, d)
     finally:
