@@ -110,6 +110,7 @@ static int parse_args(char **words, int nr, struct io_args *a)
 {
 	const struct io_cmd *cmd = NULL;
 	uint64_t pos[2];
+	bool opts_done = false;
 	int i, npos = 0;
 	size_t k;
 
@@ -126,7 +127,12 @@ static int parse_args(char **words, int nr, struct io_args *a)
 	for (i = 1; i < nr; i++) {
 		const char *w = words[i], *f;
 
-		if (w[0] != '-' || !w[1]) {
+		/* As qemu-io's getopt: "--" ends the options. */
+		if (!opts_done && !strcmp(w, "--")) {
+			opts_done = true;
+			continue;
+		}
+		if (opts_done || w[0] != '-' || !w[1]) {
 			if (npos == cmd->nr_args || uq_parse_size(w, &pos[npos]) < 0) {
 				uq_err("io: %s: bad argument '%s'", cmd->name, w);
 				return -EINVAL;
@@ -149,18 +155,21 @@ static int parse_args(char **words, int nr, struct io_args *a)
 			} else if (*f == 'u') {
 				a->unmap = true;
 			} else {
-				/* -P PAT: the value is the next word. */
-				if (f[1] || i + 1 == nr) {
+				/* -P PAT: the value is the rest of the word ("-P5") or the next one. */
+				const char *val = f[1] ? f + 1 : i + 1 < nr ? words[++i] : NULL;
+
+				if (!val) {
 					uq_err("io: %s: -P needs a pattern", cmd->name);
 					return -EINVAL;
 				}
-				v = strtoul(words[++i], &end, 0);
-				if (*end || v > 255) {
-					uq_err("io: %s: bad pattern '%s'", cmd->name, words[i]);
+				v = strtoul(val, &end, 0);
+				if (!*val || *end || v > 255) {
+					uq_err("io: %s: bad pattern '%s'", cmd->name, val);
 					return -EINVAL;
 				}
 				a->pattern = v;
 				a->has_pattern = true;
+				break;
 			}
 		}
 	}

@@ -63,6 +63,29 @@ def case_io_huge_len(d):
     return None
 
 
+def case_io_getopt(d):
+    """qemu-io's getopt spellings: an attached -P value, "--" ending options."""
+    ours, ref = os.path.join(d, "g.qcow2"), os.path.join(d, "g-ref.qcow2")
+    for p in (ours, ref):
+        uqtest.qemu_create(p, MiB)
+    cmds = ["write -P5 0 64k", "write -qP 0x21 -- 64k 4k", "write -zq -- 8k 4k",
+            "read -P5 0 8k", "read -qP0 8k 4k"]
+    uqtest.qemu_io("qcow2", ref, cmds)
+    args = []
+    for c in cmds:
+        args += ["-c", c]
+    p = uqtest.uq("io", ours, *args, check=False)
+    if p.returncode != 0:
+        return f"io {cmds}: exit {p.returncode}: {p.stderr.strip()}"
+    p = uqtest.qemu_img("compare", ref, ours, check=False)
+    if p.returncode != 0:
+        return f"differs from qemu-io's result: {(p.stdout + p.stderr).strip()}"
+    p = uqtest.uq("io", ours, "-c", "read -P6 0 512", check=False)
+    if p.returncode == 0 or "Pattern verification failed" not in p.stdout:
+        return f"read -P6 of 5s: exit {p.returncode}, stdout {p.stdout!r}"
+    return None
+
+
 # (create options, size, qemu-io commands): each request runs to the end of
 # a disk whose last cluster is partial.
 TAIL_CASES = [
@@ -235,6 +258,7 @@ def main():
     d = uqtest.scratch_dir("contract")
     try:
         res.case("io: LEN beyond the image refused before allocating", case_io_huge_len, d)
+        res.case("io: -P5 and -- as qemu-io's getopt takes them", case_io_getopt, d)
         for i, (opts, size, cmds) in enumerate(TAIL_CASES):
             res.case(f"io to the end of a partial last cluster {i}: {opts} {cmds[1:]}",
                      case_tail, d, opts, size, cmds)
