@@ -223,7 +223,8 @@ static int parse_uint(const char *cmd, const char *what, const char *s, unsigned
 /* -n of add, del, list and recover. 0, or -EINVAL with one error line printed. */
 static int parse_dev_id(const char *cmd, const char *s, unsigned int *id)
 {
-	return parse_uint(cmd, "the device id", s, 0, 1u << 20, id);
+	/* The driver's ids are below UBLK_MAX_UBLKS (1 << 20). */
+	return parse_uint(cmd, "the device id", s, 0, (1u << 20) - 1, id);
 }
 
 static int add_parse(struct add_args *a, int argc, char **argv)

@@ -218,6 +218,7 @@ def case_device_args(d):
         (["del", "-n", "abc"], ["del:", "abc"]),
         (["recover", "-n", "x1"], ["recover:", "x1"]),
         (["add", "-n", "-1", img], ["add:", "-1"]),
+        (["add", "-n", "1048576", img], ["add:", "1048576"]),
         (["add", "-q", "0", img], ["add:", "-q"]),
         (["add", "-d", "0", img], ["add:", "-d"]),
         (["add", "-d", "99999999", img], ["add:", "-d"]),
