@@ -99,11 +99,21 @@ TAIL_CASES = [
                                   "discard 0 64k"]),
     ({"extended_l2": "on"}, 102912, ["write -P 4 0 102912", "discard 65536 37376"]),
     ({"extended_l2": "on"}, 102912, ["write -P 4 0 102912", "write -z 69632 33280"]),
+    # Over a backing file (base.qcow2, all 9s): v3 hides it with zero flags,
+    # v2 only with real zeros.
+    ({"backing_file": "base.qcow2", "backing_fmt": "qcow2"}, 102912,
+     ["write -P 5 0 4k", "write -z 65536 37376", "discard 4k 4k"]),
+    ({"backing_file": "base.qcow2", "backing_fmt": "qcow2", "compat": "0.10"}, 102912,
+     ["write -P 5 0 4k", "write -z 65536 37376", "write -z 70000 32912"]),
 ]
 
 
 def case_tail(d, opts, size, cmds):
     ours, ref = os.path.join(d, "t.qcow2"), os.path.join(d, "t-ref.qcow2")
+    if "backing_file" in opts:
+        base = os.path.join(d, opts["backing_file"])
+        uqtest.qemu_create(base, size)
+        uqtest.qemu_io("qcow2", base, [f"write -P 9 0 {size}"])
     for p in (ours, ref):
         uqtest.qemu_create(p, size, **opts)
     uqtest.qemu_io("qcow2", ref, cmds)
