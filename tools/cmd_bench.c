@@ -236,6 +236,16 @@ int cmd_bench(int argc, char **argv)
 	}
 	opts.read_only = b.op == QCOW2_OP_READ;
 	opts.nr_keys = uq_keys_get(&opts.keys);
+	if (!opts.format) {
+		/* As qemu-img bench: the format is probed, a raw image read as raw. */
+		enum uq_fmt fmt;
+
+		if (uq_probe(argv[optind], &fmt, err, sizeof(err)) < 0) {
+			uq_err("%s", err);
+			return 1;
+		}
+		opts.format = uq_fmt_name(fmt);
+	}
 
 	io = qcow2_uring_new(2 * depth + 64);
 	if (!io) {

@@ -174,6 +174,16 @@ def case_bench_option_names(d):
     return None
 
 
+def case_bench_probe(d):
+    """Without -f the format is probed, as qemu-img bench: a raw image reads."""
+    img = os.path.join(d, "p.img")
+    uqtest.qemu_img("create", "-q", "-f", "raw", img, "1M")
+    p = uqtest.uq("bench", "-c", "100", img, check=False)
+    if p.returncode != 0 or "Run completed in" not in p.stdout:
+        return f"bench of a raw image: exit {p.returncode}: {p.stderr.strip()}"
+    return None
+
+
 def case_snapshot_raw(d):
     img = os.path.join(d, "r.img")
     uqtest.qemu_img("create", "-q", "-f", "raw", img, "1M")
@@ -276,6 +286,7 @@ def main():
         res.case("bench -t none, unaligned SIZE/OFFSET/STEP (as qemu-img bench)",
                  case_bench_unaligned_direct)
         res.case("bench: errors name the long option", case_bench_option_names, d)
+        res.case("bench probes the format (a raw image without -f)", case_bench_probe, d)
         res.case("snapshot on a raw image (-l as qemu-img)", case_snapshot_raw, d)
         res.case("snapshot -a of a smaller snapshot (grown since)", case_snapshot_resized, d,
                  4 * MiB, 8 * MiB)
