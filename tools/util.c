@@ -116,11 +116,11 @@ int uq_parse_size(const char *s, uint64_t *out)
 	if (whole > (UINT64_MAX >> shift) - 1)
 		return -ERANGE;
 	if (frac != 0) {
-		double f = frac * (double)(1ull << shift);
-
-		if (f != (double)(uint64_t)f)
-			return -EINVAL;		/* "1.5" bytes */
-		extra = (uint64_t)f;
+		/* As QEMU: a fraction needs a suffix ("1.5" bytes is an error), and
+		 * what it comes to is truncated to whole bytes ("1.1k" is 1126). */
+		if (!shift)
+			return -EINVAL;
+		extra = (uint64_t)(frac * (double)(1ull << shift));
 	}
 	*out = ((uint64_t)whole << shift) + extra;
 	return 0;

@@ -64,12 +64,14 @@ def case_io_huge_len(d):
 
 
 def case_io_getopt(d):
-    """qemu-io's getopt spellings: an attached -P value, "--" ending options."""
+    """qemu-io's spellings: an attached -P value, "--" ending options, "1.1k"."""
     ours, ref = os.path.join(d, "g.qcow2"), os.path.join(d, "g-ref.qcow2")
     for p in (ours, ref):
         uqtest.qemu_create(p, MiB)
     cmds = ["write -P5 0 64k", "write -qP 0x21 -- 64k 4k", "write -zq -- 8k 4k",
-            "read -P5 0 8k", "read -qP0 8k 4k"]
+            "read -P5 0 8k", "read -qP0 8k 4k",
+            # qemu_strtosz: a fraction with a suffix, truncated (1126, 307)
+            "write -P 0x42 1.1k 0.3k", "read -P 0x42 1126 307"]
     uqtest.qemu_io("qcow2", ref, cmds)
     args = []
     for c in cmds:
@@ -80,6 +82,11 @@ def case_io_getopt(d):
     p = uqtest.qemu_img("compare", ref, ours, check=False)
     if p.returncode != 0:
         return f"differs from qemu-io's result: {(p.stdout + p.stderr).strip()}"
+    for bad in ("read 1.5 1", "read 1.5b 1"):
+        err = one_line_error(uqtest.uq("io", ours, "-c", bad, check=False), f"io -c '{bad}'",
+                             ["bad argument"])
+        if err:
+            return err
     p = uqtest.uq("io", ours, "-c", "read -P6 0 512", check=False)
     if p.returncode == 0 or "Pattern verification failed" not in p.stdout:
         return f"read -P6 of 5s: exit {p.returncode}, stdout {p.stdout!r}"
@@ -279,7 +286,7 @@ def main():
     d = uqtest.scratch_dir("contract")
     try:
         res.case("io: LEN beyond the image refused before allocating", case_io_huge_len, d)
-        res.case("io: -P5 and -- as qemu-io's getopt takes them", case_io_getopt, d)
+        res.case("io: -P5, -- and 1.1k as qemu-io takes them", case_io_getopt, d)
         for i, (opts, size, cmds) in enumerate(TAIL_CASES):
             res.case(f"io to the end of a partial last cluster {i}: {opts} {cmds[1:]}",
                      case_tail, d, opts, size, cmds)
