@@ -53,7 +53,7 @@ static void bench_usage(FILE *f)
 		"  --flush-interval=N  a flush after every N writes\n"
 		"  -t CACHE            none or directsync: O_DIRECT (default writeback: buffered)\n"
 		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
-		"  -f FMT              qcow2 or raw (raw: reads only)\n"
+		"  -f FMT              qcow2 or raw (raw: reads only; default: probed)\n"
 		"  --cache-size BYTES  qcow2 metadata memory, as add's (default: L2 cache\n"
 		"                      enough for the image, up to 32M)\n"
 		"  -q                  no output but errors\n"
