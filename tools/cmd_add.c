@@ -204,8 +204,8 @@ static void add_usage(FILE *f)
 		DEF_QUEUES, UBLK_MAX_QUEUES, DEF_DEPTH, UBLK_MAX_DEPTH);
 }
 
-static int parse_uint(const char *what, const char *s, unsigned int lo, unsigned int hi,
-		      unsigned int *out)
+static int parse_uint(const char *cmd, const char *what, const char *s, unsigned int lo,
+		      unsigned int hi, unsigned int *out)
 {
 	char *end;
 	unsigned long v;
@@ -213,7 +213,7 @@ static int parse_uint(const char *what, const char *s, unsigned int lo, unsigned
 	errno = 0;
 	v = strtoul(s, &end, 10);
 	if (errno || end == s || *end || v < lo || v > hi) {
-		uq_err("add: %s must be a number from %u to %u, not '%s'", what, lo, hi, s);
+		uq_err("%s: %s must be a number from %u to %u, not '%s'", cmd, what, lo, hi, s);
 		return -EINVAL;
 	}
 	*out = (unsigned int)v;
@@ -221,9 +221,10 @@ static int parse_uint(const char *what, const char *s, unsigned int lo, unsigned
 }
 
 /* -n of add, del, list and recover. 0, or -EINVAL with one error line printed. */
-static int parse_dev_id(const char *s, unsigned int *id)
+static int parse_dev_id(const char *cmd, const char *s, unsigned int *id)
 {
-	return parse_uint("the device id", s, 0, 1u << 20, id);
+	/* The driver's ids are below UBLK_MAX_UBLKS (1 << 20). */
+	return parse_uint(cmd, "the device id", s, 0, (1u << 20) - 1, id);
 }
 
 static int add_parse(struct add_args *a, int argc, char **argv)
@@ -253,16 +254,16 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 	while ((opt = uq_getopt(argc, argv, ":n:q:d:f:t:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_dev_id(optarg, &id))
+			if (parse_dev_id("add", optarg, &id))
 				return 1;
 			a->dev_id = (int)id;
 			break;
 		case 'q':
-			if (parse_uint("-q", optarg, 1, UBLK_MAX_QUEUES, &a->nr_queues))
+			if (parse_uint("add", "-q", optarg, 1, UBLK_MAX_QUEUES, &a->nr_queues))
 				return 1;
 			break;
 		case 'd':
-			if (parse_uint("-d", optarg, 1, UBLK_MAX_DEPTH, &a->depth))
+			if (parse_uint("add", "-d", optarg, 1, UBLK_MAX_DEPTH, &a->depth))
 				return 1;
 			break;
 		case 'f':
@@ -317,10 +318,8 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 			return uq_usage_error("add", argv, opt);
 		}
 	}
-	if (argc - optind != (a->null_tgt ? 0 : 1)) {
-		add_usage(stderr);
-		return 1;
-	}
+	if (argc - optind != (a->null_tgt ? 0 : 1))
+		return uq_usage_args("add", a->null_tgt ? "no IMAGE with -t null" : "one IMAGE");
 	if (a->overlay && a->null_tgt) {
 		uq_err("add: --overlay needs an IMAGE");
 		return 1;
@@ -574,6 +573,7 @@ static int add_daemonize(struct add_args *a)
 
 int cmd_add(int argc, char **argv)
 {
+	struct uq_image *img;
 	struct add_args a;
 	char err[512];
 	enum uq_fmt fmt;
@@ -583,8 +583,6 @@ int cmd_add(int argc, char **argv)
 	if (ret)
 		goto out;
 	ret = 1;
-	if (!have_control())
-		goto out;
 	if (!a.null_tgt) {
 		/* The daemon leaves the working directory: keep the path absolute. */
 		a.image = realpath(argv[optind], NULL);
@@ -604,6 +602,21 @@ int cmd_add(int argc, char **argv)
 		uq_err("%s: --snapshot needs a qcow2 image", a.null_tgt ? "add" : argv[optind]);
 		goto out;
 	}
+	if (!a.null_tgt) {
+		/*
+		 * What the daemon would refuse (a bad image, a missing backing
+		 * file, an unknown snapshot) is said before the driver is touched.
+		 * Metadata only: a key is the daemon's to try.
+		 */
+		if (uq_image_open_snapshot(&img, argv[optind], a.fmt, a.snapshot, UQ_OPEN_NO_KEY,
+					   NULL, err, sizeof(err)) < 0) {
+			uq_err("%s", err);
+			goto out;
+		}
+		uq_image_close(img);
+	}
+	if (!have_control())
+		goto out;
 	ret = a.foreground ? add_serve(&a, -1) : add_daemonize(&a);
 out:
 	free(a.image);
@@ -712,7 +725,7 @@ int cmd_del(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:ah", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_dev_id(optarg, &id))
+			if (parse_dev_id("del", optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -726,10 +739,10 @@ int cmd_del(int argc, char **argv)
 			return uq_usage_error("del", argv, opt);
 		}
 	}
-	if (optind != argc || one == all) {
-		del_usage(stderr);
-		return 1;
-	}
+	if (optind != argc)
+		return uq_usage_args("del", "no arguments but -n ID or -a");
+	if (one == all)
+		return uq_usage_args("del", "one of -n ID and -a");
 	if (ctrl_open(&c))
 		return 1;
 	if (one) {
@@ -864,7 +877,7 @@ int cmd_list(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":n:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_dev_id(optarg, &id))
+			if (parse_dev_id("list", optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -879,10 +892,8 @@ int cmd_list(int argc, char **argv)
 			return uq_usage_error("list", argv, opt);
 		}
 	}
-	if (optind != argc) {
-		list_usage(stderr);
-		return 1;
-	}
+	if (optind != argc)
+		return uq_usage_args("list", "no arguments but -n ID");
 	if (ctrl_open(&c))
 		return 1;
 	if (one) {
@@ -1085,7 +1096,7 @@ int cmd_recover(int argc, char **argv)
 	while ((opt = uq_getopt(argc, argv, ":n:h", longopts)) != -1) {
 		switch (opt) {
 		case 'n':
-			if (parse_dev_id(optarg, &id))
+			if (parse_dev_id("recover", optarg, &id))
 				return 1;
 			one = true;
 			break;
@@ -1101,10 +1112,8 @@ int cmd_recover(int argc, char **argv)
 			return uq_usage_error("recover", argv, opt);
 		}
 	}
-	if (optind != argc || !one) {
-		recover_usage(stderr);
-		return 1;
-	}
+	if (optind != argc || !one)
+		return uq_usage_args("recover", "-n ID and no other arguments");
 	if (!have_control())
 		return 1;
 	ret = recover_prepare(id, &a, &rec);

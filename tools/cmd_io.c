@@ -16,6 +16,8 @@
 
 #define MAX_WORDS	16
 #define DEFAULT_PATTERN	0xcd		/* qemu-io's write pattern */
+/* qemu-io's limit on one read or write buffer (BDRV_REQUEST_MAX_BYTES). */
+#define MAX_BUF_LEN	2147483136ull
 
 static void io_usage(void)
 {
@@ -108,6 +110,7 @@ static int parse_args(char **words, int nr, struct io_args *a)
 {
 	const struct io_cmd *cmd = NULL;
 	uint64_t pos[2];
+	bool opts_done = false;
 	int i, npos = 0;
 	size_t k;
 
@@ -124,7 +127,12 @@ static int parse_args(char **words, int nr, struct io_args *a)
 	for (i = 1; i < nr; i++) {
 		const char *w = words[i], *f;
 
-		if (w[0] != '-' || !w[1]) {
+		/* As qemu-io's getopt: "--" ends the options. */
+		if (!opts_done && !strcmp(w, "--")) {
+			opts_done = true;
+			continue;
+		}
+		if (opts_done || w[0] != '-' || !w[1]) {
 			if (npos == cmd->nr_args || uq_parse_size(w, &pos[npos]) < 0) {
 				uq_err("io: %s: bad argument '%s'", cmd->name, w);
 				return -EINVAL;
@@ -147,18 +155,21 @@ static int parse_args(char **words, int nr, struct io_args *a)
 			} else if (*f == 'u') {
 				a->unmap = true;
 			} else {
-				/* -P PAT: the value is the next word. */
-				if (f[1] || i + 1 == nr) {
+				/* -P PAT: the value is the rest of the word ("-P5") or the next one. */
+				const char *val = f[1] ? f + 1 : i + 1 < nr ? words[++i] : NULL;
+
+				if (!val) {
 					uq_err("io: %s: -P needs a pattern", cmd->name);
 					return -EINVAL;
 				}
-				v = strtoul(words[++i], &end, 0);
-				if (*end || v > 255) {
-					uq_err("io: %s: bad pattern '%s'", cmd->name, words[i]);
+				v = strtoul(val, &end, 0);
+				if (!*val || *end || v > 255) {
+					uq_err("io: %s: bad pattern '%s'", cmd->name, val);
 					return -EINVAL;
 				}
 				a->pattern = v;
 				a->has_pattern = true;
+				break;
 			}
 		}
 	}
@@ -237,7 +248,19 @@ static int run_line(struct uq_image *img, char *line)
 		return 0;
 	if (parse_args(words, nr, &a) < 0)
 		return -1;
+	/* Before the buffer is allocated and filled: a huge LEN must not run for minutes. */
+	if (a.off > img->size || a.len > img->size - a.off) {
+		uq_err("%s: request [%llu, +%llu) beyond the virtual size %llu", img->path,
+		       (unsigned long long)a.off, (unsigned long long)a.len,
+		       (unsigned long long)img->size);
+		return -1;
+	}
 	if (!strcmp(a.cmd->name, "read") || (!strcmp(a.cmd->name, "write") && !a.zero)) {
+		if (a.len > MAX_BUF_LEN) {
+			uq_err("io: %s: length cannot exceed %llu, given %llu", a.cmd->name,
+			       (unsigned long long)MAX_BUF_LEN, (unsigned long long)a.len);
+			return -1;
+		}
 		buf = malloc(a.len ? a.len : 1);
 		if (!buf) {
 			uq_err("io: %s: cannot allocate %llu bytes", a.cmd->name,

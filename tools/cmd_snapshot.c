@@ -77,6 +77,36 @@ void uq_snapshot_json(struct uq_json *j, const struct qcow2_snapshot_info *list,
 	uq_json_close(j, ']');
 }
 
+/*
+ * As qemu-img (7.2): a snapshot of another disk size is loaded after the
+ * active state is resized to that size, what lies beyond it dropped.
+ */
+static int snapshot_apply(struct qcow2 *q, const char *id_or_name)
+{
+	struct qcow2_snapshot_info *list;
+	struct qcow2_info info;
+	uint32_t nr, i, k = UINT32_MAX;
+	int ret;
+
+	ret = qcow2_snapshot_list(q, &list, &nr);
+	if (ret < 0)
+		return ret;
+	/* The engine's lookup: an id first, then a name. */
+	for (i = 0; i < nr && k == UINT32_MAX; i++)
+		if (!strcmp(list[i].id, id_or_name))
+			k = i;
+	for (i = 0; i < nr && k == UINT32_MAX; i++)
+		if (!strcmp(list[i].name, id_or_name))
+			k = i;
+	qcow2_get_info(q, &info);
+	if (k != UINT32_MAX && list[k].disk_size != info.virtual_size)
+		ret = qcow2_resize(q, list[k].disk_size);
+	qcow2_snapshot_list_free(list, nr);
+	if (ret < 0)
+		return ret;
+	return qcow2_snapshot_apply(q, id_or_name);
+}
+
 int cmd_snapshot(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -127,7 +157,11 @@ int cmd_snapshot(int argc, char **argv)
 		return 1;
 	}
 	if (img->fmt != UQ_FMT_QCOW2) {
-		uq_err("%s: raw images have no snapshots", argv[optind]);
+		/* As qemu-img: an empty list, but no changes. */
+		if (action == 'l')
+			status = 0;
+		else
+			uq_err("%s: raw images have no snapshots", argv[optind]);
 		goto out;
 	}
 	switch (action) {
@@ -145,7 +179,7 @@ int cmd_snapshot(int argc, char **argv)
 		ret = qcow2_snapshot_create(img->qcow2, name);
 		break;
 	case 'a':
-		ret = qcow2_snapshot_apply(img->qcow2, name);
+		ret = snapshot_apply(img->qcow2, name);
 		break;
 	default:
 		ret = qcow2_snapshot_delete(img->qcow2, name);

@@ -128,11 +128,13 @@ int uq_parse_size(const char *s, uint64_t *out)
 	}
 	if (whole > (UINT64_MAX >> shift) - 1)
 		return -ERANGE;
-	/* A fraction needs a unit, and what falls below one byte is dropped (qemu-img). */
-	if (frac != 0 && !shift)
-		return -EINVAL;
-	if (frac != 0)
+	if (frac != 0) {
+		/* As QEMU: a fraction needs a suffix ("1.5" bytes is an error), and
+		 * what it comes to is truncated to whole bytes ("1.1k" is 1126). */
+		if (!shift)
+			return -EINVAL;
 		extra = (uint64_t)(frac * (double)(1ull << shift));
+	}
 	*out = ((uint64_t)whole << shift) + extra;
 	return 0;
 }

@@ -951,7 +951,7 @@ int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name)
 	}
 	sn = &t.s[k];
 	if (sn->disk_size != img->h.size) {
-		/* As qemu-img: a snapshot of another size cannot be loaded. */
+		/* The caller resizes the image first, as qemu-img does. */
 		ret = qcow2_error(img, -ENOTSUP, "snapshot '%s' has a different disk size (%llu "
 				  "bytes, image %llu): not supported", id_or_name,
 				  (unsigned long long)sn->disk_size, (unsigned long long)img->h.size);

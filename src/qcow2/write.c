@@ -761,6 +761,7 @@ int qcow2_zero_piece(struct qcow2_req *r)
 	uint64_t end = r->off + r->len, cstart = qcow2_cluster_off(img, r->pos);
 	uint64_t cend = cstart + img->cluster_size, host, run;
 	enum l2_type type;
+	bool real_zeros;
 	int ret;
 
 	if (img->data_raw) {
@@ -772,12 +773,20 @@ int qcow2_zero_piece(struct qcow2_req *r)
 		return qcow2_write_piece(r, end);
 	}
 
+	/* v2 over a backing file: only real zeros hide it. */
+	real_zeros = r->op == QCOW2_OP_WRITE_ZEROES && img->backing && img->h.version < 3;
 	if (r->pos == cstart && end >= cend) {
-		/* v2 over a backing file: only real zeros hide it. */
-		if (r->op == QCOW2_OP_WRITE_ZEROES && img->backing && img->h.version < 3)
+		if (real_zeros)
 			return qcow2_write_piece(r, qcow2_cluster_off(img, end));
 		return zero_clusters(r, qcow2_cluster_off(img, end));
 	}
+	/*
+	 * As QEMU: the last cluster of a disk whose size is not a cluster
+	 * multiple counts as whole when the request runs to the end of the disk
+	 * (the virtual size in 512-byte sectors).
+	 */
+	if (r->pos == cstart && end == ((img->h.size + 511) & ~511ull) && !real_zeros)
+		return zero_clusters(r, cend);
 	/* A partial cluster. */
 	if (cend > end)
 		cend = end;
