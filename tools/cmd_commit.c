@@ -135,7 +135,7 @@ static int copy_down(struct commit *c)
 		if (!st.present || st.depth >= c->base_depth)
 			continue;
 		if (st.zero && !st.data) {
-			ret = uq_image_write_zeroes(c->base, st.len, off);
+			ret = uq_image_write_zeroes(c->base, st.len, off, true);
 		} else {
 			ret = uq_status_read(&st, buf, off);
 			if (!ret)

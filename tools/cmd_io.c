@@ -27,8 +27,9 @@ static void io_usage(void)
 		"Run commands on IMAGE (opened read-write unless -r), in order:\n"
 		"  read [-P PAT] [-q] OFF LEN      read; with -P check every byte is PAT\n"
 		"  write [-P PAT] [-z [-u]] [-q] OFF LEN\n"
-		"                                  write PAT (default 0xcd); -z zeroes\n"
-		"                                  (-u is accepted, as qemu-io has it)\n"
+		"                                  write PAT (default 0xcd); -z zeroes,\n"
+		"                                  keeping whole clusters allocated\n"
+		"                                  unless -u (which may free them)\n"
 		"  discard [-q] OFF LEN            discard\n"
 		"  flush                           write back and sync\n"
 		"OFF and LEN take k, M, G, T suffixes; output lines are qemu-io's.\n"
@@ -220,7 +221,7 @@ static int run_cmd(struct uq_image *img, const struct io_args *a, uint8_t *buf)
 	if (!strcmp(op, "discard"))
 		return uq_image_discard(img, a->len, a->off);
 	if (!strcmp(op, "write"))
-		return a->zero ? uq_image_write_zeroes(img, a->len, a->off)
+		return a->zero ? uq_image_write_zeroes(img, a->len, a->off, a->unmap)
 			       : uq_image_pwrite(img, buf, a->len, a->off);
 	ret = uq_image_pread(img, buf, a->len, a->off);
 	if (ret < 0)

@@ -402,13 +402,13 @@ int uq_image_pwrite(struct uq_image *img, const void *buf, uint64_t len, uint64_
 	return raw_rw(img, true, (void *)buf, len, off);
 }
 
-int uq_image_write_zeroes(struct uq_image *img, uint64_t len, uint64_t off)
+int uq_image_write_zeroes(struct uq_image *img, uint64_t len, uint64_t off, bool unmap)
 {
 	uint8_t *zeros;
 	int ret;
 
 	if (img->qcow2)
-		return uq_image_fail(img, qcow2_write_zeroes(img->qcow2, len, off));
+		return uq_image_fail(img, qcow2_write_zeroes(img->qcow2, len, off, unmap));
 	ret = raw_fallocate(img, FALLOC_FL_ZERO_RANGE, len, off);
 	if (ret != -EOPNOTSUPP)
 		return ret;

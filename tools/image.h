@@ -103,7 +103,7 @@ int uq_image_fail(struct uq_image *img, int ret);
 /* Blocking data I/O on the top level. 0 or -errno. */
 int uq_image_pread(struct uq_image *img, void *buf, uint64_t len, uint64_t off);
 int uq_image_pwrite(struct uq_image *img, const void *buf, uint64_t len, uint64_t off);
-int uq_image_write_zeroes(struct uq_image *img, uint64_t len, uint64_t off);
+int uq_image_write_zeroes(struct uq_image *img, uint64_t len, uint64_t off, bool unmap);
 int uq_image_discard(struct uq_image *img, uint64_t len, uint64_t off);
 int uq_image_flush(struct uq_image *img);
 

@@ -304,7 +304,8 @@ static void tq_start(struct ublk_queue *q, unsigned int tag, bool deferred)
 		tt->fua = t->write_through;
 		break;
 	case UBLK_IO_OP_WRITE_ZEROES:
-		op = QCOW2_OP_WRITE_ZEROES;
+		op = ublksrv_get_flags(iod) & (UBLK_IO_F_NOUNMAP >> 8) ?
+			     QCOW2_OP_WRITE_ZEROES_NOUNMAP : QCOW2_OP_WRITE_ZEROES;
 		tt->fua = t->write_through;
 		break;
 	default:

@@ -802,7 +802,7 @@ int qcow2_crypt_unaligned(struct qcow2 *img, enum qcow2_op op, void *buf, uint64
 			else if (op == QCOW2_OP_WRITE)
 				ret = qcow2_pwrite(img, p, n, off);
 			else
-				ret = qcow2_write_zeroes(img, n, off);
+				ret = qcow2_write_zeroes(img, n, off, op == QCOW2_OP_WRITE_ZEROES);
 		}
 		if (p)
 			p += n;

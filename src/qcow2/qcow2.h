@@ -126,6 +126,7 @@ enum qcow2_op {
 	QCOW2_OP_WRITE_ZEROES,
 	QCOW2_OP_DISCARD,
 	QCOW2_OP_FLUSH,
+	QCOW2_OP_WRITE_ZEROES_NOUNMAP,	/* allocated clusters stay allocated */
 };
 
 struct qcow2_req;
@@ -183,7 +184,8 @@ int qcow2_drain(struct qcow2 *img);
 /* Blocking conveniences for the host tools: submit one request and wait. */
 int qcow2_pread(struct qcow2 *img, void *buf, uint64_t len, uint64_t off);
 int qcow2_pwrite(struct qcow2 *img, const void *buf, uint64_t len, uint64_t off);
-int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off);
+/* @unmap: allocated clusters may be freed (else they stay, as zero clusters). */
+int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off, bool unmap);
 int qcow2_discard(struct qcow2 *img, uint64_t len, uint64_t off);
 int qcow2_flush(struct qcow2 *img);
 

@@ -396,6 +396,7 @@ static int req_run(struct qcow2_req *r)
 			ret = qcow2_write_piece(r, end);
 			break;
 		case QCOW2_OP_WRITE_ZEROES:
+		case QCOW2_OP_WRITE_ZEROES_NOUNMAP:
 		case QCOW2_OP_DISCARD:
 			ret = qcow2_zero_piece(r);
 			break;
@@ -654,11 +655,13 @@ int qcow2_pwrite(struct qcow2 *img, const void *buf, uint64_t len, uint64_t off)
 	return sync_op(img, QCOW2_OP_WRITE, (void *)buf, len, off);
 }
 
-int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off)
+int qcow2_write_zeroes(struct qcow2 *img, uint64_t len, uint64_t off, bool unmap)
 {
+	enum qcow2_op op = unmap ? QCOW2_OP_WRITE_ZEROES : QCOW2_OP_WRITE_ZEROES_NOUNMAP;
+
 	if (img->crypt && ((off | len) & 511))
-		return qcow2_crypt_unaligned(img, QCOW2_OP_WRITE_ZEROES, NULL, len, off);
-	return sync_op(img, QCOW2_OP_WRITE_ZEROES, NULL, len, off);
+		return qcow2_crypt_unaligned(img, op, NULL, len, off);
+	return sync_op(img, op, NULL, len, off);
 }
 
 int qcow2_discard(struct qcow2 *img, uint64_t len, uint64_t off)

@@ -529,7 +529,7 @@ int qcow2_resize(struct qcow2 *img, uint64_t size)
 	/* A backing file reaching into the new area must not show through (as QEMU). */
 	if (img->backing && img->backing->h.size > old) {
 		zero_end = img->backing->h.size < size ? img->backing->h.size : size;
-		ret = qcow2_write_zeroes(img, zero_end - old, old);
+		ret = qcow2_write_zeroes(img, zero_end - old, old, true);
 		if (ret < 0)
 			return ret;
 	}

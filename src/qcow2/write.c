@@ -674,7 +674,9 @@ out:
 /*
  * Whole clusters: drop their allocation and mark them zero (v3) or
  * unallocated (v2, where no backing file shows through). Freed clusters are
- * released after the next flush.
+ * released after the next flush. As QEMU: write-zeroes marks unallocated
+ * clusters zero too (v3), and without unmapping an allocated cluster keeps
+ * its host cluster, marked zero.
  */
 static int zero_clusters(struct qcow2_req *r, uint64_t end)
 {
@@ -685,7 +687,8 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	int ret;
 
 	/* With a backing file, v3 hides it behind zero flags; v2 cannot. */
-	bool hide = img->backing && img->h.version >= 3;
+	bool hide = img->h.version >= 3 && (img->backing || r->op != QCOW2_OP_DISCARD);
+	bool keep = r->op == QCOW2_OP_WRITE_ZEROES_NOUNMAP && img->h.version >= 3;
 
 	ret = qcow2_l1_lookup(img, r->pos, &l2_off, &l1e);
 	if (ret < 0)
@@ -721,6 +724,11 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 			if ((!(e & L2E_OFFSET_MASK) && type != L2_COMPRESSED && !b && !hide) ||
 			    (!e && b == ~L2B_ALL_ALLOC))
 				continue;
+			if (keep && (e & L2E_OFFSET_MASK) && type != L2_COMPRESSED) {
+				qcow2_l2_set_bitmap(s, idx + i, ~L2B_ALL_ALLOC);
+				qcow2_cache_mark_dirty(s);
+				continue;
+			}
 			if (e & ~QCOW2_OFLAG_COPIED) {
 				ret = qcow2_free_entry(img, e);
 				if (ret < 0)
@@ -734,8 +742,13 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 		ret = qcow2_l2_classify(img, e, &type, &host);
 		if (ret < 0)
 			break;
-		if (type == L2_ZERO_PLAIN)
+		if (type == L2_ZERO_PLAIN || (keep && type == L2_ZERO_ALLOC))
 			continue;
+		if (keep && type == L2_NORMAL) {
+			qcow2_l2_set(s, idx + i, e | L2E_ZERO);
+			qcow2_cache_mark_dirty(s);
+			continue;
+		}
 		if (type == L2_UNALLOC) {
 			if (hide) {
 				qcow2_l2_set(s, idx + i, L2E_ZERO);
@@ -774,7 +787,7 @@ int qcow2_zero_piece(struct qcow2_req *r)
 	}
 
 	/* v2 over a backing file: only real zeros hide it. */
-	real_zeros = r->op == QCOW2_OP_WRITE_ZEROES && img->backing && img->h.version < 3;
+	real_zeros = r->op != QCOW2_OP_DISCARD && img->backing && img->h.version < 3;
 	if (r->pos == cstart && end >= cend) {
 		if (real_zeros)
 			return qcow2_write_piece(r, qcow2_cluster_off(img, end));

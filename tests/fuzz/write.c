@@ -28,7 +28,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (v >= sizeof(buf)) {
 			qcow2_pwrite(img, buf, 4096, 0);
 			qcow2_pwrite(img, buf, sizeof(buf), (v / 2) & ~511ull);
-			qcow2_write_zeroes(img, 8192, (v / 3) & ~511ull);
+			qcow2_write_zeroes(img, 8192, (v / 3) & ~511ull, v & 1);
 			qcow2_flush(img);
 			qcow2_discard(img, sizeof(buf), 0);
 			qcow2_pwrite(img, buf, 512, v - 512);

@@ -11,6 +11,7 @@ recover reject bad arguments, a missing image or snapshot in one line naming
 the command or the file, before the ublk driver is asked (so this holds with
 or without one)."""
 
+import json
 import os
 import sys
 import time
@@ -139,6 +140,52 @@ def case_tail(d, opts, size, cmds):
         if strip[0] != strip[1]:
             return f"map differs:\nqemu-io: {m[0]}\nours:    {m[1]}"
     return uqtest.qemu_check_clean("after io", ours)
+
+
+# write -z on whole clusters, as qemu-io: without -u an allocated cluster
+# stays allocated (marked zero), with -u it goes; unallocated clusters are
+# marked zero (v3); v2 has no zero flag. (OPTS, SETUP by qemu-io on both,
+# SNAPSHOT after setup?, CMDS by each tool)
+ZERO_CASES = [
+    ({}, ["write -P 1 0 256k"], False,
+     ["write -z 0 64k", "write -z -u 64k 64k", "write -z 512k 128k", "write -z 3M 64k"]),
+    ({"compat": "0.10"}, ["write -P 1 0 256k"], False,
+     ["write -z 0 64k", "write -z -u 64k 64k", "write -z 512k 128k"]),
+    ({"extended_l2": "on"}, ["write -P 4 0 256k"], False,
+     ["write -z 0 64k", "write -z -u 64k 64k", "write -z 512k 64k"]),
+    ({}, ["write -c -P 5 0 128k", "write -P 6 128k 64k"], False,
+     ["write -z 0 64k", "write -z -u 64k 128k"]),
+    ({}, ["write -P 7 0 256k"], True,
+     ["write -z 0 64k", "write -z -u 64k 64k", "write -P 8 128k 4k", "write -z 128k 64k"]),
+    ({"backing_file": "zbase.qcow2", "backing_fmt": "qcow2"}, ["write -P 1 0 128k"], False,
+     ["write -z 0 64k", "write -z 256k 64k", "write -z -u 64k 64k"]),
+]
+
+
+def case_zero_map(d, opts, setup, snap, cmds):
+    ours, ref = os.path.join(d, "z.qcow2"), os.path.join(d, "z-ref.qcow2")
+    size = 4 * MiB
+    if "backing_file" in opts:
+        base = os.path.join(d, opts["backing_file"])
+        uqtest.qemu_create(base, size)
+        uqtest.qemu_io("qcow2", base, [f"write -P 9 0 {size}"])
+    for p in (ours, ref):
+        uqtest.qemu_create(p, size, **opts)
+        uqtest.qemu_io("qcow2", p, setup)
+        if snap:
+            uqtest.qemu_img("snapshot", "-c", "s1", p)
+    uqtest.qemu_io("qcow2", ref, cmds)
+    uqtest.uq("io", ours, *[a for c in cmds for a in ("-c", c)])
+    p = uqtest.qemu_img("compare", ref, ours, check=False)
+    if p.returncode != 0:
+        return f"differs from qemu-io's result: {(p.stdout + p.stderr).strip()}"
+    maps = [json.loads(uqtest.qemu_img("map", "--output=json", f).stdout) for f in (ref, ours)]
+    for m in maps:
+        for e in m:
+            e["offset"] = "offset" in e     # where, may differ; whether, may not
+    if maps[0] != maps[1]:
+        return f"map differs:\nqemu-io: {maps[0]}\nours:    {maps[1]}"
+    return uqtest.qemu_check_clean("after io write -z", ours)
 
 
 def case_bench_unaligned_direct():
@@ -290,6 +337,9 @@ def main():
         for i, (opts, size, cmds) in enumerate(TAIL_CASES):
             res.case(f"io to the end of a partial last cluster {i}: {opts} {cmds[1:]}",
                      case_tail, d, opts, size, cmds)
+        for i, (opts, setup, snap, cmds) in enumerate(ZERO_CASES):
+            res.case(f"write -z keeps or unmaps as qemu-io {i}: {opts} {cmds}",
+                     case_zero_map, d, opts, setup, snap, cmds)
         res.case("bench -t none, unaligned SIZE/OFFSET/STEP (as qemu-img bench)",
                  case_bench_unaligned_direct)
         res.case("bench: errors name the long option", case_bench_option_names, d)

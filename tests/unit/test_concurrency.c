@@ -63,7 +63,8 @@ static void run_one(const char *create_opts)
 						o->t.len = DISK_SIZE - o->t.off;
 				}
 			} while (tu_ops_overlap(ops, sizeof(ops[0]), n, o->t.off, o->t.len));
-			o->op = kind < 10 ? QCOW2_OP_WRITE : kind < 13 ? QCOW2_OP_WRITE_ZEROES :
+			o->op = kind < 10 ? QCOW2_OP_WRITE : kind < 12 ? QCOW2_OP_WRITE_ZEROES :
+				kind < 13 ? QCOW2_OP_WRITE_ZEROES_NOUNMAP :
 				kind < 15 ? QCOW2_OP_DISCARD : QCOW2_OP_FLUSH;
 			if (o->op == QCOW2_OP_WRITE)
 				memset(o->t.buf, (int)(tu_rnd(&rng) % 255) + 1, o->t.len);
@@ -82,10 +83,8 @@ static void run_one(const char *create_opts)
 				      qcow2_errmsg(img));
 			if (o->op == QCOW2_OP_WRITE)
 				memcpy(mirror + o->t.off, o->t.buf, o->t.len);
-			else if (o->op == QCOW2_OP_WRITE_ZEROES)
-				memset(mirror + o->t.off, 0, o->t.len);
-			else if (o->op == QCOW2_OP_DISCARD)
-				memset(mirror + o->t.off, 0, o->t.len);
+			else if (o->op != QCOW2_OP_FLUSH)
+				memset(mirror + o->t.off, 0, o->t.len);	/* zeroes, discard */
 		}
 		if (round % 10 == 9)
 			tu_verify_image(img, mirror, DISK_SIZE);

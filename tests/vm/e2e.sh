@@ -243,6 +243,19 @@ if grep -q '^PASS discard' "$data/results" 2>/dev/null; then
 	else
 		echo "PASS host: discard.qcow2 reads zeros where discarded and zeroed"
 	fi
+	# blkdiscard -z asks for zeroes without unmapping (REQ_NOUNMAP): the
+	# clusters stay allocated, marked zero; the discarded ones are gone.
+	if qemu-img map --output=json "$data/discard.qcow2" | python3 -c 'import json, sys
+m = json.load(sys.stdin)
+def at(o): return next(e for e in m if e["start"] <= o < e["start"] + e["length"])
+z, d = at(2 << 20), at(0)
+sys.exit(not (z["zero"] and "offset" in z and z["start"] + z["length"] >= 3 << 20
+              and "offset" not in d))'; then
+		echo "PASS host: discard.qcow2 keeps the zeroed clusters allocated, not the discarded ones"
+	else
+		fail "host: discard.qcow2: zeroed clusters not kept or discarded ones kept"
+		qemu-img map --output=json "$data/discard.qcow2" | head -n 8
+	fi
 fi
 if grep -q '^PASS overlap' "$data/results" 2>/dev/null; then
 	now_l1=$(python3 -c 'import struct, sys

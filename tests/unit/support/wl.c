@@ -132,7 +132,7 @@ static int add_op(struct wl *w, uint32_t first)
 	if (kind < c->flush_pct) {
 		o->op = QCOW2_OP_FLUSH;
 	} else if (kind < c->flush_pct + 14) {
-		o->op = QCOW2_OP_WRITE_ZEROES;
+		o->op = kind & 1 ? QCOW2_OP_WRITE_ZEROES : QCOW2_OP_WRITE_ZEROES_NOUNMAP;
 	} else if (c->discard && kind < c->flush_pct + 28) {
 		o->op = QCOW2_OP_DISCARD;
 	} else {
