@@ -147,7 +147,7 @@ int cmd_bench(int argc, char **argv)
 		case 'P':
 		case 'I':
 			if (uq_parse_size(optarg, &v) < 0 ||
-			    (opt != 'o' && opt != 'P' && opt != 'S' && v == 0) ||
+			    (opt != 'o' && opt != 'P' && opt != 'S' && opt != 'c' && v == 0) ||
 			    (opt == 'd' && v > 4096) || (opt == 's' && v > (64u << 20)) ||
 			    (opt == 'P' && v > 255)) {
 				if (opt == 'P' || opt == 'I')

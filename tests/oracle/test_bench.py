@@ -122,7 +122,7 @@ def case_read(d, fmt):
 def case_bad(d):
     img = os.path.join(d, "b.qcow2")
     uqtest.qemu_create(img, MiB)
-    for args in (["-c", "0"], ["-d", "x"], ["--flush-interval=4"], ["-w", "--flush-interval=4"],
+    for args in (["-d", "x"], ["--flush-interval=4"], ["-w", "--flush-interval=4"],
                  ["-t", "bogus"],
                  ["-o", "2M"]):
         p = uqtest.uq("bench", *args, img, check=False)
@@ -130,6 +130,18 @@ def case_bad(d):
         if p.returncode == 0 or len(lines) != 1:
             return f"bench {' '.join(args)}: exit {p.returncode}, stderr {p.stderr!r}"
     return None
+
+
+def case_count_zero(d):
+    """-c 0 sends nothing and completes, as qemu-img bench."""
+    img = os.path.join(d, "c0.qcow2")
+    uqtest.qemu_create(img, MiB)
+    for args in (["-c", "0"], ["-w", "-c", "0"]):
+        ours, theirs = (uqtest.uq("bench", *args, img, check=False),
+                        uqtest.qemu_img("bench", *args, img, check=False))
+        if ours.returncode != theirs.returncode or "Run completed in" not in ours.stdout:
+            return f"bench {' '.join(args)}: exit {ours.returncode} (qemu-img {theirs.returncode}): {ours.stdout!r} {ours.stderr!r}"
+    return uqtest.qemu_check_clean("after bench -c 0", img)
 
 
 def main():
@@ -148,6 +160,7 @@ def main():
         res.case("read qcow2", case_read, d, "qcow2")
         res.case("read raw", case_read, d, "raw")
         res.case("bad options", case_bad, d)
+        res.case("-c 0", case_count_zero, d)
     finally:
         uqtest.cleanup(d)
     res.finish()
