@@ -42,6 +42,7 @@ static void usage(FILE *f)
 	for (i = 0; i < NR_COMMANDS; i++)
 		fprintf(f, "  %-10s%s\n", commands[i].name, commands[i].summary);
 	fprintf(f, "\n  -v, --verbose  debug messages on stderr (syslog from a daemon)\n"
+		"  -V, --version  print the version and exit\n"
 		"\nRun '" UQ_PROG " COMMAND --help' for a command's options.\n");
 }
 
@@ -62,6 +63,10 @@ int main(int argc, char **argv)
 	}
 	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
+		printf(UQ_PROG " version " UQ_VERSION "\n");
 		return 0;
 	}
 	for (i = 0; i < NR_COMMANDS; i++)

@@ -326,6 +326,14 @@ def case_device_args(d):
     return None
 
 
+def case_version():
+    p = uqtest.uq("--version")
+    lines = p.stdout.splitlines()
+    if len(lines) != 1 or not lines[0].startswith("ublk-qcow2 version "):
+        return f"--version printed {p.stdout!r}"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -349,6 +357,7 @@ def main():
                  4 * MiB, 8 * MiB)
         res.case("snapshot -a of a larger snapshot (shrunk since)", case_snapshot_resized, d,
                  8 * MiB, 4 * MiB)
+        res.case("--version", case_version)
         res.case("add/del/list/recover: bad arguments, one line, before the driver",
                  case_device_args, d)
     finally:
