@@ -678,7 +678,7 @@ out:
  * clusters zero too (v3), and without unmapping an allocated cluster keeps
  * its host cluster, marked zero.
  */
-static int zero_clusters(struct qcow2_req *r, uint64_t end)
+static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 {
 	struct qcow2 *img = r->img;
 	uint64_t l2_off, l1e, slice_off, idx, per_slice, i, n, host, e, ne;
@@ -690,11 +690,11 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	bool hide = img->h.version >= 3 && (img->backing || r->op != QCOW2_OP_DISCARD);
 	bool keep = r->op == QCOW2_OP_WRITE_ZEROES_NOUNMAP && img->h.version >= 3;
 
-	ret = qcow2_l1_lookup(img, r->pos, &l2_off, &l1e);
+	ret = qcow2_l1_lookup(img, start, &l2_off, &l1e);
 	if (ret < 0)
 		return ret;
 	if (!l2_off && !hide) {
-		uint64_t limit = (qcow2_l1_index(img, r->pos) + 1) * qcow2_l2_span(img);
+		uint64_t limit = (qcow2_l1_index(img, start) + 1) * qcow2_l2_span(img);
 
 		r->pos = end < limit ? end : limit;
 		return 0;
@@ -702,14 +702,14 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 	ret = l2_table_ready(r, &l2_off);
 	if (ret < 0)
 		return ret;
-	if (inflight_wait(r, r->pos, end - r->pos))
+	if (inflight_wait(r, start, end - start))
 		return -EAGAIN;
-	qcow2_l2_locate(img, l2_off, r->pos, &slice_off, &idx);
+	qcow2_l2_locate(img, l2_off, start, &slice_off, &idx);
 	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
 	if (ret < 0)
 		return ret;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
-	n = (end - r->pos) >> img->h.cluster_bits;
+	n = (end - start) >> img->h.cluster_bits;
 	if (n > per_slice - idx)
 		n = per_slice - idx;
 	for (i = 0; i < n; i++) {
@@ -764,7 +764,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t end)
 		qcow2_cache_mark_dirty(s);
 	}
 	qcow2_cache_put(s);
-	r->pos += i << img->h.cluster_bits;
+	r->pos = start + (i << img->h.cluster_bits);
 	return ret;
 }
 
@@ -791,7 +791,7 @@ int qcow2_zero_piece(struct qcow2_req *r)
 	if (r->pos == cstart && end >= cend) {
 		if (real_zeros)
 			return qcow2_write_piece(r, qcow2_cluster_off(img, end));
-		return zero_clusters(r, qcow2_cluster_off(img, end));
+		return zero_clusters(r, r->pos, qcow2_cluster_off(img, end));
 	}
 	/*
 	 * As QEMU: the last cluster of a disk whose size is not a cluster
@@ -799,7 +799,7 @@ int qcow2_zero_piece(struct qcow2_req *r)
 	 * (the virtual size in 512-byte sectors).
 	 */
 	if (r->pos == cstart && end == ((img->h.size + 511) & ~511ull) && !real_zeros)
-		return zero_clusters(r, cend);
+		return zero_clusters(r, r->pos, cend);
 	/* A partial cluster. */
 	if (cend > end)
 		cend = end;
@@ -812,7 +812,14 @@ int qcow2_zero_piece(struct qcow2_req *r)
 		return ret;
 	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
 	    type == L2_ZERO_ALLOC) {
-		r->pos += run;		/* already reads as zeros */
+		/*
+		 * Already reads as zeros. As QEMU (v3, whole-cluster entries):
+		 * then the request widens to the cluster, which gets the zero
+		 * flag (or, unmapping, loses its allocation).
+		 */
+		if (img->h.version >= 3 && img->l2_entry_bytes == 8)
+			return zero_clusters(r, cstart, cstart + img->cluster_size);
+		r->pos += run;
 		return 0;
 	}
 	return qcow2_write_piece(r, cend);

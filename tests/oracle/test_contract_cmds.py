@@ -159,6 +159,13 @@ ZERO_CASES = [
      ["write -z 0 64k", "write -z -u 64k 64k", "write -P 8 128k 4k", "write -z 128k 64k"]),
     ({"backing_file": "zbase.qcow2", "backing_fmt": "qcow2"}, ["write -P 1 0 128k"], False,
      ["write -z 0 64k", "write -z 256k 64k", "write -z -u 64k 64k"]),
+    # Partial clusters that read as zeros already widen to the cluster.
+    ({}, ["write -P 1 128k 64k"], False,
+     ["write -z 1000 4k", "write -z 130k 4k", "write -z 256k 64k", "write -z -u 257k 1k",
+      "write -z 448k 64k", "write -z 449k 1k"]),
+    ({}, ["write -P 2 0 128k"], False,
+     ["write -z 0 64k", "write -z -u 1k 1k", "write -z 64k 64k", "write -z 65k 1k",
+      "write -z 200k 70k"]),
 ]
 
 
