@@ -768,6 +768,64 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 	return ret;
 }
 
+/*
+ * Extended L2: the zero bits of the subclusters of [@start, @end) (in one
+ * cluster, the same L2 table as r->pos), their allocation bits cleared; the
+ * cluster keeps its host offset.
+ */
+static int zero_subclusters(struct qcow2_req *r, uint64_t start, uint64_t end)
+{
+	struct qcow2 *img = r->img;
+	uint64_t l2_off, slice_off, idx, m, b;
+	struct qcow2_slice *s;
+	int ret;
+
+	ret = l2_table_ready(r, &l2_off);
+	if (ret < 0)
+		return ret;
+	if (inflight_wait(r, start, end - start))
+		return -EAGAIN;
+	qcow2_l2_locate(img, l2_off, start, &slice_off, &idx);
+	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
+	if (ret < 0)
+		return ret;
+	m = sc_mask(img, qcow2_cluster_off(img, start), start, end);
+	b = qcow2_l2_bitmap(s, idx);
+	if (((b & ~m) | (m << 32)) != b) {
+		qcow2_l2_set_bitmap(s, idx, (b & ~m) | (m << 32));
+		qcow2_cache_mark_dirty(s);
+	}
+	qcow2_cache_put(s);
+	r->pos = end;
+	return 0;
+}
+
+/*
+ * Extended L2, write-zeroes on part of a cluster, up to @pend, as QEMU:
+ * whole subclusters get their zero bits; part of one is widened to it when
+ * it reads as zeros already, else written with zeros (so is a compressed
+ * cluster).
+ */
+static int zero_piece_ext(struct qcow2_req *r, uint64_t pend)
+{
+	struct qcow2 *img = r->img;
+	uint64_t unit = 1ull << img->unit_bits, ws = r->pos & ~(unit - 1), host, run;
+	enum l2_type type;
+	int ret;
+
+	ret = qcow2_lookup_run(img, r->pos, pend, &r->wait, &type, &host, &run);
+	if (ret < 0)
+		return ret;
+	if (type == L2_COMPRESSED)
+		return qcow2_write_piece(r, pend);
+	if (r->pos == ws && pend - ws >= unit)
+		return zero_subclusters(r, ws, pend & ~(unit - 1));
+	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
+	    type == L2_ZERO_ALLOC)
+		return zero_subclusters(r, ws, ws + unit);
+	return qcow2_write_piece(r, ws + unit < pend ? ws + unit : pend);
+}
+
 int qcow2_zero_piece(struct qcow2_req *r)
 {
 	struct qcow2 *img = r->img;
@@ -807,17 +865,19 @@ int qcow2_zero_piece(struct qcow2_req *r)
 		r->pos = cend;		/* as QEMU: partial clusters are not discarded */
 		return 0;
 	}
+	if (img->l2_entry_bytes == 16)
+		return zero_piece_ext(r, cend);
 	ret = qcow2_lookup_run(img, r->pos, cend, &r->wait, &type, &host, &run);
 	if (ret < 0)
 		return ret;
 	if ((type == L2_UNALLOC && !img->backing) || type == L2_ZERO_PLAIN ||
 	    type == L2_ZERO_ALLOC) {
 		/*
-		 * Already reads as zeros. As QEMU (v3, whole-cluster entries):
+		 * Already reads as zeros. As QEMU (v3):
 		 * then the request widens to the cluster, which gets the zero
 		 * flag (or, unmapping, loses its allocation).
 		 */
-		if (img->h.version >= 3 && img->l2_entry_bytes == 8)
+		if (img->h.version >= 3)
 			return zero_clusters(r, cstart, cstart + img->cluster_size);
 		r->pos += run;
 		return 0;

@@ -166,6 +166,14 @@ ZERO_CASES = [
     ({}, ["write -P 2 0 128k"], False,
      ["write -z 0 64k", "write -z -u 1k 1k", "write -z 64k 64k", "write -z 65k 1k",
       "write -z 200k 70k"]),
+    # Extended L2: whole subclusters get zero bits, part of one that reads as
+    # zeros widens to it, the rest is written.
+    ({"extended_l2": "on"}, ["write -P 4 0 256k"], False,
+     ["write -z 128k 8k", "write -z 70000 10000", "write -z 200k 1k", "write -z 300k 3k",
+      "write -z 400k 2k", "write -z 401k 1k", "write -z -u 2k 62k"]),
+    ({"extended_l2": "on", "backing_file": "zbase.qcow2", "backing_fmt": "qcow2"},
+     ["write -P 4 0 64k", "write -c -P 5 64k 64k"], False,
+     ["write -z 2k 4k", "write -z 66k 2k", "write -z 200k 6k", "write -z 300k 1k"]),
 ]
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # On a kernel without ublk (the build hosts), every ublk subcommand prints
-# exactly one line naming the missing control device and exits 1 - and add
-# says so before it looks at the image. Skipped where ublk is loaded.
+# exactly one line naming the missing control device and exits 1; add checks
+# its image first (one line naming a missing one). Skipped where ublk is
+# loaded.
 set -uo pipefail
 
 bin=${UQ_BIN:?UQ_BIN must name the ublk-qcow2 binary}
@@ -11,9 +12,8 @@ bin=${UQ_BIN:?UQ_BIN must name the ublk-qcow2 binary}
 want="ublk-qcow2: no /dev/ublk-control: load the ublk_drv module"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-qemu_img=$(command -v qemu-img || true)
-img=$tmp/missing.qcow2
-[ -n "$qemu_img" ] && { img=$tmp/a.qcow2; "$qemu_img" create -q -f qcow2 "$img" 64M; }
+img=$tmp/a.qcow2
+"$bin" create -q -f qcow2 "$img" 64M || { echo "FAIL: create $img"; exit 1; }
 
 fails=0
 run() { # ARGS...
@@ -29,7 +29,13 @@ run() { # ARGS...
 	fi
 }
 run add "$img"
-run add "$tmp/missing.qcow2"
+out=$("$bin" add "$tmp/missing.qcow2" 2>&1)
+if [ $? = 1 ] && [ "$(echo "$out" | wc -l)" = 1 ] && [[ $out = *missing.qcow2* ]]; then
+	echo "PASS: add $tmp/missing.qcow2: $out"
+else
+	echo "FAIL: add $tmp/missing.qcow2: $out"
+	fails=$((fails + 1))
+fi
 run add -t null
 run add --foreground -f raw "$img"
 run del -n 0
