@@ -672,6 +672,25 @@ out:
 /* ---- Write-zeroes and discard ------------------------------------------------- */
 
 /*
+ * The L2 slice that holds @start, to change the entries of [@start, @end):
+ * the table made ready and allocations in flight there waited for.
+ */
+static int l2_slice_modify(struct qcow2_req *r, uint64_t start, uint64_t end,
+			   struct qcow2_slice **s, uint64_t *idx)
+{
+	uint64_t l2_off, slice_off;
+	int ret;
+
+	ret = l2_table_ready(r, &l2_off);
+	if (ret < 0)
+		return ret;
+	if (inflight_wait(r, start, end - start))
+		return -EAGAIN;
+	qcow2_l2_locate(r->img, l2_off, start, &slice_off, idx);
+	return qcow2_cache_get(&r->img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, s);
+}
+
+/*
  * Whole clusters: drop their allocation and mark them zero (v3) or
  * unallocated (v2, where no backing file shows through). Freed clusters are
  * released after the next flush. As QEMU: write-zeroes marks unallocated
@@ -681,7 +700,7 @@ out:
 static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 {
 	struct qcow2 *img = r->img;
-	uint64_t l2_off, l1e, slice_off, idx, per_slice, i, n, host, e, ne;
+	uint64_t l2_off, l1e, idx, per_slice, i, n, host, e, ne;
 	struct qcow2_slice *s;
 	enum l2_type type;
 	int ret;
@@ -699,13 +718,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 		r->pos = end < limit ? end : limit;
 		return 0;
 	}
-	ret = l2_table_ready(r, &l2_off);
-	if (ret < 0)
-		return ret;
-	if (inflight_wait(r, start, end - start))
-		return -EAGAIN;
-	qcow2_l2_locate(img, l2_off, start, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
+	ret = l2_slice_modify(r, start, end, &s, &idx);
 	if (ret < 0)
 		return ret;
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
@@ -776,17 +789,11 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 static int zero_subclusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 {
 	struct qcow2 *img = r->img;
-	uint64_t l2_off, slice_off, idx, m, b;
+	uint64_t idx, m, b;
 	struct qcow2_slice *s;
 	int ret;
 
-	ret = l2_table_ready(r, &l2_off);
-	if (ret < 0)
-		return ret;
-	if (inflight_wait(r, start, end - start))
-		return -EAGAIN;
-	qcow2_l2_locate(img, l2_off, start, &slice_off, &idx);
-	ret = qcow2_cache_get(&img->l2_cache, slice_off, QCOW2_CACHE_MODIFY, &r->wait, &s);
+	ret = l2_slice_modify(r, start, end, &s, &idx);
 	if (ret < 0)
 		return ret;
 	m = sc_mask(img, qcow2_cluster_off(img, start), start, end);

@@ -116,14 +116,21 @@ TAIL_CASES = [
 ]
 
 
-def case_tail(d, opts, size, cmds):
-    ours, ref = os.path.join(d, "t.qcow2"), os.path.join(d, "t-ref.qcow2")
+def pair(d, name, size, opts):
+    """Two images by qemu-img with @opts, ours and qemu-io's, over a backing
+    file of 9s where @opts name one."""
+    ours, ref = os.path.join(d, name + ".qcow2"), os.path.join(d, name + "-ref.qcow2")
     if "backing_file" in opts:
         base = os.path.join(d, opts["backing_file"])
         uqtest.qemu_create(base, size)
         uqtest.qemu_io("qcow2", base, [f"write -P 9 0 {size}"])
     for p in (ours, ref):
         uqtest.qemu_create(p, size, **opts)
+    return ours, ref
+
+
+def case_tail(d, opts, size, cmds):
+    ours, ref = pair(d, "t", size, opts)
     uqtest.qemu_io("qcow2", ref, cmds)
     args = []
     for c in cmds:
@@ -178,14 +185,8 @@ ZERO_CASES = [
 
 
 def case_zero_map(d, opts, setup, snap, cmds):
-    ours, ref = os.path.join(d, "z.qcow2"), os.path.join(d, "z-ref.qcow2")
-    size = 4 * MiB
-    if "backing_file" in opts:
-        base = os.path.join(d, opts["backing_file"])
-        uqtest.qemu_create(base, size)
-        uqtest.qemu_io("qcow2", base, [f"write -P 9 0 {size}"])
+    ours, ref = pair(d, "z", 4 * MiB, opts)
     for p in (ours, ref):
-        uqtest.qemu_create(p, size, **opts)
         uqtest.qemu_io("qcow2", p, setup)
         if snap:
             uqtest.qemu_img("snapshot", "-c", "s1", p)
