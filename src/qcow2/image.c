@@ -610,6 +610,7 @@ int qcow2_close(struct qcow2 *img)
 		return 0;
 	if (!img->read_only && !img->raw) {
 		/* A flush applies queued frees at its end: the next one writes them. */
+		uint64_t end;
 		int i;
 
 		for (i = 0; i < 1000 && !ret; i++) {
@@ -618,8 +619,8 @@ int qcow2_close(struct qcow2 *img)
 				break;
 		}
 		/* Give back what grow_ahead() (refcount.c) reserved and nothing used. */
-		if (img->grow_end > img->file_end && ftruncate(img->fd, (off_t)img->file_end) < 0 &&
-		    !ret)
+		end = (img->file_end + img->cluster_size - 1) & ~((uint64_t)img->cluster_size - 1);
+		if (img->grow_end > end && ftruncate(img->fd, (off_t)end) < 0 && !ret)
 			ret = -errno;
 	}
 	image_free(img);

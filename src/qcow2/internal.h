@@ -517,6 +517,11 @@ int qcow2_refcount_get(struct qcow2 *img, uint64_t cluster, struct qcow2_wait *w
  */
 int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
 			 uint64_t *host_off, uint64_t *got);
+/*
+ * Fresh clusters [@off, +@len) that get only part of their bytes written:
+ * allocate the rest in the file too (best effort).
+ */
+void qcow2_reserve_fresh(struct qcow2 *img, uint64_t off, uint64_t len);
 /* Queue a decrement of @nr clusters at @host_off for after the next flush. */
 int qcow2_free_clusters(struct qcow2 *img, uint64_t host_off, uint64_t nr);
 /* Apply the frees sealed by the current flush. 0 / -EAGAIN (parked) / -errno. */

@@ -385,6 +385,19 @@ static void grow_ahead(struct qcow2 *img, uint64_t end)
 	img->grow_end = from + step;
 }
 
+/*
+ * Holes in clusters in use would make qemu take the image for one with
+ * preallocated metadata (more clusters in use than the file holds: it then
+ * asks the file system and maps the holes as zeros, unlike what it maps
+ * for its own images), so a fresh cluster is allocated whole, as QEMU
+ * does. Where grow_ahead() reserved the range already, that is done.
+ */
+void qcow2_reserve_fresh(struct qcow2 *img, uint64_t off, uint64_t len)
+{
+	if (off + len > img->grow_end)
+		(void)fallocate(img->fd, 0, (off_t)off, (off_t)len);
+}
+
 int qcow2_alloc_clusters(struct qcow2 *img, uint64_t want, struct qcow2_wait *w,
 			 uint64_t *host_off, uint64_t *got)
 {

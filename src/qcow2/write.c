@@ -227,6 +227,8 @@ int qcow2_alloc_write(struct qcow2_req *r, struct req_aio *a)
 	} else if (r->a_new && !r->a_cow && r->a_host >= img->file_end && !img->crypt) {
 		/* Fresh clusters past everything ever written read as zeros
 		 * already (not when encrypted: host zeros decrypt to noise). */
+		if (head || tail)
+			qcow2_reserve_fresh(img, r->a_host, r->a_nr * cs);
 		a->iov[0] = (struct iovec){ .iov_base = write_src(r, r->pos),
 					    .iov_len = r->a_end - r->pos };
 		return qcow2_req_data_submit(r, a, QCOW2_AIO_WRITE,

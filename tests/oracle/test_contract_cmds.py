@@ -181,13 +181,21 @@ ZERO_CASES = [
     ({"extended_l2": "on", "backing_file": "zbase.qcow2", "backing_fmt": "qcow2"},
      ["write -P 4 0 64k", "write -c -P 5 64k 64k"], False,
      ["write -z 2k 4k", "write -z 66k 2k", "write -z 200k 6k", "write -z 300k 1k"]),
+    # Writes into fresh clusters: the rest of each is allocated in the file
+    # too, as QEMU does (holes make qemu-img map report them as zeros).
+    ({}, [], False, ["write -P 1 0 4k", "write -P 2 128k 4k", "write -P 3 300k 1k",
+                     "write -P 4 1M 8k", "write -P 5 2M 100k"]),
+    ({"extended_l2": "on"}, [], False, ["write -P 1 0 4k", "write -P 2 128k 4k",
+                                        "write -P 3 1M 1k", "write -P 4 2M 100k"]),
+    ({"cluster_size": 2 * MiB}, [], False, ["write -P 1 0 4k", "write -P 2 3M 64k"]),
 ]
 
 
 def case_zero_map(d, opts, setup, snap, cmds):
     ours, ref = pair(d, "z", 4 * MiB, opts)
     for p in (ours, ref):
-        uqtest.qemu_io("qcow2", p, setup)
+        if setup:
+            uqtest.qemu_io("qcow2", p, setup)
         if snap:
             uqtest.qemu_img("snapshot", "-c", "s1", p)
     uqtest.qemu_io("qcow2", ref, cmds)
@@ -362,8 +370,16 @@ def main():
             res.case(f"io to the end of a partial last cluster {i}: {opts} {cmds[1:]}",
                      case_tail, d, opts, size, cmds)
         for i, (opts, setup, snap, cmds) in enumerate(ZERO_CASES):
-            res.case(f"write -z keeps or unmaps as qemu-io {i}: {opts} {cmds}",
+            res.case(f"io as qemu-io, qemu-img map the same {i}: {opts} {cmds}",
                      case_zero_map, d, opts, setup, snap, cmds)
+        # The same on a disk file system (tmpfs and ext4 allocate differently).
+        disk = uqtest.run(["mktemp", "-d", "/var/tmp/uq-contract-XXXXXX"]).stdout.strip()
+        try:
+            for i, (opts, setup, snap, cmds) in enumerate(ZERO_CASES[-3:]):
+                res.case(f"io as qemu-io on /var/tmp, qemu-img map the same {i}: {opts}",
+                         case_zero_map, disk, opts, setup, snap, cmds)
+        finally:
+            uqtest.cleanup(disk)
         res.case("bench -t none, unaligned SIZE/OFFSET/STEP (as qemu-img bench)",
                  case_bench_unaligned_direct)
         res.case("bench: errors name the long option", case_bench_option_names, d)
