@@ -21,9 +21,10 @@
  * pages; tq_io_submit turns I/O on it into READ_FIXED/WRITE_FIXED at buffer
  * index = tag. Where the engine needs the bytes in memory (holes, zeros,
  * backing files, compressed clusters; for writes, new clusters that need
- * zeros or old bytes around the request's) it ends the request with -EXDEV and the tag goes back to the queue
- * (ublk_queue_copy), which serves it again the copying way with a pool
- * buffer (a WRITE then through prep_write).
+ * zeros or old bytes around the request's) it ends the request with -EXDEV
+ * and the tag goes back to the queue (ublk_queue_copy), which serves it
+ * again the copying way with a pool buffer (a WRITE then through
+ * prep_write).
  */
 #include <errno.h>
 #include <pthread.h>
