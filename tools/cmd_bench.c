@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,7 +54,7 @@ static void bench_usage(FILE *f)
 		"  --flush-interval=N  a flush after every N writes\n"
 		"  -t CACHE            none or directsync: O_DIRECT (default writeback: buffered)\n"
 		"  -i AIO              accepted for qemu-img's sake; I/O is always io_uring\n"
-		"  -f FMT              qcow2 or raw (raw: reads only; default: probed)\n"
+		"  -f FMT              qcow2 or raw (default: probed)\n"
 		"  --cache-size BYTES  qcow2 metadata memory, as add's (default: L2 cache\n"
 		"                      enough for the image, up to 32M)\n"
 		"  -q                  no output but errors\n"
@@ -124,7 +125,7 @@ int cmd_bench(int argc, char **argv)
 	};
 	struct bench b = { .op = QCOW2_OP_READ, .count = 75000, .bufsize = 4096 };
 	struct qcow2_opts opts = { 0 };
-	uint64_t depth = 64, step = 0, v, pattern = 0;
+	uint64_t depth = 64, step = 0, v, pattern = 0, nr;
 	struct bench_req *brs = NULL;
 	struct qcow2_info info;
 	struct qcow2_io *io = NULL;
@@ -146,9 +147,10 @@ int cmd_bench(int argc, char **argv)
 		case 'o':
 		case 'P':
 		case 'I':
+			/* qemu-img's limits: a depth and a size that fit an int, -s 0 too. */
 			if (uq_parse_size(optarg, &v) < 0 ||
-			    (opt != 'o' && opt != 'P' && opt != 'S' && opt != 'c' && v == 0) ||
-			    (opt == 'd' && v > 4096) || (opt == 's' && v > (64u << 20)) ||
+			    ((opt == 'd' || opt == 'I') && v == 0) ||
+			    ((opt == 'd' || opt == 's') && v > INT_MAX) ||
 			    (opt == 'P' && v > 255)) {
 				if (opt == 'P' || opt == 'I')
 					uq_err("bench: invalid value '%s' for --%s", optarg,
@@ -224,6 +226,12 @@ int cmd_bench(int argc, char **argv)
 		       (unsigned long long)depth);
 		return 1;
 	}
+	if (depth * b.bufsize > INT_MAX) {
+		/* qemu-img bench allocates them in one int-sized buffer (and crashes). */
+		uq_err("bench: -d %llu times -s %u is more than 2 GiB of buffers",
+		       (unsigned long long)depth, b.bufsize);
+		return 1;
+	}
 	b.step = step ? step : b.bufsize;
 	if (opts.direct && (b.bufsize % 512 || b.step % 512 || b.start % 512)) {
 		/*
@@ -247,7 +255,10 @@ int cmd_bench(int argc, char **argv)
 		opts.format = uq_fmt_name(fmt);
 	}
 
-	io = qcow2_uring_new(2 * depth + 64);
+	/* Never more requests in flight than there are to send. */
+	nr = depth < b.count ? depth : b.count ? b.count : 1;
+	/* A bounded ring: what does not fit waits in the backend's backlog. */
+	io = qcow2_uring_new(nr < 2048 ? 2 * nr + 64 : 4096);
 	if (!io) {
 		uq_err("bench: io_uring: %s", strerror(errno));
 		return 1;
@@ -265,14 +276,16 @@ int cmd_bench(int argc, char **argv)
 	}
 	b.offset = b.start;
 
-	brs = calloc(depth, sizeof(*brs));
-	b.idle = calloc(depth, sizeof(*b.idle));
+	brs = calloc(nr, sizeof(*brs));
+	b.idle = calloc(nr, sizeof(*b.idle));
 	if (!brs || !b.idle)
 		goto out_nomem;
-	for (i = 0; i < depth; i++) {
+	for (i = 0; i < nr; i++) {
 		brs[i].b = &b;
 		brs[i].req = qcow2_req_new(b.img);
-		if (!brs[i].req || posix_memalign((void **)&brs[i].buf, 4096, b.bufsize))
+		/* -s 0 still gets a buffer: requests of no bytes, as qemu-img's. */
+		if (!brs[i].req ||
+		    posix_memalign((void **)&brs[i].buf, 4096, b.bufsize ? b.bufsize : 4096))
 			goto out_nomem;
 		memset(brs[i].buf, (int)pattern, b.bufsize);
 	}
@@ -288,7 +301,7 @@ int cmd_bench(int argc, char **argv)
 			       (unsigned long long)b.flush_interval);
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	for (i = 0; i < depth && i < b.count; i++)
+	for (i = 0; i < nr && i < b.count; i++)
 		bench_next(&brs[i]);
 	if (qcow2_drain(b.img) < 0 && !b.err)
 		b.err = -EIO;
@@ -310,7 +323,7 @@ out_nomem:
 	uq_err("bench: out of memory");
 out_close:
 	if (brs) {
-		for (i = 0; i < depth; i++) {
+		for (i = 0; i < nr; i++) {
 			qcow2_req_free(brs[i].req);
 			free(brs[i].buf);
 		}

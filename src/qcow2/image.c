@@ -584,12 +584,9 @@ raw:
 		ret = qcow2_error(img, -ENOTSUP, "raw images have no snapshots");
 		goto fail;
 	}
-	if (!img->read_only) {
-		ret = qcow2_error(img, -ENOTSUP, "raw images are opened read-only here");
-		goto fail;
-	}
 	img->raw = true;
-	img->h.size = img->file_size;
+	/* Whole sectors, as QEMU's raw driver: a partial last one reads as zeros. */
+	img->h.size = (img->file_size + 511) & ~511ull;
 	*out = img;
 	return 0;
 
@@ -608,7 +605,10 @@ int qcow2_close(struct qcow2 *img)
 
 	if (!img)
 		return 0;
-	if (!img->read_only && !img->raw) {
+	if (!img->read_only && img->raw) {
+		/* As QEMU closing a raw image: its data made durable. */
+		ret = qcow2_flush(img);
+	} else if (!img->read_only) {
 		/* A flush applies queued frees at its end: the next one writes them. */
 		uint64_t end;
 		int i;

@@ -174,20 +174,25 @@ int qcow2_backing_read(struct qcow2_req *r, uint8_t *dst, uint64_t off, uint64_t
 	return 0;
 }
 
-/* A raw image: guest offsets are file offsets. */
-static int read_piece_raw(struct qcow2_req *r)
+/* A raw image: guest offsets are file offsets, for reads and writes alike. */
+static int rw_piece_raw(struct qcow2_req *r)
 {
 	uint64_t end = r->off + r->len, len = end - r->pos;
-	uint8_t *dst = r->buf + (r->pos - r->off);
+	uint8_t *buf = r->buf + (r->pos - r->off);
+	bool write = r->op == QCOW2_OP_WRITE;
 	struct req_aio *a = qcow2_req_aio_get(r);
 	int ret;
 
 	if (!a)
 		return -EBUSY;
+	/* Deferred data lands in r->buf, as for a qcow2 write in place. */
+	if (write && qcow2_data_wait(r, r->buf))
+		return -EBUSY;
 	if (len > (1u << 30))
 		len = 1u << 30;
-	a->iov[0] = (struct iovec){ .iov_base = dst, .iov_len = len };
-	ret = qcow2_req_aio_submit(r, a, QCOW2_AIO_READ, r->pos, 1, false);
+	a->iov[0] = (struct iovec){ .iov_base = buf, .iov_len = len };
+	ret = qcow2_req_aio_submit(r, a, write ? QCOW2_AIO_WRITE : QCOW2_AIO_READ, r->pos, 1,
+				   false);
 	if (ret < 0)
 		return ret;
 	r->pos += len;
@@ -390,10 +395,10 @@ static int req_run(struct qcow2_req *r)
 			return r->pending ? 0 : 1;
 		switch (r->op) {
 		case QCOW2_OP_READ:
-			ret = r->img->raw ? read_piece_raw(r) : read_piece(r);
+			ret = r->img->raw ? rw_piece_raw(r) : read_piece(r);
 			break;
 		case QCOW2_OP_WRITE:
-			ret = qcow2_write_piece(r, end);
+			ret = r->img->raw ? rw_piece_raw(r) : qcow2_write_piece(r, end);
 			break;
 		case QCOW2_OP_WRITE_ZEROES:
 		case QCOW2_OP_WRITE_ZEROES_NOUNMAP:
@@ -527,6 +532,11 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	} else if (op != QCOW2_OP_READ && op != QCOW2_OP_FLUSH && img->corrupt) {
 		/* Found corrupt metadata: writing on could only spread the damage. */
 		r->err = qcow2_error(img, -EIO, "image is corrupt: writes refused");
+	} else if (img->raw && op != QCOW2_OP_READ && op != QCOW2_OP_WRITE &&
+		   op != QCOW2_OP_FLUSH) {
+		/* The raw mode serves bench and backing files: no zeroing or discard. */
+		r->err = qcow2_error(img, -EOPNOTSUPP,
+				     "raw images take only reads, writes and flushes here");
 	} else if (op != QCOW2_OP_FLUSH &&
 		   (off > img->h.size || len > img->h.size - off)) {
 		r->err = qcow2_error(img, -EINVAL, "request [%llu, +%llu) beyond the virtual size %llu",

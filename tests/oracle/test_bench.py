@@ -18,6 +18,25 @@ import uqtest
 
 MiB = 1 << 20
 
+# Write runs on raw images, ours and qemu-img bench's, compared byte for
+# byte: (FILE SIZE, ARGS). Sizes not a multiple of 512 read as whole sectors
+# (a write into the partial last one grows the file); a request past the end
+# fails the run, after the ones before it (-d 1), or before any (-o).
+RAW_WRITES = [
+    (MiB, ["-c", "300", "--pattern=7"]),
+    (MiB, ["-c", "300", "--pattern=7", "-t", "writeback", "-i", "threads"]),
+    (MiB, ["-c", "100", "-d", "4", "-s", "8k", "-S", "12k", "-o", "4k", "--pattern=51",
+           "--flush-interval=8"]),
+    (MiB, ["-c", "1000", "-d", "16", "--flush-interval=16", "--pattern=200"]),
+    (MiB, ["-c", "400", "-d", "1", "-S", "3000", "--pattern=5"]),
+    (MiB, ["-c", "3", "-o", "1020k", "-s", "8k", "--pattern=5"]),
+    (MiB, ["-c", "20", "-d", "5000", "--pattern=9"]),
+    (MiB, ["-c", "2", "-s", "0", "--pattern=9"]),
+    (1000, ["-c", "2", "-d", "1", "-s", "512", "--pattern=9"]),
+    (1000, ["-c", "5", "-d", "1", "-s", "100", "-S", "300", "--pattern=9"]),
+    (1000, ["-c", "3", "-d", "1", "-s", "600", "--pattern=9"]),
+]
+
 
 def case_write(d, extra, c):
     img = os.path.join(d, "w.qcow2")
@@ -119,6 +138,55 @@ def case_read(d, fmt):
     return None
 
 
+def case_raw_write(d, size, args):
+    """bench -w on a raw file: the exit status, the bytes and the size of
+    the file are qemu-img bench -w's."""
+    ours, ref = os.path.join(d, "rw.raw"), os.path.join(d, "rw-ref.raw")
+    with open(ours, "wb") as f:
+        f.write(os.urandom(size))
+    shutil.copyfile(ours, ref)
+    try:
+        p = uqtest.uq("bench", "-f", "raw", "-w", *args, ours, check=False)
+        q = uqtest.qemu_img("bench", "-f", "raw", "-w", *args, ref, check=False)
+        if p.returncode != q.returncode:
+            return f"exit {p.returncode}, qemu-img bench {q.returncode}: {p.stderr!r}"
+        if p.returncode and len(p.stderr.strip().splitlines()) != 1:
+            return f"not one error line: {p.stderr!r}"
+        diff = uqtest.first_difference(ref, ours)
+        if diff is not None or os.path.getsize(ours) != os.path.getsize(ref):
+            return (f"file differs from qemu-img bench's ({diff}; sizes "
+                    f"{os.path.getsize(ours)} and {os.path.getsize(ref)})")
+        return None
+    finally:
+        for f in (ours, ref):
+            os.unlink(f)
+
+
+def case_limits(d):
+    """qemu-img bench's limits on -d and -s: any depth and size that fit an
+    int, -s 0 included. It allocates DEPTH x SIZE in one int-sized buffer
+    and crashes past 2 GiB; we refuse that with one line, before allocating."""
+    img = os.path.join(d, "l.raw")
+    uqtest.qemu_img("create", "-q", "-f", "raw", img, str(256 * MiB))
+    try:
+        for args in (["-d", "5000"], ["-d", "65536"], ["-s", "0"], ["-s", "128M", "-d", "1"],
+                     ["-w", "-s", "128M", "-d", "1", "-S", "0"]):
+            p = uqtest.uq("bench", "-c", "2", *args, img, check=False)
+            q = uqtest.qemu_img("bench", "-f", "raw", "-c", "2", *args, img, check=False)
+            if p.returncode != 0 or q.returncode != 0 or "Run completed in" not in p.stdout:
+                return (f"bench {' '.join(args)}: exit {p.returncode} (qemu-img "
+                        f"{q.returncode}): {p.stderr!r}")
+        for args in (["-d", "2147483648"], ["-s", "2G"], ["-d", "0"], ["-s", "128M"],
+                     ["-d", "2147483647"], ["-d", "65536", "-s", "1G"]):
+            p = uqtest.uq("bench", "-c", "2", *args, img, check=False, mem_limit=1 << 30)
+            lines = p.stderr.strip().splitlines()
+            if p.returncode != 1 or len(lines) != 1 or "bench:" not in lines[0]:
+                return f"bench {' '.join(args)}: exit {p.returncode}, stderr {p.stderr!r}"
+        return None
+    finally:
+        os.unlink(img)
+
+
 def case_bad(d):
     img = os.path.join(d, "b.qcow2")
     uqtest.qemu_create(img, MiB)
@@ -159,6 +227,18 @@ def main():
                  on_disk, "/var/tmp", grow_killed)
         res.case("read qcow2", case_read, d, "qcow2")
         res.case("read raw", case_read, d, "raw")
+        for size, args in RAW_WRITES:
+            res.case(f"write raw as qemu-img bench: {size} bytes, {' '.join(args)}",
+                     case_raw_write, d, size, args)
+        # O_DIRECT on a disk file system (tmpfs may refuse it).
+        disk = tempfile.mkdtemp(prefix="uq-rawdio-", dir="/var/tmp")
+        try:
+            for size, args in RAW_WRITES[:4]:
+                res.case(f"write raw -t none on /var/tmp: {' '.join(args)}",
+                         case_raw_write, disk, size, args + ["-t", "none"])
+        finally:
+            shutil.rmtree(disk)
+        res.case("-d and -s limits as qemu-img bench's", case_limits, d)
         res.case("bad options", case_bad, d)
         res.case("-c 0", case_count_zero, d)
     finally:
