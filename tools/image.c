@@ -381,7 +381,13 @@ static int raw_fallocate(struct uq_image *img, int mode, uint64_t len, uint64_t 
 
 	if (ret < 0 || !len)
 		return ret;
-	if (fallocate(img->fd, mode | FALLOC_FL_KEEP_SIZE, off, len) < 0)
+	/*
+	 * Zeroing may grow the file over the partial last sector, as QEMU's
+	 * does (its zero range keeps no size); punching holes never grows it.
+	 */
+	if (mode & FALLOC_FL_PUNCH_HOLE)
+		mode |= FALLOC_FL_KEEP_SIZE;
+	if (fallocate(img->fd, mode, off, len) < 0)
 		return uq_image_fail(img, -errno);
 	return 0;
 }

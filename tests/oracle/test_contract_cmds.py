@@ -13,6 +13,7 @@ or without one)."""
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -212,6 +213,44 @@ def case_zero_map(d, opts, setup, snap, cmds):
     return uqtest.qemu_check_clean("after io write -z", ours)
 
 
+# io -f raw on files whose size is not a multiple of 512, as qemu-io: the
+# image is whole sectors, so a write into the partial last one grows the
+# file to where it ends (write -z to the end of its range, data to the end
+# of its bytes), past the last sector fails; discard keeps the size.
+RAW_TAIL_CASES = [
+    (1000, ["write -P 5 512 488"]), (1000, ["write -P 5 900 124"]),
+    (1000, ["write -P 5 1000 1", "write -P 6 1010 14", "read -P 0 1001 9"]),
+    (1000, ["write -P 5 1023 2"]), (1000, ["write -P 5 1024 1"]),
+    (1000, ["write -z 900 124"]), (1000, ["write -z 1000 1"]), (1000, ["write -z 0 1024"]),
+    (1000, ["write -z 1000 25"]), (1000, ["discard 512 512"]),
+    (1000, ["read -P 0 1000 24"]), (1000, ["read 1020 8"]),
+    (100, ["write -z 0 512", "read -P 0 0 512"]),
+]
+
+
+def case_io_raw_tail(d, size, cmds):
+    ours, ref = os.path.join(d, "rt.raw"), os.path.join(d, "rt-ref.raw")
+    with open(ours, "wb") as f:
+        f.write(os.urandom(size))
+    shutil.copyfile(ours, ref)
+    try:
+        args = []
+        for c in cmds:
+            args += ["-c", c]
+        p = uqtest.uq("io", "-f", "raw", *args, ours, check=False)
+        q = uqtest.qemu_io("raw", ref, cmds, check=False)
+        if p.returncode != q.returncode:
+            return f"exit {p.returncode}, qemu-io {q.returncode}: {p.stdout!r} {p.stderr!r}"
+        diff = uqtest.first_difference(ref, ours)
+        if diff is not None or os.path.getsize(ours) != os.path.getsize(ref):
+            return (f"file differs from qemu-io's ({diff}; sizes {os.path.getsize(ours)} "
+                    f"and {os.path.getsize(ref)})")
+        return None
+    finally:
+        for f in (ours, ref):
+            os.unlink(f)
+
+
 def case_bench_unaligned_direct():
     # O_DIRECT needs a disk file system (tmpfs may refuse it).
     d = uqtest.run(["mktemp", "-d", "/var/tmp/uq-contract-XXXXXX"]).stdout.strip()
@@ -378,6 +417,10 @@ def main():
             for i, (opts, setup, snap, cmds) in enumerate(ZERO_CASES[-3:]):
                 res.case(f"io as qemu-io on /var/tmp, qemu-img map the same {i}: {opts}",
                          case_zero_map, disk, opts, setup, snap, cmds)
+            for size, cmds in RAW_TAIL_CASES:
+                for where in (d, disk):
+                    res.case(f"io -f raw as qemu-io, {size}-byte file, in {where}: {cmds}",
+                             case_io_raw_tail, where, size, cmds)
         finally:
             uqtest.cleanup(disk)
         res.case("bench -t none, unaligned SIZE/OFFSET/STEP (as qemu-img bench)",
