@@ -6,12 +6,15 @@
  * flags and output lines as qemu-img bench, so the two compare run for run.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cmds.h"
 #include "qcow2.h"
@@ -63,6 +66,46 @@ static void bench_usage(FILE *f)
 }
 
 static void bench_next(struct bench_req *br);
+
+/*
+ * qemu-img bench -w -t none refuses a raw image whose size (in whole
+ * sectors) is not a multiple of the file's O_DIRECT alignment: it would
+ * need to grow the file to write the last block. The alignment is QEMU's
+ * guess for a file (file-posix's raw_probe_alignment): the smallest read
+ * O_DIRECT takes at offset 0, a file that takes any counted as a page
+ * (tmpfs: 4096). True, with the error said, if @path is such an image.
+ */
+static bool raw_direct_misfit(const char *path)
+{
+	static const size_t sizes[] = { 1, 512, 1024, 2048, 4096 };
+	size_t max = sysconf(_SC_PAGESIZE) > 4096 ? (size_t)sysconf(_SC_PAGESIZE) : 4096;
+	uint64_t align = 0, size;
+	struct stat st;
+	void *buf;
+	unsigned int i;
+	int fd;
+
+	/* Where O_DIRECT cannot open the file, the engine's open says so. */
+	fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	if (fstat(fd, &st) < 0 || posix_memalign(&buf, max, max)) {
+		close(fd);
+		return false;
+	}
+	for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]) && !align; i++)
+		if (pread(fd, buf, sizes[i], 0) >= 0 || errno != EINVAL)
+			align = sizes[i] == 1 ? max : sizes[i];
+	free(buf);
+	close(fd);
+	size = ((uint64_t)st.st_size + 511) & ~511ull;
+	if (!align || size % align == 0)
+		return false;
+	uq_err("%s: -w -t none: the size (%llu bytes in whole sectors) is not a multiple of "
+	       "the O_DIRECT alignment (%llu), as qemu-img refuses it", path,
+	       (unsigned long long)size, (unsigned long long)align);
+	return true;
+}
 
 static void bench_done(struct qcow2_req *req, int res, void *priv)
 {
@@ -232,6 +275,19 @@ int cmd_bench(int argc, char **argv)
 		       (unsigned long long)depth, b.bufsize);
 		return 1;
 	}
+	if (!opts.format) {
+		/* As qemu-img bench: the format is probed, a raw image read as raw. */
+		enum uq_fmt fmt;
+
+		if (uq_probe(argv[optind], &fmt, err, sizeof(err)) < 0) {
+			uq_err("%s", err);
+			return 1;
+		}
+		opts.format = uq_fmt_name(fmt);
+	}
+	if (opts.direct && b.op == QCOW2_OP_WRITE && !strcmp(opts.format, "raw") &&
+	    raw_direct_misfit(argv[optind]))
+		return 1;
 	b.step = step ? step : b.bufsize;
 	if (opts.direct && (b.bufsize % 512 || b.step % 512 || b.start % 512)) {
 		/*
@@ -244,16 +300,6 @@ int cmd_bench(int argc, char **argv)
 	}
 	opts.read_only = b.op == QCOW2_OP_READ;
 	opts.nr_keys = uq_keys_get(&opts.keys);
-	if (!opts.format) {
-		/* As qemu-img bench: the format is probed, a raw image read as raw. */
-		enum uq_fmt fmt;
-
-		if (uq_probe(argv[optind], &fmt, err, sizeof(err)) < 0) {
-			uq_err("%s", err);
-			return 1;
-		}
-		opts.format = uq_fmt_name(fmt);
-	}
 
 	/* Never more requests in flight than there are to send. */
 	nr = depth < b.count ? depth : b.count ? b.count : 1;
