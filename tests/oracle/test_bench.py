@@ -198,6 +198,23 @@ def case_limits(d):
         os.unlink(img)
 
 
+def case_aio_native(d):
+    """-i native / -n need -t none or directsync, as qemu-img bench's open
+    demands; a later -i threads does not take native back."""
+    img = os.path.join(d, "n.qcow2")
+    uqtest.qemu_create(img, MiB)
+    for args in (["-i", "native"], ["-n", "-t", "writeback"], ["-i", "native", "-i", "threads"],
+                 ["-i", "native", "-t", "none"], ["-n", "-t", "directsync"],
+                 ["-w", "-i", "threads", "-t", "none"]):
+        p = uqtest.uq("bench", "-c", "10", *args, img, check=False)
+        q = uqtest.qemu_img("bench", "-c", "10", *args, img, check=False)
+        if p.returncode != q.returncode or (p.returncode and
+                                             len(p.stderr.strip().splitlines()) != 1):
+            return (f"bench {' '.join(args)}: exit {p.returncode} (qemu-img {q.returncode}): "
+                    f"{p.stderr!r}")
+    return uqtest.qemu_check_clean("after bench", img)
+
+
 def case_bad(d):
     img = os.path.join(d, "b.qcow2")
     uqtest.qemu_create(img, MiB)
@@ -254,6 +271,7 @@ def main():
         finally:
             shutil.rmtree(disk)
         res.case("-d and -s limits as qemu-img bench's", case_limits, d)
+        res.case("-i native needs -t none, as qemu-img's", case_aio_native, d)
         res.case("bad options", case_bad, d)
         res.case("-c 0", case_count_zero, d)
     finally:
