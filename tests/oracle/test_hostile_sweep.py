@@ -61,6 +61,12 @@ def make_v2(path):
     uqtest.qemu_io("qcow2", path, ["write -P 0x66 4k 4k"])
 
 
+def make_extl2(path):
+    uqtest.qemu_create(path, "16M", cluster_size=65536, extended_l2="on")
+    uqtest.qemu_io("qcow2", path, ["write -P 0x5a 0 8k", "write -z 64k 64k",
+                                   "write -P 0x33 1M 64k"])
+
+
 # ---- mutations --------------------------------------------------------------
 
 def field(name, value):
@@ -275,6 +281,24 @@ V2 = {
     "v2-snap-extra-huge": snap_poke(">I", 36, 0xFFFFFFF0),
     "v2-snap-extra-0": snap_poke(">I", 36, 0),
     "v2-compat-tail": lambda i: i.pwrite(72, b"\xff" * 32),
+}
+
+
+def bitmap_poke(guest, value, entry=lambda e: e):
+    """Extended L2 (64 KiB clusters): the entry of @guest and the bitmap
+    word after it."""
+    def m(img):
+        at = (img.u64(img.h["l1_table_offset"]) & OFFSET_MASK) + 16 * (guest >> 16)
+        img.set_u64(at, entry(img.u64(at)))
+        img.set_u64(at + 8, value(img.u64(at + 8)))
+    return m
+
+
+EXTL2 = {
+    "extl2-alloc-and-zero": bitmap_poke(0, lambda b: b | (1 << 32)),
+    "extl2-alloc-without-cluster": bitmap_poke(2 << 20, lambda b: 1),
+    "extl2-zero-bits-on-data": bitmap_poke(1 << 20, lambda b: 0xFFFFFFFF00000000),
+    "extl2-flag-bit0": bitmap_poke(0, lambda b: b, entry=lambda e: e | 1),
 }
 
 
@@ -516,11 +540,12 @@ def main():
     only = set(filter(None, os.environ.get("UQ_CASES", "").split(",")))
     d = uqtest.scratch_dir("hostile")
     try:
-        srcs = {"v3": os.path.join(d, "src-v3.qcow2"), "v2": os.path.join(d, "src-v2.qcow2")}
+        srcs = {k: os.path.join(d, f"src-{k}.qcow2") for k in ("v3", "v2", "extl2")}
         make_v3(srcs["v3"])
         make_v2(srcs["v2"])
+        make_extl2(srcs["extl2"])
         jobs = []
-        for kind, table in (("v3", V3), ("v2", V2)):
+        for kind, table in (("v3", V3), ("v2", V2), ("extl2", EXTL2)):
             if not only:
                 jobs.append((f"{kind}-valid", srcs[kind], lambda i: None))
             jobs += [(n, srcs[kind], m) for n, m in table.items() if not only or n in only]
