@@ -211,7 +211,7 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	ext_end = len < img->cluster_size ? len : img->cluster_size;
 	/* An empty name is no backing file, as for QEMU. */
 	if (h->backing_file_offset && h->backing_file_size) {
-		/* Offset first: a huge one would wrap the sum below. */
+		/* No offset + size: a huge offset from the image would wrap it. */
 		if (h->backing_file_size > QCOW2_MAX_BACKING_NAME ||
 		    h->backing_file_offset < hdr_len || h->backing_file_offset > ext_end ||
 		    h->backing_file_size > ext_end - h->backing_file_offset)
