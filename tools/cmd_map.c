@@ -68,12 +68,13 @@ static int print_entry(const struct map_entry *e, const char *top_name,
 	if (!st->data)
 		return 0;
 	file = st->img == top ? top_name : st->img->path;
-	/* The data lives in the external data file: qemu-img names that one. */
+	/* The data lives in the external data file: qemu-img names that one.
+	 * A data file name without the incompatible bit 2 (data file) is unused. */
 	if (st->img->qcow2) {
 		struct qcow2_info info;
 
 		qcow2_get_info(st->img->qcow2, &info);
-		if (info.data_file)
+		if (info.data_file && (info.incompatible & (1ull << 2)))
 			file = info.data_file;
 	}
 	if (!st->has_offset) {

@@ -21,6 +21,10 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 	if (*host & (img->cluster_size - 1))
 		return qcow2_corrupt(img, "L2 entry 0x%llx: cluster offset not aligned",
 				     (unsigned long long)e);
+	/* Bit 0 is reserved before v3: QEMU calls a zero flag there corrupt. */
+	if ((e & L2E_ZERO) && img->h.version < 3)
+		return qcow2_corrupt(img, "L2 entry 0x%llx: zero flag in a version 2 image",
+				     (unsigned long long)e);
 	/* In an external data file offset 0 is guest cluster 0: COPIED tells. */
 	alloc = *host || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
 	if (e & L2E_ZERO)

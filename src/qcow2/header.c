@@ -209,10 +209,12 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	hdr_len = h->header_length;
 
 	ext_end = len < img->cluster_size ? len : img->cluster_size;
-	if (h->backing_file_offset) {
+	/* An empty name is no backing file, as for QEMU. */
+	if (h->backing_file_offset && h->backing_file_size) {
+		/* No offset + size: a huge offset from the image would wrap it. */
 		if (h->backing_file_size > QCOW2_MAX_BACKING_NAME ||
-		    h->backing_file_offset < hdr_len ||
-		    h->backing_file_offset + h->backing_file_size > ext_end)
+		    h->backing_file_offset < hdr_len || h->backing_file_offset > ext_end ||
+		    h->backing_file_size > ext_end - h->backing_file_offset)
 			return qcow2_error(img, -EINVAL,
 					   "backing file name (offset %llu, %u bytes) lies outside the header cluster",
 					   (unsigned long long)h->backing_file_offset,
@@ -245,6 +247,9 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	if (h->refcount_order > 6)
 		return qcow2_error(img, -EINVAL, "refcount_order %u out of range (0..6)",
 				   h->refcount_order);
+	if (img->crypt_hdr_off && h->crypt_method != 2)
+		return qcow2_error(img, -EINVAL,
+				   "encryption header extension without LUKS encryption");
 	if (h->crypt_method > 2)
 		return qcow2_error(img, -ENOTSUP, "unknown encryption method %u", h->crypt_method);
 	if (h->crypt_method == 2) {
@@ -276,6 +281,9 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	}
 	img->rb_bits = h->cluster_bits + 3 - h->refcount_order;
 
+	/* QEMU counts whole 512-byte sectors and drops a partial last one
+	 * (and writes the size back so): reads and convert agree with it. */
+	h->size &= ~511ull;
 	l2_span = qcow2_l2_span(img);
 	if (h->size > (1ull << 62))
 		return qcow2_error(img, -EINVAL, "virtual size %llu is too large",

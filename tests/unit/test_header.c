@@ -177,6 +177,56 @@ START_TEST(test_extension_past_cluster)
 }
 END_TEST
 
+/* The name's offset and length come from the image: their sum must not wrap. */
+START_TEST(test_backing_name_bounds)
+{
+	struct qcow2 img;
+
+	build_v3();
+	put_be64(hdr + 8, 0xffffffffffffffc0ull);
+	put_be32(hdr + 16, 100);
+	ck_assert_int_lt(parse(&img, sizeof(hdr), FILE_SIZE), 0);
+	ck_assert_ptr_nonnull(strstr(img.errmsg, "backing file name"));
+	img_release(&img);
+	/* An empty name is no backing file, as for QEMU. */
+	put_be64(hdr + 8, 1024);
+	put_be32(hdr + 16, 0);
+	ck_assert_int_eq(parse(&img, sizeof(hdr), FILE_SIZE), 0);
+	ck_assert_ptr_null(img.backing_file);
+	img_release(&img);
+}
+END_TEST
+
+/* QEMU refuses an encryption header extension in an image without LUKS. */
+START_TEST(test_crypto_ext_without_luks)
+{
+	struct qcow2 img;
+
+	build_v3();
+	put_be32(hdr + 112, QCOW2_EXT_CRYPTO);
+	put_be32(hdr + 116, 16);
+	put_be64(hdr + 120, 2 * CLUSTER);
+	put_be64(hdr + 128, 4096);
+	memset(hdr + 136, 0, 48);
+	ck_assert_int_lt(parse(&img, sizeof(hdr), FILE_SIZE), 0);
+	ck_assert_ptr_nonnull(strstr(img.errmsg, "LUKS"));
+	img_release(&img);
+}
+END_TEST
+
+/* Sizes are whole 512-byte sectors, a partial last one dropped (QEMU). */
+START_TEST(test_size_partial_sector)
+{
+	struct qcow2 img;
+
+	build_v3();
+	put_be64(hdr + 24, (64ull << 20) - 7);
+	ck_assert_int_eq(parse(&img, sizeof(hdr), FILE_SIZE), 0);
+	ck_assert_uint_eq(img.h.size, (64ull << 20) - 512);
+	img_release(&img);
+}
+END_TEST
+
 START_TEST(test_roundtrip)
 {
 	static uint8_t out[CLUSTER];
@@ -231,6 +281,9 @@ static Suite *header_suite(void)
 	tcase_add_test(tc, test_truncated);
 	tcase_add_test(tc, test_extension_past_cluster);
 	tcase_add_test(tc, test_roundtrip);
+	tcase_add_test(tc, test_backing_name_bounds);
+	tcase_add_test(tc, test_crypto_ext_without_luks);
+	tcase_add_test(tc, test_size_partial_sector);
 	tcase_add_test(tc, test_fuzz);
 	tcase_set_timeout(tc, 120);
 	suite_add_tcase(s, tc);
