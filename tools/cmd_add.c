@@ -293,6 +293,12 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 				uq_err("add: invalid size '%s'", optarg);
 				return 1;
 			}
+			/* Refused here: the daemon would only say so after the device exists. */
+			if (opt == 'C' && a->cache_bytes > QCOW2_MAX_CACHE_BYTES) {
+				uq_err("add: --cache-size '%s' too large (at most %lluG)", optarg,
+				       QCOW2_MAX_CACHE_BYTES >> 30);
+				return 1;
+			}
 			break;
 		case 'F':
 			a->foreground = true;

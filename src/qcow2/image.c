@@ -250,6 +250,9 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		slice = img->cluster_size;
 	if (slice < 512 || (slice & (slice - 1)))
 		return qcow2_error(img, -EINVAL, "invalid cache slice size %u", slice);
+	if (l2_bytes > QCOW2_MAX_CACHE_BYTES)
+		return qcow2_error(img, -EINVAL, "cache size %llu too large (at most %llu)",
+				   (unsigned long long)l2_bytes, QCOW2_MAX_CACHE_BYTES);
 	if (l2_bytes) {
 		/*
 		 * A size asked for bounds the metadata memory: what the L1

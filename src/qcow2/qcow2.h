@@ -393,4 +393,11 @@ int qcow2_luks_header_size(const struct qcow2_encrypt_opts *o, uint64_t *bytes,
 int qcow2_luks_header_build(const struct qcow2_encrypt_opts *o, uint8_t *out,
 			    char *err, size_t errlen);
 
+/*
+ * The most metadata memory qcow2_opts.l2_cache_bytes may ask for: 2^24 cache
+ * slices of the smallest size (512 bytes, for 512-byte clusters), so any
+ * image takes it. Tools check it before starting anything.
+ */
+#define QCOW2_MAX_CACHE_BYTES	(1ull << 33)
+
 #endif

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Corners of check, snapshot and add that an independent contract battery
+found disagreeing with qemu-img 7.2 (each case once failed):
+
+  add-cache-size          `add --cache-size` beyond what the engine takes
+                          (1E, 9G) is refused by the CLI with one line
+                          naming the size, before anything touches the
+                          ublk driver (the daemon used to find out).
+  luks-no-key             an encrypted image without its key: qemu-img
+                          check, check -r, map, convert and snapshot fail
+                          to open it (exit 1), info works; so do we, with
+                          one line naming the file, the image untouched.
+"""
+
+import json
+import os
+import sys
+
+import uqtest
+
+PW = "corner-pw"
+
+
+def one_line_error(p, name, what):
+    lines = p.stderr.strip().splitlines()
+    if p.returncode == 0:
+        return f"{what}: exit 0, expected an error"
+    if len(lines) != 1 or name not in lines[0]:
+        return f"{what}: expected one error line naming {name}, got {p.stderr!r}"
+    return None
+
+
+def case_add_cache_size(d):
+    img = os.path.join(d, "a.qcow2")
+    uqtest.qemu_create(img, "8M")
+    for size in ("1E", "9G", "8193M"):
+        p = uqtest.uq("add", "--foreground", "--cache-size", size, img, check=False)
+        err = one_line_error(p, size, f"--cache-size {size}")
+        if err:
+            return err
+        if "too large" not in p.stderr or "ublk" in p.stderr.lower().replace("ublk-qcow2", ""):
+            return f"--cache-size {size}: not the size error: {p.stderr!r}"
+    return None
+
+
+def case_luks_no_key(d):
+    obj = ["--object", f"secret,id=s0,data={PW}"]
+    img = os.path.join(d, "lk.qcow2")
+    uqtest.qemu_img_luks("create", "-q", "-f", "qcow2", *obj, "-o",
+                         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                         img, "8M")
+    uqtest.run(["qemu-io", *obj, "--image-opts",
+                f"driver=qcow2,file.filename={img},encrypt.key-secret=s0",
+                "-c", "write -P 7 0 64k"])
+    before = uqtest.sha256(img)
+    out = os.path.join(d, "out.raw")
+    for args in (["check"], ["check", "--output=json"], ["check", "-r", "all"],
+                 ["check", "-r", "leaks"], ["map"], ["map", "--output=json"],
+                 ["snapshot", "-l"], ["snapshot", "-c", "s1"],
+                 ["convert", "-O", "raw"]):
+        tail = [img, out] if args[0] == "convert" else [img]
+        theirs = uqtest.qemu_img(*args, *tail, check=False)
+        if theirs.returncode != 1:
+            return f"qemu-img {' '.join(args)} exits {theirs.returncode}; the case is wrong"
+        ours = uqtest.uq(*args, *tail, check=False)
+        if ours.returncode != 1:
+            return f"{' '.join(args)}: exit {ours.returncode}, qemu-img's 1"
+        err = one_line_error(ours, "lk.qcow2", " ".join(args))
+        if err:
+            return err
+        if uqtest.sha256(img) != before:
+            return f"{' '.join(args)} without a key changed the image"
+        if os.path.exists(out):
+            return "convert without a key wrote its target"
+    # info needs no key, in both.
+    for run in (uqtest.qemu_img, uqtest.uq):
+        p = run("info", "--output=json", img, check=False)
+        if p.returncode != 0 or not json.loads(p.stdout).get("encrypted"):
+            return f"info without a key: exit {p.returncode}: {p.stderr.strip()}"
+    # With the key, the same commands work.
+    p = uqtest.uq("check", "--key-secret", PW, img, check=False)
+    if p.returncode != 0:
+        return f"check with the key: exit {p.returncode}: {p.stderr.strip()}"
+    p = uqtest.uq("snapshot", "--key-secret", PW, "-c", "s1", img, check=False)
+    if p.returncode != 0:
+        return f"snapshot -c with the key: exit {p.returncode}: {p.stderr.strip()}"
+    p = uqtest.qemu_img("snapshot", *obj, "-l", "--image-opts",
+                        f"driver=qcow2,file.filename={img},encrypt.key-secret=s0")
+    if " s1 " not in p.stdout:
+        return f"qemu-img does not list the snapshot made with the key:\n{p.stdout}"
+    return None
+
+
+def main():
+    uqtest.require_tools("qemu-img", "qemu-io")
+    uqtest.uq_bin()
+    res = uqtest.Results("test_contract_corners")
+    for name, fn in (("add-cache-size", case_add_cache_size),
+                     ("luks-no-key", case_luks_no_key)):
+        d = uqtest.scratch_dir("corners")
+        try:
+            res.case(name, fn, d)
+        finally:
+            uqtest.cleanup(d)
+    res.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
