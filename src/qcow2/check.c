@@ -873,11 +873,20 @@ static int check_refblocks(struct check *c, int fix)
 			continue;
 		}
 		if (k >= c->nb_clusters) {
-			/* QEMU grows the file to cover it; a rebuild leaves the file alone. */
-			check_report(c, "ERROR refcount block %" PRIu64 " is outside image", i);
+			check_report(c, "%s refcount block %" PRIu64 " is outside image",
+				     fix & QCOW2_FIX_ERRORS ? "Repairing" : "ERROR", i);
 			res->corruptions++;
-			if (fix & QCOW2_FIX_ERRORS)
-				c->rebuild = true;
+			if (!(fix & QCOW2_FIX_ERRORS))
+				continue;
+			/*
+			 * QEMU grows the file to cover the block, which then
+			 * reads as zeros: one more corruption, the block's own
+			 * refcount 0, that its rebuild fixes. Ours leaves the
+			 * file alone (the rebuild drops the block) but counts
+			 * as QEMU does, so that the two reports agree.
+			 */
+			res->corruptions++;
+			c->rebuild = true;
 			continue;
 		}
 		if (!off)

@@ -11,15 +11,49 @@ found disagreeing with qemu-img 7.2 (each case once failed):
                           check, check -r, map, convert and snapshot fail
                           to open it (exit 1), info works; so do we, with
                           one line naming the file, the image untouched.
+  refblock-past-eof       a refcount table entry past the end of the file:
+                          check and check -r all report the counts qemu-img
+                          reports (-r all used to say one corruption fewer:
+                          qemu-img grows the file and finds the block's own
+                          refcount 0); the repaired image is clean. Only the
+                          image end after the rebuild differs (ours puts the
+                          new refcount blocks at the end).
 """
 
 import json
 import os
+import struct
 import sys
 
 import uqtest
 
 PW = "corner-pw"
+COUNTS = ("corruptions", "corruptions-fixed", "leaks", "leaks-fixed", "check-errors",
+          "total-clusters", "allocated-clusters")
+
+
+def check_json(run, args, path):
+    p = run("check", *args, "--output=json", path, check=False)
+    try:
+        return p.returncode, json.loads(p.stdout)
+    except ValueError:
+        return p.returncode, {"stdout": p.stdout, "stderr": p.stderr}
+
+
+def compare_checks(d, src, args, keys=COUNTS):
+    """check @args on a copy of @src by qemu-img and by us: exit and counts."""
+    out = {}
+    for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+        img = os.path.join(d, f"{who}.qcow2")
+        with open(src, "rb") as a, open(img, "wb") as b:
+            b.write(a.read())
+        out[who] = check_json(run, args, img) + (img,)
+    (rq, jq, _), (ro, jo, img) = out["qemu-img"], out["ours"]
+    a = {k: jo.get(k, 0) for k in keys}
+    b = {k: jq.get(k, 0) for k in keys}
+    if ro != rq or a != b:
+        return f"check {' '.join(args)}: exit {ro} {a}, qemu-img's exit {rq} {b}", img
+    return None, img
 
 
 def one_line_error(p, name, what):
@@ -92,12 +126,31 @@ def case_luks_no_key(d):
     return None
 
 
+def case_refblock_past_eof(d):
+    img = os.path.join(d, "rb.qcow2")
+    uqtest.qemu_create(img, "64M")
+    uqtest.qemu_io("qcow2", img, ["write -P 1 0 1M"])
+    with open(img, "r+b") as f:
+        rt = struct.unpack(">Q", f.read(56)[48:56])[0]
+        f.seek(rt)
+        f.write(struct.pack(">Q", 1 << 30))
+    for args in ([], ["-r", "leaks"]):
+        err, _ = compare_checks(d, img, args, COUNTS + ("image-end-offset",))
+        if err:
+            return err
+    err, fixed = compare_checks(d, img, ["-r", "all"])
+    if err:
+        return err
+    return uqtest.qemu_check_clean("after check -r all", fixed)
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
     res = uqtest.Results("test_contract_corners")
     for name, fn in (("add-cache-size", case_add_cache_size),
-                     ("luks-no-key", case_luks_no_key)):
+                     ("luks-no-key", case_luks_no_key),
+                     ("refblock-past-eof", case_refblock_past_eof)):
         d = uqtest.scratch_dir("corners")
         try:
             res.case(name, fn, d)
