@@ -18,6 +18,13 @@ found disagreeing with qemu-img 7.2 (each case once failed):
                           refcount 0); the repaired image is clean. Only the
                           image end after the rebuild differs (ours puts the
                           new refcount blocks at the end).
+  snapshot-apply-smaller  snapshot -a NAME of a snapshot with a smaller
+                          disk, made by qemu-img (its L2 tables shared with
+                          the active state), after a resize and writes: we
+                          refused ("L2 table ... shared with a snapshot")
+                          where qemu-img applies it. Also resize --shrink
+                          through a shared L2 table holding data. Each
+                          result reads as qemu-img's and checks clean.
 """
 
 import json
@@ -144,13 +151,99 @@ def case_refblock_past_eof(d):
     return uqtest.qemu_check_clean("after check -r all", fixed)
 
 
+def same_sequence(d, steps):
+    """Run the commands @steps ("{}" the image) on two like images, with
+    qemu-img and with us; None when both end equal and ours checks clean."""
+    imgs = {who: os.path.join(d, f"{who}.qcow2") for who in ("q", "o")}
+    for who, img in imgs.items():
+        uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "3M")
+        uqtest.qemu_io("qcow2", img, ["write -P 1 2M 512k", "write -P 9 0 64k"])
+        uqtest.qemu_img("snapshot", "-c", "small", img)
+    for step in steps:
+        for who, img in imgs.items():
+            args = [img if a == "{}" else a for a in step]
+            if who == "q":
+                p = uqtest.qemu_img(*args, check=False)
+            else:
+                p = uqtest.uq(*args, check=False)
+            if p.returncode != 0:
+                who = "qemu-img" if who == "q" else "ours"
+                return f"{who} {' '.join(step)}: exit {p.returncode}: {p.stderr.strip()}"
+    p = uqtest.qemu_img("compare", imgs["q"], imgs["o"], check=False)
+    if p.returncode != 0:
+        return f"after {steps}: {(p.stdout + p.stderr).strip()}"
+    return uqtest.qemu_check_clean(f"after {steps}", imgs["o"])
+
+
+def case_snapshot_apply_smaller(d):
+    for steps in (
+            # The straddling table (2M-4M) shared, nothing past the end in it.
+            [["resize", "{}", "8M"], ["snapshot", "-a", "small", "{}"]],
+            [["resize", "{}", "8M"], ["snapshot", "-c", "big", "{}"],
+             ["snapshot", "-a", "small", "{}"]],
+            [["resize", "{}", "8M"], ["snapshot", "-a", "small", "{}"],
+             ["snapshot", "-a", "small", "{}"]]):
+        err = same_sequence(d, steps)
+        if err:
+            return err
+    # Writes after the resize, in a new table and in the shared one.
+    for cmds in (["write -P 3 5M 64k"], ["write -P 4 1M 64k", "write -P 5 7M 4k"]):
+        imgs = []
+        for who in ("q", "o"):
+            img = os.path.join(d, f"w{who}.qcow2")
+            imgs.append(img)
+            uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "3M")
+            uqtest.qemu_io("qcow2", img, ["write -P 1 2M 512k"])
+            uqtest.qemu_img("snapshot", "-c", "small", img)
+            if who == "q":
+                uqtest.qemu_img("resize", "-q", img, "8M")
+                uqtest.qemu_io("qcow2", img, cmds)
+                uqtest.qemu_img("snapshot", "-a", "small", img)
+            else:
+                uqtest.uq("resize", img, "8M")
+                uqtest.uq("io", img, *[a for c in cmds for a in ("-c", c)])
+                p = uqtest.uq("snapshot", "-a", "small", img, check=False)
+                if p.returncode != 0:
+                    return f"snapshot -a after {cmds}: exit {p.returncode}: {p.stderr.strip()}"
+        p = uqtest.qemu_img("compare", *imgs, check=False)
+        if p.returncode != 0:
+            return f"snapshot -a after {cmds}: {(p.stdout + p.stderr).strip()}"
+        err = uqtest.qemu_check_clean(f"snapshot -a after {cmds}", imgs[1])
+        if err:
+            return err
+    # resize --shrink through a table shared with a bigger snapshot, data in it.
+    imgs = []
+    for who in ("q", "o"):
+        img = os.path.join(d, f"s{who}.qcow2")
+        imgs.append(img)
+        uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "8M")
+        uqtest.qemu_io("qcow2", img, ["write -P 1 2M 2M"])
+        uqtest.qemu_img("snapshot", "-c", "big", img)
+        run = uqtest.qemu_img if who == "q" else uqtest.uq
+        p = run("resize", "--shrink", img, "3M", check=False)
+        if p.returncode != 0:
+            return f"{who}: resize --shrink: exit {p.returncode}: {p.stderr.strip()}"
+    for step in ([], ["snapshot", "-a", "big"]):
+        if step:
+            uqtest.qemu_img(*step, imgs[0])
+            uqtest.uq(*step, imgs[1])
+        p = uqtest.qemu_img("compare", *imgs, check=False)
+        if p.returncode != 0:
+            return f"shrink {step}: {(p.stdout + p.stderr).strip()}"
+        err = uqtest.qemu_check_clean(f"shrink {step}", imgs[1])
+        if err:
+            return err
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
     res = uqtest.Results("test_contract_corners")
     for name, fn in (("add-cache-size", case_add_cache_size),
                      ("luks-no-key", case_luks_no_key),
-                     ("refblock-past-eof", case_refblock_past_eof)):
+                     ("refblock-past-eof", case_refblock_past_eof),
+                     ("snapshot-apply-smaller", case_snapshot_apply_smaller)):
         d = uqtest.scratch_dir("corners")
         try:
             res.case(name, fn, d)
