@@ -193,11 +193,13 @@ int cmd_check(int argc, char **argv)
 	path = argv[optind];
 	/*
 	 * With -r, the check repairs a dirty image itself rather than open doing
-	 * it. An encrypted image needs its key, as in qemu-img check, though
-	 * only metadata is read.
+	 * it; with or without, NO_REPAIR lets open leave what only the check
+	 * handles (a snapshot table past the end of the file). An encrypted
+	 * image needs its key, as in qemu-img check, though only metadata is
+	 * read.
 	 */
-	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING |
-			    (fix ? UQ_OPEN_NO_REPAIR : UQ_OPEN_RDONLY),
+	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING | UQ_OPEN_NO_REPAIR |
+			    (fix ? 0 : UQ_OPEN_RDONLY),
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

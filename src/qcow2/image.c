@@ -515,6 +515,12 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
 		goto fail;
+	if (img->snaps_past_eof && !opts->no_repair) {
+		ret = qcow2_error(img, -EINVAL, "snapshot table (0x%llx) lies beyond the end of the "
+				  "file (repair it with 'check -r all')",
+				  (unsigned long long)img->h.snapshots_offset);
+		goto fail;
+	}
 	ret = qcow2_backing_allowed(img, opts);
 	if (ret < 0)
 		goto fail;

@@ -59,7 +59,9 @@ struct qcow2_key {
 struct qcow2_opts {
 	bool read_only;
 	bool direct;			/* O_DIRECT on the image file */
-	bool no_repair;			/* open a dirty image read-write without repair (check -r) */
+	bool no_repair;			/* open for the check: a dirty image read-write without
+					 * repair (check -r), a snapshot table past the end of
+					 * the file allowed (check reports and repairs it) */
 	bool no_backing;		/* do not open the backing file (reads fail there) */
 	const char *format;		/* "qcow2", "raw" or NULL to probe */
 	uint64_t l2_cache_bytes;	/* metadata memory: the L1 and refcount tables, the

@@ -18,6 +18,15 @@ found disagreeing with qemu-img 7.2 (each case once failed):
                           refcount 0); the repaired image is clean. Only the
                           image end after the rebuild differs (ours puts the
                           new refcount blocks at the end).
+  snapshot-table-past-eof the header's snapshot table offset past the end
+                          of the file (v3 and v2 images): qemu-img check
+                          reports it (the table reads as zeros: incomplete
+                          entries, a region past the end, leaks) and -r all
+                          repairs it; we refused to open the image. Now
+                          check, -r leaks and -r all give qemu-img's exit
+                          status and counts, the repaired image checks
+                          clean in both; info, io and add still refuse the
+                          hostile image with one line, leaving it as it was.
   snapshot-apply-smaller  snapshot -a NAME of a snapshot with a smaller
                           disk, made by qemu-img (its L2 tables shared with
                           the active state), after a resize and writes: we
@@ -151,6 +160,41 @@ def case_refblock_past_eof(d):
     return uqtest.qemu_check_clean("after check -r all", fixed)
 
 
+def case_snapshot_table_past_eof(d):
+    for compat in ("1.1", "0.10"):
+        img = os.path.join(d, f"st{compat}.qcow2")
+        uqtest.qemu_create(img, "64M", compat=compat)
+        uqtest.qemu_io("qcow2", img, ["write -P 1 0 1M"])
+        uqtest.qemu_img("snapshot", "-c", "snap1", img)
+        with open(img, "r+b") as f:
+            f.seek(64)
+            f.write(struct.pack(">Q", 1 << 30))
+        before = uqtest.sha256(img)
+        for args in ([], ["-r", "leaks"], ["-r", "all"]):
+            err, fixed = compare_checks(d, img, args, COUNTS + ("image-end-offset",))
+            if err:
+                return f"compat={compat}: {err}"
+        if compat == "1.1":
+            err = uqtest.qemu_check_clean("after our check -r all", fixed)
+            if err:
+                return err
+            p = uqtest.uq("check", fixed, check=False)
+            if p.returncode != 0:
+                return f"our check after our repair: exit {p.returncode}: {p.stderr.strip()}"
+        for args in (["info", img], ["io", img, "-c", "read 0 4k"],
+                     ["io", img, "-c", "write 0 4k"], ["snapshot", "-l", img],
+                     ["add", "--foreground", img]):
+            p = uqtest.uq(*args, check=False)
+            err = one_line_error(p, os.path.basename(img), " ".join(args[:2]))
+            if err:
+                return err
+            if "snapshot table" not in p.stderr:
+                return f"{args[0]}: not the snapshot table error: {p.stderr.strip()}"
+        if uqtest.sha256(img) != before:
+            return "a refused command changed the image"
+    return None
+
+
 def same_sequence(d, steps):
     """Run the commands @steps ("{}" the image) on two like images, with
     qemu-img and with us; None when both end equal and ours checks clean."""
@@ -243,6 +287,7 @@ def main():
     for name, fn in (("add-cache-size", case_add_cache_size),
                      ("luks-no-key", case_luks_no_key),
                      ("refblock-past-eof", case_refblock_past_eof),
+                     ("snapshot-table-past-eof", case_snapshot_table_past_eof),
                      ("snapshot-apply-smaller", case_snapshot_apply_smaller)):
         d = uqtest.scratch_dir("corners")
         try:
