@@ -22,6 +22,7 @@
 
 /* Snapshot table (docs/interop/qcow2.rst, "Snapshots"); QEMU's limits. */
 #define SN_HEADER_LEN		40u
+#define SN_EXTRA_LEN		24u	/* vm_state_size_large, disk_size, icount */
 #define SN_MAX			65536u
 #define SN_MAX_TABLE_BYTES	(64u << 20)
 #define SN_MAX_EXTRA		1024u
@@ -737,10 +738,13 @@ static int check_snaps_rewrite(struct check *c)
 	for (i = 0; i < c->nb_snaps; i++) {
 		const struct check_snap *sn = &c->snaps[i];
 
-		pos = round_up(pos, 8) + SN_HEADER_LEN + (sn->extra > 24 ? sn->extra : 24) +
+		pos = round_up(pos, 8) + SN_HEADER_LEN + (sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN) +
 		      sn->id_len + sn->name_len;
 	}
 	len = round_up(pos, c->cluster_size);
+	/* One refcount block's worth at most: what the engine allocates in one run. */
+	if (len >> c->cluster_bits >= (8ull << c->cluster_bits) >> img->h.refcount_order)
+		return qcow2_error(img, -EFBIG, "check: snapshot table too large to rewrite");
 	buf = check_alloc(len);
 	if (!buf)
 		return qcow2_error(img, -ENOMEM, "check: out of memory");
@@ -748,7 +752,7 @@ static int check_snaps_rewrite(struct check *c)
 	for (i = 0; i < c->nb_snaps; i++) {
 		const struct check_snap *sn = &c->snaps[i];
 		const uint8_t *src = c->snaps_raw + sn->pos;
-		uint32_t extra = sn->extra > 24 ? sn->extra : 24;
+		uint32_t extra = sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN;
 		uint64_t disk = img->h.size;
 		uint8_t *p;
 
@@ -764,7 +768,7 @@ static int check_snaps_rewrite(struct check *c)
 				disk = (uint64_t)sn->l1_size * span;
 			put_be64(p + SN_HEADER_LEN + 8, disk);
 		}
-		if (sn->extra < 24)
+		if (sn->extra < SN_EXTRA_LEN)
 			put_be64(p + SN_HEADER_LEN + 16, UINT64_MAX);
 		memcpy(p + SN_HEADER_LEN + extra, src + SN_HEADER_LEN + sn->extra,
 		       sn->id_len + sn->name_len);
