@@ -188,7 +188,7 @@ static void add_usage(FILE *f)
 		"  --cache-size BYTES qcow2 metadata memory: the L1 and refcount tables (held\n"
 		"                     whole) count against it, the rest caches L2 tables (a\n"
 		"                     quarter of BYTES at least); default: L2 cache enough for\n"
-		"                     the image, up to 32M\n"
+		"                     the image, up to 32M; at most 8G\n"
 		"  --foreground       serve from this process instead of a daemon\n"
 		"  --recovery         if the daemon dies, the device waits (I/O queued) for\n"
 		"                     '" UQ_PROG " recover -n ID'; every write is flushed\n"
