@@ -188,7 +188,7 @@ static void add_usage(FILE *f)
 		"  --cache-size BYTES qcow2 metadata memory: the L1 and refcount tables (held\n"
 		"                     whole) count against it, the rest caches L2 tables (a\n"
 		"                     quarter of BYTES at least); default: L2 cache enough for\n"
-		"                     the image, up to 32M\n"
+		"                     the image, up to 32M; at most 8G\n"
 		"  --foreground       serve from this process instead of a daemon\n"
 		"  --recovery         if the daemon dies, the device waits (I/O queued) for\n"
 		"                     '" UQ_PROG " recover -n ID'; every write is flushed\n"
@@ -291,6 +291,12 @@ static int add_parse(struct add_args *a, int argc, char **argv)
 		case 'S':
 			if (uq_parse_size(optarg, opt == 'C' ? &a->cache_bytes : &a->null_size)) {
 				uq_err("add: invalid size '%s'", optarg);
+				return 1;
+			}
+			/* Refused here: the daemon would only say so after the device exists. */
+			if (opt == 'C' && a->cache_bytes > QCOW2_MAX_CACHE_BYTES) {
+				uq_err("add: --cache-size '%s' too large (at most %lluG)", optarg,
+				       QCOW2_MAX_CACHE_BYTES >> 30);
 				return 1;
 			}
 			break;

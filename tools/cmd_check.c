@@ -42,7 +42,8 @@ static void check_usage(void)
 
 /*
  * The check reads metadata only, but qemu-img check opens the backing
- * chain and fails where it cannot (a backing file gone): so do we.
+ * chain and fails where it cannot (a backing file gone, an encrypted one
+ * without its key): so do we.
  */
 static int backing_opens(struct uq_image *img)
 {
@@ -60,7 +61,7 @@ static int backing_opens(struct uq_image *img)
 		return -ENOMEM;
 	}
 	ret = uq_image_open(&b, path, info.backing_fmt,
-			    UQ_OPEN_RDONLY | UQ_OPEN_CHAIN | UQ_OPEN_NO_KEY, err, sizeof(err));
+			    UQ_OPEN_RDONLY | UQ_OPEN_CHAIN, err, sizeof(err));
 	free(path);
 	if (ret < 0) {
 		uq_err("%s: cannot open backing file: %s", img->path, err);
@@ -190,9 +191,15 @@ int cmd_check(int argc, char **argv)
 	if (quiet)
 		progress.on = false;	/* as qemu-img: -q wins */
 	path = argv[optind];
-	/* With -r, the check repairs a dirty image itself rather than open doing it. */
-	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING | UQ_OPEN_NO_KEY |
-			    (fix ? UQ_OPEN_NO_REPAIR : UQ_OPEN_RDONLY),
+	/*
+	 * With -r, the check repairs a dirty image itself rather than open doing
+	 * it; with or without, NO_REPAIR lets open leave what only the check
+	 * handles (a snapshot table past the end of the file). An encrypted
+	 * image needs its key, as in qemu-img check, though only metadata is
+	 * read.
+	 */
+	ret = uq_image_open(&img, path, fmt, UQ_OPEN_NO_BACKING | UQ_OPEN_NO_REPAIR |
+			    (fix ? 0 : UQ_OPEN_RDONLY),
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

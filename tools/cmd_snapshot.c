@@ -25,6 +25,7 @@ static void snapshot_usage(void)
 		"  -d NAME         delete snapshot NAME (a name or an id)\n"
 		"  -f FMT          image format: qcow2 (default: detected)\n"
 		"  -q              quiet\n"
+		UQ_KEY_HELP
 		"  -h, --help      show this help\n");
 }
 
@@ -111,6 +112,7 @@ int cmd_snapshot(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
+		UQ_KEY_LONGOPTS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qcow2_snapshot_info *list;
@@ -120,7 +122,7 @@ int cmd_snapshot(int argc, char **argv)
 	int opt, ret, status = 1;
 	uint32_t nr;
 
-	while ((opt = getopt_long(argc, argv, ":f:lc:a:d:qh", longopts, NULL)) != -1) {
+	while ((opt = uq_getopt(argc, argv, ":f:lc:a:d:qh", longopts)) != -1) {
 		switch (opt) {
 		case 'f':
 			fmt = optarg;
@@ -138,6 +140,8 @@ int cmd_snapshot(int argc, char **argv)
 			break;
 		case 'q':
 			break;
+		case UQ_OPT_FAILED:
+			return 1;
 		case 'h':
 			snapshot_usage();
 			return 0;
@@ -149,8 +153,9 @@ int cmd_snapshot(int argc, char **argv)
 		return uq_usage_args("snapshot", "one IMAGE");
 	if (!action)
 		action = 'l';
+	/* As qemu-img: an encrypted image opens only with its key, metadata edits too. */
 	ret = uq_image_open(&img, argv[optind], fmt,
-			    UQ_OPEN_NO_BACKING | UQ_OPEN_NO_KEY | (action == 'l' ? UQ_OPEN_RDONLY : 0),
+			    UQ_OPEN_NO_BACKING | (action == 'l' ? UQ_OPEN_RDONLY : 0),
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

@@ -22,6 +22,7 @@
 
 /* Snapshot table (docs/interop/qcow2.rst, "Snapshots"); QEMU's limits. */
 #define SN_HEADER_LEN		40u
+#define SN_EXTRA_LEN		24u	/* vm_state_size_large, disk_size, icount */
 #define SN_MAX			65536u
 #define SN_MAX_TABLE_BYTES	(64u << 20)
 #define SN_MAX_EXTRA		1024u
@@ -55,6 +56,8 @@ enum cluster_type {
 struct check_snap {
 	uint64_t l1_off;
 	uint32_t l1_size;
+	uint64_t pos;			/* where the entry starts in the table */
+	uint32_t extra, id_len, name_len;
 	char id[32];			/* truncated: for messages only */
 	char name[64];
 };
@@ -88,6 +91,8 @@ struct check {
 	struct check_snap *snaps;
 	uint32_t nb_snaps;
 	uint64_t snaps_bytes;
+	uint8_t *snaps_raw;		/* the table as read (zeros past the end of the file) */
+	uint32_t snaps_incomplete;	/* entries short of extra data: check_snaps_rewrite */
 
 	uint64_t crypto_off, crypto_len;
 	uint32_t nb_bitmaps;
@@ -628,7 +633,7 @@ static void check_copy_name(char *dst, size_t dstlen, const uint8_t *src, size_t
 }
 
 /* Parse the snapshot table: every entry's L1 table and the table's size. */
-static int check_snaps_load(struct check *c)
+static int check_snaps_load(struct check *c, int fix)
 {
 	struct qcow2 *img = c->img;
 	uint64_t pos = 0, have = 0;
@@ -688,10 +693,112 @@ static int check_snaps_load(struct check *c)
 		p = buf + pos + SN_HEADER_LEN + extra;
 		check_copy_name(sn->id, sizeof(sn->id), p, id_len);
 		check_copy_name(sn->name, sizeof(sn->name), p + id_len, name_len);
+		sn->pos = pos;
+		sn->extra = extra;
+		sn->id_len = id_len;
+		sn->name_len = name_len;
 		pos = end;
 	}
 	c->snaps_bytes = pos;
+	/* Version 3 entries carry at least the 64-bit VM state size and the disk size. */
+	for (i = 0; img->h.version >= 3 && i < c->nb_snaps; i++) {
+		if (c->snaps[i].extra >= 16)
+			continue;
+		check_report(c, "%s snapshot table entry %u is incomplete",
+			     fix & QCOW2_FIX_ERRORS ? "Repairing" : "ERROR", i);
+		c->res->corruptions++;
+		c->snaps_incomplete++;
+	}
+	c->snaps_raw = buf;
+	buf = NULL;
 	ret = 0;
+out:
+	free(buf);
+	return ret;
+}
+
+/*
+ * Write the snapshot table anew, as QEMU's check -r all does when it found
+ * incomplete entries (a table past the end of the file reads as such):
+ * every entry with its 24 bytes of known extra data, the missing ones
+ * filled in (the disk size: the current one, as far as the entry's L1
+ * table covers it, which our open insists on), in clusters the engine
+ * allocates; the header then points at it and the old table's clusters,
+ * where inside the file, are freed. The engine's refcounts must
+ * be current (the check's repairs on disk and reloaded). 0 or -errno.
+ */
+static int check_snaps_rewrite(struct check *c)
+{
+	struct qcow2 *img = c->img;
+	uint64_t pos = 0, len, off, old = img->h.snapshots_offset, span = qcow2_l2_span(img);
+	uint8_t *buf;
+	uint32_t i;
+	int ret;
+
+	for (i = 0; i < c->nb_snaps; i++) {
+		const struct check_snap *sn = &c->snaps[i];
+
+		pos = round_up(pos, 8) + SN_HEADER_LEN + (sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN) +
+		      sn->id_len + sn->name_len;
+	}
+	len = round_up(pos, c->cluster_size);
+	/* One refcount block's worth at most: what the engine allocates in one run. */
+	if (len >> c->cluster_bits >= (8ull << c->cluster_bits) >> img->h.refcount_order)
+		return qcow2_error(img, -EFBIG, "check: snapshot table too large to rewrite");
+	buf = check_alloc(len);
+	if (!buf)
+		return qcow2_error(img, -ENOMEM, "check: out of memory");
+	pos = 0;
+	for (i = 0; i < c->nb_snaps; i++) {
+		const struct check_snap *sn = &c->snaps[i];
+		const uint8_t *src = c->snaps_raw + sn->pos;
+		uint32_t extra = sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN;
+		uint64_t disk = img->h.size;
+		uint8_t *p;
+
+		pos = round_up(pos, 8);
+		p = buf + pos;
+		memcpy(p, src, SN_HEADER_LEN);
+		put_be32(p + 36, extra);
+		memcpy(p + SN_HEADER_LEN, src + SN_HEADER_LEN, sn->extra);
+		if (sn->extra < 8)
+			put_be64(p + SN_HEADER_LEN, get_be32(src + 32));
+		if (sn->extra < 16) {
+			if (disk > (uint64_t)sn->l1_size * span)
+				disk = (uint64_t)sn->l1_size * span;
+			put_be64(p + SN_HEADER_LEN + 8, disk);
+		}
+		if (sn->extra < SN_EXTRA_LEN)
+			put_be64(p + SN_HEADER_LEN + 16, UINT64_MAX);
+		memcpy(p + SN_HEADER_LEN + extra, src + SN_HEADER_LEN + sn->extra,
+		       sn->id_len + sn->name_len);
+		pos += SN_HEADER_LEN + extra + sn->id_len + sn->name_len;
+	}
+	ret = qcow2_alloc_contig(img, len >> c->cluster_bits, &off);
+	if (ret < 0)
+		goto out;
+	ret = qcow2_sync_pwrite(img, buf, len, off);
+	/* Its refcounts on disk before the header points at it. */
+	if (!ret)
+		ret = qcow2_flush(img);
+	if (ret < 0) {
+		qcow2_free_clusters(img, off, len >> c->cluster_bits);
+		goto out;
+	}
+	img->h.snapshots_offset = off;
+	ret = qcow2_header_write(img);
+	if (ret < 0) {
+		img->h.snapshots_offset = old;
+		goto out;
+	}
+	img->snaps_past_eof = false;
+	if (old + c->snaps_bytes <= c->file_size)
+		ret = qcow2_free_clusters(img, old, (round_up(old + c->snaps_bytes, c->cluster_size) -
+						     old) >> c->cluster_bits);
+	if (!ret)
+		ret = qcow2_flush(img);
+	if (!ret)
+		ret = qcow2_overlap_load(img);
 out:
 	free(buf);
 	return ret;
@@ -873,11 +980,20 @@ static int check_refblocks(struct check *c, int fix)
 			continue;
 		}
 		if (k >= c->nb_clusters) {
-			/* QEMU grows the file to cover it; a rebuild leaves the file alone. */
-			check_report(c, "ERROR refcount block %" PRIu64 " is outside image", i);
+			check_report(c, "%s refcount block %" PRIu64 " is outside image",
+				     fix & QCOW2_FIX_ERRORS ? "Repairing" : "ERROR", i);
 			res->corruptions++;
-			if (fix & QCOW2_FIX_ERRORS)
-				c->rebuild = true;
+			if (!(fix & QCOW2_FIX_ERRORS))
+				continue;
+			/*
+			 * QEMU grows the file to cover the block, which then
+			 * reads as zeros: one more corruption, the block's own
+			 * refcount 0, that its rebuild fixes. Ours leaves the
+			 * file alone (the rebuild drops the block) but counts
+			 * as QEMU does, so that the two reports agree.
+			 */
+			res->corruptions++;
+			c->rebuild = true;
 			continue;
 		}
 		if (!off)
@@ -1251,6 +1367,9 @@ static void check_reset(struct check *c)
 	free(c->imrt);
 	free(c->reftable);
 	free(c->snaps);
+	free(c->snaps_raw);
+	c->snaps_raw = NULL;
+	c->snaps_incomplete = 0;
 	c->imrt = NULL;
 	c->imrt_bytes = 0;
 	c->nb_clusters = 0;
@@ -1286,7 +1405,7 @@ static int check_pass(struct check *c, int fix)
 	res->total_clusters = (img->h.size + c->cluster_size - 1) >> c->cluster_bits;
 	ret = check_reftable_load(c);
 	if (!ret)
-		ret = check_snaps_load(c);
+		ret = check_snaps_load(c, fix);
 	if (!ret)
 		ret = check_exts_load(c);
 	if (!ret)
@@ -1405,6 +1524,23 @@ int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 		goto out;
 	}
 	ret = check_pass(&c, fix);
+	if (!ret && c.snaps_incomplete && (fix & QCOW2_FIX_ERRORS)) {
+		/* Last, as in QEMU: the engine allocates, so it learns the repairs first. */
+		ret = c.wrote ? check_sync(&c) : 0;
+		if (!ret && c.wrote)
+			ret = qcow2_reload_refcounts(img);
+		if (!ret)
+			ret = check_snaps_rewrite(&c);
+		if (ret < 0) {
+			check_report(&c, "ERROR failed to update snapshot table: %s",
+				     strerror(-ret));
+			res->check_errors++;
+		} else {
+			/* What the rewrite fixed: the incomplete entries (QEMU's count). */
+			res->corruptions -= c.snaps_incomplete;
+			res->corruptions_fixed += c.snaps_incomplete;
+		}
+	}
 	if (!ret && (res->corruptions_fixed || res->leaks_fixed)) {
 		/* Report what is left, as qemu-img does after a repair. */
 		first = *res;

@@ -250,6 +250,9 @@ static int init_caches(struct qcow2 *img, const struct qcow2_opts *opts)
 		slice = img->cluster_size;
 	if (slice < 512 || (slice & (slice - 1)))
 		return qcow2_error(img, -EINVAL, "invalid cache slice size %u", slice);
+	if (l2_bytes > QCOW2_MAX_CACHE_BYTES)
+		return qcow2_error(img, -EINVAL, "cache size %llu too large (at most %llu)",
+				   (unsigned long long)l2_bytes, QCOW2_MAX_CACHE_BYTES);
 	if (l2_bytes) {
 		/*
 		 * A size asked for bounds the metadata memory: what the L1
@@ -512,6 +515,12 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_header_parse(img, hbuf, hlen, img->file_size);
 	if (ret < 0)
 		goto fail;
+	if (img->snaps_past_eof && !opts->no_repair) {
+		ret = qcow2_error(img, -EINVAL, "snapshot table (0x%llx) lies beyond the end of the "
+				  "file (repair it with 'check -r all')",
+				  (unsigned long long)img->h.snapshots_offset);
+		goto fail;
+	}
 	ret = qcow2_backing_allowed(img, opts);
 	if (ret < 0)
 		goto fail;

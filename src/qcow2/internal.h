@@ -340,6 +340,7 @@ struct qcow2 {
 	int fd;
 	bool read_only;
 	bool corrupt;
+	bool snaps_past_eof;		/* the snapshot table starts past the end of the file */
 	bool raw;			/* raw image: guest offset == file offset */
 	struct qcow2 *backing;		/* opened backing image, NULL if none */
 	unsigned int depth;		/* 0 for the image the user opened */
@@ -817,9 +818,12 @@ int qcow2_sync_wait(struct qcow2 *img, struct qcow2_sync *s);
 
 /* Blocking write of file bytes that keeps img->file_end right. 0 or -errno. */
 int qcow2_sync_pwrite(struct qcow2 *img, const void *buf, size_t len, uint64_t off);
-/* The L2 table of guest @off exists (created zeroed if not) and is ours alone.
- * 0 with *@l2_off, or -errno (-ENOTSUP for a table shared with a snapshot). */
+/* The L2 table of guest @off exists (created zeroed if not) and is ours alone
+ * (a copy of one shared with a snapshot). 0 with *@l2_off, or -errno. */
 int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off);
+/* resize.c: @n contiguous free clusters (fewer than a refcount block covers),
+ * refcounts raised; 0 with *@out, or -errno. */
+int qcow2_alloc_contig(struct qcow2 *img, uint64_t n, uint64_t *out);
 
 /* compress.c: compress one cluster into @dst; the length, -ENOSPC when it
  * does not fit in @dst_len bytes, or -errno. */

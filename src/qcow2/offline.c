@@ -5,6 +5,8 @@
  * img->file_end right, and L2 table creation outside the request machine.
  * They assume no request is in flight on the image.
  */
+#include <stdlib.h>
+
 #include "internal.h"
 
 static void sync_wake(struct qcow2_wait *w, int res)
@@ -71,13 +73,53 @@ int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, s
 	return 0;
 }
 
+/* Point L1 entry @i at a copy of the shared L2 table *@l2_off (then the copy's). */
+static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off)
+{
+	uint64_t host, got, old = *l2_off;
+	struct qcow2_sync s;
+	void *buf;
+	int ret;
+
+	if (posix_memalign(&buf, 4096, img->cluster_size))
+		return qcow2_error(img, -ENOMEM, "out of memory");
+	/* The caches were flushed, and a shared table is never dirty in them. */
+	ret = qcow2_io_pread(img->io, img->fd, buf, img->cluster_size, old);
+	if (ret < 0) {
+		qcow2_error(img, ret, "cannot read the L2 table at 0x%llx: %s",
+			    (unsigned long long)old, strerror(-ret));
+		goto out;
+	}
+	qcow2_sync_init(&s);
+	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
+	if (ret < 0)
+		goto out;
+	ret = qcow2_sync_pwrite(img, buf, img->cluster_size, host);
+	if (!ret)
+		ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
+	if (ret < 0) {
+		qcow2_free_clusters(img, host, 1);
+		goto out;
+	}
+	qcow2_l1_note(img, i);
+	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
+	*l2_off = host;
+	ret = qcow2_free_clusters(img, old, 1);
+out:
+	free(buf);
+	return ret;
+}
+
 /**
  * qcow2_l2_table_sync - make the L2 table of guest offset @off writable
  *
  * A missing table is allocated and zeroed on disk before the L1 entry
  * points at it (the refcount reaches disk first: flush.c). Returns 0 with
- * the table's host offset in *@l2_off; -ENOTSUP for a table shared with a
- * snapshot (only the request machine copies those); or -errno.
+ * the table's host offset in *@l2_off, or -errno. A table shared with a
+ * snapshot is copied first, as QEMU's l2_allocate does: the copy is
+ * written before the L1 entry points at it, and the old table loses this
+ * reference only at the next flush (qcow2_free_clusters), after the L1
+ * entry. The data clusters keep their counts: both tables reach them.
  */
 int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 {
@@ -97,9 +139,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		if (ret < 0)
 			return ret;
 		if (rc != 1)
-			return qcow2_error(img, -ENOTSUP,
-					   "L2 table at 0x%llx is shared with a snapshot",
-					   (unsigned long long)*l2_off);
+			return l2_table_copy(img, i, l2_off);
 		ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
 		if (ret < 0)
 			return ret;

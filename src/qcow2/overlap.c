@@ -189,7 +189,8 @@ int qcow2_overlap_load(struct qcow2 *img)
 	struct qcow2_snap_table t;
 	int ret;
 
-	if (!img->h.nb_snapshots)
+	/* A table past the end (open for the check only) has nothing to protect. */
+	if (!img->h.nb_snapshots || img->snaps_past_eof)
 		return 0;
 	ret = qcow2_snap_table_read(img, &t);
 	if (ret < 0)

@@ -59,7 +59,9 @@ struct qcow2_key {
 struct qcow2_opts {
 	bool read_only;
 	bool direct;			/* O_DIRECT on the image file */
-	bool no_repair;			/* open a dirty image read-write without repair (check -r) */
+	bool no_repair;			/* open for the check: a dirty image read-write without
+					 * repair (check -r), a snapshot table past the end of
+					 * the file allowed (check reports and repairs it) */
 	bool no_backing;		/* do not open the backing file (reads fail there) */
 	const char *format;		/* "qcow2", "raw" or NULL to probe */
 	uint64_t l2_cache_bytes;	/* metadata memory: the L1 and refcount tables, the
@@ -392,5 +394,12 @@ int qcow2_luks_header_size(const struct qcow2_encrypt_opts *o, uint64_t *bytes,
 /* Build it into @out (zeroed, that many bytes). 0 or -errno with @err. */
 int qcow2_luks_header_build(const struct qcow2_encrypt_opts *o, uint8_t *out,
 			    char *err, size_t errlen);
+
+/*
+ * The most metadata memory qcow2_opts.l2_cache_bytes may ask for: 2^24 cache
+ * slices of the smallest size (512 bytes, for 512-byte clusters), so any
+ * image takes it. Tools check it before starting anything.
+ */
+#define QCOW2_MAX_CACHE_BYTES	(1ull << 33)
 
 #endif

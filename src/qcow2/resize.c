@@ -33,7 +33,7 @@ static int flush_all(struct qcow2 *img)
  * start of the range it covers, so longer runs never come out of it.
  * 0 with *@out, or -errno.
  */
-static int alloc_contig(struct qcow2 *img, uint64_t n, uint64_t *out)
+int qcow2_alloc_contig(struct qcow2 *img, uint64_t n, uint64_t *out)
 {
 	uint64_t start = 0, have = 0, host = 0, got = 0;
 	struct qcow2_sync s;
@@ -192,7 +192,7 @@ static int grow(struct qcow2 *img, uint64_t new_l1, uint64_t size)
 	qcow2_table_read_be(&img->l1, 0, bytes / 8, be);
 	if (moved) {
 		if (nr < (1ull << img->rb_bits))
-			ret = alloc_contig(img, nr, &off);
+			ret = qcow2_alloc_contig(img, nr, &off);
 		else
 			ret = alloc_long(img, nr, &off);
 		if (ret < 0)

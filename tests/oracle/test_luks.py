@@ -146,7 +146,7 @@ def case_qemu_made(d, idx, enc, cluster, compat):
     human = uqtest.uq("info", img).stdout
     if "encrypted: yes" not in human or "format: luks" not in human:
         return f"human info lacks 'encrypted: yes'/'format: luks':\n{human}"
-    p = uqtest.uq("check", img, check=False)
+    p = uqtest.uq("check", *secret(), img, check=False)
     if p.returncode != 0:
         return f"ublk-qcow2 check exited {p.returncode}: {p.stdout} {p.stderr}"
     return None
@@ -204,7 +204,7 @@ def random_io(d, img, size, seed, pw=PW):
     diff = uqtest.first_difference(mirror, ours)
     if diff:
         return f"our convert -O raw differs from the mirror: {diff}"
-    p = uqtest.uq("check", img, check=False)
+    p = uqtest.uq("check", "--key-secret", pw, img, check=False)
     if p.returncode != 0:
         return f"ublk-qcow2 check exited {p.returncode}: {p.stdout} {p.stderr}"
     return None
