@@ -345,8 +345,9 @@ static void io_done(struct qcow2_aio *aio, int res)
 		struct flush_item *it = (struct flush_item *)aio;
 
 		j = it->job;
+		/* A short write: the file system is full (as QEMU reads it). */
 		if (res >= 0 && (size_t)res != it->iov.iov_len)
-			res = -EIO;
+			res = -ENOSPC;
 		/*
 		 * Its write is over: the slice may change again. If it failed
 		 * the flush fails and marks the slice dirty again at its end.

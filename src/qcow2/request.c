@@ -26,7 +26,8 @@ static void aio_done(struct qcow2_aio *aio, int res)
 			memset((uint8_t *)a->iov[0].iov_base + res, 0, a->len - res);
 			res = a->len;
 		} else {
-			res = -EIO;
+			/* A short write: the file system is full (as QEMU reads it). */
+			res = -ENOSPC;
 		}
 	}
 	if (res == -EXDEV && r->opaque) {

@@ -233,6 +233,10 @@ static uint64_t run_one(struct fault_ctx *c, const struct tio_fault *f, uint64_t
 			      qcow2_errmsg(img));
 		for (i = first; i < w.nr_ops; i++) {
 			ck_assert_msg(w.ops[i].res <= 0, "positive result %d", w.ops[i].res);
+			/* A short write is a full file system: ENOSPC, as QEMU says. */
+			ck_assert_msg(!f->short_write || w.ops[i].res == 0 || w.ops[i].res == -ENOSPC,
+				      "%s: a short write failed a request with %d, not -ENOSPC",
+				      c->sc->name, w.ops[i].res);
 			failed |= w.ops[i].res < 0;
 		}
 		ck_assert_msg(!failed || c->t->injected > before,
@@ -342,6 +346,25 @@ START_TEST(test_fault_persistent)
 				       .nth = k * (n[1] + n[2]) / 5 + 1, .persist = true };
 
 		ck_assert_uint_ge(run_one(&c, &f, seed, NULL), 1);
+	}
+	teardown(&c);
+}
+END_TEST
+
+/* The nth write lands in part and completes short, n stepped over the workload. */
+START_TEST(test_fault_short)
+{
+	struct fault_ctx c = { .sc = &scenarios[_i] };
+	uint64_t n[3], nth, step, seed = 500 + _i;
+
+	setup(&c);
+	plan(&c, seed, n);
+	step = n[1] / 9 + 1;
+	for (nth = 1; nth <= n[1]; nth += step) {
+		struct tio_fault f = { .ops = W, .err = -ENOSPC, .nth = nth, .short_write = true };
+
+		/* Completion order varies: the nth may not come. */
+		ck_assert_uint_le(run_one(&c, &f, seed, NULL), 1);
 	}
 	teardown(&c);
 }
@@ -464,6 +487,7 @@ int main(void)
 	tcase_add_loop_test(tc, test_fault_nth, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_persistent, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_random, 0, NR_SCENARIOS);
+	tcase_add_loop_test(tc, test_fault_short, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_close, 0, NR_SCENARIOS);
 	tcase_add_loop_test(tc, test_fault_open, 0, NR_SCENARIOS);
 	suite_add_tcase(s, tc);

@@ -5,7 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
-#                              overlap term del kill recover gpt unit zc zcq
+#                              overlap term del kill recover gpt unit zc zcq tmpfs enospc
 #                              (default: all)
 
 B=ublk-qcow2
@@ -412,6 +412,97 @@ tmpfs_test() {
 	[ "$(md5sum <"$t/raw.img" | cut -d' ' -f1)" = "$dev_sum" ] &&
 		pass "tmpfs raw: the file reads as the device did" ||
 		fail "tmpfs raw: the file differs from what the device read"
+	umount "$t"
+}
+
+# tmo NAME WHAT SECS CMD...: run CMD with a time limit; its exit status in
+# RC, or RC=hung and a FAIL when the limit stopped it.
+tmo() {
+	name=$1 what=$2 secs=$3
+	shift 3
+	t0=$(date +%s)
+	timeout "$secs" "$@"
+	RC=$?
+	if [ $(($(date +%s) - t0)) -ge "$secs" ] || [ $RC = 124 ] || [ $RC = 137 ] || [ $RC = 143 ]; then
+		fail "$name: $what hung (stopped after $secs s)"
+		RC=hung
+	fi
+}
+
+# A file system that fills up under the image (a 64 MiB qcow2 on a tmpfs of
+# 16 MiB, or on ext4 over a RAM disk with all but 16 MiB taken by a filler
+# file): fio randwrite (many allocations in flight on both queues) and dd
+# past what fits fail with an I/O error and do not hang, the daemon lives
+# on, what was written before reads back; with space freed (tmpfs remounted
+# larger, the filler removed) the same device takes the writes again; after
+# del the image is clean and reads, in qemu-img, as the device read.
+enospc_test() { # tmpfs | ext4
+	fs=$1 n="enospc $1" t=/tmp/uq-enospc-$1
+	say "$n: a full file system under the image"
+	t1=$(date +%s)
+	mkdir -p "$t"
+	case $fs in
+	tmpfs) mount -t tmpfs -o size=16m tmpfs "$t" || { fail "$n: mount"; return; } ;;
+	ext4)
+		[ -b /dev/ram0 ] || insmod "/lib/modules/$(uname -r)/brd.ko" rd_nr=1 rd_size=$((96 * 1024)) ||
+			{ fail "$n: insmod brd"; return; }
+		mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 "$t" || { fail "$n: mkfs/mount"; return; }
+		avail=$(df -k "$t" | awk 'NR == 2 { print int($4 / 1024) }')
+		dd if=/dev/zero of="$t/filler" bs=1M count=$((avail - 16)) 2>/dev/null && sync ||
+			{ fail "$n: filler"; umount "$t"; return; }
+		;;
+	esac
+	qemu-img create -q -f qcow2 "$t/e.qcow2" 64M || { fail "$n: qemu-img create"; umount "$t"; return; }
+	add -q 2 "$t/e.qcow2" || { fail "$n: add"; umount "$t"; return; }
+	pid=$(sed -n 's/^pid=//p' "/run/ublk-qcow2/$ID.info")
+	dd if=/dev/urandom of=/tmp/enospc.pat bs=1M count=4 2>/dev/null
+	# 60 MiB of 0x55: tr once, on 1 MiB (a slow byte loop under TCG)
+	dd if=/dev/zero bs=1M count=1 2>/dev/null | tr '\0' '\125' >/tmp/enospc.1m
+	for i in $(seq 60); do cat /tmp/enospc.1m; done >/tmp/enospc.55
+	dd if=/tmp/enospc.pat of="$DEV" bs=1M oflag=direct 2>/dev/null || fail "$n: the first 4 MiB"
+
+	tmo "$n" "fio randwrite" 60 fio --name=enospc --filename="$DEV" --direct=1 --ioengine=libaio \
+		--iodepth=32 --rw=randwrite --bs=64k --offset=4m --size=60m >/data/enospc.fio 2>&1
+	case $RC in
+	0) fail "$n: fio randwrite of 60 MiB into a 16 MiB file system succeeded" ;;
+	hung) ;;
+	*) pass "$n: fio randwrite failed (exit $RC): $(grep -m1 -o 'error=.*' /data/enospc.fio)" ;;
+	esac
+	tmo "$n" "dd" 60 dd if=/tmp/enospc.55 of="$DEV" bs=1M seek=4 oflag=direct 2>/dev/null
+	case $RC in
+	0) fail "$n: dd of 60 MiB into a 16 MiB file system succeeded" ;;
+	hung) ;;
+	*) pass "$n: dd oflag=direct failed (exit $RC)" ;;
+	esac
+	kill -0 "$pid" 2>/dev/null && "$B" list -n "$ID" | grep -q LIVE &&
+		pass "$n: the daemon is alive and LIVE" || fail "$n: the daemon died"
+	tmo "$n" "the read-back" 60 sh -c "dd if=$DEV bs=1M count=4 iflag=direct 2>/dev/null |
+		cmp -s - /tmp/enospc.pat"
+	[ "$RC" = 0 ] && pass "$n: the 4 MiB written before read back" ||
+		fail "$n: the 4 MiB written before differ ($RC)"
+
+	case $fs in
+	tmpfs) mount -o remount,size=200m "$t" ;;
+	ext4) rm -f "$t/filler" && sync ;;
+	esac || fail "$n: freeing space"
+	tmo "$n" "dd after freeing space" 60 dd if=/tmp/enospc.55 of="$DEV" bs=1M seek=4 oflag=direct \
+		2>/dev/null
+	[ "$RC" = 0 ] && pass "$n: dd of 60 MiB after freeing space" || fail "$n: dd after freeing space exit $RC"
+	want=$(cat /tmp/enospc.pat /tmp/enospc.55 | md5sum | cut -d' ' -f1)
+	dev_sum=$(dd if="$DEV" bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+	[ "$dev_sum" = "$want" ] && pass "$n: the device reads back what was written before and after" ||
+		fail "$n: the device reads back wrong after freeing space"
+	"$B" del -n "$ID" || fail "$n: del"
+	gone "$n"
+	out=$(qemu-img check "$t/e.qcow2" 2>&1)
+	rc=$?
+	[ $rc = 0 ] && pass "$n: qemu-img check clean" || { fail "$n: qemu-img check exit $rc"; echo "$out"; }
+	# to /tmp: the file system under the image need not hold a raw copy
+	qemu-img convert -O raw "$t/e.qcow2" /tmp/enospc.raw || fail "$n: qemu-img convert"
+	[ "$(md5sum </tmp/enospc.raw | cut -d' ' -f1)" = "$dev_sum" ] &&
+		pass "$n: the image reads as the device did ($(($(date +%s) - t1)) s)" ||
+		fail "$n: the image differs from what the device read"
+	rm -f /tmp/enospc.pat /tmp/enospc.1m /tmp/enospc.55 /tmp/enospc.raw
 	umount "$t"
 }
 
@@ -825,7 +916,7 @@ unit_test() {
 
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover gpt unit zc zcq tmpfs
+	overlap term del kill recover gpt unit zc zcq tmpfs enospc
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -849,6 +940,7 @@ for t in "$@"; do
 	zc) zc_test ;;
 	zcq) zcq_test ;;
 	tmpfs) tmpfs_test ;;
+	enospc) enospc_test tmpfs; enospc_test ext4 ;;
 	null) null_test ;;
 	bad) bad_test ;;
 	corrupt) corrupt_test ;;

@@ -20,6 +20,7 @@ struct tio_shadow {
 	int file;		/* tracked file index, or -1 */
 	int64_t rec;		/* write or sync record, or -1 */
 	int err;		/* injected result, or 0 */
+	struct iovec half;	/* a short write's only piece */
 	struct tio_shadow *next;
 };
 
@@ -111,7 +112,7 @@ static void shadow_done(struct qcow2_aio *aio, int res)
 /* Log a write about to reach the file: its bytes as submitted. */
 static int log_write(struct tio *t, struct tio_shadow *sh)
 {
-	const struct qcow2_aio *aio = sh->orig;
+	const struct qcow2_aio *aio = &sh->aio;	/* as forwarded: a short write's part */
 	struct tio_write *w;
 	uint64_t len = 0, pos = 0;
 	unsigned int i;
@@ -163,8 +164,16 @@ static int tio_submit(struct qcow2_io *io, struct qcow2_aio *aio)
 	sh->file = aio->op == QCOW2_AIO_READ ? -1 : file_of(t, aio->fd);
 	if (fault_hits(t, aio->op)) {
 		t->injected++;
-		sh->err = t->fault.err;
-		forward = aio->op == QCOW2_AIO_WRITE && t->fault.land;
+		if (t->fault.short_write) {
+			/* Half the first piece lands; the file system's count comes back. */
+			sh->half = (struct iovec){ .iov_base = aio->iov[0].iov_base,
+						   .iov_len = aio->iov[0].iov_len / 2 };
+			sh->aio.iov = &sh->half;
+			sh->aio.iovcnt = 1;
+		} else {
+			sh->err = t->fault.err;
+			forward = aio->op == QCOW2_AIO_WRITE && t->fault.land;
+		}
 	}
 	if (aio->op == QCOW2_AIO_WRITE && sh->file < 0 && forward)
 		t->stray_writes++;

@@ -56,6 +56,8 @@ struct tio_fault {
 	uint32_t per_64k;	/* or, with nth 0: each one with this chance in 65536 */
 	uint64_t seed;
 	bool land;		/* a failed write still reaches the file (unknown outcome) */
+	bool short_write;	/* with ops writes only: half the first piece lands, the
+				   write completes short (a full file system); err unused */
 };
 
 struct tio {
