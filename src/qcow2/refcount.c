@@ -364,7 +364,8 @@ void qcow2_refcount_free(struct qcow2 *img)
  * blocking (io_uring punts each to a worker) and serializes under the inode
  * lock. Reserving the file ahead, an eighth of its size at a time (1 to 32
  * MiB), makes those writes land inside it; qcow2_close() truncates what was
- * not used. Best effort: a file system that refuses stops the growing.
+ * not used. Best effort: a file system without fallocate stops the growing;
+ * a full one only skips it, so it resumes once space is freed.
  */
 static void grow_ahead(struct qcow2 *img, uint64_t end)
 {
@@ -379,7 +380,8 @@ static void grow_ahead(struct qcow2 *img, uint64_t end)
 		step = 32u << 20;
 	step = (end - from + step + img->cluster_size - 1) & ~((uint64_t)img->cluster_size - 1);
 	if (fallocate(img->fd, 0, (off_t)from, (off_t)step) < 0) {
-		img->grow_ok = false;
+		if (errno == EOPNOTSUPP || errno == ENOSYS)
+			img->grow_ok = false;
 		return;
 	}
 	img->grow_end = from + step;
