@@ -196,7 +196,8 @@ static void raw_io_done(struct ublk_queue *q, uint64_t data, int res)
 	}
 	if (res == 0) {
 		if (op == UBLK_IO_OP_WRITE) {
-			ublk_queue_complete(q, tag, -EIO);
+			/* A file write that makes no progress: the file system is full. */
+			ublk_queue_complete(q, tag, -ENOSPC);
 			return;
 		}
 		/* Past the end of the file: the rest reads as zeros. */
