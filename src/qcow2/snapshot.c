@@ -214,8 +214,9 @@ static int snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t, bool l
 		return 0;
 	if (nr > SN_MAX)
 		return qcow2_error(img, -EFBIG, "too many snapshots (%u, at most %u)", nr, SN_MAX);
-	if (!qcow2_aligned(img, img->h.snapshots_offset) || !img->h.snapshots_offset ||
-	    img->h.snapshots_offset >= img->file_end)
+	/* QEMU reads a table at offset 0 (the header) as entries: only a use refuses it. */
+	if (!qcow2_aligned(img, img->h.snapshots_offset) ||
+	    (!img->h.snapshots_offset && !loose) || img->h.snapshots_offset >= img->file_end)
 		return qcow2_error(img, -EINVAL, "snapshot table offset 0x%llx invalid",
 				   (unsigned long long)img->h.snapshots_offset);
 	t->s = calloc(nr, sizeof(*t->s));

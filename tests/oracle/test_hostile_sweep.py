@@ -513,19 +513,10 @@ DEVIATIONS = {
     ("l1-entry-to-l1", "check-r-all"): 0, ("rt-entry-unaligned", "check-r-all"): 0,
     ("rt-entry-reserved", "check-r-all"): 0, ("rt-offset-0", "check-r-all"): 0,
     ("l1-entry-to-header", "check-r-all"): 2,
-    # KNOWN DEFECTS, not fixed yet: a snapshot table at offset 0 makes us
-    # refuse the image at open, where qemu opens it; check -r all rewrites
-    # an incomplete snapshot table but leaks the old one's cluster (exit 3
-    # where qemu's repair is clean); an L1 table too large in a snapshot
-    # entry: qemu's repair stops with an error (exit 1), ours leaves the
-    # corruption (exit 2).
-    ("snapshots-offset-0", "*"): 1,
-    ("nb-snapshots-2", "check-r-all"): 3, ("snap-extra-0", "check-r-all"): 3,
-    ("snap-extra-8", "check-r-all"): 3, ("snap-l1-size-huge", "check-r-all"): 2,
-    # KNOWN DEFECT: a refcount table that is the header: qemu reads the
-    # blocks it cannot load as refcount 0 (corruption, exit 2); we stop with
-    # internal errors (exit 1).
-    ("rt-offset-0", "check"): 1,
+    # qemu's repair of a snapshot entry with an L1 table too large fails on
+    # its own overlap check (exit 1); ours frees what only that snapshot
+    # used, as qemu's tries to, and leaves the entry corrupt (exit 2).
+    ("snap-l1-size-huge", "check-r-all"): 2,
 }
 # qemu-img check, convert, map... never finish on these: only info is asked.
 QEMU_HANGS = {"backing-self"}
