@@ -296,7 +296,8 @@ static int check_rb_flush(struct check *c)
 
 /*
  * Load the refcount block that covers cluster @k. 1 when loaded, 0 when
- * there is none (every refcount in its range is 0), -EIO for a misaligned
+ * there is none or it lies past the end of the file (every refcount in its
+ * range is 0), -EIO for a misaligned
  * block, or -errno.
  */
 static int check_rb_load(struct check *c, uint64_t k)
@@ -312,6 +313,12 @@ static int check_rb_load(struct check *c, uint64_t k)
 		return 0;
 	if (!qcow2_aligned(c->img, off))
 		return -EIO;
+	/*
+	 * QEMU reads zeros past the end of the file: refcounts 0, as no block;
+	 * up to its largest request end (2^63 - 2^30), past which it fails (EIO).
+	 */
+	if (off >= c->file_size && off <= (1ull << 63) - (1ull << 30) - c->cluster_size)
+		return 0;
 	if (off == c->rb_off)
 		return 1;
 	ret = check_rb_flush(c);
@@ -795,6 +802,12 @@ static int check_snaps_rewrite(struct check *c)
 	if (old + c->snaps_bytes <= c->file_size)
 		ret = qcow2_free_clusters(img, old, (round_up(old + c->snaps_bytes, c->cluster_size) -
 						     old) >> c->cluster_bits);
+	/*
+	 * A flush applies the frees to the cached refcounts after it wrote
+	 * them; the second one writes them, for the pass that reads the disk.
+	 */
+	if (!ret)
+		ret = qcow2_flush(img);
 	if (!ret)
 		ret = qcow2_flush(img);
 	if (!ret)

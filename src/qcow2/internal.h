@@ -761,6 +761,7 @@ struct qcow2_snap_table {
 
 /* Read and validate the snapshot table the header points to. 0 or -errno. */
 int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t);
+int qcow2_snap_table_read_loose(struct qcow2 *img, struct qcow2_snap_table *t);
 void qcow2_snap_table_free(struct qcow2_snap_table *t);
 
 /*

@@ -192,7 +192,7 @@ int qcow2_overlap_load(struct qcow2 *img)
 	/* A table past the end (open for the check only) has nothing to protect. */
 	if (!img->h.nb_snapshots || img->snaps_past_eof)
 		return 0;
-	ret = qcow2_snap_table_read(img, &t);
+	ret = qcow2_snap_table_read_loose(img, &t);
 	if (ret < 0)
 		return ret;
 	ret = qcow2_overlap_set_snapshots(img, &t);

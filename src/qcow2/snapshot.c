@@ -113,7 +113,7 @@ static char *copy_str(const uint8_t *p, size_t len)
 
 /* Parse entry @i at table offset @pos; *@end gets the offset after it. */
 static int parse_entry(struct qcow2 *img, uint32_t i, uint64_t pos, struct qcow2_snap *sn,
-		       uint64_t *end)
+		       uint64_t *end, bool loose)
 {
 	uint64_t base = img->h.snapshots_offset, limit = img->file_end;
 	uint8_t hdr[SN_HEADER_LEN], *var;
@@ -155,11 +155,6 @@ static int parse_entry(struct qcow2 *img, uint32_t i, uint64_t pos, struct qcow2
 	ret = read_bytes(img, base + pos + SN_HEADER_LEN, var, var_len);
 	if (ret < 0)
 		goto out;
-	ret = -EINVAL;
-	if (memchr(var + extra, 0, id_len + name_len)) {
-		qcow2_error(img, ret, "snapshot table entry %u: NUL byte in its id or name", i);
-		goto out;
-	}
 	if (extra >= 8)
 		sn->vm_state_size = get_be64(var);
 	sn->disk_size = extra >= 16 ? get_be64(var + 8) : img->h.size;
@@ -176,6 +171,13 @@ static int parse_entry(struct qcow2 *img, uint32_t i, uint64_t pos, struct qcow2
 	sn->id = copy_str(var + extra, id_len);
 	sn->name = copy_str(var + extra + id_len, name_len);
 	if (!sn->id || !sn->name)
+		goto out;
+	ret = 0;
+	/*
+	 * QEMU opens an image whose snapshot L1 tables are broken and only
+	 * refuses to use those snapshots (check reports them): so may we.
+	 */
+	if (loose)
 		goto out;
 	ret = -EINVAL;
 	if ((uint64_t)sn->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
@@ -201,7 +203,7 @@ out:
 	return ret;
 }
 
-int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t)
+static int snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t, bool loose)
 {
 	uint64_t pos = 0;
 	uint32_t i, nr = img->h.nb_snapshots;
@@ -212,8 +214,9 @@ int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t)
 		return 0;
 	if (nr > SN_MAX)
 		return qcow2_error(img, -EFBIG, "too many snapshots (%u, at most %u)", nr, SN_MAX);
-	if (!qcow2_aligned(img, img->h.snapshots_offset) || !img->h.snapshots_offset ||
-	    img->h.snapshots_offset >= img->file_end)
+	/* QEMU reads a table at offset 0 (the header) as entries: only a use refuses it. */
+	if (!qcow2_aligned(img, img->h.snapshots_offset) ||
+	    (!img->h.snapshots_offset && !loose) || img->h.snapshots_offset >= img->file_end)
 		return qcow2_error(img, -EINVAL, "snapshot table offset 0x%llx invalid",
 				   (unsigned long long)img->h.snapshots_offset);
 	t->s = calloc(nr, sizeof(*t->s));
@@ -221,7 +224,7 @@ int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t)
 		return qcow2_error(img, -ENOMEM, "out of memory");
 	for (i = 0; i < nr; i++) {
 		t->nr = i + 1;
-		ret = parse_entry(img, i, round_up(pos, 8), &t->s[i], &pos);
+		ret = parse_entry(img, i, round_up(pos, 8), &t->s[i], &pos, loose);
 		if (ret < 0) {
 			if (ret == -ENOMEM)
 				qcow2_error(img, ret, "out of memory");
@@ -231,6 +234,21 @@ int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t)
 	}
 	t->bytes = pos;
 	return 0;
+}
+
+/* The table with every snapshot's L1 table checked: for the snapshots' use. */
+int qcow2_snap_table_read(struct qcow2 *img, struct qcow2_snap_table *t)
+{
+	return snap_table_read(img, t, false);
+}
+
+/*
+ * The table without the L1 tables checked, as QEMU reads it at open: for
+ * the overlap checks and the list, which do not follow them.
+ */
+int qcow2_snap_table_read_loose(struct qcow2 *img, struct qcow2_snap_table *t)
+{
+	return snap_table_read(img, t, true);
 }
 
 static int find_id(const struct qcow2_snap_table *t, const char *id)
@@ -1032,7 +1050,7 @@ int qcow2_snapshot_list(struct qcow2 *img, struct qcow2_snapshot_info **out, uin
 	*nr = 0;
 	if (img->raw)
 		return 0;
-	ret = qcow2_snap_table_read(img, &t);
+	ret = qcow2_snap_table_read_loose(img, &t);
 	if (ret < 0)
 		return ret;
 	list = calloc(t.nr ? t.nr : 1, sizeof(*list));
