@@ -284,16 +284,13 @@ def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
     res = uqtest.Results("test_contract_corners")
-    for name, fn in (("add-cache-size", case_add_cache_size),
-                     ("luks-no-key", case_luks_no_key),
-                     ("refblock-past-eof", case_refblock_past_eof),
-                     ("snapshot-table-past-eof", case_snapshot_table_past_eof),
-                     ("snapshot-apply-smaller", case_snapshot_apply_smaller)):
-        d = uqtest.scratch_dir("corners")
-        try:
-            res.case(name, fn, d)
-        finally:
-            uqtest.cleanup(d)
+    res.each_in_scratch("corners", (
+        ("add-cache-size", case_add_cache_size),
+        ("luks-no-key", case_luks_no_key),
+        ("refblock-past-eof", case_refblock_past_eof),
+        ("snapshot-table-past-eof", case_snapshot_table_past_eof),
+        ("snapshot-apply-smaller", case_snapshot_apply_smaller),
+    ))
     res.finish()
 
 

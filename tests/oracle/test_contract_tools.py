@@ -442,25 +442,22 @@ def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
     res = uqtest.Results("test_contract_tools")
-    for name, fn in (("create-self-backing", case_self_backing),
-                     ("create-unsafe-no-fmt", case_unsafe_no_fmt),
-                     ("create-data-file-fails", case_data_file_fails),
-                     ("raw-partial-sector", case_raw_partial_sector),
-                     ("map-data-file", case_map_data_file),
-                     ("convert-onto-source", case_convert_onto_source),
-                     ("info-bitmaps", case_info_bitmaps),
-                     ("create-sizes", case_create_sizes),
-                     ("check-backing-gone", case_check_backing_gone),
-                     ("create-option-lists", case_create_option_lists),
-                     ("raw-actual-size", case_raw_actual_size),
-                     ("data-file-is-image", case_data_file_is_image),
-                     ("map-encrypted", case_map_encrypted),
-                     ("create-prealloc-backing", case_create_prealloc_backing)):
-        d = uqtest.scratch_dir("contract")
-        try:
-            res.case(name, fn, d)
-        finally:
-            uqtest.cleanup(d)
+    res.each_in_scratch("contract", (
+        ("create-self-backing", case_self_backing),
+        ("create-unsafe-no-fmt", case_unsafe_no_fmt),
+        ("create-data-file-fails", case_data_file_fails),
+        ("raw-partial-sector", case_raw_partial_sector),
+        ("map-data-file", case_map_data_file),
+        ("convert-onto-source", case_convert_onto_source),
+        ("info-bitmaps", case_info_bitmaps),
+        ("create-sizes", case_create_sizes),
+        ("check-backing-gone", case_check_backing_gone),
+        ("create-option-lists", case_create_option_lists),
+        ("raw-actual-size", case_raw_actual_size),
+        ("data-file-is-image", case_data_file_is_image),
+        ("map-encrypted", case_map_encrypted),
+        ("create-prealloc-backing", case_create_prealloc_backing),
+    ))
     res.finish()
 
 

@@ -236,6 +236,15 @@ class Results:
         else:
             self.ok(name)
 
+    def each_in_scratch(self, prefix, cases):
+        """Run each (name, fn) of @cases as fn(dir), a fresh scratch dir each."""
+        for name, fn in cases:
+            d = scratch_dir(prefix)
+            try:
+                self.case(name, fn, d)
+            finally:
+                cleanup(d)
+
     def finish(self):
         print(f"\n{self.name}: {len(self.passed)} passed, {len(self.failed)} failed, "
               f"{len(self.skipped)} not applicable", flush=True)
