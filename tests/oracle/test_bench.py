@@ -163,11 +163,7 @@ def case_raw_write(d, size, args):
             return f"exit {p.returncode}, qemu-img bench {q.returncode}: {p.stderr!r}"
         if p.returncode and len(p.stderr.strip().splitlines()) != 1:
             return f"not one error line: {p.stderr!r}"
-        diff = uqtest.first_difference(ref, ours)
-        if diff is not None or os.path.getsize(ours) != os.path.getsize(ref):
-            return (f"file differs from qemu-img bench's ({diff}; sizes "
-                    f"{os.path.getsize(ours)} and {os.path.getsize(ref)})")
-        return None
+        return uqtest.file_mismatch(ours, ref, "qemu-img bench")
     finally:
         for f in (ours, ref):
             os.unlink(f)

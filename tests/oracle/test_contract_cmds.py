@@ -241,11 +241,7 @@ def case_io_raw_tail(d, size, cmds):
         q = uqtest.qemu_io("raw", ref, cmds, check=False)
         if p.returncode != q.returncode:
             return f"exit {p.returncode}, qemu-io {q.returncode}: {p.stdout!r} {p.stderr!r}"
-        diff = uqtest.first_difference(ref, ours)
-        if diff is not None or os.path.getsize(ours) != os.path.getsize(ref):
-            return (f"file differs from qemu-io's ({diff}; sizes {os.path.getsize(ours)} "
-                    f"and {os.path.getsize(ref)})")
-        return None
+        return uqtest.file_mismatch(ours, ref, "qemu-io")
     finally:
         for f in (ours, ref):
             os.unlink(f)

@@ -155,6 +155,15 @@ def sha256(path):
     return h.hexdigest()
 
 
+def file_mismatch(ours, ref, who):
+    """None if @ours has @ref's bytes and size, else what differs (@who made @ref)."""
+    diff = first_difference(ref, ours)
+    if diff is None and os.path.getsize(ours) == os.path.getsize(ref):
+        return None
+    return (f"file differs from {who}'s ({diff}; sizes {os.path.getsize(ours)} "
+            f"and {os.path.getsize(ref)})")
+
+
 def first_difference(a, b, chunk=4 << 20):
     """None if files @a and @b are identical, else a description of the
     first difference."""
