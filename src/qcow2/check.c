@@ -744,9 +744,9 @@ static int check_snaps_rewrite(struct check *c)
 
 	for (i = 0; i < c->nb_snaps; i++) {
 		const struct check_snap *sn = &c->snaps[i];
+		uint32_t extra = sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN;
 
-		pos = round_up(pos, 8) + SN_HEADER_LEN + (sn->extra > SN_EXTRA_LEN ? sn->extra : SN_EXTRA_LEN) +
-		      sn->id_len + sn->name_len;
+		pos = round_up(pos, 8) + SN_HEADER_LEN + extra + sn->id_len + sn->name_len;
 	}
 	len = round_up(pos, c->cluster_size);
 	/* One refcount block's worth at most: what the engine allocates in one run. */
@@ -799,9 +799,11 @@ static int check_snaps_rewrite(struct check *c)
 		goto out;
 	}
 	img->snaps_past_eof = false;
-	if (old + c->snaps_bytes <= c->file_size)
-		ret = qcow2_free_clusters(img, old, (round_up(old + c->snaps_bytes, c->cluster_size) -
-						     old) >> c->cluster_bits);
+	if (old + c->snaps_bytes <= c->file_size) {
+		uint64_t end = round_up(old + c->snaps_bytes, c->cluster_size);
+
+		ret = qcow2_free_clusters(img, old, (end - old) >> c->cluster_bits);
+	}
 	/*
 	 * A flush applies the frees to the cached refcounts after it wrote
 	 * them; the second one writes them, for the pass that reads the disk.

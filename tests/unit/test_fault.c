@@ -234,7 +234,8 @@ static uint64_t run_one(struct fault_ctx *c, const struct tio_fault *f, uint64_t
 		for (i = first; i < w.nr_ops; i++) {
 			ck_assert_msg(w.ops[i].res <= 0, "positive result %d", w.ops[i].res);
 			/* A short write is a full file system: ENOSPC, as QEMU says. */
-			ck_assert_msg(!f->short_write || w.ops[i].res == 0 || w.ops[i].res == -ENOSPC,
+			ck_assert_msg(!f->short_write || w.ops[i].res == 0 ||
+				      w.ops[i].res == -ENOSPC,
 				      "%s: a short write failed a request with %d, not -ENOSPC",
 				      c->sc->name, w.ops[i].res);
 			failed |= w.ops[i].res < 0;
