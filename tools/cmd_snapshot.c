@@ -89,6 +89,10 @@ static int snapshot_apply(struct qcow2 *q, const char *id_or_name)
 	uint32_t nr, i, k = UINT32_MAX;
 	int ret;
 
+	/* A snapshot apply would refuse must not cost the image its resize. */
+	ret = qcow2_snapshot_check(q, id_or_name);
+	if (ret < 0)
+		return ret;
 	ret = qcow2_snapshot_list(q, &list, &nr);
 	if (ret < 0)
 		return ret;

@@ -93,6 +93,7 @@ struct check {
 	uint64_t snaps_bytes;
 	uint8_t *snaps_raw;		/* the table as read (zeros past the end of the file) */
 	uint32_t snaps_incomplete;	/* entries short of extra data: check_snaps_rewrite */
+	bool snaps_counted;		/* check_inc() counted the table, before any repair */
 
 	uint64_t crypto_off, crypto_len;
 	uint32_t nb_bitmaps;
@@ -707,6 +708,9 @@ static int check_snaps_load(struct check *c, int fix)
 		pos = end;
 	}
 	c->snaps_bytes = pos;
+	/* As check_inc() will judge it, against the file before any rebuild grows it. */
+	c->snaps_counted = img->h.snapshots_offset < c->file_size + c->cluster_size &&
+			   pos < c->file_size + c->cluster_size - img->h.snapshots_offset;
 	/* Version 3 entries carry at least the 64-bit VM state size and the disk size. */
 	for (i = 0; img->h.version >= 3 && i < c->nb_snaps; i++) {
 		if (c->snaps[i].extra >= 16)
@@ -799,7 +803,12 @@ static int check_snaps_rewrite(struct check *c)
 		goto out;
 	}
 	img->snaps_past_eof = false;
-	if (old + c->snaps_bytes <= c->file_size) {
+	/*
+	 * Only what the refcounts hold for it: a table the check did not count
+	 * lay past the end of the file, where a rebuild may have put its own
+	 * structures since.
+	 */
+	if (c->snaps_counted) {
 		uint64_t end = round_up(old + c->snaps_bytes, c->cluster_size);
 
 		ret = qcow2_free_clusters(img, old, (end - old) >> c->cluster_bits);
@@ -1539,7 +1548,8 @@ int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 		goto out;
 	}
 	ret = check_pass(&c, fix);
-	if (!ret && c.snaps_incomplete && (fix & QCOW2_FIX_ERRORS)) {
+	/* Not from refcounts the check could not get right. */
+	if (!ret && c.snaps_incomplete && (fix & QCOW2_FIX_ERRORS) && !res->check_errors) {
 		/* Last, as in QEMU: the engine allocates, so it learns the repairs first. */
 		ret = c.wrote ? check_sync(&c) : 0;
 		if (!ret && c.wrote)
@@ -1552,7 +1562,8 @@ int qcow2_check(struct qcow2 *img, int fix, struct qcow2_check_result *res,
 			res->check_errors++;
 		} else {
 			/* What the rewrite fixed: the incomplete entries (QEMU's count). */
-			res->corruptions -= c.snaps_incomplete;
+			res->corruptions -= c.snaps_incomplete < res->corruptions ?
+						    c.snaps_incomplete : res->corruptions;
 			res->corruptions_fixed += c.snaps_incomplete;
 		}
 	}

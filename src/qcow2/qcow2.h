@@ -306,6 +306,12 @@ void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t nr);
  */
 int qcow2_snapshot_create(struct qcow2 *img, const char *name);
 int qcow2_snapshot_apply(struct qcow2 *img, const char *id_or_name);
+/*
+ * 0 when snapshot @id_or_name exists and the table passes the checks apply
+ * makes of it (the list reads it loosely): what a caller resizing the image
+ * for the snapshot, as qemu-img does, asks first. -ENOENT or -errno.
+ */
+int qcow2_snapshot_check(struct qcow2 *img, const char *id_or_name);
 int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id);
 
 /* ---- Backing file changes (rebase, commit) ----------------------------- */

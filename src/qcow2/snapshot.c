@@ -1001,6 +1001,19 @@ out:
 	return op_end(&t, &sh, ret);
 }
 
+int qcow2_snapshot_check(struct qcow2 *img, const char *id_or_name)
+{
+	struct qcow2_snap_table t;
+	int ret = qcow2_snap_table_read(img, &t);
+
+	if (ret < 0)
+		return ret;
+	if (find_id(&t, id_or_name) < 0 && find_name(&t, id_or_name) < 0)
+		ret = qcow2_error(img, -ENOENT, "snapshot '%s' not found", id_or_name);
+	qcow2_snap_table_free(&t);
+	return ret;
+}
+
 int qcow2_snapshot_delete(struct qcow2 *img, const char *name_or_id)
 {
 	struct qcow2_snap_table t;

@@ -38,6 +38,7 @@ found disagreeing with qemu-img 7.2 (each case once failed):
 
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -195,6 +196,79 @@ def case_snapshot_table_past_eof(d):
     return None
 
 
+def case_snapshot_past_eof_rebuild(d):
+    """A snapshot table just past the end of the file plus a refcount that
+    forces a rebuild: the rebuilt refcount structures land where the table
+    pointed, so its rewrite must not free them, while a table right at the
+    end of the file is counted and must be (review of 2026-11-26)."""
+    for gap in (0, 1):
+        err = snapshot_past_eof_rebuild(d, gap)
+        if err:
+            return f"table {gap} cluster(s) past the end: {err}"
+    return None
+
+
+def snapshot_past_eof_rebuild(d, gap):
+    img = os.path.join(d, "r.qcow2")
+    uqtest.qemu_create(img, "4M")
+    uqtest.qemu_io("qcow2", img, ["write -P 1 0 1M"])
+    uqtest.qemu_img("snapshot", "-c", "s1", img)
+    uqtest.qemu_io("qcow2", img, ["write -P 2 0 64k"])
+    with open(img, "r+b") as f:
+        h = f.read(72)
+        cs = 1 << struct.unpack(">I", h[20:24])[0]
+        rt = struct.unpack(">Q", h[48:56])[0]
+        size = os.path.getsize(img)
+        f.seek(64)
+        f.write(struct.pack(">Q", ((size + cs - 1) // cs + gap) * cs))
+        f.seek(rt)
+        rb = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rb + 2 * (size // cs - 1))
+        f.write(b"\0\0")
+    ref = os.path.join(d, "q.qcow2")
+    shutil.copyfile(img, ref)
+    p = uqtest.uq("check", "-r", "all", img, check=False)
+    q = uqtest.qemu_img("check", "-r", "all", ref, check=False)
+    if p.returncode != q.returncode:
+        return f"check -r all: exit {p.returncode}, qemu-img {q.returncode}: {p.stdout}{p.stderr}"
+    err = uqtest.qemu_check_clean("after our check -r all", img)
+    if err:
+        return err
+    p = uqtest.qemu_img("compare", img, ref, check=False)
+    if p.returncode != 0:
+        return f"our repair reads unlike qemu-img's: {(p.stdout + p.stderr).strip()}"
+    return None
+
+
+def case_snapshot_apply_broken(d):
+    """snapshot -a of a snapshot of another size whose L1 offset is broken:
+    refused before the resize, the image untouched (as qemu-img)."""
+    img = os.path.join(d, "a.qcow2")
+    uqtest.qemu_create(img, "2M")
+    uqtest.qemu_io("qcow2", img, ["write -P 0x11 0 1M"])
+    uqtest.qemu_img("snapshot", "-c", "s1", img)
+    uqtest.qemu_img("resize", "-q", img, "4M")
+    uqtest.qemu_io("qcow2", img, ["write -P 0x33 3M 512k"])
+    with open(img, "r+b") as f:
+        so = struct.unpack(">Q", f.read(72)[64:72])[0]
+        f.seek(so)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(so)
+        f.write(struct.pack(">Q", l1 + 8))
+    before = uqtest.sha256(img)
+    shutil.copyfile(img, img + ".q")
+    q = uqtest.qemu_img("snapshot", "-a", "s1", img + ".q", check=False)
+    p = uqtest.uq("snapshot", "-a", "s1", img, check=False)
+    err = one_line_error(p, os.path.basename(img), "snapshot -a")
+    if err:
+        return err
+    if q.returncode != 1:
+        return f"qemu-img snapshot -a: exit {q.returncode}, expected 1"
+    if uqtest.sha256(img) != before:
+        return "a refused snapshot -a changed the image"
+    return None
+
+
 def same_sequence(d, steps):
     """Run the commands @steps ("{}" the image) on two like images, with
     qemu-img and with us; None when both end equal and ours checks clean."""
@@ -290,6 +364,8 @@ def main():
         ("refblock-past-eof", case_refblock_past_eof),
         ("snapshot-table-past-eof", case_snapshot_table_past_eof),
         ("snapshot-apply-smaller", case_snapshot_apply_smaller),
+        ("snapshot-past-eof-rebuild", case_snapshot_past_eof_rebuild),
+        ("snapshot-apply-broken", case_snapshot_apply_broken),
     ))
     res.finish()
 
