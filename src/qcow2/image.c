@@ -516,9 +516,10 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	if (ret < 0)
 		goto fail;
 	if (img->snaps_past_eof && !opts->no_repair) {
+		/* check -r all rewrites such a table only where its entries read incomplete (v3). */
 		ret = qcow2_error(img, -EINVAL, "snapshot table (0x%llx) lies beyond the end of the "
-				  "file (repair it with 'check -r all')",
-				  (unsigned long long)img->h.snapshots_offset);
+				  "file%s", (unsigned long long)img->h.snapshots_offset,
+				  img->h.version >= 3 ? " (repair it with 'check -r all')" : "");
 		goto fail;
 	}
 	ret = qcow2_backing_allowed(img, opts);
