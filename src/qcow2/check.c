@@ -235,6 +235,14 @@ static int imrt_resize(struct check *c, uint64_t nb)
 	return 0;
 }
 
+/* Whether check_inc() counts [@off, @off + @size): it ends less than a cluster past the file. */
+static bool check_in_reach(const struct check *c, uint64_t off, uint64_t size)
+{
+	uint64_t lim = c->file_size + c->cluster_size;
+
+	return off < lim && size < lim - off;
+}
+
 /*
  * Count one more reference to each cluster of [@off, @off + @size). A range
  * reaching a cluster or more past the end of the file is a corruption, as is
@@ -242,13 +250,12 @@ static int imrt_resize(struct check *c, uint64_t nb)
  */
 static int check_inc(struct check *c, uint64_t off, uint64_t size)
 {
-	uint64_t lim = c->file_size + c->cluster_size;
 	uint64_t k, last;
 	int ret;
 
 	if (!size)
 		return 0;
-	if (off >= lim || size >= lim - off) {
+	if (!check_in_reach(c, off, size)) {
 		check_report(c, "ERROR: counting reference for region exceeding the end of the "
 			     "file by one cluster or more: offset 0x%" PRIx64 " size 0x%" PRIx64,
 			     off, size);
@@ -708,9 +715,8 @@ static int check_snaps_load(struct check *c, int fix)
 		pos = end;
 	}
 	c->snaps_bytes = pos;
-	/* As check_inc() will judge it, against the file before any rebuild grows it. */
-	c->snaps_counted = img->h.snapshots_offset < c->file_size + c->cluster_size &&
-			   pos < c->file_size + c->cluster_size - img->h.snapshots_offset;
+	/* Against the file before any rebuild grows it. */
+	c->snaps_counted = check_in_reach(c, img->h.snapshots_offset, pos);
 	/* Version 3 entries carry at least the 64-bit VM state size and the disk size. */
 	for (i = 0; img->h.version >= 3 && i < c->nb_snaps; i++) {
 		if (c->snaps[i].extra >= 16)
