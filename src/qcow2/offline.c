@@ -73,11 +73,37 @@ int qcow2_sync_pwrite_ol(struct qcow2 *img, unsigned int ign, const void *buf, s
 	return 0;
 }
 
+/*
+ * Write @table (a cluster) to a new cluster and point L1 entry @i at it,
+ * in that order. 0 with its offset in *@l2_off, or -errno (nothing kept).
+ */
+static int l2_table_place(struct qcow2 *img, uint64_t i, const void *table, uint64_t *l2_off)
+{
+	uint64_t host, got;
+	struct qcow2_sync s;
+	int ret;
+
+	qcow2_sync_init(&s);
+	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
+	if (ret < 0)
+		return ret;
+	ret = qcow2_sync_pwrite(img, table, img->cluster_size, host);
+	if (!ret)
+		ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
+	if (ret < 0) {
+		qcow2_free_clusters(img, host, 1);
+		return ret;
+	}
+	qcow2_l1_note(img, i);
+	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
+	*l2_off = host;
+	return 0;
+}
+
 /* Point L1 entry @i at a copy of the shared L2 table *@l2_off (then the copy's). */
 static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off)
 {
-	uint64_t host, got, old = *l2_off;
-	struct qcow2_sync s;
+	uint64_t old = *l2_off;
 	void *buf;
 	int ret;
 
@@ -90,21 +116,9 @@ static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off)
 			    (unsigned long long)old, strerror(-ret));
 		goto out;
 	}
-	qcow2_sync_init(&s);
-	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
-	if (ret < 0)
-		goto out;
-	ret = qcow2_sync_pwrite(img, buf, img->cluster_size, host);
+	ret = l2_table_place(img, i, buf, l2_off);
 	if (!ret)
-		ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
-	if (ret < 0) {
-		qcow2_free_clusters(img, host, 1);
-		goto out;
-	}
-	qcow2_l1_note(img, i);
-	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
-	*l2_off = host;
-	ret = qcow2_free_clusters(img, old, 1);
+		ret = qcow2_free_clusters(img, old, 1);
 out:
 	free(buf);
 	return ret;
@@ -123,7 +137,7 @@ out:
  */
 int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 {
-	uint64_t i = qcow2_l1_index(img, off), l1e, rc, host, got;
+	uint64_t i = qcow2_l1_index(img, off), l1e, rc;
 	struct qcow2_sync s;
 	int ret;
 
@@ -146,21 +160,5 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
 		return 0;
 	}
-	ret = QCOW2_SYNC(img, &s, qcow2_alloc_clusters(img, 1, &s.w, &host, &got));
-	if (ret < 0)
-		return ret;
-	ret = qcow2_sync_pwrite(img, img->zero_buf, img->cluster_size, host);
-	if (ret < 0) {
-		qcow2_free_clusters(img, host, 1);
-		return ret;
-	}
-	ret = qcow2_table_set(&img->l1, i, host | QCOW2_OFLAG_COPIED);
-	if (ret < 0) {
-		qcow2_free_clusters(img, host, 1);
-		return ret;
-	}
-	qcow2_l1_note(img, i);
-	qcow2_pieces_mark(&img->l1_pieces, &img->l1_dirty, i);
-	*l2_off = host;
-	return 0;
+	return l2_table_place(img, i, img->zero_buf, l2_off);
 }
