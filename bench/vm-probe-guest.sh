@@ -12,11 +12,25 @@ TMPFS_MB=$((size * 4 + 256))
 . ./vm-guest-lib.sh
 
 fio_run() { # DEV: 4k IOPS (random reads, or RW's pattern)
-	fio --name=probe --filename="$1" --direct=1 --ioengine=libaio \
+	if [ -n "${PERF:-}" ]; then
+		# a whole-guest profile of the run (cpu-clock: under -icount, guest instructions)
+		set -- "$1" perf record -q -a -e cpu-clock -o /tmp/perf.data --
+	else
+		set -- "$1"
+	fi
+	fdev=$1
+	shift
+	"$@" fio --name=probe --filename="$fdev" --direct=1 --ioengine=libaio \
 		--iodepth=128 --iodepth_batch_submit=16 --iodepth_batch_complete_min=1 \
 		--rw="${RW:-randread}" --bs=4k --size="${size}m" --numjobs=2 --offset_increment=$((size / 2))m \
 		--group_reporting --time_based --runtime="$runtime" --ramp_time=1 \
 		--minimal 2>/tmp/fio.err | awk -F';' '{ print $8 + $49 }'
+	if [ -n "${PERF:-}" ]; then
+		{
+			perf report -i /tmp/perf.data --stdio --sort comm,dso 2>/dev/null | grep -v '^#' | head -n 20
+			perf report -i /tmp/perf.data --stdio --sort comm,sym 2>/dev/null | grep -v '^#' | head -n 80
+		} >"/data/perf-$v.txt"
+	fi
 }
 
 ublk() { # ARGS...: add, fio, del; prints the IOPS and the daemon's io-wq workers
@@ -69,6 +83,9 @@ for v in "$@"; do
 			iops=$(ublk -q 1 -f raw "$W/rw.img")
 		fi ;;
 	raw-written-nzc) iops=$(ublk -q 1 -f raw --no-zero-copy "$W/rw.img") ;;
+	null) iops=$(ublk -q 1 -t null --size "${size}M") ;;
+	null-q2) iops=$(ublk -q 2 -t null --size "${size}M") ;;
+	raw-written-q2) iops=$(ublk -q 2 -f raw "$W/rw.img") ;;
 	raw-falloc)
 		[ -f "$W/rf.img" ] || fallocate -l "${size}M" "$W/rf.img"
 		iops=$(ublk -q 1 -f raw "$W/rf.img") ;;

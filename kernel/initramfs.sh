@@ -11,7 +11,8 @@
 # xfs, loop, nbd, ublk_drv and their dependencies, decompressed, in load order),
 # and these host programs with their shared libraries: dash, bash, mkfs.ext4 (mke2fs),
 # e2fsck, mkfs.xfs, xfs_repair, fio, losetup, blkdiscard, qemu-img, qemu-io,
-# qemu-nbd, sfdisk. With --bin (or $UQ_BIN) also the ublk-qcow2 binary as /usr/bin/ublk-qcow2.
+# qemu-nbd, sfdisk, and those $UQ_VM_PROGS names (space-separated paths). With
+# --bin (or $UQ_BIN) also the ublk-qcow2 binary as /usr/bin/ublk-qcow2.
 #
 # The base archive (everything but --bin) is cached in kernel/out/KERNEL/base.cpio
 # and rebuilt only when its inputs change. The result goes to --out (default
@@ -55,6 +56,9 @@ progs=(
 	/usr/sbin/xfs_repair /usr/bin/fio /usr/sbin/losetup /usr/sbin/blkdiscard
 	/usr/bin/qemu-img /usr/bin/qemu-io /usr/bin/qemu-nbd /usr/sbin/sfdisk
 )
+# more, for a one-off look inside the guest (UQ_VM_PROGS="/usr/bin/perf /usr/bin/strace")
+read -ra extra <<<"${UQ_VM_PROGS:-}"
+progs+=("${extra[@]}")
 busybox=$(command -v busybox || true)
 if [ -z "$busybox" ] || ! { ldd "$busybox" 2>&1 || true; } | grep -q "not a dynamic"; then
 	die "need a static busybox: run kernel/setup.sh (busybox-static)"
