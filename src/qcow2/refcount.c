@@ -56,6 +56,12 @@ static int rc_locate(struct qcow2 *img, uint64_t cluster, uint64_t *slice_off, u
 {
 	uint64_t rt_idx = cluster >> img->rb_bits, blk, entry, per_slice;
 
+	/*
+	 * Set on every path: inlined at -O3, gcc cannot see that
+	 * qcow2_corrupt() returns nonzero and warns that callers use them unset.
+	 */
+	*slice_off = 0;
+	*idx = 0;
 	if (rt_idx >= img->reftable.nr)
 		return 1;
 	blk = qcow2_table_get(&img->reftable, rt_idx);
