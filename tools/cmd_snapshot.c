@@ -157,9 +157,12 @@ int cmd_snapshot(int argc, char **argv)
 		return uq_usage_args("snapshot", "one IMAGE");
 	if (!action)
 		action = 'l';
-	/* As qemu-img: an encrypted image opens only with its key, metadata edits too. */
-	ret = uq_image_open(&img, argv[optind], fmt,
-			    UQ_OPEN_NO_BACKING | (action == 'l' ? UQ_OPEN_RDONLY : 0),
+	/*
+	 * As qemu-img: an encrypted image opens only with its key, metadata
+	 * edits too, and the backing chain must open (a missing backing file
+	 * is an error for every command but info).
+	 */
+	ret = uq_image_open(&img, argv[optind], fmt, action == 'l' ? UQ_OPEN_RDONLY : 0,
 			    err, sizeof(err));
 	if (ret < 0) {
 		uq_err("%s", err);

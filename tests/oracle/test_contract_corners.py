@@ -354,6 +354,31 @@ def case_snapshot_apply_smaller(d):
     return None
 
 
+def case_snapshot_backing_missing(d):
+    """Every snapshot action opens the backing chain first, as qemu-img does."""
+    base = os.path.join(d, "base.qcow2")
+    top = os.path.join(d, "top.qcow2")
+    uqtest.qemu_create(base, "1M")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    uqtest.qemu_img("snapshot", "-c", "s0", top)
+    os.unlink(base)
+    with open(top, "rb") as f:
+        before = f.read()
+    for args in (["-l"], ["-c", "s1"], ["-a", "s0"], ["-d", "s0"]):
+        what = "snapshot " + " ".join(args)
+        q = uqtest.qemu_img("snapshot", *args, top, check=False)
+        p = uqtest.uq("snapshot", *args, top, check=False)
+        err = one_line_error(p, "base.qcow2", what)
+        if err:
+            return err
+        if q.returncode == 0:
+            return f"{what}: qemu-img succeeded, the case needs revisiting"
+        with open(top, "rb") as f:
+            if f.read() != before:
+                return f"{what}: the image changed"
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -366,6 +391,7 @@ def main():
         ("snapshot-apply-smaller", case_snapshot_apply_smaller),
         ("snapshot-past-eof-rebuild", case_snapshot_past_eof_rebuild),
         ("snapshot-apply-broken", case_snapshot_apply_broken),
+        ("snapshot-backing-missing", case_snapshot_backing_missing),
     ))
     res.finish()
 

@@ -505,8 +505,6 @@ DEVIATIONS = {
     # qemu-img info shows these without opening the data file; we refuse.
     ("incompat-data-file", "info"): 1, ("incompat-data-file", "info-json"): 1,
     ("autoclear-raw", "info"): 1, ("autoclear-raw", "info-json"): 1,
-    # We list snapshots without the backing file, which qemu-img opens first.
-    ("backing-missing", "snapshot-l"): 0,
     # Repairs that go further than qemu's (qemu-img check calls the result
     # clean: asserted above), or give up with the corruption left (exit 2)
     # where qemu stops with an error (exit 1).
@@ -521,7 +519,6 @@ DEVIATIONS = {
 # qemu-img check, convert, map... never finish on these: only info is asked.
 QEMU_HANGS = {"backing-self"}
 DEVIATIONS.update({("backing-self", c): 1 for c in COMMANDS[2:]})
-DEVIATIONS[("backing-self", "snapshot-l")] = 0
 
 
 def main():
