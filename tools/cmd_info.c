@@ -348,8 +348,10 @@ static void print_human(const struct level_info *li)
 	}
 	printf("    refcount bits: %u\n", q->refcount_bits);
 	print_crypt_human(li);
-	if (q->data_file) {
-		printf("    data file: %s\n", q->data_file);
+	/* As qemu-img: the incompatible bit 2 (data file) tells; the name may be missing. */
+	if (q->incompatible & (1ull << 2)) {
+		if (q->data_file)
+			printf("    data file: %s\n", q->data_file);
 		printf("    data file raw: %s\n", q->autoclear & 2 ? "true" : "false");
 	}
 	printf("    corrupt: %s\n", q->corrupt ? "true" : "false");
@@ -401,8 +403,9 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 			uq_json_close(j, ']');
 		uq_json_int(j, "refcount-bits", q->refcount_bits);
 		print_crypt_json(j, li);
-		if (q->data_file) {
-			uq_json_string(j, "data-file", q->data_file);
+		if (q->incompatible & (1ull << 2)) {
+			if (q->data_file)
+				uq_json_string(j, "data-file", q->data_file);
 			uq_json_bool(j, "data-file-raw", q->autoclear & 2);
 		}
 		if (q->version >= 3) {
@@ -462,7 +465,7 @@ int cmd_info(int argc, char **argv)
 	if (argc - optind != 1)
 		return uq_usage_args("info", "one IMAGE");
 	ret = uq_image_open(&top, argv[optind], fmt,
-			    UQ_OPEN_RDONLY | UQ_OPEN_NO_KEY |
+			    UQ_OPEN_RDONLY | UQ_OPEN_NO_KEY | UQ_OPEN_NO_DATA_FILE |
 			    (chain ? UQ_OPEN_CHAIN : UQ_OPEN_NO_BACKING),
 			    err, sizeof(err));
 	if (ret < 0) {

@@ -119,6 +119,7 @@ static int open_qcow2(struct uq_image *img, unsigned int flags, struct qcow2_io 
 		.format = "qcow2",
 		.snapshot = next_snapshot,
 		.no_key = flags & UQ_OPEN_NO_KEY,
+		.no_data_file = flags & UQ_OPEN_NO_DATA_FILE,
 		.max_backing = uq_max_backing(flags),
 	};
 	struct qcow2_crypt_info ci;

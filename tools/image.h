@@ -25,6 +25,8 @@ enum uq_fmt {
 #define UQ_OPEN_NO_KEY		(1u << 4)	/* qcow2: metadata only, encrypted or not: no key */
 #define UQ_OPEN_OVERLAY		(1u << 5)	/* our own overlay: under --no-backing its
 						 * backing file (the user's image) is allowed */
+#define UQ_OPEN_NO_DATA_FILE	(1u << 6)	/* qcow2: metadata only, the external data
+						 * file not opened (info) */
 
 struct uq_image {
 	char *path;

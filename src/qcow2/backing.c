@@ -56,6 +56,7 @@ int qcow2_backing_open(struct qcow2 *img, const struct qcow2_opts *opts,
 		.keys = opts->keys,	/* an encrypted backing file tries the same ones */
 		.nr_keys = opts->nr_keys,
 		.no_key = opts->no_key,
+		.no_data_file = opts->no_data_file,
 		.format = img->backing_fmt ? img->backing_fmt : "probe",
 		/* One level fewer below the backing file; at the last allowed, none. */
 		.max_backing = opts->max_backing > 1 ? opts->max_backing - 1 :

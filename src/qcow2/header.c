@@ -232,10 +232,11 @@ int qcow2_header_parse(struct qcow2 *img, const uint8_t *buf, size_t len, uint64
 	if (h->incompatible & ~KNOWN_INCOMPAT)
 		return refuse_unknown_features(img, h->incompatible & ~KNOWN_INCOMPAT,
 					       ftable, ftable_len);
+	/* Metadata only (info): as qemu-img info, shown whatever the data file. */
 	if ((h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW) &&
-	    !(h->incompatible & QCOW2_INCOMPAT_DATA_FILE))
+	    !(h->incompatible & QCOW2_INCOMPAT_DATA_FILE) && !img->no_data_file)
 		return qcow2_error(img, -EINVAL, "data_file_raw set without an external data file");
-	if ((h->incompatible & QCOW2_INCOMPAT_DATA_FILE) && !img->data_file)
+	if ((h->incompatible & QCOW2_INCOMPAT_DATA_FILE) && !img->data_file && !img->no_data_file)
 		return qcow2_error(img, -EINVAL, "external data file used but not named");
 	img->data_raw = h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
 	/* 32 subclusters of at least 512 bytes each. */

@@ -459,6 +459,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	img->fd = -1;
 	img->data_fd = -1;
 	img->read_only = opts->read_only || opts->snapshot;
+	img->no_data_file = opts->no_data_file;
 	img->path = strdup(path);
 	if (!img->path) {
 		ret = -ENOMEM;
@@ -540,7 +541,7 @@ int qcow2_open_chain(struct qcow2 **out, const char *path, const struct qcow2_op
 	ret = qcow2_crypt_open(img, opts);
 	if (ret < 0)
 		goto fail;
-	if (img->h.incompatible & QCOW2_INCOMPAT_DATA_FILE) {
+	if ((img->h.incompatible & QCOW2_INCOMPAT_DATA_FILE) && !img->no_data_file) {
 		ret = open_data_file(img, flags);
 		if (ret < 0)
 			goto fail;

@@ -363,6 +363,7 @@ struct qcow2 {
 	char *data_file;
 	int data_fd;			/* external data file, or -1 */
 	bool data_raw;			/* data_file_raw: the data file is the raw disk */
+	bool no_data_file;		/* opts.no_data_file: see qcow2.h */
 	uint8_t *unknown_exts;		/* extensions we keep verbatim */
 	uint32_t unknown_exts_len;
 

@@ -75,6 +75,8 @@ struct qcow2_opts {
 					 * first: it cannot tell a wrong key) */
 	unsigned int nr_keys;
 	bool no_key;			/* encrypted without a key: metadata only (info, check) */
+	bool no_data_file;		/* metadata only (info): an external data file is not
+					 * opened, nor need it be named; guest I/O then fails */
 	int max_backing;		/* backing levels allowed below this image: 0 the
 					 * default (up to 64), -1 none: an image naming a
 					 * backing file fails to open (untrusted images) */

@@ -533,6 +533,9 @@ void qcow2_req_submit(struct qcow2_req *r, enum qcow2_op op, uint64_t off,
 	} else if (op != QCOW2_OP_READ && op != QCOW2_OP_FLUSH && img->corrupt) {
 		/* Found corrupt metadata: writing on could only spread the damage. */
 		r->err = qcow2_error(img, -EIO, "image is corrupt: writes refused");
+	} else if (img->no_data_file && op != QCOW2_OP_FLUSH &&
+		   (img->h.incompatible & QCOW2_INCOMPAT_DATA_FILE || img->data_raw)) {
+		r->err = qcow2_error(img, -EIO, "opened without its data file: metadata only");
 	} else if (img->raw && op != QCOW2_OP_READ && op != QCOW2_OP_WRITE &&
 		   op != QCOW2_OP_FLUSH) {
 		/* The raw mode serves bench and backing files: no zeroing or discard. */

@@ -379,6 +379,32 @@ def case_snapshot_backing_missing(d):
     return None
 
 
+def case_info_data_file_missing(d):
+    """info shows an image whose data file is gone or unnamed, as qemu-img info."""
+    img = os.path.join(d, "df.qcow2")
+    data = os.path.join(d, "df.raw")
+    uqtest.qemu_create(img, "1M", data_file=data)
+    os.unlink(data)
+    unnamed = os.path.join(d, "unnamed.qcow2")
+    uqtest.qemu_create(unnamed, "1M")
+    with open(unnamed, "r+b") as f:
+        f.seek(72)                      # incompatible features: bit 2, external data file
+        f.write(struct.pack(">Q", 4))
+    for path, name in ((img, "df.raw"), (unnamed, "unnamed.qcow2")):
+        for args in ([], ["--output=json"]):
+            q = uqtest.qemu_img("info", *args, path)
+            p = uqtest.uq("info", *args, path, check=False)
+            if p.returncode or p.stdout != q.stdout:
+                return (f"info {' '.join(args)} {path}: exit {p.returncode}, "
+                        f"{p.stdout + p.stderr!r}, qemu-img: {q.stdout!r}")
+        # Only info goes without the data file.
+        p = uqtest.uq("io", "-c", "read 0 4k", path, check=False)
+        err = one_line_error(p, name, f"io read of {path}")
+        if err:
+            return err
+    return None
+
+
 def main():
     uqtest.require_tools("qemu-img", "qemu-io")
     uqtest.uq_bin()
@@ -392,6 +418,7 @@ def main():
         ("snapshot-past-eof-rebuild", case_snapshot_past_eof_rebuild),
         ("snapshot-apply-broken", case_snapshot_apply_broken),
         ("snapshot-backing-missing", case_snapshot_backing_missing),
+        ("info-data-file-missing", case_info_data_file_missing),
     ))
     res.finish()
 

@@ -502,9 +502,6 @@ DEVIATIONS = {
     ("backing-offset-in-header", "*"): 1,
     ("l1-offset-0", "map"): 1, ("l1-offset-0", "io-read-ro"): 1,
     ("l1-offset-0", "convert"): 1, ("l1-offset-0", "io-read"): 1,
-    # qemu-img info shows these without opening the data file; we refuse.
-    ("incompat-data-file", "info"): 1, ("incompat-data-file", "info-json"): 1,
-    ("autoclear-raw", "info"): 1, ("autoclear-raw", "info-json"): 1,
     # Repairs that go further than qemu's (qemu-img check calls the result
     # clean: asserted above), or give up with the corruption left (exit 2)
     # where qemu stops with an error (exit 1).
