@@ -38,6 +38,7 @@ struct add_args {
 	unsigned int nr_queues;
 	unsigned int depth;
 	const char *fmt;		/* qcow2, raw, NULL: probe */
+	bool probed;			/* fmt was guessed (ublk_raw_opts.probed) */
 	bool null_tgt;
 	bool read_only;
 	bool foreground;
@@ -96,10 +97,10 @@ static int info_write(const struct add_args *a, const struct ublksrv_ctrl_dev_in
 		return -errno;
 	/* Beyond what list shows: what recover needs to serve the same way. */
 	fprintf(f, "pid=%d\nformat=%s\nread_only=%d\nimage=%s\noverlay=%d\n"
-		"cache_size=%llu\nsize=%llu\nsnapshot=%s\n", (int)getpid(), fmt,
+		"cache_size=%llu\nsize=%llu\nsnapshot=%s\nprobed=%d\n", (int)getpid(), fmt,
 		a->read_only, a->image ? a->image : "", a->overlay,
 		(unsigned long long)a->cache_bytes, (unsigned long long)a->null_size,
-		a->snapshot ? a->snapshot : "");
+		a->snapshot ? a->snapshot : "", a->probed);
 	if (fclose(f))
 		ret = -errno;
 	if (!ret && rename(tmp, path))
@@ -113,6 +114,7 @@ struct dev_record {
 	int pid;
 	bool read_only;
 	bool overlay;
+	bool probed;
 	uint64_t cache_bytes;
 	uint64_t null_size;
 	char format[16];
@@ -157,6 +159,8 @@ static int info_read(uint32_t dev_id, struct dev_record *r)
 			r->null_size = strtoull(line + 5, NULL, 10);
 		else if (!strncmp(line, "snapshot=", 9))
 			copy_str(r->snapshot, sizeof(r->snapshot), line + 9);
+		else if (!strncmp(line, "probed=", 7))
+			r->probed = atoi(line + 7);
 	}
 	fclose(f);
 	return 0;
@@ -394,6 +398,7 @@ static int add_serve(struct add_args *a, int report_fd)
 		.snapshot = a->snapshot,
 		.write_through = a->recovery,
 	};
+	struct ublk_raw_opts raw_opts = { .probed = a->probed };
 	struct ublk_dev_cfg cfg = {
 		.dev_id = a->dev_id,
 		.nr_queues = a->nr_queues,
@@ -429,6 +434,7 @@ static int add_serve(struct add_args *a, int report_fd)
 		tgt.opts = &a->null_size;
 	} else if (!strcmp(a->fmt, "raw")) {
 		tgt.ops = &ublk_raw_ops;
+		tgt.opts = &raw_opts;
 	} else {
 		tgt.ops = &uq_qcow2_ops;
 		tgt.opts = &qopts;
@@ -603,6 +609,11 @@ int cmd_add(int argc, char **argv)
 			goto out;
 		}
 		a.fmt = uq_fmt_name(fmt);
+		a.probed = true;
+		if (fmt == UQ_FMT_RAW && !a.read_only)
+			uq_warn("%s: no format given and it is not qcow2, so it is served as raw; "
+				"writes that would make its first sector a qcow2 header are refused "
+				"(-f raw lifts this)", argv[optind]);
 	}
 	if (a.snapshot && (a.null_tgt || strcmp(a.fmt, "qcow2"))) {
 		uq_err("%s: --snapshot needs a qcow2 image", a.null_tgt ? "add" : argv[optind]);
@@ -1067,6 +1078,7 @@ static int recover_prepare(uint32_t id, struct add_args *a, struct dev_record *r
 	a->cache_bytes = rec->cache_bytes;
 	a->null_size = rec->null_size;
 	a->snapshot = rec->snapshot[0] ? rec->snapshot : NULL;
+	a->probed = rec->probed;
 	if (!strcmp(rec->format, "null")) {
 		a->null_tgt = true;
 	} else if (!strcmp(rec->format, "qcow2") || !strcmp(rec->format, "raw")) {

@@ -55,6 +55,15 @@ void uq_err(const char *fmt, ...)
 	va_end(ap);
 }
 
+void uq_warn(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_line(LOG_WARNING, "warning: ", fmt, ap);
+	va_end(ap);
+}
+
 void uq_debug(const char *fmt, ...)
 {
 	va_list ap;

@@ -20,6 +20,9 @@
  */
 void uq_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* "ublk-qcow2: warning: <message>", as uq_err() (LOG_WARNING). */
+void uq_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* With -v: "ublk-qcow2: debug: <message>" on stderr (and LOG_DEBUG). */
 void uq_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

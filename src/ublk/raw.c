@@ -5,6 +5,8 @@
  * end of a file that shrank return zeros. FUA writes use RWF_DSYNC.
  * With zero copy the file I/O reads and writes the request's own pages
  * (READ_FIXED/WRITE_FIXED on the buffer the driver registered at the tag).
+ * A probed image (ublk_raw_opts.probed) keeps its first sector from
+ * becoming a qcow2 header, as QEMU's raw driver does.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +29,7 @@ struct raw_tag {
 
 struct raw {
 	int fd;
+	bool probed;			/* ublk_raw_opts.probed */
 	unsigned int depth;
 	struct raw_tag *tags;		/* nr_queues * depth */
 };
@@ -52,6 +55,7 @@ static int raw_open(const char *path, bool read_only)
 
 static int raw_init(struct ublk_tgt *t, const struct ublk_dev_cfg *cfg)
 {
+	const struct ublk_raw_opts *opts = t->opts;
 	struct raw *r;
 	struct stat st;
 	uint64_t size;
@@ -80,6 +84,7 @@ static int raw_init(struct ublk_tgt *t, const struct ublk_dev_cfg *cfg)
 		snprintf(t->err, sizeof(t->err), "%s: image smaller than 512 bytes", t->path);
 		goto err_close;
 	}
+	r->probed = opts && opts->probed;
 	r->depth = cfg->depth;
 	r->tags = calloc((size_t)cfg->nr_queues * cfg->depth, sizeof(*r->tags));
 	if (!r->tags) {
@@ -119,7 +124,7 @@ static void raw_submit(struct ublk_queue *q, unsigned int tag)
 	}
 	switch (ublksrv_get_op(iod)) {
 	case UBLK_IO_OP_READ:
-		if (ublk_queue_zero_copy(q))
+		if (ublk_queue_tag_zero_copy(q, tag))
 			/* The address is the offset in the registered request. */
 			io_uring_prep_read_fixed(sqe, r->fd, (void *)(uintptr_t)rt->done, len, off,
 						 (int)tag);
@@ -127,7 +132,7 @@ static void raw_submit(struct ublk_queue *q, unsigned int tag)
 			io_uring_prep_read(sqe, r->fd, buf, len, off);
 		break;
 	case UBLK_IO_OP_WRITE:
-		if (ublk_queue_zero_copy(q))
+		if (ublk_queue_tag_zero_copy(q, tag))
 			io_uring_prep_write_fixed(sqe, r->fd, (const void *)(uintptr_t)rt->done, len,
 						  off, (int)tag);
 		else
@@ -151,6 +156,16 @@ static void raw_submit(struct ublk_queue *q, unsigned int tag)
 	ublk_queue_sqe_tgt(q, sqe, tag);
 }
 
+/* Would this WRITE make the image probe as qcow2? (Its first sector only.) */
+static bool raw_probe_unsafe(struct ublk_queue *q, unsigned int tag)
+{
+	static const uint8_t qcow2_magic[4] = { 'Q', 'F', 'I', 0xfb };
+	const struct ublksrv_io_desc *iod = ublk_queue_iod(q, tag);
+
+	return iod->start_sector == 0 &&
+	       !memcmp(ublk_queue_buf(q, tag), qcow2_magic, sizeof(qcow2_magic));
+}
+
 static void raw_queue_io(struct ublk_queue *q, unsigned int tag)
 {
 	struct raw *r = ublk_queue_tgt(q)->priv;
@@ -158,8 +173,20 @@ static void raw_queue_io(struct ublk_queue *q, unsigned int tag)
 	const struct ublksrv_io_desc *iod = ublk_queue_iod(q, tag);
 
 	switch (ublksrv_get_op(iod)) {
-	case UBLK_IO_OP_READ:
 	case UBLK_IO_OP_WRITE:
+		if (r->probed && iod->start_sector == 0) {
+			/* The bytes are needed in memory to look at them. */
+			if (ublk_queue_tag_zero_copy(q, tag)) {
+				ublk_queue_copy(q, tag);
+				return;
+			}
+			if (raw_probe_unsafe(q, tag)) {
+				ublk_queue_complete(q, tag, -EPERM);
+				return;
+			}
+		}
+		break;
+	case UBLK_IO_OP_READ:
 	case UBLK_IO_OP_FLUSH:
 	case UBLK_IO_OP_DISCARD:
 		break;

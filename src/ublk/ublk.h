@@ -124,6 +124,16 @@ extern const struct ublk_tgt_ops ublk_null_ops;
 /* The raw target (-f raw): a loop device on the queue's ring. */
 extern const struct ublk_tgt_ops ublk_raw_ops;
 
+/* The raw target's opts (optional). */
+struct ublk_raw_opts {
+	/*
+	 * The format was guessed, not given: a WRITE that would put a qcow2
+	 * header in the first sector fails with -EPERM, so that the guest
+	 * cannot make the next guess qcow2 (with a backing file of its choice).
+	 */
+	bool probed;
+};
+
 /* ---- Queues: what a target may call on its queue's thread ---------------- */
 
 struct ublk_tgt *ublk_queue_tgt(const struct ublk_queue *q);

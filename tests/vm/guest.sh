@@ -5,7 +5,7 @@
 # "FAIL name: why"); the host checks the images afterwards.
 #
 #   guest.sh [SCENARIO...]     ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt
-#                              overlap term del kill recover gpt unit zc zcq tmpfs enospc
+#                              overlap term del kill recover gpt unit zc zcq tmpfs enospc probe
 #                              (default: all)
 
 B=ublk-qcow2
@@ -379,6 +379,44 @@ raw_test() {
 		fail "raw: zeroed range does not read as zeros"
 	"$B" del -n "$ID" || fail "raw: del"
 	gone raw
+}
+
+# A raw image served without -f: its format was guessed, so (as QEMU's raw
+# driver) writes that would make its first sector a qcow2 header are
+# refused; the next add would otherwise serve a qcow2 image the guest made,
+# with a backing file of its choice. With -f raw they are the guest's to make.
+probe_test() {
+	say "probe: a raw image served without -f"
+	img=/data/probe.img
+	dd if=/dev/zero bs=1M count=8 2>/dev/null | tr '\0' '\132' >"$img"
+	qemu-img create -q -f qcow2 /tmp/probe.qcow2 1M
+	dd if=/tmp/probe.qcow2 of=/tmp/probe.hdr bs=512 count=1 2>/dev/null
+	add "$img" 2>/data/probe.err || { fail "probe: add"; return; }
+	grep -q "warning: .*probe.img.*raw" /data/probe.err &&
+		pass "probe: add warns ($(cat /data/probe.err))" || fail "probe: no warning: $(cat /data/probe.err)"
+	dd if=/tmp/probe.hdr of="$DEV" bs=512 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null &&
+		fail "probe: a qcow2 header written to sector 0"
+	{ cat /tmp/probe.hdr; dd if=/dev/zero bs=512 count=127 2>/dev/null; } |
+		dd of="$DEV" bs=64k count=1 oflag=direct conv=notrunc,fsync 2>/dev/null &&
+		fail "probe: a 64k write starting with a qcow2 header"
+	dd if=/tmp/probe.hdr of="$DEV" bs=512 seek=8 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null ||
+		fail "probe: a qcow2 header at 4k refused"
+	dd if=/dev/zero bs=512 count=1 2>/dev/null | tr '\0' '\141' |
+		dd of="$DEV" bs=512 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null ||
+		fail "probe: other data in sector 0 refused"
+	"$B" del -n "$ID" || fail "probe: del"
+	[ "$(dd if="$img" bs=512 count=1 2>/dev/null | tr -d a | wc -c)" = 0 ] &&
+		dd if="$img" bs=512 skip=8 count=1 2>/dev/null | cmp -s - /tmp/probe.hdr &&
+		pass "probe: sector 0 kept from the header, other writes landed" ||
+		fail "probe: the file is not as written"
+	add -f raw "$img" 2>/data/probe.err || { fail "probe: add -f raw"; return; }
+	grep -q warning /data/probe.err && fail "probe: -f raw warns: $(cat /data/probe.err)"
+	dd if=/tmp/probe.hdr of="$DEV" bs=512 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null ||
+		fail "probe: -f raw refused a qcow2 header in sector 0"
+	"$B" del -n "$ID" || fail "probe: del -f raw"
+	dd if="$img" bs=512 count=1 2>/dev/null | cmp -s - /tmp/probe.hdr &&
+		pass "probe: with -f raw the header lands" || fail "probe: -f raw header missing"
+	rm -f "$img" /tmp/probe.qcow2 /tmp/probe.hdr
 }
 
 # Images on tmpfs: their files are opened O_NONBLOCK (tmpfs lacks
@@ -916,7 +954,7 @@ unit_test() {
 
 "$B" features
 [ $# -gt 0 ] || set -- ext4 xfs fio cow getdata snap overlay extl2 luks ro discard raw null bad corrupt \
-	overlap term del kill recover gpt unit zc zcq tmpfs enospc
+	overlap term del kill recover gpt unit zc zcq tmpfs enospc probe
 for t in "$@"; do
 	case $t in
 	ext4) fs_test ext4 ext4 /data/ext4.qcow2 ;;
@@ -937,6 +975,7 @@ for t in "$@"; do
 	ro) ro_test ;;
 	discard) discard_test ;;
 	raw) raw_test ;;
+	probe) probe_test ;;
 	zc) zc_test ;;
 	zcq) zcq_test ;;
 	tmpfs) tmpfs_test ;;
