@@ -387,6 +387,15 @@ static const char *add_fmt(const struct add_args *a)
 	return a->null_tgt ? "null" : a->fmt;
 }
 
+/* Said once the device is live, so that a failing add still says one line. */
+static void warn_probed(const struct add_args *a)
+{
+	if (a->probed && !a->recover && !a->read_only && !strcmp(a->fmt, "raw"))
+		uq_warn("%s: no format given and it is not qcow2, so it is served as raw; "
+			"writes that would make its first sector a qcow2 header are refused "
+			"(-f raw lifts this)", a->image);
+}
+
 /*
  * Create, start and serve the device. @report_fd (-1 in the foreground)
  * gets the device id once it is live. Returns the exit status.
@@ -492,6 +501,7 @@ static int add_serve(struct add_args *a, int report_fd)
 			uq_err("add: cannot report /dev/ublkb%d: %s", id, strerror(errno));
 		close(report_fd);
 	} else {
+		warn_probed(a);
 		printf("/dev/ublkb%u\n", info->dev_id);
 		fflush(stdout);
 	}
@@ -577,6 +587,7 @@ static int add_daemonize(struct add_args *a)
 	close(p[0]);
 	waitpid(pid, NULL, 0);
 	if (n == sizeof(id) && id >= 0) {
+		warn_probed(a);
 		printf("/dev/ublkb%d\n", id);
 		status = 0;
 	}
@@ -610,10 +621,6 @@ int cmd_add(int argc, char **argv)
 		}
 		a.fmt = uq_fmt_name(fmt);
 		a.probed = true;
-		if (fmt == UQ_FMT_RAW && !a.read_only)
-			uq_warn("%s: no format given and it is not qcow2, so it is served as raw; "
-				"writes that would make its first sector a qcow2 header are refused "
-				"(-f raw lifts this)", argv[optind]);
 	}
 	if (a.snapshot && (a.null_tgt || strcmp(a.fmt, "qcow2"))) {
 		uq_err("%s: --snapshot needs a qcow2 image", a.null_tgt ? "add" : argv[optind]);
