@@ -42,6 +42,7 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigned int sc,
 			 enum l2_type *type, uint64_t *host)
 {
+	bool alloc;
 	int ret;
 
 	if (img->l2_entry_bytes != 16 || (e & L2E_COMPRESSED))
@@ -50,19 +51,21 @@ int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigne
 	ret = qcow2_l2_classify(img, e & ~L2E_ZERO, type, host);
 	if (ret < 0)
 		return ret;
+	/* Not *host != 0: in an external data file offset 0 is guest cluster 0. */
+	alloc = *type == L2_NORMAL;
 	if ((bitmap >> 32) & bitmap & L2B_ALL_ALLOC)
 		return qcow2_corrupt(img, "L2 bitmap 0x%llx: subclusters both allocated and zero",
 				     (unsigned long long)bitmap);
-	if (!*host && (bitmap & L2B_ALL_ALLOC))
+	if (!alloc && (bitmap & L2B_ALL_ALLOC))
 		return qcow2_corrupt(img, "L2 bitmap 0x%llx: allocated subclusters without a cluster",
 				     (unsigned long long)bitmap);
 	if (bitmap & L2B_ZERO(sc))
-		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
+		*type = alloc ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
 	else if (bitmap & L2B_ALLOC(sc))
 		*type = L2_NORMAL;
 	else
 		*type = L2_UNALLOC;	/* keeps the cluster's host offset, for map */
-	if (*host)
+	if (alloc)
 		*host += (uint64_t)sc << img->unit_bits;
 	return 0;
 }

@@ -705,6 +705,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 	uint64_t l2_off, l1e, idx, per_slice, i, n, host, e, ne;
 	struct qcow2_slice *s;
 	enum l2_type type;
+	bool alloc;
 	int ret;
 
 	/* With a backing file, v3 hides it behind zero flags; v2 cannot. */
@@ -736,10 +737,14 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 			ret = qcow2_l2_classify_sc(img, e, b, 0, &type, &host);
 			if (ret < 0)
 				break;
-			if ((!(e & L2E_OFFSET_MASK) && type != L2_COMPRESSED && !b && !hide) ||
+			/* Offset 0 holds a cluster in an external data file: COPIED tells. */
+			alloc = type != L2_COMPRESSED && ((e & L2E_OFFSET_MASK) ||
+							  (img->data_fd >= 0 &&
+							   (e & QCOW2_OFLAG_COPIED)));
+			if ((!alloc && type != L2_COMPRESSED && !b && !hide) ||
 			    (!e && b == ~L2B_ALL_ALLOC))
 				continue;
-			if (keep && (e & L2E_OFFSET_MASK) && type != L2_COMPRESSED) {
+			if (keep && alloc) {
 				qcow2_l2_set_bitmap(s, idx + i, ~L2B_ALL_ALLOC);
 				qcow2_cache_mark_dirty(s);
 				continue;
