@@ -458,6 +458,10 @@ int cmd_convert(int argc, char **argv)
 		uq_err("%s: compression is only supported for qcow2 targets", dst_path);
 		return 1;
 	}
+	if (compress && c.enc.format) {
+		uq_err("%s: compression and encryption cannot be used together", dst_path);
+		return 1;
+	}
 	if (compress && c.o.prealloc != QCOW2_PREALLOC_OFF) {
 		uq_err("%s: compression and preallocation cannot be used together", dst_path);
 		return 1;

@@ -15,6 +15,14 @@ once failed):
                         convert -O raw and io (write, write -z with and
                         without -u, discard) give qemu-img/qemu-io's text,
                         bytes and L2 state, and every result checks clean.
+  luks-compressed       compressed clusters in a LUKS image (qemu-io write
+                        -c stores them unencrypted and reads them so): we
+                        called the image corrupt on the first read. Now
+                        read, convert -O raw, and writes over them (with
+                        extended L2 too) agree with qemu-io and check
+                        clean; convert -c to an encrypted target is refused
+                        with one line and no file, as qemu-img refuses it
+                        (we wrote plaintext compressed clusters).
   luks-backing-info     info --output=json (and --backing-chain) of an
                         encrypted image with a backing file: qemu-img puts
                         "encrypted" between "full-backing-filename" and
@@ -107,6 +115,78 @@ def case_datafile_el2_offset0(d):
     return None
 
 
+def luks_opts(path):
+    return ["--object", f"secret,id=s0,data={PW}", "--image-opts",
+            f"driver=qcow2,file.filename={path},encrypt.key-secret=s0"]
+
+
+def qemu_io_luks(path, cmds):
+    uqtest.run(["qemu-io", *luks_opts(path)[:-1]] + sum((["-c", c] for c in cmds), []) +
+               [luks_opts(path)[-1]])
+
+
+def case_luks_compressed(d):
+    obj = ["--object", f"secret,id=s0,data={PW}"]
+    build = ["write -c -P 0x61 0 64k", "write -c -P 0x62 64k 64k", "write -P 0x63 200k 8k",
+             "write -c -P 0x64 256k 64k"]
+    ops = ["write -P 9 5k 2k", "write -z 64k 4k", "discard 256k 64k", "write -P 8 120k 20k"]
+    for opts in ("cluster_size=64k", "extended_l2=on,cluster_size=64k"):
+        imgs = []
+        for who in ("q", "o"):
+            img = os.path.join(d, f"{who}.qcow2")
+            uqtest.qemu_img_luks("create", "-q", "-f", "qcow2", *obj, "-o",
+                                 "encrypt.format=luks,encrypt.key-secret=s0,"
+                                 f"encrypt.iter-time=10,{opts}", img, "1M")
+            qemu_io_luks(img, build)
+            imgs.append(img)
+        qimg, oimg = imgs
+        theirs, ours = os.path.join(d, "q.raw"), os.path.join(d, "o.raw")
+        uqtest.qemu_img("convert", *luks_opts(qimg), "-O", "raw", theirs)
+        p = uqtest.uq("convert", "--key-secret", PW, "-O", "raw", oimg, ours, check=False)
+        if p.returncode != 0:
+            return f"{opts}: convert -O raw: exit {p.returncode}: {p.stderr.strip()}"
+        err = uqtest.file_mismatch(ours, theirs, "qemu-img convert")
+        if err:
+            return f"{opts}: convert -O raw: {err}"
+        p = uqtest.uq("io", "--key-secret", PW, oimg, "-c", "read -P 0x62 64k 64k", check=False)
+        if p.returncode != 0:
+            return f"{opts}: io read -P: exit {p.returncode}: {p.stderr.strip()}"
+        qemu_io_luks(qimg, ops)
+        p = uqtest.uq("io", "--key-secret", PW, oimg, *sum((["-c", c] for c in ops), []),
+                      check=False)
+        if p.returncode != 0:
+            return f"{opts}: io: exit {p.returncode}: {p.stderr.strip()}"
+        p = uqtest.qemu_img("compare", *obj, "--image-opts",
+                            f"driver=qcow2,file.filename={qimg},encrypt.key-secret=s0",
+                            f"driver=qcow2,file.filename={oimg},encrypt.key-secret=s0",
+                            check=False)
+        if p.returncode != 0:
+            return f"{opts}: after io: {(p.stdout + p.stderr).strip()}"
+        err = uqtest.qemu_check_clean(f"{opts}: after io", *luks_opts(oimg))
+        if err:
+            return err
+        for f in imgs + [theirs, ours]:
+            os.unlink(f)
+    raw = os.path.join(d, "src.raw")
+    with open(raw, "wb") as f:
+        f.write(b"\x65" * (256 << 10))
+    for who, run in (("qemu-img", uqtest.qemu_img), ("ours", uqtest.uq)):
+        dst = os.path.join(d, f"c-{who}.qcow2")
+        p = run("convert", "-c", *obj, "-O", "qcow2", "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", raw, dst,
+                check=False)
+        if who == "qemu-img" and p.returncode != 1:
+            return f"qemu-img convert -c to LUKS exits {p.returncode}; the case is wrong"
+        if who == "ours":
+            lines = p.stderr.strip().splitlines()
+            if p.returncode != 1 or len(lines) != 1 or "c-ours.qcow2" not in lines[0]:
+                return (f"convert -c to LUKS: exit {p.returncode}, {p.stderr!r}; "
+                        "expected exit 1 and one line naming the target")
+            if os.path.exists(dst):
+                return "convert -c to LUKS: refused but left the target behind"
+    return None
+
+
 def case_luks_backing_info(d):
     obj = ["--object", f"secret,id=s0,data={PW}"]
     base = os.path.join(d, "base.qcow2")
@@ -136,6 +216,7 @@ def main():
     res = uqtest.Results("test_combos")
     res.each_in_scratch("combos", (
         ("datafile-el2-offset0", case_datafile_el2_offset0),
+        ("luks-compressed", case_luks_compressed),
         ("luks-backing-info", case_luks_backing_info),
     ))
     res.finish()
