@@ -23,6 +23,12 @@ once failed):
                         clean; convert -c to an encrypted target is refused
                         with one line and no file, as qemu-img refuses it
                         (we wrote plaintext compressed clusters).
+  convert-el2-order     convert -O qcow2 -o extended_l2=on of a chain whose
+                        runs are subcluster-sized: the target's clusters
+                        were allocated in the order reads completed (its
+                        map scattered, fragment per cluster); writes now go
+                        in guest order, as qemu-img convert's, and the map
+                        is qemu-img's, text for text.
   luks-backing-info     info --output=json (and --backing-chain) of an
                         encrypted image with a backing file: qemu-img puts
                         "encrypted" between "full-backing-filename" and
@@ -187,6 +193,37 @@ def case_luks_compressed(d):
     return None
 
 
+def case_convert_el2_order(d):
+    base = os.path.join(d, "base.raw")
+    uqtest.qemu_img("create", "-q", "-f", "raw", base, "2M")
+    uqtest.qemu_io("raw", base, ["write -P 5 0 2M"])
+    mid = os.path.join(d, "mid.qcow2")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw",
+                    "-F", "raw", mid, "3M", cwd=d)
+    uqtest.qemu_io("qcow2", mid, ["write -P 6 64k 300k", "write -P 7 1M 512k"])
+    top = os.path.join(d, "top.qcow2")
+    uqtest.qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2",
+                    "-F", "qcow2", top, "4M", cwd=d)
+    uqtest.qemu_io("qcow2", top, ["write -P 1 1k 1k", "write -P 2 30k 40k", "write -z 100k 3k",
+                                  "write -P 3 140k 2k", "write -P 4 3000k 200k"])
+    for opts in ("extended_l2=on,cluster_size=16k", "extended_l2=on,cluster_size=64k"):
+        maps = []
+        for who, run in (("q", uqtest.qemu_img), ("o", uqtest.uq)):
+            dst = os.path.join(d, f"{who}.qcow2")
+            run("convert", "-O", "qcow2", "-o", opts, top, dst)
+            maps.append(uqtest.qemu_img("map", "--output=json", dst).stdout)
+        err = text_diff(f"convert -o {opts}: map of the result", *maps)
+        if err:
+            return err
+        p = uqtest.qemu_img("compare", top, dst, check=False)
+        if p.returncode != 0:
+            return f"convert -o {opts}: {(p.stdout + p.stderr).strip()}"
+        err = uqtest.qemu_check_clean(f"convert -o {opts}", dst)
+        if err:
+            return err
+    return None
+
+
 def case_luks_backing_info(d):
     obj = ["--object", f"secret,id=s0,data={PW}"]
     base = os.path.join(d, "base.qcow2")
@@ -217,6 +254,7 @@ def main():
     res.each_in_scratch("combos", (
         ("datafile-el2-offset0", case_datafile_el2_offset0),
         ("luks-compressed", case_luks_compressed),
+        ("convert-el2-order", case_convert_el2_order),
         ("luks-backing-info", case_luks_backing_info),
     ))
     res.finish()
