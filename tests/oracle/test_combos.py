@@ -29,6 +29,13 @@ once failed):
                         map scattered, fragment per cluster); writes now go
                         in guest order, as qemu-img convert's, and the map
                         is qemu-img's, text for text.
+  datafile-raw-discard  discard on an image with a raw external data file
+                        (data_file_raw=on, with and without extended L2):
+                        QEMU's whole clusters read as zeros after it (it
+                        punches them in the data file), partial ones keep
+                        their bytes; we ignored every discard, so the disk
+                        read differently from qemu-io's copy. Now it reads
+                        the same and checks clean.
   luks-backing-info     info --output=json (and --backing-chain) of an
                         encrypted image with a backing file: qemu-img puts
                         "encrypted" between "full-backing-filename" and
@@ -224,6 +231,37 @@ def case_convert_el2_order(d):
     return None
 
 
+def case_datafile_raw_discard(d):
+    build = ["write -P 1 0 64k", "write -P 2 64k 64k", "write -P 3 900k 100k",
+             "write -P 4 300k 3k"]
+    ops = ["discard 0 4k", "discard 32k 64k", "discard 256k 64k", "discard 960k 40k",
+           "discard 4k 200k", "discard 0 1000k"]
+    for opts in ({"data_file_raw": "on"}, {"data_file_raw": "on", "extended_l2": "on"},
+                 {"data_file_raw": "on", "extended_l2": "on", "cluster_size": "16k"}):
+        tag = ",".join(f"{k}={v}" for k, v in opts.items())
+        sub = os.path.join(d, tag.replace(",", "_").replace("=", "-"))
+        imgs = []
+        for who in ("q", "o"):
+            os.makedirs(os.path.join(sub, who))
+            img = os.path.join(sub, who, "t.qcow2")
+            uqtest.qemu_create(img, "1000k", data_file=os.path.join(sub, who, "t.data"), **opts)
+            uqtest.qemu_io("qcow2", img, build)
+            imgs.append(img)
+        # One after another on the same pair, each compared.
+        for op in ops:
+            uqtest.qemu_io("qcow2", imgs[0], [op])
+            p = uqtest.uq("io", imgs[1], "-c", op, check=False)
+            if p.returncode != 0:
+                return f"{tag}: io -c '{op}': exit {p.returncode}: {p.stderr.strip()}"
+            p = uqtest.qemu_img("compare", *imgs, check=False)
+            if p.returncode != 0:
+                return f"{tag}, after '{op}': {(p.stdout + p.stderr).strip()}"
+            err = uqtest.qemu_check_clean(f"{tag}, after '{op}'", imgs[1])
+            if err:
+                return err
+    return None
+
+
 def case_luks_backing_info(d):
     obj = ["--object", f"secret,id=s0,data={PW}"]
     base = os.path.join(d, "base.qcow2")
@@ -255,6 +293,7 @@ def main():
         ("datafile-el2-offset0", case_datafile_el2_offset0),
         ("luks-compressed", case_luks_compressed),
         ("convert-el2-order", case_convert_el2_order),
+        ("datafile-raw-discard", case_datafile_raw_discard),
         ("luks-backing-info", case_luks_backing_info),
     ))
     res.finish()
