@@ -133,6 +133,21 @@ static bool next_run(const struct convert *cv, struct slot *s, uint64_t *start, 
 	return *start < *end;
 }
 
+/*
+ * Whether a slot holds source bytes before @s's still unwritten. Writes go
+ * in guest order, as qemu-img convert's (without -W): the target's clusters
+ * are then allocated in that order too, and its map reads as qemu-img's.
+ */
+static bool earlier_pending(const struct convert *cv, const struct slot *s)
+{
+	int i;
+
+	for (i = 0; i < NR_SLOTS; i++)
+		if (cv->slots[i].state != SLOT_FREE && cv->slots[i].off < s->off)
+			return true;
+	return false;
+}
+
 /* Move @s on as far as it goes without waiting; *@moved if it did. 0 or -errno. */
 static int slot_advance(struct convert *cv, struct slot *s, bool *moved)
 {
@@ -155,6 +170,8 @@ static int slot_advance(struct convert *cv, struct slot *s, bool *moved)
 			s->state = SLOT_READY;
 			break;
 		case SLOT_READY:
+			if (earlier_pending(cv, s))
+				return 0;
 			if (!next_run(cv, s, &start, &end)) {
 				s->state = SLOT_FREE;
 				return 0;
@@ -456,6 +473,10 @@ int cmd_convert(int argc, char **argv)
 	}
 	if (compress && c.fmt != UQ_FMT_QCOW2) {
 		uq_err("%s: compression is only supported for qcow2 targets", dst_path);
+		return 1;
+	}
+	if (compress && c.enc.format) {
+		uq_err("%s: compression and encryption cannot be used together", dst_path);
 		return 1;
 	}
 	if (compress && c.o.prealloc != QCOW2_PREALLOC_OFF) {

@@ -416,11 +416,12 @@ static void print_json(struct uq_json *j, const struct level_info *li)
 		uq_json_close(j, '}');
 		if (q->backing_file)
 			uq_json_string(j, "full-backing-filename", li->full_backing);
-		if (q->backing_file)
-			uq_json_string(j, "backing-filename", q->backing_file);
 	}
+	/* qemu-img's key order (its hash table's): between the two backing names. */
 	if (li->encrypted)
 		uq_json_bool(j, "encrypted", true);
+	if (qcow2 && q->backing_file)
+		uq_json_string(j, "backing-filename", q->backing_file);
 	uq_json_bool(j, "dirty-flag", qcow2 && q->dirty);
 	uq_json_close(j, '}');
 }

@@ -508,14 +508,14 @@ static int level_status(struct uq_image *img, uint64_t off, uint64_t len, struct
 	switch (ext.type) {
 	case QCOW2_EXTENT_UNALLOCATED:
 		/* A subcluster not in use in an allocated cluster keeps its offset. */
-		st->has_offset = ext.host_off != 0;
+		st->has_offset = ext.has_host;
 		st->offset = ext.host_off;
 		break;
 	case QCOW2_EXTENT_ZERO:
 		st->present = true;
 		st->zero = true;
 		/* Preallocated zero clusters keep their host offset. */
-		st->has_offset = ext.host_off != 0;
+		st->has_offset = ext.has_host;
 		st->offset = ext.host_off;
 		break;
 	case QCOW2_EXTENT_DATA:

@@ -25,10 +25,13 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 	if ((e & L2E_ZERO) && img->h.version < 3)
 		return qcow2_corrupt(img, "L2 entry 0x%llx: zero flag in a version 2 image",
 				     (unsigned long long)e);
-	/* In an external data file offset 0 is guest cluster 0: COPIED tells. */
+	/*
+	 * In an external data file offset 0 is guest cluster 0: COPIED tells.
+	 * Not for a zero cluster, which QEMU calls plain at offset 0.
+	 */
 	alloc = *host || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
 	if (e & L2E_ZERO)
-		*type = alloc ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
+		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
 	else
 		*type = alloc ? L2_NORMAL : L2_UNALLOC;
 	return 0;
@@ -42,6 +45,7 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigned int sc,
 			 enum l2_type *type, uint64_t *host)
 {
+	bool alloc;
 	int ret;
 
 	if (img->l2_entry_bytes != 16 || (e & L2E_COMPRESSED))
@@ -50,19 +54,21 @@ int qcow2_l2_classify_sc(struct qcow2 *img, uint64_t e, uint64_t bitmap, unsigne
 	ret = qcow2_l2_classify(img, e & ~L2E_ZERO, type, host);
 	if (ret < 0)
 		return ret;
+	/* Not *host != 0: in an external data file offset 0 is guest cluster 0. */
+	alloc = *type == L2_NORMAL;
 	if ((bitmap >> 32) & bitmap & L2B_ALL_ALLOC)
 		return qcow2_corrupt(img, "L2 bitmap 0x%llx: subclusters both allocated and zero",
 				     (unsigned long long)bitmap);
-	if (!*host && (bitmap & L2B_ALL_ALLOC))
+	if (!alloc && (bitmap & L2B_ALL_ALLOC))
 		return qcow2_corrupt(img, "L2 bitmap 0x%llx: allocated subclusters without a cluster",
 				     (unsigned long long)bitmap);
 	if (bitmap & L2B_ZERO(sc))
-		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
+		*type = alloc ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
 	else if (bitmap & L2B_ALLOC(sc))
 		*type = L2_NORMAL;
 	else
 		*type = L2_UNALLOC;	/* keeps the cluster's host offset, for map */
-	if (*host)
+	if (alloc)
 		*host += (uint64_t)sc << img->unit_bits;
 	return 0;
 }
@@ -137,10 +143,24 @@ void qcow2_l2_locate(struct qcow2 *img, uint64_t l2_off, uint64_t pos,
  * and length. Stops at the end of the L2 slice. 0 / -EAGAIN (parked on @w)
  * / -errno.
  */
-int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
-		      enum l2_type *type, uint64_t *host, uint64_t *run)
+/*
+ * Whether a unit of @type in L2 entry @e has a host offset: offset 0 is one
+ * in an external data file (COPIED tells), so the offset cannot say it.
+ */
+static bool unit_has_host(struct qcow2 *img, uint64_t e, enum l2_type type)
 {
-	uint64_t l2_off, l1e, slice_off, idx, per_slice, first, h, n, limit;
+	if (type == L2_NORMAL || type == L2_ZERO_ALLOC)
+		return true;
+	if (type != L2_UNALLOC || img->l2_entry_bytes != 16)
+		return false;
+	/* An unused subcluster of an allocated cluster keeps its offset. */
+	return (e & L2E_OFFSET_MASK) || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
+}
+
+static int lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
+		      enum l2_type *type, uint64_t *host, bool *has_host, uint64_t *run)
+{
+	uint64_t l2_off, l1e, slice_off, idx, per_slice, first, h, n, limit, e;
 	uint64_t unit = 1ull << img->unit_bits, in_unit = pos & (unit - 1);
 	unsigned int upc = 1u << (img->h.cluster_bits - img->unit_bits), u0, u;
 	struct qcow2_slice *s;
@@ -154,6 +174,7 @@ int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2
 		limit = (qcow2_l1_index(img, pos) + 1) * qcow2_l2_span(img);
 		*type = L2_UNALLOC;
 		*host = 0;
+		*has_host = false;
 		*run = (end < limit ? end : limit) - pos;
 		return 0;
 	}
@@ -163,10 +184,11 @@ int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2
 		return ret;
 	/* Units: clusters, or with extended L2 the subclusters of the entries. */
 	u0 = (pos & (img->cluster_size - 1)) >> img->unit_bits;
-	ret = qcow2_l2_classify_sc(img, qcow2_l2_get(s, idx), qcow2_l2_bitmap(s, idx), u0,
-				   type, &first);
+	e = qcow2_l2_get(s, idx);
+	ret = qcow2_l2_classify_sc(img, e, qcow2_l2_bitmap(s, idx), u0, type, &first);
 	if (ret < 0)
 		goto out;
+	*has_host = *type != L2_COMPRESSED && unit_has_host(img, e, *type);
 	per_slice = img->l2_cache.slice_bytes / img->l2_entry_bytes;
 	n = 1;
 	while ((pos & ~(unit - 1)) + n * unit < end && *type != L2_COMPRESSED) {
@@ -175,13 +197,14 @@ int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2
 		u = (u0 + n) % upc;
 		if (i >= per_slice)
 			break;
-		ret = qcow2_l2_classify_sc(img, qcow2_l2_get(s, i), qcow2_l2_bitmap(s, i), u,
-					   &t, &h);
+		e = qcow2_l2_get(s, i);
+		ret = qcow2_l2_classify_sc(img, e, qcow2_l2_bitmap(s, i), u, &t, &h);
 		if (ret < 0)
 			goto out;
 		if (t != *type || t == L2_COMPRESSED)
 			break;
-		if (first ? h != first + n * unit : h != 0)
+		if (unit_has_host(img, e, t) != *has_host ||
+		    (*has_host && h != first + n * unit))
 			break;
 		n++;
 	}
@@ -190,13 +213,21 @@ int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2
 		*host = first;
 		limit = qcow2_cluster_off(img, pos) + img->cluster_size;
 	} else {
-		*host = first ? first + in_unit : 0;
+		*host = *has_host ? first + in_unit : 0;
 		limit = (pos & ~(unit - 1)) + n * unit;
 	}
 	*run = (end < limit ? end : limit) - pos;
 out:
 	qcow2_cache_put(s);
 	return ret;
+}
+
+int qcow2_lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
+		      enum l2_type *type, uint64_t *host, uint64_t *run)
+{
+	bool has_host;
+
+	return lookup_run(img, pos, end, w, type, host, &has_host, run);
 }
 
 /* ---- Mapping ---------------------------------------------------------------------- */
@@ -228,7 +259,7 @@ int qcow2_map(struct qcow2 *img, uint64_t off, uint64_t len, struct qcow2_extent
 	end = len > img->h.size - off ? img->h.size : off + len;
 	for (;;) {
 		sw.woken = false;
-		ret = qcow2_lookup_run(img, off, end, &sw.w, &type, &host, &run);
+		ret = lookup_run(img, off, end, &sw.w, &type, &host, &ext->has_host, &run);
 		if (ret != -EAGAIN)
 			break;
 		while (!sw.woken) {

@@ -150,6 +150,9 @@ int qcow2_pwrite_compressed(struct qcow2 *img, const void *buf, uint64_t len, ui
 		return qcow2_error(img, -EBUSY, "compressed writes need an idle image");
 	if (img->data_fd >= 0)
 		return qcow2_error(img, -ENOTSUP, "no compressed clusters with an external data file");
+	/* QEMU stores them unencrypted (and reads them so), and refuses to write them. */
+	if (img->crypt)
+		return qcow2_error(img, -ENOTSUP, "no compressed clusters in an encrypted image");
 	if (fcntl(img->fd, F_GETFL) & O_DIRECT)
 		return qcow2_error(img, -EINVAL, "compressed writes need an image opened without direct I/O");
 	if (!len)

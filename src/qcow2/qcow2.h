@@ -209,6 +209,8 @@ struct qcow2_extent {
 	uint64_t host_off;		/* DATA: host offset; ZERO and UNALLOCATED (an
 					 * extended L2 subcluster): host offset if the
 					 * cluster is allocated, else 0 */
+	bool has_host;			/* host_off means one (0 can, in an external
+					 * data file) */
 };
 
 /*

@@ -227,6 +227,8 @@ int qcow2_req_cbufs(struct qcow2_req *r)
 /*
  * Read the compressed cluster behind descriptor @e; its completion
  * decompresses and copies @len bytes at the current offset into @dst.
+ * Not decrypted: QEMU 7.2's compressed writes to an encrypted image store
+ * plain bytes, and it reads them back so.
  */
 int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 			   uint8_t *dst, uint64_t len, bool cow)
@@ -235,8 +237,6 @@ int qcow2_read_compressed(struct qcow2_req *r, struct req_aio *a, uint64_t e,
 	uint32_t clen;
 	int ret;
 
-	if (r->img->crypt)
-		return qcow2_corrupt(r->img, "compressed cluster in an encrypted image");
 	if (r->cbuf_busy)
 		return -EBUSY;
 	ret = qcow2_req_cbufs(r);

@@ -705,6 +705,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 	uint64_t l2_off, l1e, idx, per_slice, i, n, host, e, ne;
 	struct qcow2_slice *s;
 	enum l2_type type;
+	bool alloc;
 	int ret;
 
 	/* With a backing file, v3 hides it behind zero flags; v2 cannot. */
@@ -736,10 +737,14 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 			ret = qcow2_l2_classify_sc(img, e, b, 0, &type, &host);
 			if (ret < 0)
 				break;
-			if ((!(e & L2E_OFFSET_MASK) && type != L2_COMPRESSED && !b && !hide) ||
+			/* Offset 0 holds a cluster in an external data file: COPIED tells. */
+			alloc = type != L2_COMPRESSED && ((e & L2E_OFFSET_MASK) ||
+							  (img->data_fd >= 0 &&
+							   (e & QCOW2_OFLAG_COPIED)));
+			if ((!alloc && type != L2_COMPRESSED && !b && !hide) ||
 			    (!e && b == ~L2B_ALL_ALLOC))
 				continue;
-			if (keep && (e & L2E_OFFSET_MASK) && type != L2_COMPRESSED) {
+			if (keep && alloc) {
 				qcow2_l2_set_bitmap(s, idx + i, ~L2B_ALL_ALLOC);
 				qcow2_cache_mark_dirty(s);
 				continue;
@@ -835,6 +840,40 @@ static int zero_piece_ext(struct qcow2_req *r, uint64_t pend)
 	return qcow2_write_piece(r, ws + unit < pend ? ws + unit : pend);
 }
 
+/*
+ * Discard with a raw data file: QEMU's whole clusters read as zeros after
+ * it (it punches them in the data file) and partial ones keep their bytes,
+ * so whole clusters that do not read as zeros get real zeros here.
+ */
+static int discard_raw_piece(struct qcow2_req *r, uint64_t end)
+{
+	struct qcow2 *img = r->img;
+	uint64_t cs = img->cluster_size, head = (r->off + cs - 1) & ~(cs - 1);
+	uint64_t stop = end & ~(cs - 1), host, run;
+	enum l2_type type;
+	int ret;
+
+	/* As QEMU: the last cluster of a disk not a cluster multiple counts whole. */
+	if (end == ((img->h.size + 511) & ~511ull))
+		stop = end;
+	if (r->pos < head) {
+		r->pos = head < end ? head : end;
+		return 0;
+	}
+	if (r->pos >= stop) {
+		r->pos = end;
+		return 0;
+	}
+	ret = qcow2_lookup_run(img, r->pos, stop, &r->wait, &type, &host, &run);
+	if (ret < 0)
+		return ret;
+	if (type != L2_NORMAL) {
+		r->pos += run;
+		return 0;
+	}
+	return qcow2_write_piece(r, r->pos + run);
+}
+
 int qcow2_zero_piece(struct qcow2_req *r)
 {
 	struct qcow2 *img = r->img;
@@ -846,10 +885,8 @@ int qcow2_zero_piece(struct qcow2_req *r)
 
 	if (img->data_raw) {
 		/* The data file must stay the raw disk: real zeros, no unmapping. */
-		if (r->op == QCOW2_OP_DISCARD) {
-			r->pos = end;
-			return 0;
-		}
+		if (r->op == QCOW2_OP_DISCARD)
+			return discard_raw_piece(r, end);
 		return qcow2_write_piece(r, end);
 	}
 
