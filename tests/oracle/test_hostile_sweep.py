@@ -6,7 +6,9 @@ snapshot) get one thing patched each (header fields, header extensions,
 backing file name, L1/L2 entries, refcounts, snapshot entries: V3 and V2
 below), and every patched image goes through info, info --output=json,
 check --output=json, map, snapshot -l, io -r read, convert -O raw, io read
-(read-write, on a copy), check -r leaks and check -r all (on copies).
+(read-write, on a copy), check -r leaks and check -r all (on copies), and
+io-write: a sequence of writes at the patched structures (WRITES), on a
+copy, ours and qemu-io's on the same bytes.
 
 For every command:
   - no crash, no sanitizer report, no hang (20 s);
@@ -25,6 +27,12 @@ Against qemu on the same file:
       check: the same "corruptions" and "leaks" counts;
       check -r all exit 0: qemu-img check calls our image clean, and where
         qemu's own repair succeeded, qemu-img compare finds the same data.
+      io-write: where qemu-io's writes all succeed, ours do and the
+        images read back the same (qemu-img convert -O raw); where one of
+        its writes fails or it marks the image corrupt, ours fail (one line
+        per failed write); either way qemu-img check finds no more
+        corruptions in ours than in qemu's result (or than in the mutated
+        image, where a write failed); WRITE_ALLOWED lists the exceptions.
 UQ_CASES=a,b runs only those mutations; UQ_VERBOSE=1 prints every command.
 """
 
