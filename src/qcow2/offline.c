@@ -100,8 +100,13 @@ static int l2_table_place(struct qcow2 *img, uint64_t i, const void *table, uint
 	return 0;
 }
 
-/* Point L1 entry @i at a copy of the shared L2 table *@l2_off (then the copy's). */
-static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off)
+/*
+ * Point L1 entry @i at a copy of the shared L2 table *@l2_off (then the
+ * copy's); the old table loses this reference unless its refcount @rc is
+ * already 0 (a corrupt image: freeing it would underflow; QEMU's free fails
+ * there and is ignored).
+ */
+static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off, uint64_t rc)
 {
 	uint64_t old = *l2_off;
 	void *buf;
@@ -117,7 +122,7 @@ static int l2_table_copy(struct qcow2 *img, uint64_t i, uint64_t *l2_off)
 		goto out;
 	}
 	ret = l2_table_place(img, i, buf, l2_off);
-	if (!ret)
+	if (!ret && rc)
 		ret = qcow2_free_clusters(img, old, 1);
 out:
 	free(buf);
@@ -153,7 +158,7 @@ int qcow2_l2_table_sync(struct qcow2 *img, uint64_t off, uint64_t *l2_off)
 		if (ret < 0)
 			return ret;
 		if (rc != 1)
-			return l2_table_copy(img, i, l2_off);
+			return l2_table_copy(img, i, l2_off, rc);
 		ret = qcow2_table_set(&img->l1, i, l1e | QCOW2_OFLAG_COPIED);
 		if (ret < 0)
 			return ret;

@@ -62,7 +62,7 @@ void qcow2_inflight_del(struct qcow2_req *r)
 static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 {
 	struct qcow2 *img = r->img;
-	uint64_t l1e, i = qcow2_l1_index(img, r->pos), host, got, rc;
+	uint64_t l1e, i = qcow2_l1_index(img, r->pos), host, got, rc = 0;
 	struct req_aio *a;
 	int ret;
 
@@ -109,7 +109,12 @@ static int l2_table_ready(struct qcow2_req *r, uint64_t *l2_off)
 	inflight_add(r, i * qcow2_l2_span(img), qcow2_l2_span(img));
 	r->a_host = host;
 	r->a_l1 = i;
-	r->a_old_l2 = *l2_off;
+	/*
+	 * The old table loses our reference once L1 points at the copy; one
+	 * with refcount 0 (a corrupt image) has none to lose, and freeing it
+	 * would underflow. QEMU's free fails there and is ignored: the same.
+	 */
+	r->a_old_l2 = *l2_off && rc ? *l2_off : 0;
 	if (*l2_off) {
 		r->alloc = ALLOC_L2_READ;
 		a->iov[0] = (struct iovec){ .iov_base = r->dbuf, .iov_len = img->cluster_size };
