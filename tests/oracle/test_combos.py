@@ -119,10 +119,7 @@ def case_datafile_el2_offset0(d):
             err = compare_map(f"{tag}, after '{op}'", qimg, oimg, sub)
             if err:
                 return err
-            p = uqtest.qemu_img("compare", qimg, oimg, check=False)
-            if p.returncode != 0:
-                return f"{tag}, after '{op}': {(p.stdout + p.stderr).strip()}"
-            err = uqtest.qemu_check_clean(f"{tag}, after '{op}'", oimg)
+            err = uqtest.compare_clean(f"{tag}, after '{op}'", qimg, oimg)
             if err:
                 return err
     return None
@@ -222,10 +219,7 @@ def case_convert_el2_order(d):
         err = text_diff(f"convert -o {opts}: map of the result", *maps)
         if err:
             return err
-        p = uqtest.qemu_img("compare", top, dst, check=False)
-        if p.returncode != 0:
-            return f"convert -o {opts}: {(p.stdout + p.stderr).strip()}"
-        err = uqtest.qemu_check_clean(f"convert -o {opts}", dst)
+        err = uqtest.compare_clean(f"convert -o {opts}", top, dst)
         if err:
             return err
     return None
@@ -253,10 +247,7 @@ def case_datafile_raw_discard(d):
             p = uqtest.uq("io", imgs[1], "-c", op, check=False)
             if p.returncode != 0:
                 return f"{tag}: io -c '{op}': exit {p.returncode}: {p.stderr.strip()}"
-            p = uqtest.qemu_img("compare", *imgs, check=False)
-            if p.returncode != 0:
-                return f"{tag}, after '{op}': {(p.stdout + p.stderr).strip()}"
-            err = uqtest.qemu_check_clean(f"{tag}, after '{op}'", imgs[1])
+            err = uqtest.compare_clean(f"{tag}, after '{op}'", *imgs)
             if err:
                 return err
     return None

@@ -123,6 +123,15 @@ def qemu_check_clean(when, *args):
     return None
 
 
+def compare_clean(tag, ref, ours):
+    """qemu-img compare @ref @ours, then qemu-img check of @ours: None, or
+    what is wrong, prefixed with @tag."""
+    p = qemu_img("compare", ref, ours, check=False)
+    if p.returncode != 0:
+        return f"{tag}: {(p.stdout + p.stderr).strip()}"
+    return qemu_check_clean(tag, ours)
+
+
 def qemu_io(fmt, image, cmds, extra=(), **kw):
     """Run qemu-io commands @cmds on @image; qemu-io exits 0 even when a
     command fails, so its output is checked for failure words too."""
