@@ -390,7 +390,7 @@ static const char *add_fmt(const struct add_args *a)
 /* Said once the device is live, so that a failing add still says one line. */
 static void warn_probed(const struct add_args *a)
 {
-	if (a->probed && !a->recover && !a->read_only && !strcmp(a->fmt, "raw"))
+	if (a->probed && !a->recover && !a->read_only && !a->overlay && !strcmp(a->fmt, "raw"))
 		uq_warn("%s: no format given and it is not qcow2, so it is served as raw; "
 			"writes that would make its first sector a qcow2 header are refused "
 			"(-f raw lifts this)", a->image);
