@@ -156,14 +156,12 @@ static void raw_submit(struct ublk_queue *q, unsigned int tag)
 	ublk_queue_sqe_tgt(q, sqe, tag);
 }
 
-/* Would this WRITE make the image probe as qcow2? (Its first sector only.) */
-static bool raw_probe_unsafe(struct ublk_queue *q, unsigned int tag)
+/* Does @tag's data (a WRITE at sector 0) start with the qcow2 magic? */
+static bool raw_qcow2_header(struct ublk_queue *q, unsigned int tag)
 {
 	static const uint8_t qcow2_magic[4] = { 'Q', 'F', 'I', 0xfb };
-	const struct ublksrv_io_desc *iod = ublk_queue_iod(q, tag);
 
-	return iod->start_sector == 0 &&
-	       !memcmp(ublk_queue_buf(q, tag), qcow2_magic, sizeof(qcow2_magic));
+	return !memcmp(ublk_queue_buf(q, tag), qcow2_magic, sizeof(qcow2_magic));
 }
 
 static void raw_queue_io(struct ublk_queue *q, unsigned int tag)
@@ -180,7 +178,7 @@ static void raw_queue_io(struct ublk_queue *q, unsigned int tag)
 				ublk_queue_copy(q, tag);
 				return;
 			}
-			if (raw_probe_unsafe(q, tag)) {
+			if (raw_qcow2_header(q, tag)) {
 				ublk_queue_complete(q, tag, -EPERM);
 				return;
 			}
