@@ -10,8 +10,6 @@
 
 int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_t *host)
 {
-	bool alloc;
-
 	if (e & L2E_COMPRESSED) {
 		*type = L2_COMPRESSED;
 		*host = e;		/* the whole descriptor */
@@ -25,15 +23,11 @@ int qcow2_l2_classify(struct qcow2 *img, uint64_t e, enum l2_type *type, uint64_
 	if ((e & L2E_ZERO) && img->h.version < 3)
 		return qcow2_corrupt(img, "L2 entry 0x%llx: zero flag in a version 2 image",
 				     (unsigned long long)e);
-	/*
-	 * In an external data file offset 0 is guest cluster 0: COPIED tells.
-	 * Not for a zero cluster, which QEMU calls plain at offset 0.
-	 */
-	alloc = *host || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
+	/* A zero cluster at offset 0 is plain, as QEMU calls it, data file or not. */
 	if (e & L2E_ZERO)
 		*type = *host ? L2_ZERO_ALLOC : L2_ZERO_PLAIN;
 	else
-		*type = alloc ? L2_NORMAL : L2_UNALLOC;
+		*type = qcow2_l2e_has_cluster(img, e) ? L2_NORMAL : L2_UNALLOC;
 	return 0;
 }
 
@@ -136,16 +130,9 @@ void qcow2_l2_locate(struct qcow2 *img, uint64_t l2_off, uint64_t pos,
 	*idx = i % per_slice;
 }
 
-
 /*
- * The run of like clusters (subclusters with extended L2) starting at guest
- * byte @pos, ending at @end at most: its type, host offset of @pos (DATA)
- * and length. Stops at the end of the L2 slice. 0 / -EAGAIN (parked on @w)
- * / -errno.
- */
-/*
- * Whether a unit of @type in L2 entry @e has a host offset: offset 0 is one
- * in an external data file (COPIED tells), so the offset cannot say it.
+ * Whether a unit of @type in L2 entry @e has a host offset (which can be 0,
+ * in an external data file).
  */
 static bool unit_has_host(struct qcow2 *img, uint64_t e, enum l2_type type)
 {
@@ -154,9 +141,15 @@ static bool unit_has_host(struct qcow2 *img, uint64_t e, enum l2_type type)
 	if (type != L2_UNALLOC || img->l2_entry_bytes != 16)
 		return false;
 	/* An unused subcluster of an allocated cluster keeps its offset. */
-	return (e & L2E_OFFSET_MASK) || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
+	return qcow2_l2e_has_cluster(img, e);
 }
 
+/*
+ * The run of like clusters (subclusters with extended L2) starting at guest
+ * byte @pos, ending at @end at most: its type, host offset of @pos (DATA),
+ * whether that offset is one (*@has_host) and length. Stops at the end of
+ * the L2 slice. 0 / -EAGAIN (parked on @w) / -errno.
+ */
 static int lookup_run(struct qcow2 *img, uint64_t pos, uint64_t end, struct qcow2_wait *w,
 		      enum l2_type *type, uint64_t *host, bool *has_host, uint64_t *run)
 {

@@ -450,6 +450,15 @@ static inline int qcow2_data_fd(const struct qcow2 *img)
 	return img->data_fd >= 0 ? img->data_fd : img->fd;
 }
 
+/*
+ * Whether uncompressed L2 entry @e points at a host cluster: in an external
+ * data file offset 0 is guest cluster 0, so there COPIED tells.
+ */
+static inline bool qcow2_l2e_has_cluster(const struct qcow2 *img, uint64_t e)
+{
+	return (e & L2E_OFFSET_MASK) || (img->data_fd >= 0 && (e & QCOW2_OFLAG_COPIED));
+}
+
 /* ---- Index math ---------------------------------------------------------- */
 
 static inline uint64_t qcow2_l2_span(const struct qcow2 *img)

@@ -742,10 +742,7 @@ static int zero_clusters(struct qcow2_req *r, uint64_t start, uint64_t end)
 			ret = qcow2_l2_classify_sc(img, e, b, 0, &type, &host);
 			if (ret < 0)
 				break;
-			/* Offset 0 holds a cluster in an external data file: COPIED tells. */
-			alloc = type != L2_COMPRESSED && ((e & L2E_OFFSET_MASK) ||
-							  (img->data_fd >= 0 &&
-							   (e & QCOW2_OFLAG_COPIED)));
+			alloc = type != L2_COMPRESSED && qcow2_l2e_has_cluster(img, e);
 			if ((!alloc && type != L2_COMPRESSED && !b && !hide) ||
 			    (!e && b == ~L2B_ALL_ALLOC))
 				continue;
